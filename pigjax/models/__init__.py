@@ -1,0 +1,1 @@
+"""Model definitions (pure Flax modules and step functions)."""

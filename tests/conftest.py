@@ -1,0 +1,80 @@
+"""Shared fixtures: tiny random HF Llamas converted by the real converter, and the embedded SmolLM2."""
+
+import json
+import os
+
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=1")
+
+import jax
+import numpy as np
+import pytest
+
+jax.config.update("jax_default_matmul_precision", "highest")
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+
+def make_hf_llama(path, *, seed=0, init_range=0.1, config_json_overrides=None, **config_kwargs):
+    """A random transformers LlamaForCausalLM saved with save_pretrained under `path`.
+
+    `config_json_overrides` rewrites keys of the saved config.json (e.g. to the transformers 4
+    `rope_scaling` spelling) after saving, to test how the converter reads other spellings.
+    """
+    torch.manual_seed(seed)
+    defaults = dict(vocab_size=101, hidden_size=36, intermediate_size=50, num_hidden_layers=2,
+                    num_attention_heads=3, num_key_value_heads=3, max_position_embeddings=256,
+                    initializer_range=init_range, rms_norm_eps=1e-5)
+    config = transformers.LlamaConfig(**{**defaults, **config_kwargs})
+    model = transformers.LlamaForCausalLM(config).eval()
+    with torch.no_grad():  # norms start at 1; randomise them so a wrong mapping shows
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.copy_(1 + 0.2 * torch.randn_like(p))
+    model.save_pretrained(path, safe_serialization=True)
+    if config_json_overrides:
+        cfg_path = os.path.join(path, "config.json")
+        cfg = json.load(open(cfg_path))
+        for k, v in config_json_overrides.items():
+            if v is None:
+                cfg.pop(k, None)
+            else:
+                cfg[k] = v
+        json.dump(cfg, open(cfg_path, "w"))
+    return model
+
+
+def hf_logits(model, tokens, lengths=None):
+    tokens = torch.as_tensor(np.asarray(tokens), dtype=torch.long)
+    mask = None
+    if lengths is not None:
+        mask = (torch.arange(tokens.shape[1])[None, :] < torch.as_tensor(lengths)[:, None]).long()
+    with torch.no_grad():
+        return model(input_ids=tokens, attention_mask=mask).logits.float().numpy()
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir(tmp_path_factory):
+    """The embedded SmolLM2-135M-Instruct, converted once per test session."""
+    from pigjax.convert import convert
+
+    return convert("default", tmp_path_factory.mktemp("ckpt") / "smollm2", progress=False)
+
+
+@pytest.fixture(scope="session")
+def smollm2(smollm2_dir):
+    import pigjax
+
+    return pigjax.load(smollm2_dir)
+
+
+@pytest.fixture(scope="session")
+def smollm2_torch():
+    """transformers' own loading of the same GGUF (dequantized to float32)."""
+    from pigjax import assets
+
+    gguf = assets.default_gguf_path()
+    model = transformers.AutoModelForCausalLM.from_pretrained(
+        str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32
+    )
+    return model.eval()
