@@ -1,5 +1,5 @@
-"""Attention back-ends. `dense` is exact attention over the model-side KV cache."""
+"""Attention back-ends. `Dense` is exact attention over the model-side KV cache."""
 
-from pigjax.attention.dense import attend
+from pigjax.attention.dense import Dense, attend
 
-__all__ = ["attend"]
+__all__ = ["Dense", "attend"]

@@ -1,5 +1,7 @@
 """Exact causal attention over a KV cache, with GQA and per-row query positions."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 
@@ -24,3 +26,26 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, positions: jax.Array) -> ja
     probs = jax.nn.softmax(scores, axis=-1)
     out = jnp.einsum("bkgts,bksd->btkgd", probs, v.astype(f32))
     return out.reshape(b, t, h, d).astype(dtype)
+
+
+@dataclasses.dataclass(frozen=True)
+class Dense:
+    """Exact attention over the whole model-side KV cache: the default back-end.
+
+    A back-end is a frozen (hashable) object, passed to jitted code as a static argument. The model
+    calls `attend` in every layer; `generate` reports `stats`. Sparse back-ends (MagicPIG, TopK,
+    Quest) implement the same two methods.
+    """
+
+    name = "dense"
+
+    def attend(self, q, k, v, positions):
+        return attend(q, k, v, positions)
+
+    def stats(self, config, cache_dtype) -> dict:
+        itemsize = jnp.dtype(cache_dtype).itemsize
+        return {
+            "attention": self.name,
+            "fraction_read": 1.0,
+            "cache_bytes_per_token_per_layer": 2 * config.num_key_value_heads * config.head_dim * itemsize,
+        }

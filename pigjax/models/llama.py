@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
-from pigjax.attention import attend
+from pigjax.attention import Dense
 from pigjax.config import LlamaConfig, rope_inv_freq
 
 
@@ -64,29 +64,34 @@ def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
     return (x32 * cos[:, :, None] + rotated * sin[:, :, None]).astype(x.dtype)
 
 
-def write_cache(cache: jax.Array, new: jax.Array, starts: jax.Array) -> jax.Array:
-    """cache [B, Hkv, S, d] <- new [B, T, Hkv, d] at slots starts[b] .. starts[b]+T-1 of row b.
+def write_cache(cache: jax.Array, layer, new: jax.Array, starts: jax.Array) -> jax.Array:
+    """cache [n_layers, B, Hkv, S, d] <- new [B, T, Hkv, d] at layer `layer`, slots
+    starts[b] .. starts[b]+T-1 of row b: a scatter of T rows per sequence, done in place inside the
+    decode loop (the cache is a loop carry), never a copy of the whole cache.
 
-    Callers guarantee starts + T <= S (dynamic_update_slice would clamp, not fail).
+    Callers guarantee starts + T <= S (out-of-range slots would be dropped, not written).
     """
-    row_update = lambda c, n, s: jax.lax.dynamic_update_slice_in_dim(c, n, s, axis=1)
-    return jax.vmap(row_update)(cache, new.swapaxes(1, 2).astype(cache.dtype), starts)
+    b, t = new.shape[:2]
+    rows = jnp.arange(b)[:, None]
+    slots = starts[:, None] + jnp.arange(t)[None, :]
+    return cache.at[layer, rows, :, slots].set(new.astype(cache.dtype), mode="drop")
 
 
 class Attention(nn.Module):
     config: LlamaConfig
+    backend: Dense
 
     @nn.compact
-    def __call__(self, x, rope, cache_k, cache_v, starts, positions):
+    def __call__(self, x, layer, rope, cache_k, cache_v, starts, positions):
         c = self.config
         proj = partial(nn.DenseGeneral, use_bias=False, dtype=x.dtype)
         q = proj((c.num_attention_heads, c.head_dim), name="q_proj")(x)
         k = proj((c.num_key_value_heads, c.head_dim), name="k_proj")(x)
         v = proj((c.num_key_value_heads, c.head_dim), name="v_proj")(x)
         q, k = apply_rope(q, *rope), apply_rope(k, *rope)
-        cache_k = write_cache(cache_k, k, starts)
-        cache_v = write_cache(cache_v, v, starts)
-        out = attend(q, cache_k, cache_v, positions)
+        cache_k = write_cache(cache_k, layer, k, starts)
+        cache_v = write_cache(cache_v, layer, v, starts)
+        out = self.backend.attend(q, cache_k[layer], cache_v[layer], positions)
         out = proj(c.hidden_size, axis=(-2, -1), name="o_proj")(out)
         return out, cache_k, cache_v
 
@@ -105,21 +110,23 @@ class MLP(nn.Module):
 
 class Block(nn.Module):
     config: LlamaConfig
+    backend: Dense
 
     @nn.compact
-    def __call__(self, x, layer_cache, rope, starts, positions):
+    def __call__(self, carry, layer, rope, starts, positions):
+        x, cache_k, cache_v = carry
         eps = self.config.rms_norm_eps
-        cache_k, cache_v = layer_cache
-        h, cache_k, cache_v = Attention(self.config, name="attn")(
-            RMSNorm(eps, name="input_norm")(x), rope, cache_k, cache_v, starts, positions
+        h, cache_k, cache_v = Attention(self.config, self.backend, name="attn")(
+            RMSNorm(eps, name="input_norm")(x), layer, rope, cache_k, cache_v, starts, positions
         )
         x = x + h
         x = x + MLP(self.config, name="mlp")(RMSNorm(eps, name="post_attn_norm")(x))
-        return x, (cache_k, cache_v)
+        return (x, cache_k, cache_v), None
 
 
 class LlamaModel(nn.Module):
     config: LlamaConfig
+    backend: Dense = Dense()
 
     @nn.compact
     def __call__(self, tokens, cache_k, cache_v, starts, positions):
@@ -132,8 +139,11 @@ class LlamaModel(nn.Module):
             split_rngs={"params": True},
             in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast),
             length=c.num_hidden_layers,
-        )(c, name="layers")
-        x, (cache_k, cache_v) = layers(x, (cache_k, cache_v), rope_tables(c, positions), starts, positions)
+        )(c, self.backend, name="layers")
+        # The whole cache is a scan carry updated in place; the scanned input is the layer index.
+        (x, cache_k, cache_v), _ = layers(
+            (x, cache_k, cache_v), jnp.arange(c.num_hidden_layers), rope_tables(c, positions), starts, positions
+        )
         x = RMSNorm(c.rms_norm_eps, name="norm")(x)
         if c.tie_word_embeddings:
             logits = embed.attend(x)
@@ -142,7 +152,7 @@ class LlamaModel(nn.Module):
         return logits.astype(jnp.float32), cache_k, cache_v
 
 
-def step(params, config: LlamaConfig, tokens: jax.Array, cache: KVCache, num_new=None):
+def step(params, config: LlamaConfig, tokens: jax.Array, cache: KVCache, num_new=None, backend=Dense()):
     """Run tokens [B, T] after each row's cached prefix: -> (logits [B, T, V] f32, cache).
 
     Row b's tokens sit at positions cache.lengths[b] + t. `num_new` [B] (default T) is how many of
@@ -150,7 +160,7 @@ def step(params, config: LlamaConfig, tokens: jax.Array, cache: KVCache, num_new
     query can see them (a query at position p only sees slots <= p, all written by then).
     """
     positions = cache.lengths[:, None] + jnp.arange(tokens.shape[1], dtype=jnp.int32)
-    logits, k, v = LlamaModel(config).apply(
+    logits, k, v = LlamaModel(config, backend).apply(
         {"params": params}, tokens, cache.k, cache.v, cache.lengths, positions
     )
     if num_new is None:

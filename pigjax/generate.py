@@ -1,0 +1,299 @@
+"""`pigjax.generate`: ragged batches of prompts -> text, with a jit-compiled decode loop.
+
+Prefill runs the whole (padded) batch in one jitted call; decoding is a `lax.while_loop` over a
+`DecodeState` pytree inside one jitted call, the state (KV cache included) donated so it is updated
+in place. Streaming runs the same loop in chunks of steps and hands new tokens to a callback
+between chunks. Shapes are bucketed (batch, prompt length, cache capacity, output length) so that
+calls of similar size reuse the compiled programs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import time
+from functools import partial
+from typing import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import struct
+
+from pigjax.attention import Dense
+from pigjax.errors import PigjaxError
+from pigjax.model import Model
+from pigjax.models import llama
+from pigjax.sampling import Sampler
+
+FINISH_REASONS = ("running", "eos", "stop", "length")  # index = DecodeState.finish code
+STREAM_CHUNK = 8  # decode steps per jitted call when streaming
+
+
+@dataclasses.dataclass
+class Generation:
+    """texts (None without a tokenizer) end before a stop sequence; tokens include EOS/stop tokens."""
+
+    texts: list[str] | None
+    tokens: list[list[int]]
+    finish_reasons: list[str]
+    stats: dict
+
+
+@struct.dataclass
+class DecodeState:
+    cache: llama.KVCache
+    out: jax.Array  # [B, N] generated tokens
+    count: jax.Array  # [B] tokens generated so far per row
+    finish: jax.Array  # [B] index into FINISH_REASONS; 0 while running
+    keys: jax.Array  # [B] PRNG key per row; token i of row b uses fold_in(keys[b], i)
+    steps: jax.Array  # scalar: decode iterations run
+
+
+@struct.dataclass
+class Stops:
+    """What ends a row: EOS ids, token-level stop sequences (right-aligned, -1 padded), a budget."""
+
+    eos: jax.Array  # [E] int32
+    seqs: jax.Array  # [S, Lmax] int32, -1 = no constraint
+    max_new: jax.Array  # scalar int32
+
+
+def bucket(n: int, minimum: int = 16, step: int = 256) -> int:
+    """Powers of two up to `step`, then multiples of `step`: bounded waste, few distinct shapes."""
+    n = max(n, minimum)
+    if n <= step:
+        return 1 << (n - 1).bit_length()
+    return -(-n // step) * step
+
+
+def _finish_codes(out, count, finish, stops: Stops):
+    """Finish code of each row after its newest token (rows already finished keep theirs)."""
+    b, n = out.shape
+    newest = out[jnp.arange(b), count - 1]
+    is_eos = jnp.isin(newest, stops.eos)
+    # Stop sequence s matches if the last Lmax generated tokens equal it where it is not -1.
+    lmax = stops.seqs.shape[1]
+    idx = count[:, None] - lmax + jnp.arange(lmax)[None, :]
+    tail = jnp.where(idx >= 0, out[jnp.arange(b)[:, None], jnp.clip(idx, 0, n - 1)], -2)
+    matches = (stops.seqs[None] == -1) | (stops.seqs[None] == tail[:, None, :])
+    is_stop = jnp.any(jnp.all(matches, axis=-1) & jnp.any(stops.seqs >= 0, axis=-1)[None], axis=-1)
+    code = jnp.where(is_eos, 1, jnp.where(is_stop, 2, jnp.where(count >= stops.max_new, 3, 0)))
+    return jnp.where(finish > 0, finish, code).astype(jnp.int32)
+
+
+def _row_keys(keys, index):
+    return jax.vmap(jax.random.fold_in)(keys, index)
+
+
+@partial(jax.jit, static_argnames=("config", "backend", "sampler", "capacity", "out_len"))
+def _prefill(params, tokens, lengths, keys, stops, *, config, backend, sampler, capacity, out_len):
+    b = tokens.shape[0]
+    dtype = jax.tree.leaves(params)[0].dtype
+    cache = llama.init_cache(config, b, capacity, dtype)
+    logits, cache = llama.step(params, config, tokens, cache, lengths, backend)
+    last = logits[jnp.arange(b), lengths - 1]
+    first = sampler(last, _row_keys(keys, jnp.zeros((b,), jnp.int32)))
+    out = jnp.zeros((b, out_len), jnp.int32).at[:, 0].set(first)
+    count = jnp.ones((b,), jnp.int32)
+    finish = _finish_codes(out, count, jnp.zeros((b,), jnp.int32), stops)
+    return DecodeState(cache, out, count, finish, keys, jnp.zeros((), jnp.int32))
+
+
+@partial(jax.jit, static_argnames=("config", "backend", "sampler"), donate_argnums=(0,))
+def _decode(state: DecodeState, params, stops, limit, *, config, backend, sampler) -> DecodeState:
+    """Decode until every row has finished or `limit` loop iterations have run in total."""
+    rows = jnp.arange(state.out.shape[0])
+
+    def cond(s: DecodeState):
+        return (s.steps < limit) & jnp.any(s.finish == 0)
+
+    def body(s: DecodeState):
+        running = s.finish == 0
+        last = s.out[rows, s.count - 1]
+        logits, cache = llama.step(params, config, last[:, None], s.cache, running.astype(jnp.int32), backend)
+        token = sampler(logits[:, 0], _row_keys(s.keys, s.count))
+        slot = jnp.where(running, s.count, s.out.shape[1])  # finished rows write nothing (dropped)
+        out = s.out.at[rows, slot].set(token, mode="drop")
+        count = s.count + running
+        finish = _finish_codes(out, count, s.finish, stops)
+        return DecodeState(cache, out, count, finish, s.keys, s.steps + 1)
+
+    return jax.lax.while_loop(cond, body, state)
+
+
+@contextlib.contextmanager
+def _compile_timer():
+    """Seconds JAX spends tracing/lowering/compiling inside the block (read via jax.monitoring)."""
+    total = [0.0]
+
+    def listener(event, seconds, **_):
+        if event.startswith("/jax/core/compile/"):
+            total[0] += seconds
+
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    try:
+        yield total
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listener)
+
+
+def _encode_prompts(model: Model, prompts, chat: bool) -> list[list[int]]:
+    if isinstance(prompts, (str, bytes)) or not isinstance(prompts, Sequence) or len(prompts) == 0:
+        raise PigjaxError("prompts must be a non-empty list of strings or of token-id lists")
+    tok = model.tokenizer
+    encoded = []
+    for i, p in enumerate(prompts):
+        if isinstance(p, str):
+            if tok is None:
+                raise PigjaxError("string prompts need a tokenizer; this checkpoint has none (pass token ids)")
+            if chat:
+                ids = tok.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True,
+                                              tokenize=True, return_dict=True)["input_ids"]
+            else:
+                ids = tok(p)["input_ids"]
+        else:
+            if chat:
+                raise PigjaxError("chat=True needs string prompts (the template is applied to text)")
+            ids = [int(t) for t in np.asarray(p).reshape(-1)]
+        if len(ids) == 0:
+            raise PigjaxError(f"prompt {i} is empty")
+        bad = [t for t in ids if not 0 <= t < model.config.vocab_size]
+        if bad:
+            raise PigjaxError(f"prompt {i}: token id {bad[0]} is outside the vocabulary [0, {model.config.vocab_size})")
+        encoded.append(list(ids))
+    return encoded
+
+
+def _stop_table(model: Model, stop) -> tuple[np.ndarray, list[str]]:
+    """Token sequences of the stop strings (or id lists), right-aligned in a -1 padded table."""
+    if stop is None:
+        stop = []
+    elif isinstance(stop, str):
+        stop = [stop]
+    strings, seqs = [], []
+    for s in stop:
+        if isinstance(s, str):
+            if not s:
+                raise PigjaxError("stop sequences must be non-empty")
+            if model.tokenizer is None:
+                raise PigjaxError("string stop sequences need a tokenizer; pass token-id lists")
+            strings.append(s)
+            # Byte-level BPE spells "x" and " x" differently; mid-text a stop usually follows a space.
+            variants = {s} | ({" " + s} if not s[0].isspace() else set())
+            seqs.extend(model.tokenizer(v, add_special_tokens=False)["input_ids"] for v in sorted(variants))
+        else:
+            seqs.append([int(t) for t in s])
+    lmax = max([len(s) for s in seqs] + [1])
+    table = np.full((max(len(seqs), 1), lmax), -1, np.int32)
+    for i, s in enumerate(seqs):
+        table[i, lmax - len(s):] = s
+    return table, strings
+
+
+def generate(
+    model: Model,
+    prompts,
+    *,
+    max_new_tokens: int,
+    temperature: float = 0.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    seed: int = 0,
+    stop=None,
+    attention=None,
+    chat: bool = False,
+    stream: Callable[[int, list[int]], None] | None = None,
+) -> Generation:
+    """Generate up to `max_new_tokens` for each prompt (strings or token-id lists, ragged).
+
+    `stop`: strings (or token-id lists) that end a row; matched on tokens inside the loop, and on
+    text afterwards (texts are cut before the first occurrence). `stream(row, new_tokens)` is
+    called as tokens arrive (every STREAM_CHUNK steps). `attention`: the back-end (Dense()).
+    """
+    if not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 0:
+        raise PigjaxError(f"max_new_tokens must be a non-negative integer, got {max_new_tokens!r}")
+    sampler = Sampler(temperature, top_k, top_p)
+    backend = attention if attention is not None else Dense()
+    config = model.config
+    ids = _encode_prompts(model, prompts, chat)
+    lengths = [len(p) for p in ids]
+    for i, n in enumerate(lengths):
+        if n + max_new_tokens > config.max_position_embeddings:
+            what = "is longer than" if n > config.max_position_embeddings else "plus max_new_tokens exceeds"
+            raise PigjaxError(f"prompt {i} ({n} tokens) {what} the model's context ({config.max_position_embeddings})")
+    stop_table, stop_strings = _stop_table(model, stop)
+    eos = sorted(set(config.eos_token_ids) | ({model.tokenizer.eos_token_id} if model.tokenizer is not None
+                                               and model.tokenizer.eos_token_id is not None else set()))
+    n_rows = len(ids)
+    if max_new_tokens == 0:
+        return Generation(["" for _ in ids] if model.tokenizer else None, [[] for _ in ids],
+                          ["length"] * n_rows, {"prefill_seconds": 0.0, "decode_tokens_per_second": 0.0,
+                                                "compile_seconds": 0.0, **backend.stats(config, model.dtype)})
+
+    # Bucketed shapes; padding rows hold one token and are finished before they start.
+    b = 1 << (n_rows - 1).bit_length()
+    t = bucket(max(lengths))
+    capacity = bucket(max(t, max(lengths) + max_new_tokens))
+    out_len = bucket(max_new_tokens)
+    tokens = np.zeros((b, t), np.int32)
+    for i, p in enumerate(ids):
+        tokens[i, : len(p)] = p
+    row_lengths = np.array(lengths + [1] * (b - n_rows), np.int32)
+    base = jax.random.key(seed)
+    keys = jax.vmap(lambda i: jax.random.fold_in(base, i))(jnp.arange(b))
+    stops = Stops(jnp.asarray(eos or [-1], jnp.int32), jnp.asarray(stop_table), jnp.asarray(max_new_tokens, jnp.int32))
+    static = dict(config=config, backend=backend, sampler=sampler)
+
+    emitted = [0] * n_rows
+
+    def emit(state):
+        if stream is None:
+            return
+        out, count = np.asarray(state.out), np.asarray(state.count)
+        for r in range(n_rows):
+            if count[r] > emitted[r]:
+                stream(r, out[r, emitted[r]: count[r]].tolist())
+                emitted[r] = int(count[r])
+
+    with _compile_timer() as compile_prefill:
+        start = time.perf_counter()
+        state = _prefill(model.params, tokens, row_lengths, keys, stops, capacity=capacity, out_len=out_len, **static)
+        state = state.replace(finish=state.finish.at[n_rows:].set(FINISH_REASONS.index("length")))
+        jax.block_until_ready(state)
+        prefill_seconds = time.perf_counter() - start - compile_prefill[0]
+    emit(state)
+    with _compile_timer() as compile_decode:
+        start = time.perf_counter()
+        first_counts = np.asarray(state.count)[:n_rows]
+        limit = max_new_tokens - 1
+        chunk = STREAM_CHUNK if stream is not None else limit
+        while int(state.steps) < limit and bool(jnp.any(state.finish[:n_rows] == 0)):
+            state = _decode(state, model.params, stops, jnp.int32(min(int(state.steps) + chunk, limit)), **static)
+            emit(state)
+        jax.block_until_ready(state)
+        decode_seconds = time.perf_counter() - start - compile_decode[0]
+
+    out, count, finish = (np.asarray(x)[:n_rows] for x in (state.out, state.count, state.finish))
+    new_tokens = [out[r, : count[r]].tolist() for r in range(n_rows)]
+    reasons = [FINISH_REASONS[f] for f in finish]
+    texts = None
+    if model.tokenizer is not None:
+        texts = [model.tokenizer.decode(toks, skip_special_tokens=True) for toks in new_tokens]
+        for r, text in enumerate(texts):
+            cuts = [text.find(s) for s in stop_strings if s in text]
+            if cuts:
+                texts[r] = text[: min(cuts)]
+                reasons[r] = "stop"
+    decoded = int((count - first_counts).sum())
+    stats = {
+        "prefill_seconds": prefill_seconds,
+        "prefill_tokens_per_second": sum(lengths) / max(prefill_seconds, 1e-9),
+        "decode_seconds": decode_seconds,
+        "decode_tokens": decoded,
+        "decode_tokens_per_second": decoded / decode_seconds if decode_seconds > 0 and decoded else 0.0,
+        "compile_seconds": compile_prefill[0] + compile_decode[0],
+        "batch_bucket": b, "prompt_bucket": t, "capacity": capacity,
+        **backend.stats(config, model.dtype),
+    }
+    return Generation(texts, new_tokens, reasons, stats)

@@ -1,0 +1,54 @@
+"""Next-token selection: greedy, temperature, top-k, top-p, with one PRNG key per row."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+from pigjax.errors import PigjaxError
+
+
+@dataclasses.dataclass(frozen=True)
+class Sampler:
+    """Static (hashable) sampling settings; temperature 0 means greedy."""
+
+    temperature: float = 0.0
+    top_k: int | None = None
+    top_p: float | None = None
+
+    def __post_init__(self):
+        if self.temperature < 0:
+            raise PigjaxError(f"temperature must be >= 0, got {self.temperature}")
+        if self.top_k is not None and self.top_k < 1:
+            raise PigjaxError(f"top_k must be >= 1, got {self.top_k}")
+        if self.top_p is not None and not 0 < self.top_p <= 1:
+            raise PigjaxError(f"top_p must lie in (0, 1], got {self.top_p}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0 or self.top_k == 1
+
+    def filter_logits(self, logits: jax.Array) -> jax.Array:
+        """Temperature, then top-k, then top-p (the smallest set of tokens with mass >= p) on [B, V]."""
+        logits = logits.astype(jnp.float32) / self.temperature
+        neg = jnp.finfo(jnp.float32).min
+        if self.top_k is not None and self.top_k < logits.shape[-1]:
+            kth = jax.lax.top_k(logits, self.top_k)[0][:, -1:]
+            logits = jnp.where(logits < kth, neg, logits)
+        if self.top_p is not None and self.top_p < 1:
+            sorted_logits = jnp.sort(logits, axis=-1)[:, ::-1]
+            probs = jax.nn.softmax(sorted_logits, axis=-1)
+            mass_before = jnp.cumsum(probs, axis=-1) - probs
+            # The most likely token always stays (mass_before = 0 < p).
+            cutoff = jnp.min(jnp.where(mass_before < self.top_p, sorted_logits, jnp.inf), axis=-1, keepdims=True)
+            logits = jnp.where(logits < cutoff, neg, logits)
+        return logits
+
+    def __call__(self, logits: jax.Array, keys: jax.Array) -> jax.Array:
+        """logits [B, V], keys [B] (typed PRNG keys) -> tokens [B] int32."""
+        if self.greedy:
+            return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+        filtered = self.filter_logits(logits)
+        return jax.vmap(jax.random.categorical)(keys, filtered).astype(jnp.int32)
