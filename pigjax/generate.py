@@ -91,7 +91,7 @@ def _prefill(params, tokens, lengths, keys, stops, *, config, backend, sampler, 
     b = tokens.shape[0]
     dtype = jax.tree.leaves(params)[0].dtype
     cache = llama.init_cache(config, b, capacity, dtype)
-    logits, cache = llama.step(params, config, tokens, cache, lengths, backend)
+    logits, cache = llama.step(params, config, tokens, cache, lengths, backend, fresh=True)
     last = logits[jnp.arange(b), lengths - 1]
     first = sampler(last, _row_keys(keys, jnp.zeros((b,), jnp.int32)))
     out = jnp.zeros((b, out_len), jnp.int32).at[:, 0].set(first)

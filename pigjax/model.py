@@ -65,7 +65,7 @@ def _forward(params, config: LlamaConfig, tokens, lengths):
     b, t = tokens.shape
     cache_dtype = jax.tree.leaves(params)[0].dtype
     cache = llama.init_cache(config, b, t, cache_dtype)
-    logits, _ = llama.step(params, config, tokens, cache, lengths)
+    logits, _ = llama.step(params, config, tokens, cache, lengths, fresh=True)
     valid = jnp.arange(t)[None, :] < lengths[:, None]
     return jnp.where(valid[..., None], logits, 0.0)
 

@@ -1,51 +1,80 @@
-"""Greedy continuation of a prompt with a pigjax checkpoint (default: the embedded SmolLM2).
+"""Generate text with a pigjax checkpoint (default: the embedded SmolLM2-135M-Instruct).
 
-  python scripts/generate.py --prompt "The capital of France is" --max_new_tokens 20
+  python scripts/generate.py --prompt "The capital of France is"
+  python scripts/generate.py --chat --prompt "Give me three tips for sleeping well." --max_new_tokens 128
+  python scripts/generate.py --prompt_file prompts.txt --temperature 0.7 --top_p 0.9   # one prompt a line
+
+A single prompt streams its text; a batch shows a progress bar. Ends with a throughput table.
 """
 
 import sys
-import time
 
 from absl import app, flags, logging
 
 _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "checkpoint dir (default: embedded SmolLM2, converted on first use)")
-_PROMPT = flags.DEFINE_string("prompt", "The capital of France is", "prompt text")
-_MAX_NEW = flags.DEFINE_integer("max_new_tokens", 32, "tokens to generate")
+_PROMPT = flags.DEFINE_multi_string("prompt", None, "prompt text (repeatable)")
+_PROMPT_FILE = flags.DEFINE_string("prompt_file", None, "file with one prompt per line")
+_MAX_NEW = flags.DEFINE_integer("max_new_tokens", 64, "tokens to generate per prompt")
+_TEMPERATURE = flags.DEFINE_float("temperature", 0.0, "0 = greedy")
+_TOP_K = flags.DEFINE_integer("top_k", None, "keep the k most likely tokens")
+_TOP_P = flags.DEFINE_float("top_p", None, "keep the smallest set of tokens with this probability mass")
+_SEED = flags.DEFINE_integer("seed", 0, "sampling seed")
+_STOP = flags.DEFINE_multi_string("stop", None, "stop sequence (repeatable)")
+_ATTENTION = flags.DEFINE_enum("attention", "dense", ["dense"], "attention back-end")
+_CHAT = flags.DEFINE_bool("chat", False, "apply the tokenizer's chat template")
+_DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "compute dtype")
+
+
+def _prompts() -> list[str]:
+    prompts = list(_PROMPT.value or [])
+    if _PROMPT_FILE.value:
+        with open(_PROMPT_FILE.value) as f:
+            prompts += [line.rstrip("\n") for line in f if line.strip()]
+    return prompts or ["The capital of France is"]
 
 
 def main(argv):
     del argv
     logging.set_verbosity(logging.WARNING)  # orbax logs every step at INFO
-    import jax
     import jax.numpy as jnp
-    import numpy as np
+    from tqdm.auto import tqdm
 
     import pigjax
     from pigjax import assets
-    from pigjax.models import llama
 
+    prompts = _prompts()
     try:
-        model = pigjax.load(_CHECKPOINT.value or assets.default_checkpoint())
+        model = pigjax.load(_CHECKPOINT.value or assets.default_checkpoint(),
+                            dtype=jnp.bfloat16 if _DTYPE.value == "bfloat16" else None)
+        attention = {"dense": pigjax.Dense()}[_ATTENTION.value]
+        kwargs = dict(max_new_tokens=_MAX_NEW.value, temperature=_TEMPERATURE.value, top_k=_TOP_K.value,
+                      top_p=_TOP_P.value, seed=_SEED.value, stop=_STOP.value, attention=attention, chat=_CHAT.value)
+        if len(prompts) == 1:
+            shown = []
+            print(prompts[0], end="", flush=True)
+
+            def stream(row, tokens):  # print the text that the new tokens complete
+                before = model.tokenizer.decode(shown, skip_special_tokens=True)
+                shown.extend(tokens)
+                print(model.tokenizer.decode(shown, skip_special_tokens=True)[len(before):], end="", flush=True)
+
+            gen = pigjax.generate(model, prompts, stream=stream, **kwargs)
+            print()
+        else:
+            bar = tqdm(total=len(prompts) * _MAX_NEW.value, unit="tok", desc="generating")
+            gen = pigjax.generate(model, prompts, stream=lambda row, tokens: bar.update(len(tokens)), **kwargs)
+            bar.close()
+            for prompt, text, reason in zip(prompts, gen.texts, gen.finish_reasons):
+                print(f"--- {prompt!r} [{reason}]\n{text}")
     except pigjax.PigjaxError as e:
         print(f"generate: error: {e}", file=sys.stderr)
         return 1
-    cfg, tok = model.config, model.tokenizer
-    ids = tok(_PROMPT.value)["input_ids"]
-    step = jax.jit(llama.step, static_argnums=1, donate_argnums=3)
-    cache = llama.init_cache(cfg, 1, len(ids) + _MAX_NEW.value, model.dtype)
-    start = time.perf_counter()
-    logits, cache = step(model.params, cfg, jnp.asarray([ids]), cache)
-    new = []
-    print(_PROMPT.value, end="", flush=True)
-    for _ in range(_MAX_NEW.value):
-        token = int(np.asarray(logits[0, -1]).argmax())
-        if token in cfg.eos_token_ids:
-            break
-        new.append(token)
-        print(tok.decode(new)[len(tok.decode(new[:-1])):], end="", flush=True)
-        logits, cache = step(model.params, cfg, jnp.asarray([[token]]), cache)
-    seconds = time.perf_counter() - start
-    print(f"\n[{len(new)} tokens in {seconds:.2f}s including compilation]")
+    s = gen.stats
+    rows = [("prompts", len(prompts)), ("new tokens", sum(map(len, gen.tokens))),
+            ("prefill tok/s", f"{s['prefill_tokens_per_second']:.1f}"),
+            ("decode tok/s", f"{s['decode_tokens_per_second']:.1f}"),
+            ("compile s", f"{s['compile_seconds']:.2f}"), ("attention", s["attention"])]
+    print("\n".join(f"{k:>14} | {v}" for k, v in rows))
     return 0
 
 

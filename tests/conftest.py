@@ -23,7 +23,7 @@ def make_hf_llama(path, *, seed=0, init_range=0.1, config_json_overrides=None, *
     """
     torch.manual_seed(seed)
     defaults = dict(vocab_size=101, hidden_size=36, intermediate_size=50, num_hidden_layers=2,
-                    num_attention_heads=3, num_key_value_heads=3, max_position_embeddings=256,
+                    num_attention_heads=3, num_key_value_heads=3, max_position_embeddings=512,
                     initializer_range=init_range, rms_norm_eps=1e-5)
     config = transformers.LlamaConfig(**{**defaults, **config_kwargs})
     model = transformers.LlamaForCausalLM(config).eval()

@@ -169,7 +169,7 @@ def test_bad_checkpoints(tmp_path, reference):
         (np.full((1, 3), 101), None, "token id 101 at \\[0, 0\\] is outside the vocabulary"),
         (np.zeros((2, 3), np.int32), [1], "2 integers"),
         (np.zeros((2, 3), np.int32), [1, 4], "lengths must lie in \\[1, 3\\]"),
-        (np.zeros((1, 257), np.int32), None, "longer than the model's context \\(256\\)"),
+        (np.zeros((1, 513), np.int32), None, "longer than the model's context \\(512\\)"),
     ],
 )
 def test_forward_bad_input(reference, tokens, lengths, message):

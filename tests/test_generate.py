@@ -135,9 +135,9 @@ def test_bad_input(tiny, smollm2):
     with pytest.raises(pigjax.PigjaxError, match="non-empty list"):
         pigjax.generate(model, [], max_new_tokens=4)
     with pytest.raises(pigjax.PigjaxError, match="longer than the model's context"):
-        pigjax.generate(model, [[1] * 300], max_new_tokens=4)
+        pigjax.generate(model, [[1] * 600], max_new_tokens=4)
     with pytest.raises(pigjax.PigjaxError, match="plus max_new_tokens exceeds"):
-        pigjax.generate(model, [[1] * 250], max_new_tokens=10)
+        pigjax.generate(model, [[1] * 505], max_new_tokens=10)
     with pytest.raises(pigjax.PigjaxError, match="outside the vocabulary"):
         pigjax.generate(model, [[1, 500]], max_new_tokens=4)
     with pytest.raises(pigjax.PigjaxError, match="need a tokenizer"):

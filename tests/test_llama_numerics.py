@@ -38,7 +38,7 @@ def pair(request, tmp_path_factory):
     return request.param, hf, pigjax.load(ckpt)
 
 
-@pytest.mark.parametrize("length", [1, 7, 100])
+@pytest.mark.parametrize("length", [1, 7, 100, 300])
 def test_logits_match_transformers(pair, length):
     name, hf, model = pair
     tokens = np.random.default_rng(length).integers(0, model.config.vocab_size, (2, length))

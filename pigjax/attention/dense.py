@@ -6,14 +6,31 @@ import jax
 import jax.numpy as jnp
 
 
-def attend(q: jax.Array, k: jax.Array, v: jax.Array, positions: jax.Array) -> jax.Array:
+PREFILL_BLOCK = 256  # query block of a fresh prefill; bounds the score matrix and skips masked keys
+
+
+def attend(q: jax.Array, k: jax.Array, v: jax.Array, positions: jax.Array, fresh: bool = False) -> jax.Array:
     """softmax(q k^T / sqrt(d)) v over cache slots s <= the query's position.
 
     q: [B, T, H, d]; k, v: [B, Hkv, S, d] (slot s holds position s); positions: [B, T] int32.
-    Query head h reads KV head h // (H / Hkv). Computed in float32 whatever the cache dtype (XLA:CPU
-    has no bf16 x bf16 -> f32 dot, and fp32 accumulation is what we want anyway); the result has
-    q's dtype.
+    `fresh` (static) says every row's queries sit at positions 0..T-1 (a prefill into an empty
+    cache): query block i then needs only slots below (i+1)·PREFILL_BLOCK, which skips the masked
+    upper triangle and the unused capacity.
     """
+    t, s = q.shape[1], k.shape[2]
+    if not fresh:
+        return _attend_block(q, k, v, positions)
+    outs = []
+    for lo in range(0, t, PREFILL_BLOCK):
+        hi = min(lo + PREFILL_BLOCK, t)
+        kv = min(hi, s)
+        outs.append(_attend_block(q[:, lo:hi], k[:, :, :kv], v[:, :, :kv], positions[:, lo:hi]))
+    return jnp.concatenate(outs, axis=1) if len(outs) > 1 else outs[0]
+
+
+def _attend_block(q, k, v, positions):
+    """Query head h reads KV head h // (H / Hkv). Computed in float32 whatever the cache dtype
+    (XLA:CPU has no bf16 x bf16 -> f32 dot, and fp32 accumulation is what we want anyway)."""
     b, t, h, d = q.shape
     dtype = q.dtype
     hkv, s = k.shape[1], k.shape[2]
@@ -39,8 +56,8 @@ class Dense:
 
     name = "dense"
 
-    def attend(self, q, k, v, positions):
-        return attend(q, k, v, positions)
+    def attend(self, q, k, v, positions, fresh=False):
+        return attend(q, k, v, positions, fresh)
 
     def stats(self, config, cache_dtype) -> dict:
         itemsize = jnp.dtype(cache_dtype).itemsize

@@ -80,6 +80,7 @@ def write_cache(cache: jax.Array, layer, new: jax.Array, starts: jax.Array) -> j
 class Attention(nn.Module):
     config: LlamaConfig
     backend: Dense
+    fresh: bool  # the step starts from an empty cache (see attention.dense.attend)
 
     @nn.compact
     def __call__(self, x, layer, rope, cache_k, cache_v, starts, positions):
@@ -91,7 +92,7 @@ class Attention(nn.Module):
         q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         cache_k = write_cache(cache_k, layer, k, starts)
         cache_v = write_cache(cache_v, layer, v, starts)
-        out = self.backend.attend(q, cache_k[layer], cache_v[layer], positions)
+        out = self.backend.attend(q, cache_k[layer], cache_v[layer], positions, self.fresh)
         out = proj(c.hidden_size, axis=(-2, -1), name="o_proj")(out)
         return out, cache_k, cache_v
 
@@ -111,12 +112,13 @@ class MLP(nn.Module):
 class Block(nn.Module):
     config: LlamaConfig
     backend: Dense
+    fresh: bool
 
     @nn.compact
     def __call__(self, carry, layer, rope, starts, positions):
         x, cache_k, cache_v = carry
         eps = self.config.rms_norm_eps
-        h, cache_k, cache_v = Attention(self.config, self.backend, name="attn")(
+        h, cache_k, cache_v = Attention(self.config, self.backend, self.fresh, name="attn")(
             RMSNorm(eps, name="input_norm")(x), layer, rope, cache_k, cache_v, starts, positions
         )
         x = x + h
@@ -127,6 +129,7 @@ class Block(nn.Module):
 class LlamaModel(nn.Module):
     config: LlamaConfig
     backend: Dense = Dense()
+    fresh: bool = False
 
     @nn.compact
     def __call__(self, tokens, cache_k, cache_v, starts, positions):
@@ -139,7 +142,7 @@ class LlamaModel(nn.Module):
             split_rngs={"params": True},
             in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast),
             length=c.num_hidden_layers,
-        )(c, self.backend, name="layers")
+        )(c, self.backend, self.fresh, name="layers")
         # The whole cache is a scan carry updated in place; the scanned input is the layer index.
         (x, cache_k, cache_v), _ = layers(
             (x, cache_k, cache_v), jnp.arange(c.num_hidden_layers), rope_tables(c, positions), starts, positions
@@ -152,15 +155,17 @@ class LlamaModel(nn.Module):
         return logits.astype(jnp.float32), cache_k, cache_v
 
 
-def step(params, config: LlamaConfig, tokens: jax.Array, cache: KVCache, num_new=None, backend=Dense()):
+def step(params, config: LlamaConfig, tokens: jax.Array, cache: KVCache, num_new=None, backend=Dense(),
+         fresh: bool = False):
     """Run tokens [B, T] after each row's cached prefix: -> (logits [B, T, V] f32, cache).
 
     Row b's tokens sit at positions cache.lengths[b] + t. `num_new` [B] (default T) is how many of
     them are real; the rest are right padding, whose cache slots later tokens overwrite before any
     query can see them (a query at position p only sees slots <= p, all written by then).
+    `fresh` (static): the cache is empty (all lengths 0), which lets prefill skip masked blocks.
     """
     positions = cache.lengths[:, None] + jnp.arange(tokens.shape[1], dtype=jnp.int32)
-    logits, k, v = LlamaModel(config, backend).apply(
+    logits, k, v = LlamaModel(config, backend, fresh).apply(
         {"params": params}, tokens, cache.k, cache.v, cache.lengths, positions
     )
     if num_new is None:

@@ -1,0 +1,50 @@
+"""The command-line tools, run as a user would (subprocesses), on a tiny converted model."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import make_hf_llama
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run(*args):
+    return subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=600)
+
+
+@pytest.fixture(scope="module")
+def converted(tmp_path_factory):
+    src = tmp_path_factory.mktemp("cli") / "hf"
+    make_hf_llama(src)
+    out = tmp_path_factory.mktemp("cli") / "ckpt"
+    result = run("scripts/convert_hf.py", f"--src={src}", f"--out={out}")
+    assert result.returncode == 0, result.stderr
+    assert (out / "pigjax.json").is_file() and f"wrote {out}" in result.stdout
+    return src, out
+
+
+def test_convert_refuses_existing_and_bad_sources(converted, tmp_path):
+    src, out = converted
+    again = run("scripts/convert_hf.py", f"--src={src}", f"--out={out}")
+    assert again.returncode == 1 and "already exists" in again.stderr
+    missing = run("scripts/convert_hf.py", f"--src={tmp_path / 'nothing'}", f"--out={tmp_path / 'x'}")
+    assert missing.returncode == 1 and "does not exist" in missing.stderr
+
+
+def test_generate_cli_needs_a_tokenizer_for_text(converted):
+    _, out = converted
+    result = run("scripts/generate.py", f"--checkpoint={out}", "--prompt=hello", "--max_new_tokens=4")
+    assert result.returncode == 1 and "need a tokenizer" in result.stderr
+
+
+def test_generate_cli_default_model(smollm2_dir):
+    result = run("scripts/generate.py", f"--checkpoint={smollm2_dir}", "--prompt=The capital of France is",
+                 "--max_new_tokens=4")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("The capital of France is Paris") and "decode tok/s" in result.stdout
+    batch = run("scripts/generate.py", f"--checkpoint={smollm2_dir}", "--prompt=One, two,", "--prompt=Red, green,",
+                "--max_new_tokens=6")
+    assert batch.returncode == 0, batch.stderr
+    assert batch.stdout.count("--- ") == 2 and "prompts | 2" in batch.stdout
