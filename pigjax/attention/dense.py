@@ -6,6 +6,7 @@ import jax
 import jax.numpy as jnp
 
 
+REDUCE_MIN_BATCH = 2  # decode batches from this size use the fused multiply+reduce form
 PREFILL_BLOCK = 256  # query block of a fresh prefill; bounds the score matrix and skips masked keys
 
 
@@ -36,12 +37,22 @@ def _attend_block(q, k, v, positions):
     hkv, s = k.shape[1], k.shape[2]
     f32 = jnp.float32
     q = q.reshape(b, t, hkv, h // hkv, d).astype(f32)
-    scores = jnp.einsum("btkgd,bksd->bkgts", q, k.astype(f32)) * (d ** -0.5)
+    fused = t == 1 and b >= REDUCE_MIN_BATCH
+    if fused:
+        # Batched decode: multiply + reduce lets XLA fuse the caller's slice of this layer out of
+        # the stacked cache instead of copying it for a dot (per step with SmolLM2 shapes: batch 2
+        # 31 vs 63 ms, batch 8 at 2k context 125 vs 178 ms; at batch 1 the dot wins, 25 vs 46 ms).
+        scores = jnp.sum(q[:, 0, :, :, None, :] * k.astype(f32)[:, :, None], axis=-1)[:, :, :, None] * (d ** -0.5)
+    else:
+        scores = jnp.einsum("btkgd,bksd->bkgts", q, k.astype(f32)) * (d ** -0.5)
     visible = jnp.arange(s)[None, None, :] <= positions[:, :, None]  # [B, T, S]
     # Slot 0 is always visible (position >= 0), so no row is fully masked and no NaN arises.
     scores = jnp.where(visible[:, None, None], scores, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(scores, axis=-1)
-    out = jnp.einsum("bkgts,bksd->btkgd", probs, v.astype(f32))
+    if fused:
+        out = jnp.sum(probs[:, :, :, 0, :, None] * v.astype(f32)[:, :, None], axis=-2)[:, None]
+    else:
+        out = jnp.einsum("bkgts,bksd->btkgd", probs, v.astype(f32))
     return out.reshape(b, t, h, d).astype(dtype)
 
 
