@@ -87,7 +87,7 @@ def _row_keys(keys, index):
 
 
 @partial(jax.jit, static_argnames=("config", "backend", "sampler", "capacity", "out_len"))
-def _prefill(params, tokens, lengths, keys, stops, *, config, backend, sampler, capacity, out_len):
+def _prefill(params, tokens, lengths, live, keys, stops, *, config, backend, sampler, capacity, out_len):
     b = tokens.shape[0]
     dtype = jax.tree.leaves(params)[0].dtype
     cache = llama.init_cache(config, b, capacity, dtype)
@@ -96,7 +96,8 @@ def _prefill(params, tokens, lengths, keys, stops, *, config, backend, sampler, 
     first = sampler(last, _row_keys(keys, jnp.zeros((b,), jnp.int32)))
     out = jnp.zeros((b, out_len), jnp.int32).at[:, 0].set(first)
     count = jnp.ones((b,), jnp.int32)
-    finish = _finish_codes(out, count, jnp.zeros((b,), jnp.int32), stops)
+    padding_done = jnp.where(live, 0, FINISH_REASONS.index("length")).astype(jnp.int32)
+    finish = _finish_codes(out, count, padding_done, stops)
     return DecodeState(cache, out, count, finish, keys, jnp.zeros((), jnp.int32))
 
 
@@ -258,17 +259,16 @@ def generate(
 
     with _compile_timer() as compile_prefill:
         start = time.perf_counter()
-        state = _prefill(model.params, tokens, row_lengths, keys, stops, capacity=capacity, out_len=out_len, **static)
-        state = state.replace(finish=state.finish.at[n_rows:].set(FINISH_REASONS.index("length")))
+        state = _prefill(model.params, tokens, row_lengths, np.arange(b) < n_rows, keys, stops,
+                         capacity=capacity, out_len=out_len, **static)
         jax.block_until_ready(state)
         prefill_seconds = time.perf_counter() - start - compile_prefill[0]
     emit(state)
     with _compile_timer() as compile_decode:
         start = time.perf_counter()
-        first_counts = np.asarray(state.count)[:n_rows]
         limit = max_new_tokens - 1
         chunk = STREAM_CHUNK if stream is not None else limit
-        while int(state.steps) < limit and bool(jnp.any(state.finish[:n_rows] == 0)):
+        while int(state.steps) < limit and bool(jnp.any(state.finish == 0)):
             state = _decode(state, model.params, stops, jnp.int32(min(int(state.steps) + chunk, limit)), **static)
             emit(state)
         jax.block_until_ready(state)
@@ -285,7 +285,7 @@ def generate(
             if cuts:
                 texts[r] = text[: min(cuts)]
                 reasons[r] = "stop"
-    decoded = int((count - first_counts).sum())
+    decoded = int(count.sum()) - n_rows  # the first token of each row comes from prefill
     stats = {
         "prefill_seconds": prefill_seconds,
         "prefill_tokens_per_second": sum(lengths) / max(prefill_seconds, 1e-9),
