@@ -1,13 +1,45 @@
 // nanobind module pigjax._engine (layer 3): FFI capsules plus a few CPU queries.
 #include <nanobind/nanobind.h>
+#include <nanobind/ndarray.h>
 #include <nanobind/stl/string.h>
+#include <nanobind/stl/tuple.h>
 
+#include <cstring>
 #include <string>
+#include <tuple>
+#include <vector>
 
 #include "cpu.h"
 #include "ffi_handlers.h"
+#include "lsh_store.h"
 
 namespace nb = nanobind;
+
+namespace {
+
+template <typename T>
+using CArray = nb::ndarray<const T, nb::c_contig, nb::device::cpu>;
+
+template <typename T>
+std::vector<int64_t> shape_of(const CArray<T>& a) {
+  std::vector<int64_t> s(a.ndim());
+  for (size_t i = 0; i < a.ndim(); ++i) s[i] = static_cast<int64_t>(a.shape(i));
+  return s;
+}
+
+// A new C-contiguous NumPy array owning a heap buffer.
+template <typename T>
+nb::ndarray<nb::numpy, T> new_array(const std::vector<int64_t>& shape, T** data) {
+  size_t count = 1;
+  std::vector<size_t> shp;
+  for (int64_t d : shape) { count *= static_cast<size_t>(d); shp.push_back(static_cast<size_t>(d)); }
+  T* buf = new T[count > 0 ? count : 1]();
+  nb::capsule owner(buf, [](void* p) noexcept { delete[] static_cast<T*>(p); });
+  *data = buf;
+  return nb::ndarray<nb::numpy, T>(buf, shp.size(), shp.data(), owner);
+}
+
+}  // namespace
 
 NB_MODULE(_engine, m) {
   m.doc() = "pigjax native engine: XLA FFI handlers (CPU) and CPU feature queries";
@@ -51,4 +83,115 @@ NB_MODULE(_engine, m) {
 
   m.def("num_threads", [] { return pigjax::default_num_threads(); },
         "Default worker count: PIGJAX_NUM_THREADS, else hardware_concurrency().");
+
+  // ---- LSH KV store (lsh_store.h) ----
+  m.def("set_num_threads", [](int n) {
+    if (n < 1) throw nb::value_error("set_num_threads: n must be >= 1");
+    pigjax::set_num_threads(n);
+  }, nb::arg("n"), "Resize the LSH store's worker pool (total parallelism, caller included).");
+  m.def("get_num_threads", [] { return pigjax::get_num_threads(); },
+        "Current size of the LSH store's worker pool.");
+
+  m.def("store_create", [](int64_t slots, int64_t kv_heads, int64_t head_dim, int64_t capacity,
+                           int64_t K, int64_t L, double eps, const std::string& storage) {
+    pigjax::StoreConfig c;
+    c.slots = slots; c.kv_heads = kv_heads; c.head_dim = head_dim; c.capacity = capacity;
+    if (K < 1 || K > pigjax::kLshMaxK)
+      throw nb::value_error(("store_create: K must be in [1, 16], got " + std::to_string(K)).c_str());
+    if (L < 2 || L > (int64_t{1} << 30))
+      throw nb::value_error(("store_create: L must be >= 2, got " + std::to_string(L)).c_str());
+    c.K = static_cast<int>(K); c.L = static_cast<int>(L); c.eps = eps;
+    if (!pigjax::parse_store_storage(storage, &c.storage))
+      throw nb::value_error(("store_create: storage must be 'f32' or 'bf16', got '" + storage + "'").c_str());
+    std::string err;
+    const int64_t h = pigjax::store_create(c, &err);
+    if (h == 0) throw nb::value_error(("store_create: " + err).c_str());
+    return h;
+  }, nb::arg("slots"), nb::arg("kv_heads"), nb::arg("head_dim"), nb::arg("capacity"),
+     nb::arg("K"), nb::arg("L"), nb::arg("eps") = 1e-4, nb::arg("storage") = "bf16",
+     "Create an LSH KV store; returns an integer handle (never reused). Storage is allocated "
+     "lazily at prefill, sized to the middle count.");
+
+  m.def("store_free", [](int64_t handle) {
+    std::string err;
+    if (!pigjax::store_free(handle, &err)) throw nb::value_error(("store_free: " + err).c_str());
+  }, nb::arg("handle"), "Free a store (ValueError for an unknown or already freed handle).");
+
+  m.def("store_info", [](int64_t handle) {
+    pigjax::StoreInfo info;
+    std::string err;
+    if (!pigjax::store_info(handle, &info, &err)) throw nb::value_error(("store_info: " + err).c_str());
+    const pigjax::StoreConfig& c = info.config;
+    nb::dict d;
+    d["slots"] = c.slots; d["kv_heads"] = c.kv_heads; d["head_dim"] = c.head_dim;
+    d["capacity"] = c.capacity; d["K"] = c.K; d["L"] = c.L; d["eps"] = c.eps;
+    d["storage"] = std::string(pigjax::store_storage_name(c.storage));
+    nb::dict bpt;
+    for (const auto& kv : info.bytes_per_token) bpt[kv.first.c_str()] = kv.second;
+    d["bytes_per_token"] = bpt;
+    nb::list counts, pre;
+    for (size_t i = 0; i < info.middle_counts.size(); ++i) {
+      counts.append(info.middle_counts[i]);
+      pre.append(bool(info.prefilled[i]));
+    }
+    d["middle_counts"] = counts;
+    d["prefilled"] = pre;
+    d["bytes_allocated"] = info.bytes_allocated;
+    d["block_tokens"] = pigjax::kBlockTokens;
+    return d;
+  }, nb::arg("handle"), "Dict: config, bytes_per_token per structure, middle counts per slot.");
+
+  m.def("store_prefill_np", [](int64_t handle, CArray<int32_t> slots, CArray<float> keys,
+                               CArray<float> values, CArray<int32_t> codes,
+                               CArray<int32_t> lengths, int64_t sink, int64_t local) {
+    pigjax::PrefillIO io;
+    io.slots = slots.data(); io.slots_dims = shape_of(slots);
+    io.keys = keys.data(); io.keys_dims = shape_of(keys);
+    io.values = values.data(); io.values_dims = shape_of(values);
+    io.codes = codes.data(); io.codes_dims = shape_of(codes);
+    io.lengths = lengths.data(); io.lengths_dims = shape_of(lengths);
+    io.sink = sink; io.local = local;
+    if (io.slots_dims.size() != 1)
+      throw nb::value_error("store_prefill_np: slots must have shape [B]");
+    int32_t* mc = nullptr;
+    auto middle = new_array<int32_t>({io.slots_dims[0]}, &mc);
+    io.middle_counts = mc; io.middle_counts_dims = {io.slots_dims[0]};
+    std::string err;
+    {
+      nb::gil_scoped_release release;
+      err = pigjax::store_prefill(handle, io);
+    }
+    if (!err.empty()) throw nb::value_error(("store_prefill_np: " + err).c_str());
+    return middle;
+  }, nb::arg("handle"), nb::arg("slots"), nb::arg("keys"), nb::arg("values"), nb::arg("codes"),
+     nb::arg("lengths"), nb::arg("sink"), nb::arg("local"),
+     "Direct (non-XLA) prefill with NumPy arrays (int32 / float32, C-contiguous); returns "
+     "middle_counts int32[B]. Same C++ code as the pigjax_lsh_prefill FFI handler.");
+
+  m.def("store_query_np", [](int64_t handle, CArray<int32_t> slots, CArray<float> q,
+                             CArray<int32_t> q_codes) {
+    pigjax::QueryIO io;
+    io.slots = slots.data(); io.slots_dims = shape_of(slots);
+    io.q = q.data(); io.q_dims = shape_of(q);
+    io.q_codes = q_codes.data(); io.q_codes_dims = shape_of(q_codes);
+    if (io.q_dims.size() != 3)
+      throw nb::value_error("store_query_np: q must have shape [B, Hq, d]");
+    const int64_t B = io.q_dims[0], Hq = io.q_dims[1];
+    float* out_p = nullptr; float* lse_p = nullptr; int32_t* smp_p = nullptr;
+    auto out = new_array<float>(io.q_dims, &out_p);
+    auto lse = new_array<float>({B, Hq}, &lse_p);
+    auto smp = new_array<int32_t>({B, Hq}, &smp_p);
+    io.out = out_p; io.out_dims = io.q_dims;
+    io.lse = lse_p; io.lse_dims = {B, Hq};
+    io.sampled = smp_p; io.sampled_dims = {B, Hq};
+    std::string err;
+    {
+      nb::gil_scoped_release release;
+      err = pigjax::store_query(handle, io);
+    }
+    if (!err.empty()) throw nb::value_error(("store_query_np: " + err).c_str());
+    return std::make_tuple(out, lse, smp);
+  }, nb::arg("handle"), nb::arg("slots"), nb::arg("q"), nb::arg("q_codes"),
+     "Direct (non-XLA) query with NumPy arrays; returns (out f32[B,Hq,d], lse f32[B,Hq], "
+     "sampled i32[B,Hq]). Same C++ code as the pigjax_lsh_query FFI handler.");
 }

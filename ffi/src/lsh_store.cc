@@ -1,0 +1,956 @@
+#include "lsh_store.h"
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <condition_variable>
+#include <cstring>
+#include <deque>
+#include <exception>
+#include <limits>
+#include <mutex>
+#include <shared_mutex>
+#include <sstream>
+#include <thread>
+#include <unordered_map>
+
+#include "cpu.h"
+
+#if defined(__x86_64__) || defined(__i386__)
+#define PIGJAX_X86 1
+#include <immintrin.h>
+// GCC 12's intrinsic headers use `__m512i __Y = __Y;` placeholders that trigger false
+// (-W(maybe-)uninitialized) warnings once inlined into our target("avx512f") functions.
+#pragma GCC diagnostic ignored "-Wuninitialized"
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#define PIGJAX_TARGET_AVX2 __attribute__((target("avx2,fma")))
+#define PIGJAX_TARGET_AVX512 __attribute__((target("avx2,fma,avx512f,avx512bw,avx512vl")))
+#else
+#define PIGJAX_X86 0
+#endif
+
+namespace pigjax {
+
+// ----------------------------------------------------------------------------------------
+// bf16
+// ----------------------------------------------------------------------------------------
+
+uint16_t f32_to_bf16(float x) {
+  uint32_t bits;
+  std::memcpy(&bits, &x, 4);
+  if ((bits & 0x7f800000u) == 0x7f800000u && (bits & 0x007fffffu) != 0)
+    return static_cast<uint16_t>((bits >> 16) | 0x0040u);  // quiet NaN, keep sign
+  const uint32_t bias = 0x7fffu + ((bits >> 16) & 1u);      // round to nearest even
+  return static_cast<uint16_t>((bits + bias) >> 16);
+}
+
+float bf16_to_f32(uint16_t h) {
+  const uint32_t bits = static_cast<uint32_t>(h) << 16;
+  float x;
+  std::memcpy(&x, &bits, 4);
+  return x;
+}
+
+// ----------------------------------------------------------------------------------------
+// Thread pool: persistent workers + participating caller. Several callers (XLA threads) may
+// run parallel_for at once; each caller drains its own job, so a job always finishes even if
+// no worker is free (or while the pool is being resized).
+// ----------------------------------------------------------------------------------------
+
+namespace {
+
+class ThreadPool {
+ public:
+  ThreadPool() { resize(default_num_threads()); }
+  ~ThreadPool() { stop_workers(); }
+
+  int size() const { return size_.load(); }
+
+  void resize(int n) {
+    if (n < 1) n = 1;
+    std::lock_guard<std::mutex> resize_lock(resize_mu_);
+    stop_workers();
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      stop_ = false;
+    }
+    workers_.reserve(n - 1);
+    for (int i = 0; i + 1 < n; ++i) workers_.emplace_back([this] { worker_loop(); });
+    size_.store(n);
+  }
+
+  void run(int64_t n, const std::function<void(int64_t)>& fn) {
+    if (n <= 0) return;
+    if (n == 1 || size_.load() <= 1) {
+      for (int64_t i = 0; i < n; ++i) fn(i);
+      return;
+    }
+    Job job;
+    job.fn = &fn;
+    job.n = n;
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      jobs_.push_back(&job);
+    }
+    cv_work_.notify_all();
+    for (;;) {
+      const int64_t i = job.next.fetch_add(1);
+      if (i >= n) break;
+      execute(&job, i);
+    }
+    std::unique_lock<std::mutex> lock(mu_);
+    cv_done_.wait(lock, [&] { return job.done == job.n; });
+    auto it = std::find(jobs_.begin(), jobs_.end(), &job);
+    if (it != jobs_.end()) jobs_.erase(it);
+    lock.unlock();
+    if (job.error) std::rethrow_exception(job.error);
+  }
+
+ private:
+  struct Job {
+    const std::function<void(int64_t)>* fn = nullptr;
+    int64_t n = 0;
+    std::atomic<int64_t> next{0};
+    int64_t done = 0;  // guarded by mu_
+    std::exception_ptr error;  // guarded by mu_
+  };
+
+  void execute(Job* job, int64_t i) {
+    std::exception_ptr err;
+    try {
+      (*job->fn)(i);
+    } catch (...) {
+      err = std::current_exception();
+    }
+    std::lock_guard<std::mutex> lock(mu_);
+    if (err && !job->error) job->error = err;
+    if (++job->done == job->n) cv_done_.notify_all();
+  }
+
+  void worker_loop() {
+    std::unique_lock<std::mutex> lock(mu_);
+    for (;;) {
+      cv_work_.wait(lock, [&] { return stop_ || !jobs_.empty(); });
+      if (stop_) return;
+      Job* job = jobs_.front();
+      const int64_t i = job->next.fetch_add(1);
+      if (i >= job->n) {
+        jobs_.pop_front();  // exhausted; its caller waits for the running indices
+        continue;
+      }
+      lock.unlock();
+      execute(job, i);
+      lock.lock();
+    }
+  }
+
+  void stop_workers() {
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      stop_ = true;
+    }
+    cv_work_.notify_all();
+    for (std::thread& t : workers_) t.join();
+    workers_.clear();
+  }
+
+  std::mutex resize_mu_;
+  std::mutex mu_;
+  std::condition_variable cv_work_, cv_done_;
+  std::deque<Job*> jobs_;
+  std::vector<std::thread> workers_;
+  bool stop_ = false;
+  std::atomic<int> size_{1};
+};
+
+ThreadPool& pool() {
+  static ThreadPool* p = new ThreadPool();  // leaked on purpose: no join at static destruction
+  return *p;
+}
+
+}  // namespace
+
+void set_num_threads(int n) { pool().resize(n); }
+int get_num_threads() { return pool().size(); }
+void parallel_for(int64_t n, const std::function<void(int64_t)>& fn) { pool().run(n, fn); }
+
+// ----------------------------------------------------------------------------------------
+// Store + registry
+// ----------------------------------------------------------------------------------------
+
+namespace {
+
+struct SlotData {
+  bool prefilled = false;
+  int64_t n = 0;                   // middle tokens
+  std::vector<uint16_t> k16, v16;  // bf16 storage: [Hkv][n][d]
+  std::vector<float> k32, v32;     // f32 storage:  [Hkv][n][d]
+  std::vector<float> norms;        // [Hkv][n]
+  std::vector<int32_t> offsets;    // [Hkv][nblocks][L][2^K + 1], relative to the block
+  std::vector<uint16_t> indices;   // [Hkv][nblocks][L][block_len], index within the block
+};
+
+struct Store {
+  explicit Store(const StoreConfig& c) : cfg(c), slots(static_cast<size_t>(c.slots)) {}
+  const StoreConfig cfg;
+  std::shared_mutex mu;
+  std::vector<SlotData> slots;
+};
+
+std::mutex g_registry_mu;
+std::unordered_map<int64_t, std::shared_ptr<Store>>& registry() {
+  static auto* r = new std::unordered_map<int64_t, std::shared_ptr<Store>>();
+  return *r;
+}
+int64_t g_next_handle = 1;
+
+std::shared_ptr<Store> lookup(int64_t handle, std::string* err) {
+  std::lock_guard<std::mutex> lock(g_registry_mu);
+  auto& r = registry();
+  auto it = r.find(handle);
+  if (it == r.end()) {
+    *err = "unknown or freed store handle " + std::to_string(handle);
+    return nullptr;
+  }
+  return it->second;
+}
+
+std::string dims_str(const std::vector<int64_t>& dims) {
+  std::ostringstream os;
+  os << "[";
+  for (size_t i = 0; i < dims.size(); ++i) os << (i ? ", " : "") << dims[i];
+  os << "]";
+  return os.str();
+}
+
+int64_t num_blocks(int64_t n) { return (n + kBlockTokens - 1) / kBlockTokens; }
+
+}  // namespace
+
+bool parse_store_storage(const std::string& name, StoreStorage* out) {
+  if (name == "f32" || name == "float32") { *out = StoreStorage::kF32; return true; }
+  if (name == "bf16" || name == "bfloat16") { *out = StoreStorage::kBF16; return true; }
+  return false;
+}
+
+const char* store_storage_name(StoreStorage s) {
+  return s == StoreStorage::kF32 ? "f32" : "bf16";
+}
+
+std::string validate_store_config(const StoreConfig& c) {
+  if (c.slots <= 0) return "slots must be positive, got " + std::to_string(c.slots);
+  if (c.kv_heads <= 0) return "kv_heads must be positive, got " + std::to_string(c.kv_heads);
+  if (c.head_dim <= 0) return "head_dim must be positive, got " + std::to_string(c.head_dim);
+  if (c.capacity <= 0) return "capacity must be positive, got " + std::to_string(c.capacity);
+  if (c.K < 1 || c.K > kLshMaxK)
+    return "K must be in [1, " + std::to_string(kLshMaxK) + "], got " + std::to_string(c.K);
+  if (c.L < 2) return "L must be >= 2, got " + std::to_string(c.L);
+  if (!(c.eps >= 0) || !std::isfinite(c.eps))
+    return "eps must be a finite number >= 0, got " + std::to_string(c.eps);
+  if (c.storage != StoreStorage::kF32 && c.storage != StoreStorage::kBF16)
+    return "storage must be 'f32' or 'bf16'";
+  // Per-slot, per-head element counts must stay well inside int64 and our int32 indices.
+  if (c.capacity > std::numeric_limits<int32_t>::max())
+    return "capacity must be < 2^31, got " + std::to_string(c.capacity);
+  if (c.slots > (int64_t{1} << 24) || c.kv_heads > 4096 || c.head_dim > 65536 || c.L > 65536)
+    return "slots (<= 2^24), kv_heads (<= 4096), head_dim (<= 65536) or L (<= 65536) too large";
+  return "";
+}
+
+int64_t store_create(const StoreConfig& cfg, std::string* err) {
+  *err = validate_store_config(cfg);
+  if (!err->empty()) return 0;
+  auto store = std::make_shared<Store>(cfg);
+  std::lock_guard<std::mutex> lock(g_registry_mu);
+  const int64_t h = g_next_handle++;
+  registry().emplace(h, std::move(store));
+  return h;
+}
+
+bool store_free(int64_t handle, std::string* err) {
+  std::shared_ptr<Store> victim;  // destroyed outside the registry lock
+  {
+    std::lock_guard<std::mutex> lock(g_registry_mu);
+    auto& r = registry();
+    auto it = r.find(handle);
+    if (it == r.end()) {
+      *err = "unknown or freed store handle " + std::to_string(handle);
+      return false;
+    }
+    victim = std::move(it->second);
+    r.erase(it);
+  }
+  return true;
+}
+
+bool store_info(int64_t handle, StoreInfo* info, std::string* err) {
+  std::shared_ptr<Store> st = lookup(handle, err);
+  if (!st) return false;
+  const StoreConfig& c = st->cfg;
+  info->config = c;
+  std::shared_lock<std::shared_mutex> lock(st->mu);
+  info->middle_counts.clear();
+  info->prefilled.clear();
+  int64_t bytes = 0;
+  for (const SlotData& s : st->slots) {
+    info->middle_counts.push_back(s.n);
+    info->prefilled.push_back(s.prefilled);
+    bytes += s.k16.capacity() * 2 + s.v16.capacity() * 2 + s.k32.capacity() * 4 +
+             s.v32.capacity() * 4 + s.norms.capacity() * 4 + s.offsets.capacity() * 4 +
+             s.indices.capacity() * 2;
+  }
+  info->bytes_allocated = bytes;
+  const double elem = c.storage == StoreStorage::kBF16 ? 2.0 : 4.0;
+  const double per_block = 4.0 * c.L * ((int64_t{1} << c.K) + 1);
+  info->bytes_per_token = {
+      {"keys", elem * c.head_dim},
+      {"values", elem * c.head_dim},
+      {"key_norms", 4.0},
+      {"table_indices", 2.0 * c.L},
+      {"table_offsets", per_block / kBlockTokens},
+      {"table_offsets_per_block", per_block},
+  };
+  return true;
+}
+
+// ----------------------------------------------------------------------------------------
+// Dot-product / axpy kernels over one stored row (T = float or uint16_t bf16) and a group of
+// G <= kGroupChunk query heads (q rows contiguous, stride d; acc rows stride d).
+// ----------------------------------------------------------------------------------------
+
+namespace {
+
+constexpr int kGroupChunk = 8;
+
+inline float ld(const float* p, int64_t i) { return p[i]; }
+inline float ld(const uint16_t* p, int64_t i) { return bf16_to_f32(p[i]); }
+
+template <typename T, int G>
+void dots_scalar(const T* k, const float* q, int64_t d, float* out) {
+  float acc[G] = {};
+  for (int64_t i = 0; i < d; ++i) {
+    const float kv = ld(k, i);
+    for (int j = 0; j < G; ++j) acc[j] += kv * q[j * d + i];
+  }
+  for (int j = 0; j < G; ++j) out[j] = acc[j];
+}
+
+template <typename T, int G>
+void axpy_scalar(const T* v, const float* p, int64_t d, float* o) {
+  for (int j = 0; j < G; ++j) {
+    if (p[j] == 0.0f) continue;
+    const float pj = p[j];
+    float* oj = o + j * d;
+    for (int64_t i = 0; i < d; ++i) oj[i] += pj * ld(v, i);
+  }
+}
+
+#if PIGJAX_X86
+
+PIGJAX_TARGET_AVX2 static inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
+PIGJAX_TARGET_AVX2 static inline __m256 load8(const uint16_t* p) {
+  const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+}
+
+PIGJAX_TARGET_AVX2 static inline float hsum8(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 0x55));
+  return _mm_cvtss_f32(s);
+}
+
+template <typename T, int G>
+PIGJAX_TARGET_AVX2 void dots_avx2(const T* k, const float* q, int64_t d, float* out) {
+  __m256 acc[G];
+  for (int j = 0; j < G; ++j) acc[j] = _mm256_setzero_ps();
+  int64_t i = 0;
+  for (; i + 8 <= d; i += 8) {
+    const __m256 kv = load8(k + i);
+    for (int j = 0; j < G; ++j) acc[j] = _mm256_fmadd_ps(kv, _mm256_loadu_ps(q + j * d + i), acc[j]);
+  }
+  float tail[G] = {};
+  for (; i < d; ++i) {
+    const float kv = ld(k, i);
+    for (int j = 0; j < G; ++j) tail[j] += kv * q[j * d + i];
+  }
+  for (int j = 0; j < G; ++j) out[j] = hsum8(acc[j]) + tail[j];
+}
+
+template <typename T, int G>
+PIGJAX_TARGET_AVX2 void axpy_avx2(const T* v, const float* p, int64_t d, float* o) {
+  int64_t i = 0;
+  for (; i + 8 <= d; i += 8) {
+    const __m256 vv = load8(v + i);
+    for (int j = 0; j < G; ++j) {
+      if (p[j] == 0.0f) continue;
+      float* oj = o + j * d + i;
+      _mm256_storeu_ps(oj, _mm256_fmadd_ps(_mm256_set1_ps(p[j]), vv, _mm256_loadu_ps(oj)));
+    }
+  }
+  for (; i < d; ++i) {
+    const float vv = ld(v, i);
+    for (int j = 0; j < G; ++j)
+      if (p[j] != 0.0f) o[j * d + i] += p[j] * vv;
+  }
+}
+
+PIGJAX_TARGET_AVX512 static inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
+PIGJAX_TARGET_AVX512 static inline __m512 load16(const uint16_t* p) {
+  const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+
+template <typename T, int G>
+PIGJAX_TARGET_AVX512 void dots_avx512(const T* k, const float* q, int64_t d, float* out) {
+  __m512 acc[G];
+  for (int j = 0; j < G; ++j) acc[j] = _mm512_setzero_ps();
+  int64_t i = 0;
+  for (; i + 16 <= d; i += 16) {
+    const __m512 kv = load16(k + i);
+    for (int j = 0; j < G; ++j) acc[j] = _mm512_fmadd_ps(kv, _mm512_loadu_ps(q + j * d + i), acc[j]);
+  }
+  float tail[G] = {};
+  for (; i < d; ++i) {
+    const float kv = ld(k, i);
+    for (int j = 0; j < G; ++j) tail[j] += kv * q[j * d + i];
+  }
+  for (int j = 0; j < G; ++j) out[j] = _mm512_reduce_add_ps(acc[j]) + tail[j];
+}
+
+template <typename T, int G>
+PIGJAX_TARGET_AVX512 void axpy_avx512(const T* v, const float* p, int64_t d, float* o) {
+  int64_t i = 0;
+  for (; i + 16 <= d; i += 16) {
+    const __m512 vv = load16(v + i);
+    for (int j = 0; j < G; ++j) {
+      if (p[j] == 0.0f) continue;
+      float* oj = o + j * d + i;
+      _mm512_storeu_ps(oj, _mm512_fmadd_ps(_mm512_set1_ps(p[j]), vv, _mm512_loadu_ps(oj)));
+    }
+  }
+  for (; i < d; ++i) {
+    const float vv = ld(v, i);
+    for (int j = 0; j < G; ++j)
+      if (p[j] != 0.0f) o[j * d + i] += p[j] * vv;
+  }
+}
+
+#endif  // PIGJAX_X86
+
+template <typename T>
+struct RowKernels {
+  using DotFn = void (*)(const T*, const float*, int64_t, float*);
+  using AxpyFn = void (*)(const T*, const float*, int64_t, float*);
+  DotFn dot[kGroupChunk + 1] = {};
+  AxpyFn axpy[kGroupChunk + 1] = {};
+};
+
+#define PIGJAX_KERNEL_SET(NAME)                                                            \
+  template <typename T>                                                                    \
+  RowKernels<T> kernels_##NAME() {                                                         \
+    RowKernels<T> k;                                                                       \
+    k.dot[1] = dots_##NAME<T, 1>; k.dot[2] = dots_##NAME<T, 2>; k.dot[3] = dots_##NAME<T, 3>; \
+    k.dot[4] = dots_##NAME<T, 4>; k.dot[5] = dots_##NAME<T, 5>; k.dot[6] = dots_##NAME<T, 6>; \
+    k.dot[7] = dots_##NAME<T, 7>; k.dot[8] = dots_##NAME<T, 8>;                            \
+    k.axpy[1] = axpy_##NAME<T, 1>; k.axpy[2] = axpy_##NAME<T, 2>;                          \
+    k.axpy[3] = axpy_##NAME<T, 3>; k.axpy[4] = axpy_##NAME<T, 4>;                          \
+    k.axpy[5] = axpy_##NAME<T, 5>; k.axpy[6] = axpy_##NAME<T, 6>;                          \
+    k.axpy[7] = axpy_##NAME<T, 7>; k.axpy[8] = axpy_##NAME<T, 8>;                          \
+    return k;                                                                              \
+  }
+
+PIGJAX_KERNEL_SET(scalar)
+#if PIGJAX_X86
+PIGJAX_KERNEL_SET(avx2)
+PIGJAX_KERNEL_SET(avx512)
+#endif
+#undef PIGJAX_KERNEL_SET
+
+template <typename T>
+const RowKernels<T>& row_kernels(SimdLevel level) {
+  static const RowKernels<T> scalar = kernels_scalar<T>();
+#if PIGJAX_X86
+  static const RowKernels<T> avx2 = kernels_avx2<T>();
+  static const RowKernels<T> avx512 = kernels_avx512<T>();
+  if (level >= SimdLevel::kAvx512) return avx512;
+  if (level >= SimdLevel::kAvx2) return avx2;
+#else
+  (void)level;
+#endif
+  return scalar;
+}
+
+// log(1 / (u + eps)) for one (query, key) pair; see the header for the formula.
+inline double log_weight(double dot, double qnorm, double knorm, int K, int L, double eps) {
+  double c = 0.0;
+  if (qnorm > 0.0 && knorm > 0.0) c = dot / (qnorm * knorm);
+  if (c > 1.0) c = 1.0;
+  if (c < -1.0) c = -1.0;
+  if (std::isnan(c)) c = 0.0;
+  const double p = 1.0 - std::acos(c) / 3.14159265358979323846;
+  const double P = std::pow(p, K);
+  const double lg = std::log1p(-P);  // -inf at P == 1
+  const double a = std::exp(L * lg);
+  const double b = L * P * std::exp((L - 1) * lg);
+  double u = 1.0 - a - b;
+  if (!(u > 0.0)) u = 0.0;
+  if (u > 1.0) u = 1.0;
+  return -std::log(u + eps);
+}
+
+// Per-thread query scratch. Collision counting uses two bitmaps (>= 1 and >= 2 collisions,
+// n/4 bytes together: 32 KiB at n = 128K, i.e. L1/L2-resident), cleared per query head by
+// memset; this saturating count is exact for any K and L since only ">= 2" matters.
+// Candidates of the (up to 8) query heads of a chunk go into a byte mask per token (bit jj:
+// sampled for head jj); a word-wise scan then lists the union in token order and clears it.
+// Invariant between uses: mask[] is all zero.
+struct QueryScratch {
+  std::vector<uint64_t> seen1, seen2;  // bit i: token i collided >= 1 / >= 2 times
+  std::vector<uint64_t> mask;          // byte i: head mask of token i (n bytes, 8 per word)
+  struct Range { const uint16_t* ids; int32_t beg, end, base; };
+  std::vector<Range> ranges;           // bucket ranges of one query head (L * nblocks)
+  struct Entry { int32_t i; uint32_t mask; };
+  std::vector<Entry> uni;              // union of the chunk's candidate sets
+  std::vector<float> scores;           // [uni.size()][kGroupChunk]
+  std::vector<float> acc;              // [kGroupChunk][d]
+  void ensure(int64_t n) {
+    const size_t words = static_cast<size_t>((n + 63) / 64);
+    if (seen1.size() < words) { seen1.resize(words); seen2.resize(words); }
+    const size_t mwords = static_cast<size_t>((n + 7) / 8);
+    if (mask.size() < mwords) mask.resize(mwords, 0);
+  }
+};
+
+QueryScratch& query_scratch() {
+  thread_local QueryScratch s;
+  return s;
+}
+
+struct BuildScratch {
+  std::vector<uint16_t> codes;   // [16 tables][block tokens]
+  std::vector<int32_t> cursor;   // [2^K]
+};
+BuildScratch& build_scratch() {
+  thread_local BuildScratch s;
+  return s;
+}
+
+template <typename T>
+const T* stored_keys(const SlotData& s);
+template <>
+const float* stored_keys<float>(const SlotData& s) { return s.k32.data(); }
+template <>
+const uint16_t* stored_keys<uint16_t>(const SlotData& s) { return s.k16.data(); }
+template <typename T>
+const T* stored_values(const SlotData& s);
+template <>
+const float* stored_values<float>(const SlotData& s) { return s.v32.data(); }
+template <>
+const uint16_t* stored_values<uint16_t>(const SlotData& s) { return s.v16.data(); }
+
+// One (row, KV head): the G query heads q[G][d], q_codes[G][L] -> out[G][d], lse[G], sampled[G].
+template <typename T>
+void query_group(const StoreConfig& c, const SlotData& s, int64_t kvh, int64_t G,
+                 const float* q, const int32_t* qcodes, float* out, float* lse, int32_t* sampled,
+                 const RowKernels<T>& kern) {
+  const int64_t d = c.head_dim, L = c.L, n = s.n;
+  if (!s.prefilled || n == 0) {
+    std::fill(out, out + G * d, 0.0f);
+    std::fill(lse, lse + G, -std::numeric_limits<float>::infinity());
+    std::fill(sampled, sampled + G, 0);
+    return;
+  }
+  const int64_t NB = int64_t{1} << c.K;
+  const int64_t nblocks = num_blocks(n);
+  const int32_t* off_head = s.offsets.data() + kvh * nblocks * L * (NB + 1);
+  const uint16_t* idx_head = s.indices.data() + kvh * n * L;
+  const T* keys = stored_keys<T>(s) + kvh * n * d;
+  const T* vals = stored_values<T>(s) + kvh * n * d;
+  const float* norms = s.norms.data() + kvh * n;
+  const double inv_sqrt_d = 1.0 / std::sqrt(static_cast<double>(d));
+
+  QueryScratch& sc = query_scratch();
+  sc.ensure(n);
+  uint8_t* mask = reinterpret_cast<uint8_t*>(sc.mask.data());
+  const size_t words = static_cast<size_t>((n + 63) / 64);
+  uint64_t* seen1 = sc.seen1.data();
+  uint64_t* seen2 = sc.seen2.data();
+  sc.ranges.resize(static_cast<size_t>(L * nblocks));
+
+  for (int64_t j0 = 0; j0 < G; j0 += kGroupChunk) {
+    const int gc = static_cast<int>(std::min<int64_t>(kGroupChunk, G - j0));
+    sc.uni.clear();
+    int64_t counts[kGroupChunk] = {};
+    // 1. Candidates per head (>= 2 collisions), merged into one union with head masks.
+    for (int jj = 0; jj < gc; ++jj) {
+      const int32_t* qc = qcodes + (j0 + jj) * L;
+      const uint32_t bit = 1u << jj;
+      // Bucket ranges first (independent loads), then count with the next ranges prefetched.
+      QueryScratch::Range* rg = sc.ranges.data();
+      int64_t nr = 0;
+      for (int64_t bk = 0; bk < nblocks; ++bk) {
+        const int64_t blen = std::min(kBlockTokens, n - bk * kBlockTokens);
+        const uint16_t* ids_block = idx_head + bk * kBlockTokens * L;
+        const int32_t* ob = off_head + bk * L * (NB + 1);
+        for (int64_t l = 0; l < L; ++l) {
+          const int32_t* o = ob + l * (NB + 1) + qc[l];
+          rg[nr++] = {ids_block + l * blen, o[0], o[1], static_cast<int32_t>(bk * kBlockTokens)};
+        }
+      }
+      std::memset(seen1, 0, words * sizeof(uint64_t));
+      std::memset(seen2, 0, words * sizeof(uint64_t));
+      int64_t count = 0;
+      constexpr int64_t kAhead = 8;
+      for (int64_t r = 0; r < std::min(nr, kAhead); ++r)
+        __builtin_prefetch(rg[r].ids + rg[r].beg);
+      for (int64_t r = 0; r < nr; ++r) {
+        if (r + kAhead < nr) {
+          const QueryScratch::Range& a = rg[r + kAhead];
+          __builtin_prefetch(a.ids + a.beg);
+          if (a.end - a.beg > 32) __builtin_prefetch(a.ids + a.beg + 32);
+        }
+        const uint16_t* ids = rg[r].ids;
+        const int32_t base = rg[r].base;
+        for (int32_t t = rg[r].beg, e = rg[r].end; t < e; ++t) {
+          const int32_t i = base + ids[t];
+          const uint64_t b = uint64_t{1} << (i & 63);
+          uint64_t& w1 = seen1[i >> 6];
+          if (!(w1 & b)) { w1 |= b; continue; }
+          uint64_t& w2 = seen2[i >> 6];
+          if (w2 & b) continue;
+          w2 |= b;
+          ++count;
+          mask[i] = static_cast<uint8_t>(mask[i] | bit);
+        }
+      }
+      counts[jj] = count;
+    }
+    // Union in token order; clears the mask.
+    {
+      uint64_t* mw = sc.mask.data();
+      const int64_t nw = (n + 7) / 8;
+      for (int64_t w = 0; w < nw; ++w) {
+        uint64_t x = mw[w];
+        if (x == 0) continue;
+        mw[w] = 0;
+        for (int k = 0; k < 8; ++k, x >>= 8)
+          if (x & 0xffu) sc.uni.push_back({static_cast<int32_t>(w * 8 + k), uint32_t(x & 0xffu)});
+      }
+    }
+    const size_t nu = sc.uni.size();
+
+    // 2. Scores (each stored key row read once for the whole chunk).
+    const float* qg = q + j0 * d;
+    double qnorm[kGroupChunk];
+    for (int jj = 0; jj < gc; ++jj) {
+      double ss = 0;
+      for (int64_t i = 0; i < d; ++i) ss += double(qg[jj * d + i]) * qg[jj * d + i];
+      qnorm[jj] = std::sqrt(ss);
+    }
+    sc.scores.resize(nu * kGroupChunk);
+    float* scores = sc.scores.data();
+    float mx[kGroupChunk];
+    std::fill(mx, mx + kGroupChunk, -std::numeric_limits<float>::infinity());
+    float dots[kGroupChunk];
+    for (size_t e = 0; e < nu; ++e) {
+      const int32_t i = sc.uni[e].i;
+      if (e + 8 < nu) {
+        const T* nk = keys + sc.uni[e + 8].i * d;
+        for (int64_t b = 0; b < d * int64_t(sizeof(T)); b += 64)
+          __builtin_prefetch(reinterpret_cast<const char*>(nk) + b);
+        __builtin_prefetch(norms + sc.uni[e + 8].i);
+      }
+      kern.dot[gc](keys + i * d, qg, d, dots);
+      const uint32_t mask = sc.uni[e].mask;
+      for (int jj = 0; jj < gc; ++jj) {
+        if (!(mask >> jj & 1u)) continue;
+        const float sc_ = static_cast<float>(
+            dots[jj] * inv_sqrt_d + log_weight(dots[jj], qnorm[jj], norms[i], c.K, c.L, c.eps));
+        scores[e * kGroupChunk + jj] = sc_;
+        if (sc_ > mx[jj]) mx[jj] = sc_;
+      }
+    }
+
+    // 3. Softmax-weighted values (each stored value row read once for the whole chunk).
+    sc.acc.assign(static_cast<size_t>(gc * d), 0.0f);
+    float* acc = sc.acc.data();
+    double sums[kGroupChunk] = {};
+    float p[kGroupChunk];
+    for (size_t e = 0; e < nu; ++e) {
+      const int32_t i = sc.uni[e].i;
+      if (e + 8 < nu) {
+        const T* nv = vals + sc.uni[e + 8].i * d;
+        for (int64_t b = 0; b < d * int64_t(sizeof(T)); b += 64)
+          __builtin_prefetch(reinterpret_cast<const char*>(nv) + b);
+      }
+      const uint32_t mask = sc.uni[e].mask;
+      for (int jj = 0; jj < gc; ++jj) {
+        p[jj] = (mask >> jj & 1u) ? std::exp(scores[e * kGroupChunk + jj] - mx[jj]) : 0.0f;
+        sums[jj] += p[jj];
+      }
+      kern.axpy[gc](vals + i * d, p, d, acc);
+    }
+
+    for (int jj = 0; jj < gc; ++jj) {
+      const int64_t h = j0 + jj;
+      sampled[h] = static_cast<int32_t>(counts[jj]);
+      float* oh = out + h * d;
+      if (counts[jj] == 0) {
+        std::fill(oh, oh + d, 0.0f);
+        lse[h] = -std::numeric_limits<float>::infinity();
+        continue;
+      }
+      const double inv = 1.0 / sums[jj];
+      for (int64_t i = 0; i < d; ++i) oh[i] = static_cast<float>(acc[jj * d + i] * inv);
+      lse[h] = static_cast<float>(mx[jj] + std::log(sums[jj]));
+    }
+  }
+}
+
+// Copies/rounds one (row, KV head)'s middle keys and values and computes the key norms.
+template <typename T>
+void store_rows(const float* src, int64_t m, int64_t d, T* dst);
+template <>
+void store_rows<float>(const float* src, int64_t m, int64_t d, float* dst) {
+  if (m > 0) std::memcpy(dst, src, sizeof(float) * m * d);
+}
+template <>
+void store_rows<uint16_t>(const float* src, int64_t m, int64_t d, uint16_t* dst) {
+  for (int64_t i = 0; i < m * d; ++i) dst[i] = f32_to_bf16(src[i]);
+}
+
+template <typename T>
+void key_norms(const T* k, int64_t m, int64_t d, float* norms) {
+  for (int64_t r = 0; r < m; ++r) {
+    double ss = 0;
+    for (int64_t i = 0; i < d; ++i) {
+      const double x = ld(k + r * d, i);
+      ss += x * x;
+    }
+    norms[r] = static_cast<float>(std::sqrt(ss));
+  }
+}
+
+}  // namespace
+
+// ----------------------------------------------------------------------------------------
+// prefill
+// ----------------------------------------------------------------------------------------
+
+std::string store_prefill(int64_t handle, const PrefillIO& io) {
+  std::string err;
+  std::shared_ptr<Store> st = lookup(handle, &err);
+  if (!st) return err;
+  const StoreConfig& c = st->cfg;
+  const int64_t Hkv = c.kv_heads, d = c.head_dim, L = c.L;
+  if (io.slots_dims.size() != 1) return "slots must have shape [B], got " + dims_str(io.slots_dims);
+  const int64_t B = io.slots_dims[0];
+  if (io.keys_dims.size() != 4 || io.keys_dims[0] != B || io.keys_dims[1] != Hkv ||
+      io.keys_dims[3] != d)
+    return "keys must have shape [B=" + std::to_string(B) + ", Hkv=" + std::to_string(Hkv) +
+           ", n, d=" + std::to_string(d) + "], got " + dims_str(io.keys_dims);
+  const int64_t n = io.keys_dims[2];
+  if (io.values_dims != io.keys_dims)
+    return "values must have the shape of keys " + dims_str(io.keys_dims) + ", got " +
+           dims_str(io.values_dims);
+  const std::vector<int64_t> want_codes = {B, Hkv, n, L};
+  if (io.codes_dims != want_codes)
+    return "codes must have shape [B, Hkv, n, L] = " + dims_str(want_codes) + ", got " +
+           dims_str(io.codes_dims);
+  if (io.lengths_dims != std::vector<int64_t>{B})
+    return "lengths must have shape [B] = [" + std::to_string(B) + "], got " +
+           dims_str(io.lengths_dims);
+  if (io.middle_counts_dims != std::vector<int64_t>{B})
+    return "middle_counts must have shape [B] = [" + std::to_string(B) + "], got " +
+           dims_str(io.middle_counts_dims);
+  if (io.sink < 0 || io.local < 0)
+    return "sink and local must be >= 0, got sink=" + std::to_string(io.sink) +
+           " local=" + std::to_string(io.local);
+  std::vector<int64_t> middle(static_cast<size_t>(B));
+  std::vector<char> seen(static_cast<size_t>(c.slots), 0);
+  for (int64_t b = 0; b < B; ++b) {
+    const int64_t slot = io.slots[b];
+    if (slot < 0 || slot >= c.slots)
+      return "slots[" + std::to_string(b) + "] = " + std::to_string(slot) +
+             " is out of range [0, " + std::to_string(c.slots) + ")";
+    if (seen[slot])
+      return "slot " + std::to_string(slot) + " appears more than once in one prefill call";
+    seen[slot] = 1;
+    const int64_t len = io.lengths[b];
+    if (len < 0 || len > n)
+      return "lengths[" + std::to_string(b) + "] = " + std::to_string(len) +
+             " is outside [0, n=" + std::to_string(n) + "]";
+    const int64_t m = std::max<int64_t>(0, len - io.local - io.sink);
+    if (m > c.capacity)
+      return "row " + std::to_string(b) + ": middle count " + std::to_string(m) +
+             " (length " + std::to_string(len) + ", sink " + std::to_string(io.sink) +
+             ", local " + std::to_string(io.local) + ") exceeds the store capacity " +
+             std::to_string(c.capacity);
+    middle[b] = m;
+  }
+  const int64_t NB = int64_t{1} << c.K;
+
+  // Codes of the middle tokens must be in [0, 2^K) (other positions are never read).
+  struct BadCode { bool bad = false; int64_t pos = 0, table = 0; int32_t value = 0; };
+  std::vector<BadCode> bad(static_cast<size_t>(B * Hkv));
+  parallel_for(B * Hkv, [&](int64_t task) {
+    const int64_t b = task / Hkv;
+    const int32_t* cd = io.codes + (task * n + io.sink) * L;
+    const int64_t cnt = middle[b] * L;
+    uint32_t any = 0;
+    for (int64_t i = 0; i < cnt; ++i) any |= static_cast<uint32_t>(cd[i]) >= uint32_t(NB);
+    if (!any) return;
+    for (int64_t i = 0; i < cnt; ++i)
+      if (cd[i] < 0 || cd[i] >= NB) {
+        bad[task] = {true, io.sink + i / L, i % L, cd[i]};
+        return;
+      }
+  });
+  for (int64_t t = 0; t < B * Hkv; ++t)
+    if (bad[t].bad)
+      return "codes[" + std::to_string(t / Hkv) + ", " + std::to_string(t % Hkv) + ", " +
+             std::to_string(bad[t].pos) + ", " + std::to_string(bad[t].table) + "] = " +
+             std::to_string(bad[t].value) + " is outside [0, 2^K=" + std::to_string(NB) + ")";
+
+  std::unique_lock<std::shared_mutex> lock(st->mu);
+  const bool bf16 = c.storage == StoreStorage::kBF16;
+  for (int64_t b = 0; b < B; ++b) {
+    SlotData& s = st->slots[io.slots[b]];
+    s.prefilled = false;
+    s.n = 0;
+    const int64_t m = middle[b];
+    const size_t kv = static_cast<size_t>(Hkv * m * d);
+    if (bf16) { s.k16.resize(kv); s.v16.resize(kv); } else { s.k32.resize(kv); s.v32.resize(kv); }
+    s.norms.resize(static_cast<size_t>(Hkv * m));
+    s.offsets.resize(static_cast<size_t>(Hkv * num_blocks(m) * L * (NB + 1)));
+    s.indices.resize(static_cast<size_t>(Hkv * m * L));
+  }
+
+  // Keys (rounded), norms of the stored keys, values.
+  parallel_for(B * Hkv, [&](int64_t task) {
+    const int64_t b = task / Hkv, h = task % Hkv, m = middle[b];
+    SlotData& s = st->slots[io.slots[b]];
+    const float* ks = io.keys + (task * n + io.sink) * d;
+    const float* vs = io.values + (task * n + io.sink) * d;
+    if (bf16) {
+      store_rows(ks, m, d, s.k16.data() + h * m * d);
+      store_rows(vs, m, d, s.v16.data() + h * m * d);
+      key_norms(s.k16.data() + h * m * d, m, d, s.norms.data() + h * m);
+    } else {
+      store_rows(ks, m, d, s.k32.data() + h * m * d);
+      store_rows(vs, m, d, s.v32.data() + h * m * d);
+      key_norms(s.k32.data() + h * m * d, m, d, s.norms.data() + h * m);
+    }
+  });
+
+  // Tables: one task per (row, head, block, group of 16 tables); counting sort by bucket.
+  constexpr int64_t kTablesPerTask = 16;
+  const int64_t groups = (L + kTablesPerTask - 1) / kTablesPerTask;
+  struct Task { int64_t b, h, bk, g; };
+  std::vector<Task> tasks;
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t h = 0; h < Hkv; ++h)
+      for (int64_t bk = 0; bk < num_blocks(middle[b]); ++bk)
+        for (int64_t g = 0; g < groups; ++g) tasks.push_back({b, h, bk, g});
+  parallel_for(static_cast<int64_t>(tasks.size()), [&](int64_t ti) {
+    const Task t = tasks[ti];
+    const int64_t m = middle[t.b], nblocks = num_blocks(m);
+    SlotData& s = st->slots[io.slots[t.b]];
+    const int64_t blen = std::min(kBlockTokens, m - t.bk * kBlockTokens);
+    const int32_t* cd =
+        io.codes + ((t.b * Hkv + t.h) * n + io.sink + t.bk * kBlockTokens) * L;
+    int32_t* off = s.offsets.data() + (t.h * nblocks + t.bk) * L * (NB + 1);
+    uint16_t* idx = s.indices.data() + t.h * m * L + t.bk * kBlockTokens * L;
+    const int64_t l0 = t.g * kTablesPerTask, l1 = std::min(L, l0 + kTablesPerTask);
+    const int64_t nl = l1 - l0;
+    // Transpose this group's codes to [table][token] (uint16: K <= 16), then one counting
+    // sort per table: 2^K counters and 2^K write cursors stay cache-resident.
+    BuildScratch& bs = build_scratch();
+    bs.codes.resize(static_cast<size_t>(nl * blen));
+    bs.cursor.resize(static_cast<size_t>(NB));
+    uint16_t* tc = bs.codes.data();
+    for (int64_t r = 0; r < blen; ++r) {
+      const int32_t* cr = cd + r * L + l0;
+      for (int64_t j = 0; j < nl; ++j) tc[j * blen + r] = static_cast<uint16_t>(cr[j]);
+    }
+    int32_t* cur = bs.cursor.data();
+    for (int64_t l = l0; l < l1; ++l) {
+      const uint16_t* col = tc + (l - l0) * blen;
+      int32_t* o = off + l * (NB + 1);
+      std::fill(o, o + NB + 1, 0);
+      for (int64_t r = 0; r < blen; ++r) ++o[col[r] + 1];
+      for (int64_t c2 = 1; c2 <= NB; ++c2) o[c2] += o[c2 - 1];
+      std::copy(o, o + NB, cur);
+      uint16_t* dst = idx + l * blen;
+      for (int64_t r = 0; r < blen; ++r) dst[cur[col[r]]++] = static_cast<uint16_t>(r);
+    }
+  });
+
+  for (int64_t b = 0; b < B; ++b) {
+    SlotData& s = st->slots[io.slots[b]];
+    s.n = middle[b];
+    s.prefilled = true;
+    io.middle_counts[b] = static_cast<int32_t>(middle[b]);
+  }
+  return "";
+}
+
+// ----------------------------------------------------------------------------------------
+// query
+// ----------------------------------------------------------------------------------------
+
+std::string store_query(int64_t handle, const QueryIO& io) {
+  std::string err;
+  std::shared_ptr<Store> st = lookup(handle, &err);
+  if (!st) return err;
+  const StoreConfig& c = st->cfg;
+  const int64_t Hkv = c.kv_heads, d = c.head_dim, L = c.L;
+  if (io.slots_dims.size() != 1) return "slots must have shape [B], got " + dims_str(io.slots_dims);
+  const int64_t B = io.slots_dims[0];
+  if (io.q_dims.size() != 3 || io.q_dims[0] != B || io.q_dims[2] != d)
+    return "q must have shape [B=" + std::to_string(B) + ", Hq, d=" + std::to_string(d) +
+           "], got " + dims_str(io.q_dims);
+  const int64_t Hq = io.q_dims[1];
+  if (Hq <= 0 || Hq % Hkv != 0)
+    return "the number of query heads (" + std::to_string(Hq) +
+           ") must be a positive multiple of kv_heads (" + std::to_string(Hkv) + ")";
+  if (io.q_codes_dims != std::vector<int64_t>{B, Hq, L})
+    return "q_codes must have shape [B, Hq, L] = " + dims_str({B, Hq, L}) + ", got " +
+           dims_str(io.q_codes_dims);
+  if (io.out_dims != io.q_dims)
+    return "out must have shape " + dims_str(io.q_dims) + ", got " + dims_str(io.out_dims);
+  if (io.lse_dims != std::vector<int64_t>{B, Hq})
+    return "lse must have shape " + dims_str({B, Hq}) + ", got " + dims_str(io.lse_dims);
+  if (io.sampled_dims != std::vector<int64_t>{B, Hq})
+    return "sampled must have shape " + dims_str({B, Hq}) + ", got " + dims_str(io.sampled_dims);
+  for (int64_t b = 0; b < B; ++b)
+    if (io.slots[b] < 0 || io.slots[b] >= c.slots)
+      return "slots[" + std::to_string(b) + "] = " + std::to_string(io.slots[b]) +
+             " is out of range [0, " + std::to_string(c.slots) + ")";
+  const int64_t NB = int64_t{1} << c.K;
+  for (int64_t i = 0; i < B * Hq * L; ++i)
+    if (io.q_codes[i] < 0 || io.q_codes[i] >= NB)
+      return "q_codes[" + std::to_string(i / (Hq * L)) + ", " + std::to_string(i / L % Hq) +
+             ", " + std::to_string(i % L) + "] = " + std::to_string(io.q_codes[i]) +
+             " is outside [0, 2^K=" + std::to_string(NB) + ")";
+
+  std::shared_lock<std::shared_mutex> lock(st->mu);
+  const int64_t G = Hq / Hkv;
+  const SimdLevel level = simd_level();
+  const bool bf16 = c.storage == StoreStorage::kBF16;
+  parallel_for(B * Hkv, [&](int64_t task) {
+    const int64_t b = task / Hkv, g = task % Hkv;
+    const SlotData& s = st->slots[io.slots[b]];
+    const int64_t h0 = b * Hq + g * G;
+    if (bf16)
+      query_group<uint16_t>(c, s, g, G, io.q + h0 * d, io.q_codes + h0 * L, io.out + h0 * d,
+                            io.lse + h0, io.sampled + h0, row_kernels<uint16_t>(level));
+    else
+      query_group<float>(c, s, g, G, io.q + h0 * d, io.q_codes + h0 * L, io.out + h0 * d,
+                         io.lse + h0, io.sampled + h0, row_kernels<float>(level));
+  });
+  return "";
+}
+
+}  // namespace pigjax

@@ -1,0 +1,526 @@
+// Standalone tests of the LSH KV store (lsh_store.h): a naive double-precision reference
+// versus the store on random data (f32/bf16, GQA, ragged lengths, several blocks, every SIMD
+// level), empty sample sets, error handling (bad handles, shapes, ranges), and two stores used
+// from two threads at once. Built and run by scripts/sanitize_ffi.sh (ASan+UBSan, or TSan).
+#include <algorithm>
+#include <cmath>
+#include <cstdio>
+#include <functional>
+#include <limits>
+#include <random>
+#include <stdexcept>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "cpu.h"
+#include "lsh_store.h"
+
+using namespace pigjax;
+
+static int g_failures = 0;
+#define CHECK(cond, ...)                                                            \
+  do {                                                                              \
+    if (!(cond)) {                                                                  \
+      ++g_failures;                                                                 \
+      std::fprintf(stderr, "%s:%d: CHECK(%s) failed: ", __FILE__, __LINE__, #cond); \
+      std::fprintf(stderr, __VA_ARGS__);                                            \
+      std::fprintf(stderr, "\n");                                                   \
+    }                                                                               \
+  } while (0)
+
+static bool contains(const std::string& s, const char* needle) {
+  return s.find(needle) != std::string::npos;
+}
+
+// ---- test data ---------------------------------------------------------------------------
+
+struct Case {
+  const char* name;
+  StoreStorage storage;
+  int K, L;
+  int64_t Hkv, G, d, n, B, slots;
+  int64_t sink, local;
+  unsigned seed;
+};
+
+struct Data {
+  std::vector<int32_t> slots, lengths, codes, q_codes;
+  std::vector<float> keys, values, q;
+};
+
+static Data make_data(const Case& c) {
+  std::mt19937 gen(c.seed);
+  std::normal_distribution<float> nd(0.0f, 1.0f);
+  std::uniform_int_distribution<int> code(0, (1 << c.K) - 1);
+  std::uniform_real_distribution<float> uni(0.0f, 1.0f);
+  const int64_t Hq = c.Hkv * c.G;
+  Data D;
+  std::vector<int32_t> perm(c.slots);
+  for (int64_t i = 0; i < c.slots; ++i) perm[i] = int32_t(i);
+  std::shuffle(perm.begin(), perm.end(), gen);
+  D.slots.assign(perm.begin(), perm.begin() + c.B);
+  std::uniform_int_distribution<int64_t> len(0, c.n);
+  for (int64_t b = 0; b < c.B; ++b) D.lengths.push_back(b == 0 ? int32_t(c.n) : int32_t(len(gen)));
+  D.keys.resize(c.B * c.Hkv * c.n * c.d);
+  D.values.resize(D.keys.size());
+  for (float& x : D.keys) x = nd(gen);
+  for (float& x : D.values) x = nd(gen);
+  D.codes.resize(c.B * c.Hkv * c.n * c.L);
+  for (int32_t& x : D.codes) x = code(gen);
+  D.q.resize(c.B * Hq * c.d);
+  for (float& x : D.q) x = nd(gen);
+  D.q_codes.resize(c.B * Hq * c.L);
+  for (int32_t& x : D.q_codes) x = code(gen);
+  // Make collisions likely: each query head copies ~35% of the codes of a few random keys.
+  std::uniform_int_distribution<int64_t> tok(0, std::max<int64_t>(0, c.n - 1));
+  for (int64_t b = 0; b < c.B; ++b)
+    for (int64_t h = 0; h < Hq; ++h) {
+      if (c.n == 0) continue;
+      const int64_t kvh = h / c.G;
+      for (int rep = 0; rep < 3; ++rep) {
+        const int32_t* src = D.codes.data() + ((b * c.Hkv + kvh) * c.n + tok(gen)) * c.L;
+        for (int64_t l = 0; l < c.L; ++l)
+          if (uni(gen) < 0.35f / 3) D.q_codes[(b * Hq + h) * c.L + l] = src[l];
+      }
+    }
+  if (!D.q.empty()) std::fill(D.q.begin(), D.q.begin() + c.d, 0.0f);  // a zero query
+  if (c.n > c.sink && c.B > 0) {  // a zero key (cos = 0 branch)
+    float* k0 = D.keys.data() + c.sink * c.d;
+    std::fill(k0, k0 + c.d, 0.0f);
+  }
+  return D;
+}
+
+// ---- naive reference (double) ---------------------------------------------------------------
+
+struct RefOut {
+  std::vector<double> out, lse;
+  std::vector<int32_t> sampled;
+};
+
+static double stored(float x, StoreStorage s) {
+  return s == StoreStorage::kBF16 ? double(bf16_to_f32(f32_to_bf16(x))) : double(x);
+}
+
+static RefOut reference(const Case& c, const Data& D, double eps) {
+  const int64_t Hq = c.Hkv * c.G;
+  RefOut R;
+  R.out.assign(c.B * Hq * c.d, 0.0);
+  R.lse.assign(c.B * Hq, -std::numeric_limits<double>::infinity());
+  R.sampled.assign(c.B * Hq, 0);
+  for (int64_t b = 0; b < c.B; ++b) {
+    const int64_t m = std::max<int64_t>(0, D.lengths[b] - c.local - c.sink);
+    for (int64_t h = 0; h < Hq; ++h) {
+      const int64_t kvh = h / c.G;
+      const float* q = D.q.data() + (b * Hq + h) * c.d;
+      const int32_t* qc = D.q_codes.data() + (b * Hq + h) * c.L;
+      double qn = 0;
+      for (int64_t i = 0; i < c.d; ++i) qn += double(q[i]) * q[i];
+      qn = std::sqrt(qn);
+      std::vector<double> scores;
+      std::vector<int64_t> which;
+      for (int64_t t = 0; t < m; ++t) {
+        const int64_t pos = c.sink + t;
+        const int32_t* kc = D.codes.data() + ((b * c.Hkv + kvh) * c.n + pos) * c.L;
+        int coll = 0;
+        for (int64_t l = 0; l < c.L; ++l) coll += kc[l] == qc[l];
+        if (coll < 2) continue;
+        const float* k = D.keys.data() + ((b * c.Hkv + kvh) * c.n + pos) * c.d;
+        double dot = 0, kn = 0;
+        for (int64_t i = 0; i < c.d; ++i) {
+          const double kv = stored(k[i], c.storage);
+          dot += kv * q[i];
+          kn += kv * kv;
+        }
+        kn = double(float(std::sqrt(kn)));
+        double cs = (qn == 0 || kn == 0) ? 0.0 : dot / (qn * kn);
+        cs = std::min(1.0, std::max(-1.0, cs));
+        const double p = 1.0 - std::acos(cs) / 3.14159265358979323846;
+        const double P = std::pow(p, c.K);
+        double u = 1.0 - std::pow(1.0 - P, c.L) - c.L * P * std::pow(1.0 - P, c.L - 1);
+        u = std::min(1.0, std::max(0.0, u));
+        scores.push_back(dot / std::sqrt(double(c.d)) + std::log(1.0 / (u + eps)));
+        which.push_back(pos);
+      }
+      R.sampled[b * Hq + h] = int32_t(scores.size());
+      if (scores.empty()) continue;
+      double mx = *std::max_element(scores.begin(), scores.end()), sum = 0;
+      for (double s : scores) sum += std::exp(s - mx);
+      const double lse = mx + std::log(sum);
+      R.lse[b * Hq + h] = lse;
+      for (size_t j = 0; j < scores.size(); ++j) {
+        const double w = std::exp(scores[j] - lse);
+        const float* v = D.values.data() + ((b * c.Hkv + kvh) * c.n + which[j]) * c.d;
+        for (int64_t i = 0; i < c.d; ++i)
+          R.out[(b * Hq + h) * c.d + i] += w * stored(v[i], c.storage);
+      }
+    }
+  }
+  return R;
+}
+
+// ---- calls -----------------------------------------------------------------------------------
+
+static PrefillIO prefill_io(const Case& c, const Data& D, std::vector<int32_t>* mc) {
+  PrefillIO io;
+  mc->assign(c.B, -1);
+  io.slots = D.slots.data(); io.slots_dims = {c.B};
+  io.keys = D.keys.data(); io.keys_dims = {c.B, c.Hkv, c.n, c.d};
+  io.values = D.values.data(); io.values_dims = io.keys_dims;
+  io.codes = D.codes.data(); io.codes_dims = {c.B, c.Hkv, c.n, int64_t(c.L)};
+  io.lengths = D.lengths.data(); io.lengths_dims = {c.B};
+  io.middle_counts = mc->data(); io.middle_counts_dims = {c.B};
+  io.sink = c.sink; io.local = c.local;
+  return io;
+}
+
+struct QueryOut {
+  std::vector<float> out, lse;
+  std::vector<int32_t> sampled;
+};
+
+static QueryIO query_io(const Case& c, const Data& D, QueryOut* o) {
+  const int64_t Hq = c.Hkv * c.G;
+  o->out.assign(c.B * Hq * c.d, -7.0f);
+  o->lse.assign(c.B * Hq, -7.0f);
+  o->sampled.assign(c.B * Hq, -7);
+  QueryIO io;
+  io.slots = D.slots.data(); io.slots_dims = {c.B};
+  io.q = D.q.data(); io.q_dims = {c.B, Hq, c.d};
+  io.q_codes = D.q_codes.data(); io.q_codes_dims = {c.B, Hq, int64_t(c.L)};
+  io.out = o->out.data(); io.out_dims = io.q_dims;
+  io.lse = o->lse.data(); io.lse_dims = {c.B, Hq};
+  io.sampled = o->sampled.data(); io.sampled_dims = {c.B, Hq};
+  return io;
+}
+
+static int64_t create(const Case& c, double eps = 1e-4, int64_t capacity = 0) {
+  StoreConfig cfg;
+  cfg.slots = c.slots; cfg.kv_heads = c.Hkv; cfg.head_dim = c.d;
+  cfg.capacity = capacity > 0 ? capacity : std::max<int64_t>(1, c.n); cfg.K = c.K; cfg.L = c.L; cfg.eps = eps;
+  cfg.storage = c.storage;
+  std::string err;
+  const int64_t h = store_create(cfg, &err);
+  CHECK(h > 0 && err.empty(), "store_create: %s", err.c_str());
+  return h;
+}
+
+static void compare(const Case& c, const RefOut& R, const QueryOut& Q, const char* level,
+                    int64_t* total_sampled) {
+  const int64_t Hq = c.Hkv * c.G;
+  int64_t bad_count = 0, bad_lse = 0, bad_out = 0;
+  double worst = 0;
+  for (int64_t r = 0; r < c.B * Hq; ++r) {
+    *total_sampled += R.sampled[r];
+    if (Q.sampled[r] != R.sampled[r]) { ++bad_count; continue; }
+    if (R.sampled[r] == 0) {
+      if (!(std::isinf(Q.lse[r]) && Q.lse[r] < 0)) ++bad_lse;
+      for (int64_t i = 0; i < c.d; ++i) bad_out += Q.out[r * c.d + i] != 0.0f;
+      continue;
+    }
+    if (!(std::fabs(Q.lse[r] - R.lse[r]) <= 2e-4 * std::max(1.0, std::fabs(R.lse[r])))) ++bad_lse;
+    for (int64_t i = 0; i < c.d; ++i) {
+      const double e = std::fabs(Q.out[r * c.d + i] - R.out[r * c.d + i]);
+      worst = std::max(worst, e);
+      if (!(e <= 2e-4 + 2e-4 * std::fabs(R.out[r * c.d + i]))) ++bad_out;
+    }
+  }
+  CHECK(bad_count == 0 && bad_lse == 0 && bad_out == 0,
+        "%s [%s]: %lld sampled-count, %lld lse, %lld output mismatches (worst |err| %.3g)",
+        c.name, level, (long long)bad_count, (long long)bad_lse, (long long)bad_out, worst);
+}
+
+static std::vector<SimdLevel> levels() {
+  std::vector<SimdLevel> out = {SimdLevel::kScalar};
+  if (hardware_simd_level() >= SimdLevel::kAvx2) out.push_back(SimdLevel::kAvx2);
+  if (hardware_simd_level() >= SimdLevel::kAvx512) out.push_back(SimdLevel::kAvx512);
+  return out;
+}
+
+// ---- tests -----------------------------------------------------------------------------------
+
+static void test_against_reference() {
+  const Case cases[] = {
+      // name            storage              K  L   Hkv G  d    n     B  slots sink local seed
+      {"f32 basic", StoreStorage::kF32, 3, 8, 2, 3, 33, 200, 3, 5, 4, 16, 1},
+      {"bf16 d128 GQA4", StoreStorage::kBF16, 4, 12, 2, 4, 128, 300, 2, 4, 4, 64, 2},
+      {"bf16 G9 (>8 chunk)", StoreStorage::kBF16, 2, 2, 1, 9, 17, 60, 2, 3, 0, 0, 3},
+      {"f32 G1 d1", StoreStorage::kF32, 1, 5, 3, 1, 1, 40, 2, 2, 0, 3, 4},
+      {"sink beyond length", StoreStorage::kF32, 2, 4, 1, 2, 8, 30, 1, 1, 40, 0, 5},
+      {"K16", StoreStorage::kBF16, 16, 4, 2, 2, 16, 120, 2, 2, 4, 4, 6},
+      {"K10 L150", StoreStorage::kBF16, 10, 150, 2, 2, 64, 150, 1, 1, 4, 8, 7},
+      {"n0", StoreStorage::kF32, 3, 3, 1, 2, 8, 0, 1, 1, 4, 64, 8},
+      {"d not multiple of 8/16", StoreStorage::kBF16, 3, 6, 2, 2, 23, 90, 2, 2, 1, 2, 9},
+      {"f32 d40 G8", StoreStorage::kF32, 3, 7, 1, 8, 40, 80, 1, 3, 2, 2, 10},
+  };
+  for (SimdLevel lv : levels()) {
+    set_simd_level(lv);
+    for (const Case& c : cases) {
+      const Data D = make_data(c);
+      const int64_t h = create(c);
+      std::vector<int32_t> mc;
+      std::string err = store_prefill(h, prefill_io(c, D, &mc));
+      CHECK(err.empty(), "%s: prefill: %s", c.name, err.c_str());
+      for (int64_t b = 0; b < c.B; ++b)
+        CHECK(mc[b] == std::max<int64_t>(0, D.lengths[b] - c.local - c.sink),
+              "%s: middle count %d", c.name, mc[b]);
+      QueryOut Q;
+      err = store_query(h, query_io(c, D, &Q));
+      CHECK(err.empty(), "%s: query: %s", c.name, err.c_str());
+      int64_t total = 0;
+      compare(c, reference(c, D, 1e-4), Q, simd_level_name(lv), &total);
+      if (c.n > 50 && c.K <= 4)
+        CHECK(total > 0, "%s: the test should sample something", c.name);
+      CHECK(store_free(h, &err), "free: %s", err.c_str());
+    }
+  }
+  set_simd_level(hardware_simd_level());
+}
+
+static void test_multi_block_and_reprefill() {
+  // n > 65536: two blocks of uint16 indices. Small d, L to keep it fast under ASan.
+  Case c = {"two blocks", StoreStorage::kBF16, 2, 3, 1, 2, 4, 70000, 1, 2, 3, 5, 11};
+  Data D = make_data(c);
+  const int64_t h = create(c, 0.5);
+  std::vector<int32_t> mc;
+  std::string err = store_prefill(h, prefill_io(c, D, &mc));
+  CHECK(err.empty(), "two blocks prefill: %s", err.c_str());
+  QueryOut Q;
+  err = store_query(h, query_io(c, D, &Q));
+  CHECK(err.empty(), "two blocks query: %s", err.c_str());
+  int64_t total = 0;
+  compare(c, reference(c, D, 0.5), Q, "default", &total);
+  CHECK(total > 1000, "two blocks: expected many samples, got %lld", (long long)total);
+  // Prefill the same slot again, shorter: the old tokens must be gone.
+  Case c2 = c;
+  c2.name = "re-prefill shorter";
+  c2.n = 500;
+  c2.seed = 12;
+  Data D2 = make_data(c2);
+  D2.slots = D.slots;
+  err = store_prefill(h, prefill_io(c2, D2, &mc));
+  CHECK(err.empty(), "re-prefill: %s", err.c_str());
+  err = store_query(h, query_io(c2, D2, &Q));
+  CHECK(err.empty(), "re-prefill query: %s", err.c_str());
+  total = 0;
+  compare(c2, reference(c2, D2, 0.5), Q, "default", &total);
+  StoreInfo info;
+  CHECK(store_info(h, &info, &err), "info: %s", err.c_str());
+  CHECK(info.middle_counts[D.slots[0]] == 500 - 3 - 5, "info middle count %lld",
+        (long long)info.middle_counts[D.slots[0]]);
+  CHECK(info.bytes_per_token.size() >= 5 && info.bytes_per_token[3].second == 2.0 * c.L,
+        "bytes per token of table indices");
+  store_free(h, &err);
+}
+
+static void test_empty_and_unprefilled() {
+  Case c = {"empty", StoreStorage::kF32, 8, 4, 2, 2, 8, 50, 1, 3, 0, 0, 13};
+  Data D = make_data(c);
+  const int64_t h = create(c);
+  // Slot never prefilled: S is empty for every head.
+  QueryOut Q;
+  std::string err = store_query(h, query_io(c, D, &Q));
+  CHECK(err.empty(), "unprefilled query: %s", err.c_str());
+  for (size_t r = 0; r < Q.lse.size(); ++r) {
+    CHECK(std::isinf(Q.lse[r]) && Q.lse[r] < 0 && Q.sampled[r] == 0, "unprefilled lse/sampled");
+  }
+  for (float x : Q.out) CHECK(x == 0.0f, "unprefilled out must be 0");
+  // Prefilled, but query codes that match no key in >= 2 tables.
+  for (int32_t& x : D.codes) x = 0;
+  for (int32_t& x : D.q_codes) x = 1;
+  std::vector<int32_t> mc;
+  err = store_prefill(h, prefill_io(c, D, &mc));
+  CHECK(err.empty(), "prefill: %s", err.c_str());
+  err = store_query(h, query_io(c, D, &Q));
+  CHECK(err.empty(), "query: %s", err.c_str());
+  for (size_t r = 0; r < Q.lse.size(); ++r)
+    CHECK(std::isinf(Q.lse[r]) && Q.lse[r] < 0 && Q.sampled[r] == 0, "empty S: lse -inf");
+  // Exactly one colliding table is not enough; two are.
+  std::fill(D.q_codes.begin(), D.q_codes.end(), 1);
+  for (int64_t h2 = 0; h2 < c.Hkv * c.G; ++h2) D.q_codes[h2 * c.L + 0] = 0;
+  err = store_query(h, query_io(c, D, &Q));
+  for (int32_t s : Q.sampled) CHECK(s == 0, "one collision must not sample (%d)", s);
+  for (int64_t h2 = 0; h2 < c.Hkv * c.G; ++h2) D.q_codes[h2 * c.L + 3] = 0;
+  err = store_query(h, query_io(c, D, &Q));
+  for (int32_t s : Q.sampled) CHECK(s == 50, "two collisions sample every key (%d)", s);
+  store_free(h, &err);
+}
+
+static void test_errors() {
+  std::string err;
+  StoreConfig cfg;
+  cfg.slots = 2; cfg.kv_heads = 2; cfg.head_dim = 4; cfg.capacity = 10; cfg.K = 3; cfg.L = 4;
+  struct BadCfg { StoreConfig cfg; const char* needle; };
+  std::vector<BadCfg> bads;
+  auto with = [&](auto f, const char* needle) { StoreConfig x = cfg; f(x); bads.push_back({x, needle}); };
+  with([](StoreConfig& x) { x.K = 0; }, "K must be in [1, 16]");
+  with([](StoreConfig& x) { x.K = 17; }, "K must be in [1, 16]");
+  with([](StoreConfig& x) { x.L = 1; }, "L must be >= 2");
+  with([](StoreConfig& x) { x.slots = 0; }, "slots must be positive");
+  with([](StoreConfig& x) { x.kv_heads = -1; }, "kv_heads must be positive");
+  with([](StoreConfig& x) { x.head_dim = 0; }, "head_dim must be positive");
+  with([](StoreConfig& x) { x.capacity = 0; }, "capacity must be positive");
+  with([](StoreConfig& x) { x.capacity = int64_t{1} << 40; }, "capacity must be < 2^31");
+  with([](StoreConfig& x) { x.eps = -1; }, "eps");
+  for (const BadCfg& b : bads) {
+    const int64_t h = store_create(b.cfg, &err);
+    CHECK(h == 0 && contains(err, b.needle), "bad config: want '%s', got h=%lld '%s'", b.needle,
+          (long long)h, err.c_str());
+  }
+
+  // Unknown / freed handles.
+  Case c = {"errors", StoreStorage::kBF16, 3, 4, 2, 2, 4, 20, 2, 2, 2, 2, 14};
+  Data D = make_data(c);
+  D.lengths[1] = 20;
+  std::vector<int32_t> mc;
+  QueryOut Q;
+  CHECK(contains(store_prefill(12345678, prefill_io(c, D, &mc)), "unknown or freed store handle"),
+        "unknown handle (prefill)");
+  CHECK(contains(store_query(-1, query_io(c, D, &Q)), "unknown or freed store handle"),
+        "unknown handle (query)");
+  const int64_t h = create(c, 1e-4, /*capacity=*/16);
+  const int64_t h2 = create(c);
+  CHECK(h2 > h, "handles increase");
+  CHECK(store_free(h2, &err), "free");
+  CHECK(!store_free(h2, &err) && contains(err, "unknown or freed"), "double free: %s", err.c_str());
+  CHECK(contains(store_query(h2, query_io(c, D, &Q)), "unknown or freed"), "freed handle query");
+  StoreInfo info;
+  CHECK(!store_info(h2, &info, &err), "info on freed handle");
+
+  // Prefill argument errors (the store must stay unchanged).
+  struct BadPrefill { std::function<void(PrefillIO&, Data&)> f; const char* needle; };
+  std::vector<int32_t> bad_codes = D.codes, neg_len = {-1, 3}, long_len = {21, 3};
+  std::vector<int32_t> dup = {1, 1}, oor = {0, 2};
+  const BadPrefill bp[] = {
+      {[&](PrefillIO& io, Data&) { io.slots = dup.data(); }, "appears more than once"},
+      {[&](PrefillIO& io, Data&) { io.slots = oor.data(); }, "out of range [0, 2)"},
+      {[&](PrefillIO& io, Data&) { io.lengths = neg_len.data(); }, "outside [0, n=20]"},
+      {[&](PrefillIO& io, Data&) { io.lengths = long_len.data(); }, "outside [0, n=20]"},
+      {[&](PrefillIO& io, Data&) { io.keys_dims = {2, 3, 20, 4}; }, "keys must have shape"},
+      {[&](PrefillIO& io, Data&) { io.keys_dims = {2, 2, 20, 5}; }, "keys must have shape"},
+      {[&](PrefillIO& io, Data&) { io.keys_dims = {2, 2, 80}; }, "keys must have shape"},
+      {[&](PrefillIO& io, Data&) { io.values_dims = {2, 2, 19, 4}; }, "values must have"},
+      {[&](PrefillIO& io, Data&) { io.codes_dims = {2, 2, 20, 5}; }, "codes must have shape"},
+      {[&](PrefillIO& io, Data&) { io.lengths_dims = {3}; }, "lengths must have shape"},
+      {[&](PrefillIO& io, Data&) { io.slots_dims = {2, 1}; }, "slots must have shape"},
+      {[&](PrefillIO& io, Data&) { io.middle_counts_dims = {1}; }, "middle_counts must"},
+      {[&](PrefillIO& io, Data&) { io.sink = -1; }, "sink and local must be >= 0"},
+      {[&](PrefillIO& io, Data&) { io.sink = 0; io.local = 0; }, "exceeds the store capacity"},
+      {[&](PrefillIO& io, Data&) {
+         bad_codes[((1 * 2 + 1) * 20 + 5) * 4 + 2] = 8;
+         io.codes = bad_codes.data();
+       }, "codes[1, 1, 5, 2] = 8 is outside [0, 2^K=8)"},
+  };
+  for (const BadPrefill& b : bp) {
+    PrefillIO io = prefill_io(c, D, &mc);
+    b.f(io, D);
+    err = store_prefill(h, io);
+    CHECK(contains(err, b.needle), "prefill error: want '%s', got '%s'", b.needle, err.c_str());
+  }
+  CHECK(store_info(h, &info, &err) && !info.prefilled[0] && !info.prefilled[1],
+        "failed prefills leave the store unchanged");
+  // A negative code outside the middle is ignored (never read); inside it is an error.
+  std::vector<int32_t> codes2 = D.codes;
+  codes2[0] = -5;  // row 0, head 0, position 0 (< sink = 2)
+  PrefillIO ok = prefill_io(c, D, &mc);
+  ok.codes = codes2.data();
+  err = store_prefill(h, ok);
+  CHECK(err.empty(), "codes outside the middle are not read: %s", err.c_str());
+
+  // Query argument errors.
+  struct BadQuery { std::function<void(QueryIO&)> f; const char* needle; };
+  std::vector<int32_t> bad_qc = D.q_codes;
+  bad_qc[5] = -1;
+  const BadQuery bq[] = {
+      {[&](QueryIO& io) { io.q_dims = {2, 3, 4}; io.out_dims = io.q_dims; }, "multiple of kv_heads"},
+      {[&](QueryIO& io) { io.q_dims = {2, 4, 5}; }, "q must have shape"},
+      {[&](QueryIO& io) { io.q_codes_dims = {2, 4, 3}; }, "q_codes must have shape"},
+      {[&](QueryIO& io) { io.out_dims = {2, 4, 3}; }, "out must have shape"},
+      {[&](QueryIO& io) { io.lse_dims = {2}; }, "lse must have shape"},
+      {[&](QueryIO& io) { io.sampled_dims = {4, 2}; }, "sampled must have shape"},
+      {[&](QueryIO& io) { io.slots = oor.data(); }, "out of range"},
+      {[&](QueryIO& io) { io.q_codes = bad_qc.data(); }, "q_codes[0, 1, 1] = -1 is outside"},
+  };
+  for (const BadQuery& b : bq) {
+    QueryIO io = query_io(c, D, &Q);
+    b.f(io);
+    err = store_query(h, io);
+    CHECK(contains(err, b.needle), "query error: want '%s', got '%s'", b.needle, err.c_str());
+  }
+  // Duplicated slots are fine for queries.
+  QueryIO qio = query_io(c, D, &Q);
+  qio.slots = dup.data();
+  CHECK(store_query(h, qio).empty(), "query with repeated slots");
+  store_free(h, &err);
+}
+
+static void test_threads() {
+  // Two stores, each used from its own thread (prefill + many queries), pool of 2 and 3.
+  for (int nt : {1, 2, 3}) {
+    set_num_threads(nt);
+    CHECK(get_num_threads() == nt, "get_num_threads %d", get_num_threads());
+    Case c1 = {"thread A", StoreStorage::kBF16, 3, 6, 2, 2, 16, 300, 2, 2, 1, 1, 21};
+    Case c2 = {"thread B", StoreStorage::kF32, 2, 5, 1, 3, 8, 200, 1, 1, 0, 4, 22};
+    const Data D1 = make_data(c1), D2 = make_data(c2);
+    const RefOut R1 = reference(c1, D1, 1e-4), R2 = reference(c2, D2, 1e-4);
+    const int64_t h1 = create(c1), h2 = create(c2);
+    int fails[2] = {0, 0};
+    auto worker = [&](int which) {
+      const Case& c = which ? c2 : c1;
+      const Data& D = which ? D2 : D1;
+      const RefOut& R = which ? R2 : R1;
+      const int64_t h = which ? h2 : h1;
+      std::vector<int32_t> mc;
+      if (!store_prefill(h, prefill_io(c, D, &mc)).empty()) ++fails[which];
+      for (int it = 0; it < 20; ++it) {
+        QueryOut Q;
+        if (!store_query(h, query_io(c, D, &Q)).empty()) ++fails[which];
+        for (size_t r = 0; r < Q.sampled.size(); ++r)
+          if (Q.sampled[r] != R.sampled[r]) ++fails[which];
+      }
+    };
+    std::thread t1(worker, 0), t2(worker, 1);
+    t1.join();
+    t2.join();
+    CHECK(fails[0] == 0 && fails[1] == 0, "threads=%d: %d / %d failures", nt, fails[0], fails[1]);
+    std::string err;
+    store_free(h1, &err);
+    store_free(h2, &err);
+  }
+  // parallel_for propagates exceptions and runs every index once.
+  std::vector<int> hits(100, 0);
+  parallel_for(100, [&](int64_t i) { hits[i]++; });
+  CHECK(std::count(hits.begin(), hits.end(), 1) == 100, "parallel_for covers each index once");
+  bool threw = false;
+  try {
+    parallel_for(10, [](int64_t i) { if (i == 7) throw std::runtime_error("boom"); });
+  } catch (const std::runtime_error&) {
+    threw = true;
+  }
+  CHECK(threw, "parallel_for rethrows");
+  set_num_threads(default_num_threads());
+}
+
+static void test_bf16() {
+  CHECK(f32_to_bf16(1.0f) == 0x3f80, "bf16(1)");
+  CHECK(bf16_to_f32(f32_to_bf16(1.00390625f)) == 1.0f, "ties to even (down)");
+  CHECK(bf16_to_f32(f32_to_bf16(1.01171875f)) == 1.015625f, "ties to even (up)");
+  CHECK(std::isnan(bf16_to_f32(f32_to_bf16(std::numeric_limits<float>::quiet_NaN()))), "NaN");
+  CHECK(std::isinf(bf16_to_f32(f32_to_bf16(std::numeric_limits<float>::infinity()))), "inf");
+}
+
+int main() {
+  test_bf16();
+  test_against_reference();
+  test_multi_block_and_reprefill();
+  test_empty_and_unprefilled();
+  test_errors();
+  test_threads();
+  if (g_failures) {
+    std::fprintf(stderr, "test_lsh_store: %d check(s) FAILED\n", g_failures);
+    return 1;
+  }
+  std::printf("test_lsh_store: all checks passed\n");
+  return 0;
+}

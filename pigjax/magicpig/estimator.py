@@ -1,0 +1,108 @@
+"""`lsh_attention`: MagicPIG's whole estimator in one call (SPEC §2), for analysis and tests.
+
+The model side (JAX) centers keys and hashes them; the engine builds tables over the middle and
+returns the sampled partial softmax (o_S, lse_S); JAX computes the exact sink/local part and merges
+the two by log-sum-exp.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from pigjax import native
+from pigjax.errors import PigjaxError
+from pigjax.magicpig.store import Store
+
+
+def middle_mask(n: int, lengths, sink: int, local: int):
+    """[B, n] bool: positions [sink, max(sink, length − local)) of each row (the hashed middle)."""
+    p = jnp.arange(n)[None, :]
+    stop = jnp.maximum(sink, lengths[:, None] - local)
+    return (p >= sink) & (p < stop)
+
+
+def center(k, lengths, sink: int, local: int):
+    """Subtract the mean of each (row, KV head)'s middle keys from all its keys (SPEC §2.2)."""
+    mask = middle_mask(k.shape[2], lengths, sink, local)[:, None, :, None]
+    count = jnp.maximum(jnp.sum(mask, axis=2, keepdims=True), 1)
+    return k - jnp.sum(jnp.where(mask, k, 0.0), axis=2, keepdims=True) / count
+
+
+def exact_part(q, k, v, lengths, sink: int, local: int):
+    """Partial softmax (o_G, lse_G) of q [B, Hq, d] over each row's sink and local positions."""
+    b, hq, d = q.shape
+    hkv, n = k.shape[1], k.shape[2]
+    p = jnp.arange(n)[None, :]
+    visible = (p < lengths[:, None]) & ~middle_mask(n, lengths, sink, local)
+    qg = q.reshape(b, hkv, hq // hkv, d)
+    scores = jnp.einsum("bkgd,bknd->bkgn", qg, k, precision="highest") / np.sqrt(d)
+    scores = jnp.where(visible[:, None, None], scores, -jnp.inf)
+    lse = jax.nn.logsumexp(scores, axis=-1)
+    probs = jnp.exp(scores - jnp.where(jnp.isfinite(lse), lse, 0.0)[..., None])
+    out = jnp.einsum("bkgn,bknd->bkgd", probs, v, precision="highest")
+    return out.reshape(b, hq, d), lse.reshape(b, hq)
+
+
+def merge(out_a, lse_a, out_b, lse_b):
+    """(o, lse) of the union of two disjoint key sets from their partial softmaxes; −inf = empty."""
+    m = jnp.maximum(lse_a, lse_b)
+    m = jnp.where(jnp.isfinite(m), m, 0.0)
+    a, b = jnp.exp(lse_a - m), jnp.exp(lse_b - m)  # exp(−inf) = 0
+    return (a[..., None] * out_a + b[..., None] * out_b) / (a + b)[..., None]
+
+
+@partial(jax.jit, static_argnames=("K", "sink", "local"))
+def _prepare(q, k, lengths, proj, *, K, sink, local):
+    kc = center(k, lengths, sink, local)
+    return kc, native.simhash_codes(kc, proj, K), native.simhash_codes(q, proj, K)
+
+
+@partial(jax.jit, static_argnames=("sink", "local"))
+def _finish(q, kc, v, lengths, out_s, lse_s, *, sink, local):
+    out_g, lse_g = exact_part(q, kc, v, lengths, sink, local)
+    return merge(out_g, lse_g, out_s, lse_s)
+
+
+def _validate(q, k, v, proj, K, L, sink, local, lengths):
+    if q.ndim != 3 or k.ndim != 4 or v.shape != k.shape:
+        raise PigjaxError(f"lsh_attention: need q [B, Hq, d] and k, v [B, Hkv, n, d]; got q {q.shape}, "
+                          f"k {k.shape}, v {v.shape}")
+    b, hq, d = q.shape
+    if k.shape[0] != b or k.shape[3] != d or hq % k.shape[1]:
+        raise PigjaxError(f"lsh_attention: q {q.shape} does not fit k {k.shape} (batch, head_dim, or "
+                          "query heads not a multiple of KV heads)")
+    if not 1 <= K <= native.MAX_K or L < 2:
+        raise PigjaxError(f"lsh_attention: need 1 <= K <= {native.MAX_K} and L >= 2, got K={K}, L={L}")
+    if proj.shape != (d, K * L):
+        raise PigjaxError(f"lsh_attention: proj must be [d, K·L] = [{d}, {K * L}], got {proj.shape}")
+    if sink < 0 or local < 1:
+        raise PigjaxError(f"lsh_attention: need sink >= 0 and local >= 1, got sink={sink}, local={local}")
+    if lengths.shape != (b,) or lengths.min() < 1 or lengths.max() > k.shape[2]:
+        raise PigjaxError(f"lsh_attention: lengths must be {b} values in [1, {k.shape[2]}], got {lengths}")
+
+
+def lsh_attention(q, k, v, proj, *, K: int, L: int, sink: int = 4, local: int = 64, eps: float = 1e-4,
+                  lengths=None, storage: str = "f32", path: str | None = None):
+    """MagicPIG attention of q [B, Hq, d] over k, v [B, Hkv, n, d] with tables from proj [d, K·L].
+
+    Returns (out [B, Hq, d] float32, sampled [B, Hq] int32 = |S| per head). `lengths` [B] marks
+    right-padded rows. A temporary engine store holds the tables and is freed before returning;
+    `storage` and `path` are the Store's (K/V precision; "ffi" or "callback").
+    """
+    q, k, v, proj = (jnp.asarray(a, jnp.float32) for a in (q, k, v, proj))
+    lengths = np.full(q.shape[0], k.shape[2] if k.ndim == 4 else 0, np.int32) if lengths is None \
+        else np.asarray(lengths, np.int32)
+    _validate(q, k, v, proj, K, L, sink, local, lengths)
+    b, hkv, n, d = k.shape
+    kc, k_codes, q_codes = _prepare(q, k, lengths, proj, K=K, sink=sink, local=local)
+    slots = jnp.arange(b, dtype=jnp.int32)
+    with Store(b, hkv, d, max(n, 1), K, L, eps, storage, path) as store:
+        counts = store.prefill(slots, kc, v, k_codes, jnp.asarray(lengths), sink=sink, local=local)
+        out_s, lse_s, sampled = store.query(slots, q, q_codes, counts)
+        out = _finish(q, kc, v, jnp.asarray(lengths), out_s, lse_s, sink=sink, local=local)
+        jax.block_until_ready((out, sampled))
+    return out, sampled

@@ -1,0 +1,104 @@
+"""The C++ LSH store (ffi/src/lsh_store.*) from Python and from jitted code.
+
+A `Store` owns, per (sequence slot, KV head), the centered middle keys, values, key norms and L
+SimHash tables of a prefilled sequence. Its two jittable operations are ordered by data: `prefill`
+returns the middle counts, which `query` takes as an input. Two paths reach the same C++ code:
+
+- "ffi" (JAX's CPU backend): XLA FFI custom calls with `has_side_effect=True`, so XLA never hoists
+  or drops them; about 0.2 µs of overhead per call.
+- "callback" (any backend, e.g. a GPU): `io_callback` into the engine's NumPy entry points; JAX
+  copies the inputs to the host and the results back (tens of µs plus the copies).
+
+The default is "ffi" when JAX's default backend is the CPU, else "callback".
+"""
+
+from __future__ import annotations
+
+import weakref
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jax.experimental import io_callback
+
+from pigjax import native  # registers the FFI targets
+from pigjax.errors import PigjaxError
+
+_engine = native._engine
+
+
+class Store:
+    """A handle to an engine store; free it with `close()` or a `with` block (also freed at exit)."""
+
+    def __init__(self, slots: int, kv_heads: int, head_dim: int, capacity: int, K: int, L: int,
+                 eps: float = 1e-4, storage: str = "bf16", path: str | None = None):
+        self.path = path or ("ffi" if jax.default_backend() == "cpu" else "callback")
+        if self.path not in ("ffi", "callback"):
+            raise PigjaxError(f"Store: path must be 'ffi' or 'callback', got {path!r}")
+        try:
+            self.handle = int(_engine.store_create(slots, kv_heads, head_dim, capacity, K, L, eps, storage))
+        except ValueError as e:
+            raise PigjaxError(f"Store: {e}") from None
+        self.slots, self.kv_heads, self.head_dim, self.capacity = slots, kv_heads, head_dim, capacity
+        self.K, self.L, self.eps, self.storage = K, L, eps, storage
+        self._finalizer = weakref.finalize(self, _free_quietly, self.handle)
+
+    def close(self):
+        self._finalizer()
+
+    @property
+    def closed(self) -> bool:
+        return not self._finalizer.alive
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def info(self) -> dict:
+        return _engine.store_info(self.handle)
+
+    def prefill(self, slots, keys, values, codes, lengths, *, sink: int, local: int):
+        """Fill `slots` [B] with centered keys, values [B, Hkv, n, d] f32 and their codes
+        [B, Hkv, n, L] int32; positions [sink, length − local) are stored. -> middle counts [B]."""
+        _check("prefill", slots=(slots, jnp.int32, 1), keys=(keys, jnp.float32, 4),
+               values=(values, jnp.float32, 4), codes=(codes, jnp.int32, 4), lengths=(lengths, jnp.int32, 1))
+        result = jax.ShapeDtypeStruct(slots.shape, jnp.int32)
+        if self.path == "callback":
+            host = lambda *a: _engine.store_prefill_np(self.handle, *map(np.asarray, a), sink, local)
+            return io_callback(host, result, slots, keys, values, codes, lengths, ordered=True)
+        call = jax.ffi.ffi_call("pigjax_lsh_prefill", result, has_side_effect=True)
+        return call(slots, keys, values, codes, lengths, handle=np.int64(self.handle),
+                    sink=np.int32(sink), local=np.int32(local))
+
+    def query(self, slots, q, q_codes, dep):
+        """Sampled partial attention of q [B, Hq, d] (codes [B, Hq, L]) over `slots`; `dep` [B] is
+        any int32 produced after the prefill (its middle counts), to order the calls.
+        -> out [B, Hq, d] f32, lse [B, Hq] f32 (−inf where S is empty), sampled [B, Hq] int32."""
+        _check("query", slots=(slots, jnp.int32, 1), q=(q, jnp.float32, 3), q_codes=(q_codes, jnp.int32, 3),
+               dep=(dep, jnp.int32, 1))
+        b, hq, d = q.shape
+        shapes = (jax.ShapeDtypeStruct((b, hq, d), jnp.float32), jax.ShapeDtypeStruct((b, hq), jnp.float32),
+                  jax.ShapeDtypeStruct((b, hq), jnp.int32))
+        if self.path == "callback":
+            host = lambda s_, q_, c_, _dep: _engine.store_query_np(self.handle, *map(np.asarray, (s_, q_, c_)))
+            return io_callback(host, shapes, slots, q, q_codes, dep, ordered=True)
+        call = jax.ffi.ffi_call("pigjax_lsh_query", shapes, has_side_effect=True)
+        return call(slots, q, q_codes, dep, handle=np.int64(self.handle))
+
+
+def _free_quietly(handle: int):
+    try:
+        _engine.store_free(handle)
+    except ValueError:
+        pass  # already freed
+
+
+def _check(op: str, **arrays):
+    """dtype and rank checks with messages naming the argument (the engine re-checks shapes)."""
+    for name, (a, dtype, rank) in arrays.items():
+        if not hasattr(a, "dtype") or a.dtype != dtype or a.ndim != rank:
+            got = f"{getattr(a, 'dtype', type(a).__name__)} {getattr(a, 'shape', '')}"
+            raise PigjaxError(f"Store.{op}: {name} must be a rank-{rank} {jnp.dtype(dtype).name} array, got {got}")
