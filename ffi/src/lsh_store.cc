@@ -191,8 +191,10 @@ struct SlotData {
 };
 
 struct Store {
-  explicit Store(const StoreConfig& c) : cfg(c), slots(static_cast<size_t>(c.slots)) {}
+  explicit Store(const StoreConfig& c)
+      : cfg(c), weights(c.K, c.L, c.eps), slots(static_cast<size_t>(c.slots)) {}
   const StoreConfig cfg;
+  const LogWeightTable weights;
   std::shared_mutex mu;
   std::vector<SlotData> slots;
 };
@@ -481,14 +483,9 @@ const RowKernels<T>& row_kernels(SimdLevel level) {
   return scalar;
 }
 
-// log(1 / (u + eps)) for one (query, key) pair; see the header for the formula.
-inline double log_weight(double dot, double qnorm, double knorm, int K, int L, double eps) {
-  double c = 0.0;
-  if (qnorm > 0.0 && knorm > 0.0) c = dot / (qnorm * knorm);
-  if (c > 1.0) c = 1.0;
-  if (c < -1.0) c = -1.0;
-  if (std::isnan(c)) c = 0.0;
-  const double p = 1.0 - std::acos(c) / 3.14159265358979323846;
+// log(1 / (u + eps)) at angle theta; see the header for the formula.
+double log_weight_at(double theta, int K, int L, double eps) {
+  const double p = 1.0 - theta / 3.14159265358979323846;
   const double P = std::pow(p, K);
   const double lg = std::log1p(-P);  // -inf at P == 1
   const double a = std::exp(L * lg);
@@ -498,6 +495,43 @@ inline double log_weight(double dot, double qnorm, double knorm, int K, int L, d
   if (u > 1.0) u = 1.0;
   return -std::log(u + eps);
 }
+
+inline double angle(double dot, double qnorm, double knorm) {
+  double c = 0.0;
+  if (qnorm > 0.0 && knorm > 0.0) c = dot / (qnorm * knorm);
+  if (c > 1.0) c = 1.0;
+  if (c < -1.0) c = -1.0;
+  if (std::isnan(c)) c = 0.0;
+  return std::acos(c);
+}
+
+}  // namespace
+
+// The formula costs six transcendental calls per (sampled key, query head), a third of a query;
+// it depends on the angle alone, so tabulate it on [0, pi] and interpolate linearly. Intervals
+// whose midpoint misses the formula by more than kMaxTableError (steep spots, e.g. K = 1 near
+// theta = pi) evaluate the formula instead, so the table never costs accuracy.
+LogWeightTable::LogWeightTable(int K, int L, double eps)
+    : K_(K), L_(L), eps_(eps), f_(kIntervals + 1), exact_(kIntervals) {
+  const double h = 3.14159265358979323846 / kIntervals;
+  for (int i = 0; i <= kIntervals; ++i) f_[i] = log_weight_at(i * h, K, L, eps);
+  for (int i = 0; i < kIntervals; ++i) {
+    const double mid = log_weight_at((i + 0.5) * h, K, L, eps);
+    exact_[i] = !(std::abs(0.5 * (f_[i] + f_[i + 1]) - mid) <= kMaxTableError);
+  }
+}
+
+double LogWeightTable::operator()(double dot, double qnorm, double knorm) const {
+  const double theta = angle(dot, qnorm, knorm);
+  const double x = theta * (kIntervals / 3.14159265358979323846);
+  int i = static_cast<int>(x);
+  if (i >= kIntervals) i = kIntervals - 1;
+  if (exact_[i]) return log_weight_at(theta, K_, L_, eps_);
+  const double t = x - i;
+  return f_[i] + t * (f_[i + 1] - f_[i]);
+}
+
+namespace {
 
 // Per-thread query scratch. Collision counting uses two bitmaps (>= 1 and >= 2 collisions,
 // n/4 bytes together: 32 KiB at n = 128K, i.e. L1/L2-resident), cleared per query head by
@@ -551,7 +585,8 @@ const uint16_t* stored_values<uint16_t>(const SlotData& s) { return s.v16.data()
 
 // One (row, KV head): the G query heads q[G][d], q_codes[G][L] -> out[G][d], lse[G], sampled[G].
 template <typename T>
-void query_group(const StoreConfig& c, const SlotData& s, int64_t kvh, int64_t G,
+void query_group(const StoreConfig& c, const LogWeightTable& weights, const SlotData& s, int64_t kvh,
+                 int64_t G,
                  const float* q, const int32_t* qcodes, float* out, float* lse, int32_t* sampled,
                  const RowKernels<T>& kern) {
   const int64_t d = c.head_dim, L = c.L, n = s.n;
@@ -666,7 +701,7 @@ void query_group(const StoreConfig& c, const SlotData& s, int64_t kvh, int64_t G
       for (int jj = 0; jj < gc; ++jj) {
         if (!(mask >> jj & 1u)) continue;
         const float sc_ = static_cast<float>(
-            dots[jj] * inv_sqrt_d + log_weight(dots[jj], qnorm[jj], norms[i], c.K, c.L, c.eps));
+            dots[jj] * inv_sqrt_d + weights(dots[jj], qnorm[jj], norms[i]));
         scores[e * kGroupChunk + jj] = sc_;
         if (sc_ > mx[jj]) mx[jj] = sc_;
       }
@@ -944,10 +979,10 @@ std::string store_query(int64_t handle, const QueryIO& io) {
     const SlotData& s = st->slots[io.slots[b]];
     const int64_t h0 = b * Hq + g * G;
     if (bf16)
-      query_group<uint16_t>(c, s, g, G, io.q + h0 * d, io.q_codes + h0 * L, io.out + h0 * d,
+      query_group<uint16_t>(c, st->weights, s, g, G, io.q + h0 * d, io.q_codes + h0 * L, io.out + h0 * d,
                             io.lse + h0, io.sampled + h0, row_kernels<uint16_t>(level));
     else
-      query_group<float>(c, s, g, G, io.q + h0 * d, io.q_codes + h0 * L, io.out + h0 * d,
+      query_group<float>(c, st->weights, s, g, G, io.q + h0 * d, io.q_codes + h0 * L, io.out + h0 * d,
                          io.lse + h0, io.sampled + h0, row_kernels<float>(level));
   });
   return "";

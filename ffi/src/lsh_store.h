@@ -61,6 +61,21 @@ const char* store_storage_name(StoreStorage s);
 // Validates the config; returns "" if fine, else a message.
 std::string validate_store_config(const StoreConfig& cfg);
 
+// -log(u + eps) as a function of the angle between query and key (SPEC §2 step 5-6), tabulated.
+class LogWeightTable {
+ public:
+  static constexpr int kIntervals = 16384;
+  static constexpr double kMaxTableError = 1e-7;
+  LogWeightTable(int K, int L, double eps);
+  double operator()(double dot, double qnorm, double knorm) const;
+
+ private:
+  int K_, L_;
+  double eps_;
+  std::vector<double> f_;        // values at theta = i * pi / kIntervals
+  std::vector<uint8_t> exact_;   // interval i evaluates the formula instead of interpolating
+};
+
 // Registry. store_create returns a handle >= 1, or 0 with *err set.
 int64_t store_create(const StoreConfig& cfg, std::string* err);
 // Returns false with *err set for an unknown or already freed handle. A store freed while a
