@@ -647,16 +647,19 @@ void query_group(const StoreConfig& c, const LogWeightTable& weights, const Slot
         }
         const uint16_t* ids = rg[r].ids;
         const int32_t base = rg[r].base;
+        // Branch-free: a token's second hit sets its seen2 bit (random hits mispredict branches).
         for (int32_t t = rg[r].beg, e = rg[r].end; t < e; ++t) {
           const int32_t i = base + ids[t];
           const uint64_t b = uint64_t{1} << (i & 63);
-          uint64_t& w1 = seen1[i >> 6];
-          if (!(w1 & b)) { w1 |= b; continue; }
-          uint64_t& w2 = seen2[i >> 6];
-          if (w2 & b) continue;
-          w2 |= b;
-          ++count;
+          seen2[i >> 6] |= seen1[i >> 6] & b;
+          seen1[i >> 6] |= b;
+        }
+      }
+      for (size_t w = 0; w < words; ++w) {  // seen2 = the candidates (>= 2 collisions)
+        for (uint64_t x = seen2[w]; x; x &= x - 1) {
+          const int64_t i = static_cast<int64_t>(w) * 64 + __builtin_ctzll(x);
           mask[i] = static_cast<uint8_t>(mask[i] | bit);
+          ++count;
         }
       }
       counts[jj] = count;
