@@ -227,3 +227,180 @@ def test_bad_input_raises_clear_errors():
     # The process lives on and a new store works.
     out, sampled = lsh_attention(q, k, v, proj, K=6, L=40)
     assert np.isfinite(np.asarray(out)).all()
+
+
+# ---- append mode (beyond the paper): tokens added after the prefill are sampled like the middle ----
+
+def _append_setup(seed, b=2, hq=6, hkv=2, n=300, d=32, K=6, L=40):
+    rng = np.random.default_rng(seed)
+    proj = rng.normal(size=(d, K * L))
+    k = rng.normal(size=(b, hkv, n, d)).astype(np.float32)
+    v = rng.normal(size=(b, hkv, n, d)).astype(np.float32)
+    q = rng.normal(size=(b, hq, d)).astype(np.float32)
+    return rng, proj, q, k, v, ref.simhash_codes(k, proj, K), ref.simhash_codes(q, proj, K)
+
+
+@pytest.mark.parametrize("path", ["ffi", "callback"])
+def test_append_matches_reference_over_concatenation(path):
+    K, L, d, hkv, hq = 6, 40, 32, 2, 6
+    rng, proj, q, k, v, k_codes, q_codes = _append_setup(11, K=K, L=L)
+    lengths = np.array([300, 170], np.int32)  # ragged middles (sink = local = 0)
+    chunks = []  # (keys, values, codes, counts) per append call; ragged counts per row
+    for t, counts in ((50, [50, 17]), (30, [9, 30])):
+        ka = rng.normal(size=(2, hkv, t, d)).astype(np.float32)
+        va = rng.normal(size=(2, hkv, t, d)).astype(np.float32)
+        ca = ref.simhash_codes(ka, proj, K)
+        ca[1, :, counts[1]:] = -7  # codes past a row's count are never read
+        chunks.append((ka, va, ca, np.array(counts, np.int32)))
+    with Store(3, hkv, d, 400, K, L, storage="f32", path=path) as store:
+        slots = jnp.asarray([2, 0], jnp.int32)
+        dep = store.prefill(slots, jnp.asarray(k), jnp.asarray(v), jnp.asarray(k_codes), jnp.asarray(lengths),
+                            sink=0, local=0)
+        for ka, va, ca, counts in chunks:
+            dep = store.append(slots, jnp.asarray(ka), jnp.asarray(va), jnp.asarray(ca), jnp.asarray(counts), dep)
+        out, lse, sampled = store.query(slots, jnp.asarray(q), jnp.asarray(q_codes), dep)
+        info = store.info()
+    np.testing.assert_array_equal(np.asarray(dep), lengths + 59 + np.array([0, -12]))
+    assert info["appended_counts"] == [47, 0, 59] and info["middle_counts"] == [170, 0, 300]
+    assert info["bytes_per_appended_token"] == 2 * 4 * d + 4 + 4 * L
+    for r in range(2):
+        parts = [(k[r][:, :lengths[r]], v[r][:, :lengths[r]], k_codes[r][:, :lengths[r]])]
+        parts += [(ka[r][:, :c[r]], va[r][:, :c[r]], ca[r][:, :c[r]]) for ka, va, ca, c in chunks]
+        kk, vv, cc = (np.concatenate(x, axis=1) for x in zip(*parts))
+        o_s, lse_s, count, mask = ref.sampled_attention(q[r], kk, vv, cc, q_codes[r], K, L)
+        assert mask[:, lengths[r]:].any(), "some appended token should be sampled"
+        np.testing.assert_array_equal(np.asarray(sampled[r]), count)
+        rel = np.abs(np.asarray(out[r]) - o_s).max() / np.abs(o_s).max()
+        assert rel < 1e-5, rel
+        np.testing.assert_allclose(np.asarray(lse[r]), lse_s, rtol=1e-5, atol=1e-5)
+
+
+def test_append_estimator_stays_unbiased():
+    """As test_importance_weights_are_unbiased, with 250 keys prefilled and 150 appended."""
+    rng = np.random.default_rng(3)
+    trials, n, n0, d, K, L, eps = 600, 400, 250, 16, 3, 8, 1e-4
+    k = rng.normal(size=(n, d))
+    k -= k.mean(0)
+    v = rng.normal(size=(n, d))
+    q = rng.normal(size=d) * 0.5
+    s = k @ q / np.sqrt(d)
+    u = ref.sampling_probability(k @ q / (np.linalg.norm(k, axis=1) * np.linalg.norm(q)), K, L)
+    projs = rng.normal(size=(trials, d, K * L))
+    k_codes = np.stack([ref.simhash_codes(k, p, K) for p in projs])[:, None]  # [trials, 1, n, L]
+    q_codes = np.stack([ref.simhash_codes(q[None], p, K) for p in projs])  # [trials, 1, L]
+    kb = np.broadcast_to(k, (trials, 1, n, d)).astype(np.float32)
+    vb = np.broadcast_to(v, (trials, 1, n, d)).astype(np.float32)
+    with Store(trials, 1, d, n, K, L, eps, storage="f32") as store:
+        slots = jnp.arange(trials, dtype=jnp.int32)
+        dep = store.prefill(slots, jnp.asarray(kb[:, :, :n0]), jnp.asarray(vb[:, :, :n0]),
+                            jnp.asarray(k_codes[:, :, :n0]), jnp.full((trials,), n0, jnp.int32), sink=0, local=0)
+        dep = store.append(slots, jnp.asarray(kb[:, :, n0:]), jnp.asarray(vb[:, :, n0:]),
+                           jnp.asarray(k_codes[:, :, n0:]), jnp.full((trials,), n - n0, jnp.int32), dep)
+        out, lse, sampled = store.query(slots, jnp.asarray(np.broadcast_to(q, (trials, 1, d)), jnp.float32),
+                                        jnp.asarray(q_codes), dep)
+    assert np.all(np.asarray(dep) == n)
+    denom = np.where(np.isfinite(np.asarray(lse)), np.exp(np.asarray(lse, np.float64)), 0.0)[:, 0]
+    numer = denom[:, None] * np.asarray(out, np.float64)[:, 0]
+    keep = u / (u + eps)
+    exp_denom, exp_numer = (np.exp(s) * keep).sum(), (np.exp(s) * keep) @ v
+    se = denom.std() / np.sqrt(trials)
+    assert abs(denom.mean() - exp_denom) < 4 * se, (denom.mean(), exp_denom, se)
+    se_n = numer.std(0) / np.sqrt(trials)
+    assert np.all(np.abs(numer.mean(0) - exp_numer) < 4 * se_n + 1e-9)
+    counts_s = np.asarray(sampled, np.float64)[:, 0]
+    assert abs(counts_s.mean() - u.sum()) < 4 * counts_s.std() / np.sqrt(trials)
+    # Dropping the appended tokens (the paper's store) would be visibly biased.
+    assert abs((np.exp(s[:n0]) * keep[:n0]).sum() - exp_denom) > 8 * se
+
+
+def test_append_bad_input_raises_clear_errors():
+    K, L, d = 6, 40, 32
+    rng, proj, q, k, v, k_codes, q_codes = _append_setup(5, hq=2, hkv=1, n=40, K=K, L=L)
+    store = Store(3, 1, d, 50, K, L, storage="f32")
+    slots = jnp.asarray([0, 1], jnp.int32)
+    kk, vv, cc = jnp.asarray(k), jnp.asarray(v), jnp.asarray(k_codes)
+    dep = store.prefill(slots, kk, vv, cc, jnp.asarray([40, 40], jnp.int32), sink=0, local=0)
+    ka, va, ca = kk[:, :, :8], vv[:, :, :8], cc[:, :, :8]
+    with pytest.raises(PigjaxError, match="counts must be a rank-1 int32"):
+        store.append(slots, ka, va, ca, jnp.full((2,), 8, jnp.float32), dep)
+    with pytest.raises(PigjaxError, match="keys must be a rank-4 float32"):
+        store.append(slots, ka[0], va, ca, jnp.full((2,), 8, jnp.int32), dep)
+    engine_errors = [
+        (lambda: store.append(slots, ka, va, ca, jnp.asarray([8, 11], jnp.int32), dep), r"counts\[1\] = 11 is outside"),
+        (lambda: store.append(slots, ka, va, ca, jnp.asarray([-1, 0], jnp.int32), dep), "outside"),
+        (lambda: store.append(slots, ka, va, ca.at[1, 0, 3, 7].set(64), jnp.full((2,), 8, jnp.int32), dep),
+         r"codes\[1, 0, 3, 7\] = 64 is outside"),
+        (lambda: store.append(jnp.asarray([0, 2], jnp.int32), ka, va, ca, jnp.full((2,), 8, jnp.int32), dep),
+         "prefill the slot first"),
+        (lambda: store.append(jnp.asarray([0, 0], jnp.int32), ka, va, ca, jnp.full((2,), 8, jnp.int32), dep), "more than once"),
+        (lambda: store.append(slots, kk[:, :, :11], vv[:, :, :11], cc[:, :, :11], jnp.asarray([8, 11], jnp.int32), dep),
+         "exceeds the store capacity 50"),
+        (lambda: store.append(slots, ka, va, ca[:, :, :, :5], jnp.full((2,), 8, jnp.int32), dep), "codes must have shape"),
+    ]
+    for call, message in engine_errors:
+        with pytest.raises(Exception, match=message):
+            jax.block_until_ready(call())
+    assert store.info()["appended_counts"] == [0, 0, 0]  # failed appends change nothing
+    # A bad code past a row's count is never read; appending up to the capacity works.
+    totals = store.append(slots, kk[:, :, :10], vv[:, :, :10], cc[:, :, :10].at[0, 0, 9, 0].set(-3),
+                          jnp.asarray([9, 10], jnp.int32), dep)
+    np.testing.assert_array_equal(np.asarray(totals), [49, 50])
+    with pytest.raises(Exception, match="capacity"):
+        jax.block_until_ready(store.append(slots, ka, va, ca, jnp.asarray([0, 1], jnp.int32), totals))
+    assert store.info()["appended_counts"] == [9, 10, 0]
+    store.close()
+    with pytest.raises(Exception, match="(?i)handle"):
+        jax.block_until_ready(store.append(slots, ka, va, ca, jnp.full((2,), 8, jnp.int32), dep))
+
+
+def test_prefill_again_clears_appended_tokens():
+    K, L, d, hkv = 6, 40, 32, 2
+    rng, proj, q, k, v, k_codes, q_codes = _append_setup(8, b=1, K=K, L=L)
+    with Store(1, hkv, d, 400, K, L, storage="f32") as store:
+        slots = jnp.zeros((1,), jnp.int32)
+        lengths = jnp.asarray([120], jnp.int32)
+        dep = store.prefill(slots, jnp.asarray(k), jnp.asarray(v), jnp.asarray(k_codes), lengths, sink=0, local=0)
+        dep = store.append(slots, jnp.asarray(k[:, :, 120:]), jnp.asarray(v[:, :, 120:]),
+                           jnp.asarray(k_codes[:, :, 120:]), jnp.asarray([180], jnp.int32), dep)
+        assert int(dep[0]) == 300 and store.info()["appended_counts"] == [180]
+        dep = store.prefill(slots, jnp.asarray(k), jnp.asarray(v), jnp.asarray(k_codes), lengths, sink=0, local=0)
+        assert int(dep[0]) == 120 and store.info()["appended_counts"] == [0]
+        out, lse, sampled = store.query(slots, jnp.asarray(q), jnp.asarray(q_codes), dep)
+        o_s, lse_s, count, _ = ref.sampled_attention(q[0], k[0][:, :120], v[0][:, :120], k_codes[0][:, :120],
+                                                     q_codes[0], K, L)
+        np.testing.assert_array_equal(np.asarray(sampled[0]), count)
+        np.testing.assert_allclose(np.asarray(out[0]), o_s, rtol=1e-5, atol=1e-5)
+        # Appending after the new prefill starts from an empty buffer again.
+        dep = store.append(slots, jnp.asarray(k[:, :, 120:]), jnp.asarray(v[:, :, 120:]),
+                           jnp.asarray(k_codes[:, :, 120:]), jnp.asarray([5], jnp.int32), dep)
+        assert int(dep[0]) == 125 and store.info()["appended_counts"] == [5]
+
+
+@pytest.mark.parametrize("split", [0, 1])
+@pytest.mark.parametrize("storage", ["f32", "bf16"])
+def test_query_split_within_kv_head_matches_reference(split, storage):
+    """Batch-1 parallelism: each (row, KV head)'s candidates split over threads, merged by log-sum-exp."""
+    from pigjax import native
+    K, L, d, hkv, hq = 6, 40, 32, 3, 9
+    rng, proj, q, k, v, k_codes, q_codes = _append_setup(21, b=1, hq=hq, hkv=hkv, n=3000, d=d, K=K, L=L)
+    eng = native._engine
+    old = eng.get_query_split()
+    eng.set_query_split(split)
+    try:
+        with Store(1, hkv, d, 3000, K, L, storage=storage) as store:
+            slots = jnp.zeros((1,), jnp.int32)
+            dep = store.prefill(slots, jnp.asarray(k), jnp.asarray(v), jnp.asarray(k_codes),
+                                jnp.asarray([2600], jnp.int32), sink=0, local=0)
+            dep = store.append(slots, jnp.asarray(k[:, :, 2600:]), jnp.asarray(v[:, :, 2600:]),
+                               jnp.asarray(k_codes[:, :, 2600:]), jnp.asarray([400], jnp.int32), dep)
+            out, lse, sampled = store.query(slots, jnp.asarray(q), jnp.asarray(q_codes), dep)
+    finally:
+        eng.set_query_split(old)
+    kr = k[0] if storage == "f32" else np.asarray(jnp.asarray(k[0]).astype(jnp.bfloat16).astype(jnp.float32))
+    vr = v[0] if storage == "f32" else np.asarray(jnp.asarray(v[0]).astype(jnp.bfloat16).astype(jnp.float32))
+    o_s, lse_s, count, _ = ref.sampled_attention(q[0], kr, vr, k_codes[0], q_codes[0], K, L)
+    np.testing.assert_array_equal(np.asarray(sampled[0]), count)
+    assert count.min() > 0
+    rel = np.abs(np.asarray(out[0]) - o_s).max() / np.abs(o_s).max()
+    assert rel < (1e-5 if storage == "f32" else 1e-4), rel
+    np.testing.assert_allclose(np.asarray(lse[0]), lse_s, rtol=1e-5, atol=1e-5)

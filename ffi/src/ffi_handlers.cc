@@ -100,6 +100,37 @@ ffi::Error LshQueryImpl(int64_t handle, ffi::Buffer<ffi::S32> slots, ffi::Buffer
   }
 }
 
+// LSH store append: slots s32[B], keys/values f32[B,Hkv,T,d], codes s32[B,Hkv,T,L],
+// counts s32[B], dep (any s32, unused: orders the call after a prefill or another append)
+// -> totals s32[B] (middle + appended tokens per row).
+ffi::Error LshAppendImpl(int64_t handle, ffi::Buffer<ffi::S32> slots, ffi::Buffer<ffi::F32> keys,
+                         ffi::Buffer<ffi::F32> values, ffi::Buffer<ffi::S32> codes,
+                         ffi::Buffer<ffi::S32> counts, ffi::Buffer<ffi::S32> /*dep*/,
+                         ffi::ResultBuffer<ffi::S32> totals) {
+  try {
+    AppendIO io;
+    io.slots = slots.typed_data();
+    io.slots_dims = to_vec(slots.dimensions());
+    io.keys = keys.typed_data();
+    io.keys_dims = to_vec(keys.dimensions());
+    io.values = values.typed_data();
+    io.values_dims = to_vec(values.dimensions());
+    io.codes = codes.typed_data();
+    io.codes_dims = to_vec(codes.dimensions());
+    io.counts = counts.typed_data();
+    io.counts_dims = to_vec(counts.dimensions());
+    io.totals = totals->typed_data();
+    io.totals_dims = to_vec(totals->dimensions());
+    const std::string err = store_append(handle, io);
+    if (!err.empty()) return ffi::Error::InvalidArgument("pigjax_lsh_append: " + err);
+    return ffi::Error::Success();
+  } catch (const std::exception& e) {
+    return ffi::Error::Internal(std::string("pigjax_lsh_append: ") + e.what());
+  } catch (...) {
+    return ffi::Error::Internal("pigjax_lsh_append: unknown C++ exception");
+  }
+}
+
 }  // namespace
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(PigjaxSimhashCodes, SimhashCodesImpl,
@@ -135,11 +166,24 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(PigjaxLshQuery, LshQueryImpl,
                                   .Ret<ffi::Buffer<ffi::S32>>()  // sampled
 );
 
+XLA_FFI_DEFINE_HANDLER_SYMBOL(PigjaxLshAppend, LshAppendImpl,
+                              ffi::Ffi::Bind()
+                                  .Attr<int64_t>("handle")
+                                  .Arg<ffi::Buffer<ffi::S32>>()  // slots
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // keys
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // values
+                                  .Arg<ffi::Buffer<ffi::S32>>()  // codes
+                                  .Arg<ffi::Buffer<ffi::S32>>()  // counts
+                                  .Arg<ffi::Buffer<ffi::S32>>()  // dep
+                                  .Ret<ffi::Buffer<ffi::S32>>()  // totals
+);
+
 const FfiTarget* ffi_targets(int* count) {
   static const FfiTarget kTargets[] = {
       {"pigjax_simhash_codes", PigjaxSimhashCodes},
       {"pigjax_lsh_prefill", PigjaxLshPrefill},
       {"pigjax_lsh_query", PigjaxLshQuery},
+      {"pigjax_lsh_append", PigjaxLshAppend},
   };
   *count = static_cast<int>(sizeof(kTargets) / sizeof(kTargets[0]));
   return kTargets;

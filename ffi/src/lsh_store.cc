@@ -188,6 +188,15 @@ struct SlotData {
   std::vector<float> norms;        // [Hkv][n]
   std::vector<int32_t> offsets;    // [Hkv][nblocks][L][2^K + 1], relative to the block
   std::vector<uint16_t> indices;   // [Hkv][nblocks][L][block_len], index within the block
+  // Append buffer: token t of a head is token n + t of the slot (same count for every head).
+  struct Appended {
+    std::vector<uint16_t> k16, v16;  // [na][d]
+    std::vector<float> k32, v32;     // [na][d]
+    std::vector<float> norms;        // [na]
+    std::vector<int32_t> codes;      // [na][L]
+  };
+  int64_t na = 0;
+  std::vector<Appended> app;       // [Hkv], allocated on the first append
 };
 
 struct Store {
@@ -292,17 +301,23 @@ bool store_info(int64_t handle, StoreInfo* info, std::string* err) {
   info->config = c;
   std::shared_lock<std::shared_mutex> lock(st->mu);
   info->middle_counts.clear();
+  info->appended_counts.clear();
   info->prefilled.clear();
   int64_t bytes = 0;
   for (const SlotData& s : st->slots) {
     info->middle_counts.push_back(s.n);
+    info->appended_counts.push_back(s.na);
     info->prefilled.push_back(s.prefilled);
     bytes += s.k16.capacity() * 2 + s.v16.capacity() * 2 + s.k32.capacity() * 4 +
              s.v32.capacity() * 4 + s.norms.capacity() * 4 + s.offsets.capacity() * 4 +
              s.indices.capacity() * 2;
+    for (const SlotData::Appended& a : s.app)
+      bytes += a.k16.capacity() * 2 + a.v16.capacity() * 2 + a.k32.capacity() * 4 +
+               a.v32.capacity() * 4 + a.norms.capacity() * 4 + a.codes.capacity() * 4;
   }
   info->bytes_allocated = bytes;
   const double elem = c.storage == StoreStorage::kBF16 ? 2.0 : 4.0;
+  info->bytes_per_appended_token = 2.0 * elem * c.head_dim + 4.0 + 4.0 * c.L;
   const double per_block = 4.0 * c.L * ((int64_t{1} << c.K) + 1);
   info->bytes_per_token = {
       {"keys", elem * c.head_dim},
@@ -583,35 +598,182 @@ const float* stored_values<float>(const SlotData& s) { return s.v32.data(); }
 template <>
 const uint16_t* stored_values<uint16_t>(const SlotData& s) { return s.v16.data(); }
 
+template <typename T>
+const T* pick(const std::vector<uint16_t>& h, const std::vector<float>& f);
+template <>
+const float* pick<float>(const std::vector<uint16_t>&, const std::vector<float>& f) { return f.data(); }
+template <>
+const uint16_t* pick<uint16_t>(const std::vector<uint16_t>& h, const std::vector<float>&) { return h.data(); }
+
+// The rows of one (slot, KV head): middle token i < n from the tables' arrays, appended token
+// n + t from the append buffer.
+template <typename T>
+struct HeadRows {
+  int64_t d = 0, L = 0, NB = 0, n = 0, na = 0, nblocks = 0;
+  const int32_t* off = nullptr;   // [nblocks][L][NB + 1]
+  const uint16_t* idx = nullptr;  // [nblocks][L][block_len]
+  const T* keys = nullptr; const T* vals = nullptr; const float* norms = nullptr;
+  const T* akeys = nullptr; const T* avals = nullptr; const float* anorms = nullptr;
+  const int32_t* acodes = nullptr;  // [na][L]
+  int64_t total() const { return n + na; }
+  const T* key(int64_t i) const { return i < n ? keys + i * d : akeys + (i - n) * d; }
+  const T* val(int64_t i) const { return i < n ? vals + i * d : avals + (i - n) * d; }
+  float norm(int64_t i) const { return i < n ? norms[i] : anorms[i - n]; }
+};
+
+template <typename T>
+HeadRows<T> head_rows(const StoreConfig& c, const SlotData& s, int64_t kvh) {
+  HeadRows<T> R;
+  R.d = c.head_dim; R.L = c.L; R.NB = int64_t{1} << c.K;
+  if (!s.prefilled) return R;
+  R.n = s.n; R.na = s.na; R.nblocks = num_blocks(s.n);
+  R.off = s.offsets.data() + kvh * R.nblocks * R.L * (R.NB + 1);
+  R.idx = s.indices.data() + kvh * R.n * R.L;
+  R.keys = stored_keys<T>(s) + kvh * R.n * R.d;
+  R.vals = stored_values<T>(s) + kvh * R.n * R.d;
+  R.norms = s.norms.data() + kvh * R.n;
+  if (R.na > 0) {
+    const SlotData::Appended& a = s.app[static_cast<size_t>(kvh)];
+    R.akeys = pick<T>(a.k16, a.k32);
+    R.avals = pick<T>(a.v16, a.v32);
+    R.anorms = a.norms.data();
+    R.acodes = a.codes.data();
+  }
+  return R;
+}
+
+// Candidates of one query head (codes qc[L]): sets bit i of seen2 (words = ceil(total / 64),
+// cleared here) for every token i with >= 2 collisions; returns their count.
+template <typename T>
+int64_t collect_head(const HeadRows<T>& R, const int32_t* qc, QueryScratch& sc, uint64_t* seen2) {
+  const int64_t L = R.L, NB = R.NB, n = R.n;
+  const size_t words = static_cast<size_t>((R.total() + 63) / 64);
+  uint64_t* seen1 = sc.seen1.data();
+  std::memset(seen1, 0, words * sizeof(uint64_t));
+  std::memset(seen2, 0, words * sizeof(uint64_t));
+  // Bucket ranges first (independent loads), then count with the next ranges prefetched.
+  sc.ranges.resize(static_cast<size_t>(L * R.nblocks));
+  QueryScratch::Range* rg = sc.ranges.data();
+  int64_t nr = 0;
+  for (int64_t bk = 0; bk < R.nblocks; ++bk) {
+    const int64_t blen = std::min(kBlockTokens, n - bk * kBlockTokens);
+    const uint16_t* ids_block = R.idx + bk * kBlockTokens * L;
+    const int32_t* ob = R.off + bk * L * (NB + 1);
+    for (int64_t l = 0; l < L; ++l) {
+      const int32_t* o = ob + l * (NB + 1) + qc[l];
+      rg[nr++] = {ids_block + l * blen, o[0], o[1], static_cast<int32_t>(bk * kBlockTokens)};
+    }
+  }
+  constexpr int64_t kAhead = 8;
+  for (int64_t r = 0; r < std::min(nr, kAhead); ++r) __builtin_prefetch(rg[r].ids + rg[r].beg);
+  for (int64_t r = 0; r < nr; ++r) {
+    if (r + kAhead < nr) {
+      const QueryScratch::Range& a = rg[r + kAhead];
+      __builtin_prefetch(a.ids + a.beg);
+      if (a.end - a.beg > 32) __builtin_prefetch(a.ids + a.beg + 32);
+    }
+    const uint16_t* ids = rg[r].ids;
+    const int32_t base = rg[r].base;
+    // Branch-free: a token's second hit sets its seen2 bit (random hits mispredict branches).
+    for (int32_t t = rg[r].beg, e = rg[r].end; t < e; ++t) {
+      const int32_t i = base + ids[t];
+      const uint64_t b = uint64_t{1} << (i & 63);
+      seen2[i >> 6] |= seen1[i >> 6] & b;
+      seen1[i >> 6] |= b;
+    }
+  }
+  // Appended tokens: a linear scan comparing all L codes.
+  for (int64_t t = 0; t < R.na; ++t) {
+    const int32_t* ac = R.acodes + t * L;
+    int32_t hits = 0;
+    for (int64_t l = 0; l < L; ++l) hits += ac[l] == qc[l];
+    const int64_t i = n + t;
+    seen2[i >> 6] |= uint64_t{hits >= 2} << (i & 63);
+  }
+  int64_t count = 0;
+  for (size_t w = 0; w < words; ++w) count += __builtin_popcountll(seen2[w]);
+  return count;
+}
+
+// Partial softmax of gc <= kGroupChunk query heads (qg[gc][d], norms qnorm) over the entries
+// uni[0..nu) (bit jj of an entry's mask: head jj samples it): per head the max score mx, the
+// sum of exp(score - mx) and acc[jj][d] = sum of exp(score - mx) v (acc zeroed by the caller).
+// Each key and value row is read once for the whole chunk.
+template <typename T>
+void softmax_part(const HeadRows<T>& R, const LogWeightTable& weights, const RowKernels<T>& kern,
+                  const QueryScratch::Entry* uni, size_t nu, const float* qg, const double* qnorm,
+                  int gc, std::vector<float>& score_buf, float* mx, double* sums, float* acc) {
+  const int64_t d = R.d;
+  const double inv_sqrt_d = 1.0 / std::sqrt(static_cast<double>(d));
+  score_buf.resize(nu * kGroupChunk);
+  float* scores = score_buf.data();
+  std::fill(mx, mx + gc, -std::numeric_limits<float>::infinity());
+  float dots[kGroupChunk];
+  for (size_t e = 0; e < nu; ++e) {
+    const int32_t i = uni[e].i;
+    if (e + 8 < nu) {
+      const T* nk = R.key(uni[e + 8].i);
+      for (int64_t b = 0; b < d * int64_t(sizeof(T)); b += 64)
+        __builtin_prefetch(reinterpret_cast<const char*>(nk) + b);
+    }
+    kern.dot[gc](R.key(i), qg, d, dots);
+    const float kn = R.norm(i);
+    const uint32_t mask = uni[e].mask;
+    for (int jj = 0; jj < gc; ++jj) {
+      if (!(mask >> jj & 1u)) continue;
+      const float sc_ = static_cast<float>(dots[jj] * inv_sqrt_d + weights(dots[jj], qnorm[jj], kn));
+      scores[e * kGroupChunk + jj] = sc_;
+      if (sc_ > mx[jj]) mx[jj] = sc_;
+    }
+  }
+  std::fill(sums, sums + gc, 0.0);
+  float p[kGroupChunk];
+  for (size_t e = 0; e < nu; ++e) {
+    const int32_t i = uni[e].i;
+    if (e + 8 < nu) {
+      const T* nv = R.val(uni[e + 8].i);
+      for (int64_t b = 0; b < d * int64_t(sizeof(T)); b += 64)
+        __builtin_prefetch(reinterpret_cast<const char*>(nv) + b);
+    }
+    const uint32_t mask = uni[e].mask;
+    for (int jj = 0; jj < gc; ++jj) {
+      p[jj] = (mask >> jj & 1u) ? std::exp(scores[e * kGroupChunk + jj] - mx[jj]) : 0.0f;
+      sums[jj] += p[jj];
+    }
+    kern.axpy[gc](R.val(i), p, d, acc);
+  }
+}
+
+void query_norms(const float* qg, int gc, int64_t d, double* qnorm) {
+  for (int jj = 0; jj < gc; ++jj) {
+    double ss = 0;
+    for (int64_t i = 0; i < d; ++i) ss += double(qg[jj * d + i]) * qg[jj * d + i];
+    qnorm[jj] = std::sqrt(ss);
+  }
+}
+
+void write_empty(int64_t G, int64_t d, float* out, float* lse, int32_t* sampled) {
+  std::fill(out, out + G * d, 0.0f);
+  std::fill(lse, lse + G, -std::numeric_limits<float>::infinity());
+  std::fill(sampled, sampled + G, 0);
+}
+
 // One (row, KV head): the G query heads q[G][d], q_codes[G][L] -> out[G][d], lse[G], sampled[G].
 template <typename T>
 void query_group(const StoreConfig& c, const LogWeightTable& weights, const SlotData& s, int64_t kvh,
                  int64_t G,
                  const float* q, const int32_t* qcodes, float* out, float* lse, int32_t* sampled,
                  const RowKernels<T>& kern) {
-  const int64_t d = c.head_dim, L = c.L, n = s.n;
-  if (!s.prefilled || n == 0) {
-    std::fill(out, out + G * d, 0.0f);
-    std::fill(lse, lse + G, -std::numeric_limits<float>::infinity());
-    std::fill(sampled, sampled + G, 0);
-    return;
-  }
-  const int64_t NB = int64_t{1} << c.K;
-  const int64_t nblocks = num_blocks(n);
-  const int32_t* off_head = s.offsets.data() + kvh * nblocks * L * (NB + 1);
-  const uint16_t* idx_head = s.indices.data() + kvh * n * L;
-  const T* keys = stored_keys<T>(s) + kvh * n * d;
-  const T* vals = stored_values<T>(s) + kvh * n * d;
-  const float* norms = s.norms.data() + kvh * n;
-  const double inv_sqrt_d = 1.0 / std::sqrt(static_cast<double>(d));
+  const int64_t d = c.head_dim, L = c.L;
+  const HeadRows<T> R = head_rows<T>(c, s, kvh);
+  const int64_t total = R.total();
+  if (total == 0) return write_empty(G, d, out, lse, sampled);
 
   QueryScratch& sc = query_scratch();
-  sc.ensure(n);
+  sc.ensure(total);
   uint8_t* mask = reinterpret_cast<uint8_t*>(sc.mask.data());
-  const size_t words = static_cast<size_t>((n + 63) / 64);
-  uint64_t* seen1 = sc.seen1.data();
+  const size_t words = static_cast<size_t>((total + 63) / 64);
   uint64_t* seen2 = sc.seen2.data();
-  sc.ranges.resize(static_cast<size_t>(L * nblocks));
 
   for (int64_t j0 = 0; j0 < G; j0 += kGroupChunk) {
     const int gc = static_cast<int>(std::min<int64_t>(kGroupChunk, G - j0));
@@ -619,55 +781,18 @@ void query_group(const StoreConfig& c, const LogWeightTable& weights, const Slot
     int64_t counts[kGroupChunk] = {};
     // 1. Candidates per head (>= 2 collisions), merged into one union with head masks.
     for (int jj = 0; jj < gc; ++jj) {
-      const int32_t* qc = qcodes + (j0 + jj) * L;
-      const uint32_t bit = 1u << jj;
-      // Bucket ranges first (independent loads), then count with the next ranges prefetched.
-      QueryScratch::Range* rg = sc.ranges.data();
-      int64_t nr = 0;
-      for (int64_t bk = 0; bk < nblocks; ++bk) {
-        const int64_t blen = std::min(kBlockTokens, n - bk * kBlockTokens);
-        const uint16_t* ids_block = idx_head + bk * kBlockTokens * L;
-        const int32_t* ob = off_head + bk * L * (NB + 1);
-        for (int64_t l = 0; l < L; ++l) {
-          const int32_t* o = ob + l * (NB + 1) + qc[l];
-          rg[nr++] = {ids_block + l * blen, o[0], o[1], static_cast<int32_t>(bk * kBlockTokens)};
-        }
-      }
-      std::memset(seen1, 0, words * sizeof(uint64_t));
-      std::memset(seen2, 0, words * sizeof(uint64_t));
-      int64_t count = 0;
-      constexpr int64_t kAhead = 8;
-      for (int64_t r = 0; r < std::min(nr, kAhead); ++r)
-        __builtin_prefetch(rg[r].ids + rg[r].beg);
-      for (int64_t r = 0; r < nr; ++r) {
-        if (r + kAhead < nr) {
-          const QueryScratch::Range& a = rg[r + kAhead];
-          __builtin_prefetch(a.ids + a.beg);
-          if (a.end - a.beg > 32) __builtin_prefetch(a.ids + a.beg + 32);
-        }
-        const uint16_t* ids = rg[r].ids;
-        const int32_t base = rg[r].base;
-        // Branch-free: a token's second hit sets its seen2 bit (random hits mispredict branches).
-        for (int32_t t = rg[r].beg, e = rg[r].end; t < e; ++t) {
-          const int32_t i = base + ids[t];
-          const uint64_t b = uint64_t{1} << (i & 63);
-          seen2[i >> 6] |= seen1[i >> 6] & b;
-          seen1[i >> 6] |= b;
-        }
-      }
-      for (size_t w = 0; w < words; ++w) {  // seen2 = the candidates (>= 2 collisions)
+      counts[jj] = collect_head(R, qcodes + (j0 + jj) * L, sc, seen2);
+      const uint8_t bit = static_cast<uint8_t>(1u << jj);
+      for (size_t w = 0; w < words; ++w)
         for (uint64_t x = seen2[w]; x; x &= x - 1) {
           const int64_t i = static_cast<int64_t>(w) * 64 + __builtin_ctzll(x);
           mask[i] = static_cast<uint8_t>(mask[i] | bit);
-          ++count;
         }
-      }
-      counts[jj] = count;
     }
     // Union in token order; clears the mask.
     {
       uint64_t* mw = sc.mask.data();
-      const int64_t nw = (n + 7) / 8;
+      const int64_t nw = (total + 7) / 8;
       for (int64_t w = 0; w < nw; ++w) {
         uint64_t x = mw[w];
         if (x == 0) continue;
@@ -676,60 +801,17 @@ void query_group(const StoreConfig& c, const LogWeightTable& weights, const Slot
           if (x & 0xffu) sc.uni.push_back({static_cast<int32_t>(w * 8 + k), uint32_t(x & 0xffu)});
       }
     }
-    const size_t nu = sc.uni.size();
 
-    // 2. Scores (each stored key row read once for the whole chunk).
+    // 2.-3. Scores and softmax-weighted values.
     const float* qg = q + j0 * d;
     double qnorm[kGroupChunk];
-    for (int jj = 0; jj < gc; ++jj) {
-      double ss = 0;
-      for (int64_t i = 0; i < d; ++i) ss += double(qg[jj * d + i]) * qg[jj * d + i];
-      qnorm[jj] = std::sqrt(ss);
-    }
-    sc.scores.resize(nu * kGroupChunk);
-    float* scores = sc.scores.data();
-    float mx[kGroupChunk];
-    std::fill(mx, mx + kGroupChunk, -std::numeric_limits<float>::infinity());
-    float dots[kGroupChunk];
-    for (size_t e = 0; e < nu; ++e) {
-      const int32_t i = sc.uni[e].i;
-      if (e + 8 < nu) {
-        const T* nk = keys + sc.uni[e + 8].i * d;
-        for (int64_t b = 0; b < d * int64_t(sizeof(T)); b += 64)
-          __builtin_prefetch(reinterpret_cast<const char*>(nk) + b);
-        __builtin_prefetch(norms + sc.uni[e + 8].i);
-      }
-      kern.dot[gc](keys + i * d, qg, d, dots);
-      const uint32_t mask = sc.uni[e].mask;
-      for (int jj = 0; jj < gc; ++jj) {
-        if (!(mask >> jj & 1u)) continue;
-        const float sc_ = static_cast<float>(
-            dots[jj] * inv_sqrt_d + weights(dots[jj], qnorm[jj], norms[i]));
-        scores[e * kGroupChunk + jj] = sc_;
-        if (sc_ > mx[jj]) mx[jj] = sc_;
-      }
-    }
-
-    // 3. Softmax-weighted values (each stored value row read once for the whole chunk).
+    query_norms(qg, gc, d, qnorm);
     sc.acc.assign(static_cast<size_t>(gc * d), 0.0f);
-    float* acc = sc.acc.data();
-    double sums[kGroupChunk] = {};
-    float p[kGroupChunk];
-    for (size_t e = 0; e < nu; ++e) {
-      const int32_t i = sc.uni[e].i;
-      if (e + 8 < nu) {
-        const T* nv = vals + sc.uni[e + 8].i * d;
-        for (int64_t b = 0; b < d * int64_t(sizeof(T)); b += 64)
-          __builtin_prefetch(reinterpret_cast<const char*>(nv) + b);
-      }
-      const uint32_t mask = sc.uni[e].mask;
-      for (int jj = 0; jj < gc; ++jj) {
-        p[jj] = (mask >> jj & 1u) ? std::exp(scores[e * kGroupChunk + jj] - mx[jj]) : 0.0f;
-        sums[jj] += p[jj];
-      }
-      kern.axpy[gc](vals + i * d, p, d, acc);
-    }
-
+    float mx[kGroupChunk];
+    double sums[kGroupChunk];
+    softmax_part(R, weights, kern, sc.uni.data(), sc.uni.size(), qg, qnorm, gc, sc.scores, mx,
+                 sums, sc.acc.data());
+    const float* acc = sc.acc.data();
     for (int jj = 0; jj < gc; ++jj) {
       const int64_t h = j0 + jj;
       sampled[h] = static_cast<int32_t>(counts[jj]);
@@ -857,6 +939,11 @@ std::string store_prefill(int64_t handle, const PrefillIO& io) {
     SlotData& s = st->slots[io.slots[b]];
     s.prefilled = false;
     s.n = 0;
+    s.na = 0;  // a prefill clears the append buffer (keeping its allocation)
+    for (SlotData::Appended& ap : s.app) {
+      ap.k16.clear(); ap.v16.clear(); ap.k32.clear(); ap.v32.clear();
+      ap.norms.clear(); ap.codes.clear();
+    }
     const int64_t m = middle[b];
     const size_t kv = static_cast<size_t>(Hkv * m * d);
     if (bf16) { s.k16.resize(kv); s.v16.resize(kv); } else { s.k32.resize(kv); s.v32.resize(kv); }
@@ -935,8 +1022,235 @@ std::string store_prefill(int64_t handle, const PrefillIO& io) {
 }
 
 // ----------------------------------------------------------------------------------------
+// append
+// ----------------------------------------------------------------------------------------
+
+std::string store_append(int64_t handle, const AppendIO& io) {
+  std::string err;
+  std::shared_ptr<Store> st = lookup(handle, &err);
+  if (!st) return err;
+  const StoreConfig& c = st->cfg;
+  const int64_t Hkv = c.kv_heads, d = c.head_dim, L = c.L;
+  if (io.slots_dims.size() != 1) return "slots must have shape [B], got " + dims_str(io.slots_dims);
+  const int64_t B = io.slots_dims[0];
+  if (io.keys_dims.size() != 4 || io.keys_dims[0] != B || io.keys_dims[1] != Hkv ||
+      io.keys_dims[3] != d)
+    return "keys must have shape [B=" + std::to_string(B) + ", Hkv=" + std::to_string(Hkv) +
+           ", T, d=" + std::to_string(d) + "], got " + dims_str(io.keys_dims);
+  const int64_t T = io.keys_dims[2];
+  if (io.values_dims != io.keys_dims)
+    return "values must have the shape of keys " + dims_str(io.keys_dims) + ", got " +
+           dims_str(io.values_dims);
+  const std::vector<int64_t> want_codes = {B, Hkv, T, L};
+  if (io.codes_dims != want_codes)
+    return "codes must have shape [B, Hkv, T, L] = " + dims_str(want_codes) + ", got " +
+           dims_str(io.codes_dims);
+  if (io.counts_dims != std::vector<int64_t>{B})
+    return "counts must have shape [B] = [" + std::to_string(B) + "], got " +
+           dims_str(io.counts_dims);
+  if (io.totals_dims != std::vector<int64_t>{B})
+    return "totals must have shape [B] = [" + std::to_string(B) + "], got " +
+           dims_str(io.totals_dims);
+  std::vector<char> seen(static_cast<size_t>(c.slots), 0);
+  for (int64_t b = 0; b < B; ++b) {
+    const int64_t slot = io.slots[b];
+    if (slot < 0 || slot >= c.slots)
+      return "slots[" + std::to_string(b) + "] = " + std::to_string(slot) +
+             " is out of range [0, " + std::to_string(c.slots) + ")";
+    if (seen[slot])
+      return "slot " + std::to_string(slot) + " appears more than once in one append call";
+    seen[slot] = 1;
+    const int64_t cnt = io.counts[b];
+    if (cnt < 0 || cnt > T)
+      return "counts[" + std::to_string(b) + "] = " + std::to_string(cnt) +
+             " is outside [0, T=" + std::to_string(T) + "]";
+  }
+  const int64_t NB = int64_t{1} << c.K;
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t h = 0; h < Hkv; ++h) {
+      const int32_t* cd = io.codes + (b * Hkv + h) * T * L;
+      for (int64_t i = 0; i < io.counts[b] * L; ++i)
+        if (cd[i] < 0 || cd[i] >= NB)
+          return "codes[" + std::to_string(b) + ", " + std::to_string(h) + ", " +
+                 std::to_string(i / L) + ", " + std::to_string(i % L) + "] = " +
+                 std::to_string(cd[i]) + " is outside [0, 2^K=" + std::to_string(NB) + ")";
+    }
+
+  // Checks that depend on the slots' state, then the writes, under the exclusive lock.
+  std::unique_lock<std::shared_mutex> lock(st->mu);
+  for (int64_t b = 0; b < B; ++b) {
+    const SlotData& s = st->slots[io.slots[b]];
+    if (!s.prefilled)
+      return "slot " + std::to_string(io.slots[b]) +
+             " was never prefilled: prefill the slot first, then append";
+    const int64_t after = s.n + s.na + io.counts[b];
+    if (after > c.capacity)
+      return "row " + std::to_string(b) + ": appending " + std::to_string(io.counts[b]) +
+             " tokens to slot " + std::to_string(io.slots[b]) + " (" + std::to_string(s.n) +
+             " middle + " + std::to_string(s.na) + " appended) exceeds the store capacity " +
+             std::to_string(c.capacity);
+  }
+  const bool bf16 = c.storage == StoreStorage::kBF16;
+  for (int64_t b = 0; b < B; ++b) {
+    SlotData& s = st->slots[io.slots[b]];
+    if (s.app.size() != static_cast<size_t>(Hkv)) s.app.resize(static_cast<size_t>(Hkv));
+  }
+  parallel_for(B * Hkv, [&](int64_t task) {
+    const int64_t b = task / Hkv, h = task % Hkv, cnt = io.counts[b];
+    SlotData& s = st->slots[io.slots[b]];
+    SlotData::Appended& a = s.app[static_cast<size_t>(h)];
+    const int64_t old = s.na, now = old + cnt;
+    const float* ks = io.keys + task * T * d;
+    const float* vs = io.values + task * T * d;
+    if (bf16) {
+      a.k16.resize(static_cast<size_t>(now * d));
+      a.v16.resize(static_cast<size_t>(now * d));
+      store_rows(ks, cnt, d, a.k16.data() + old * d);
+      store_rows(vs, cnt, d, a.v16.data() + old * d);
+    } else {
+      a.k32.resize(static_cast<size_t>(now * d));
+      a.v32.resize(static_cast<size_t>(now * d));
+      store_rows(ks, cnt, d, a.k32.data() + old * d);
+      store_rows(vs, cnt, d, a.v32.data() + old * d);
+    }
+    a.norms.resize(static_cast<size_t>(now));
+    if (bf16) key_norms(a.k16.data() + old * d, cnt, d, a.norms.data() + old);
+    else key_norms(a.k32.data() + old * d, cnt, d, a.norms.data() + old);
+    a.codes.resize(static_cast<size_t>(now * L));
+    if (cnt > 0)
+      std::memcpy(a.codes.data() + old * L, io.codes + task * T * L, sizeof(int32_t) * cnt * L);
+  });
+  for (int64_t b = 0; b < B; ++b) {
+    SlotData& s = st->slots[io.slots[b]];
+    s.na += io.counts[b];
+    io.totals[b] = static_cast<int32_t>(s.n + s.na);
+  }
+  return "";
+}
+
+// ----------------------------------------------------------------------------------------
 // query
 // ----------------------------------------------------------------------------------------
+
+namespace {
+
+std::atomic<int> g_query_split{-1};
+
+// Batch-1 parallelism: with few (row, KV head) tasks for the pool, the query runs in phases:
+// 1. one item per (row, query head): its candidate bitmap (over middle + appended tokens);
+// 2. one item per (row, KV head, chunk of <= 8 query heads, part): the union of the chunk's
+//    candidates within the part's range of bitmap words, in token order, and its partial
+//    softmax (max, sum, accumulator) per query head -- each row still read once per chunk;
+// 3. the parts merged exactly by log-sum-exp (only float rounding differs from one part).
+template <typename T>
+void query_split(const Store& st, const QueryIO& io, int64_t B, int64_t Hq, const RowKernels<T>& kern,
+                 int threads) {
+  const StoreConfig& c = st.cfg;
+  const int64_t Hkv = c.kv_heads, d = c.head_dim, L = c.L, G = Hq / Hkv;
+  const int64_t chunks = (G + kGroupChunk - 1) / kGroupChunk;
+  // Phase 1: candidate bitmaps, one per (row, query head).
+  std::vector<int64_t> words(static_cast<size_t>(B)), bm_off(static_cast<size_t>(B * Hq + 1), 0);
+  for (int64_t b = 0; b < B; ++b) {
+    const SlotData& s = st.slots[io.slots[b]];
+    words[b] = s.prefilled ? (s.n + s.na + 63) / 64 : 0;
+    for (int64_t h = 0; h < Hq; ++h) bm_off[b * Hq + h + 1] = bm_off[b * Hq + h] + words[b];
+  }
+  std::vector<uint64_t> bitmaps(static_cast<size_t>(bm_off[B * Hq]));
+  std::vector<int64_t> counts(static_cast<size_t>(B * Hq), 0);
+  parallel_for(B * Hq, [&](int64_t item) {
+    const int64_t b = item / Hq, h = item % Hq;
+    if (words[b] == 0) return;
+    const HeadRows<T> R = head_rows<T>(c, st.slots[io.slots[b]], h / G);
+    QueryScratch& sc = query_scratch();
+    sc.ensure(R.total());
+    counts[item] = collect_head(R, io.q_codes + item * L, sc, bitmaps.data() + bm_off[item]);
+  });
+  // Phase 2: parts of each (row, KV head, chunk).
+  const int64_t groups = B * Hkv * chunks;
+  const int64_t want = (4 * int64_t{threads} + groups - 1) / groups;
+  struct Partial { float mx[kGroupChunk]; double sums[kGroupChunk]; };
+  std::vector<int64_t> parts(static_cast<size_t>(B));
+  std::vector<int64_t> part_off(static_cast<size_t>(groups + 1), 0);
+  for (int64_t gi = 0; gi < groups; ++gi) {
+    const int64_t b = gi / (Hkv * chunks);
+    const int64_t p = std::max<int64_t>(1, std::min<int64_t>(want, words[b] / 16));
+    parts[b] = p;
+    part_off[gi + 1] = part_off[gi] + p;
+  }
+  const int64_t nparts = part_off[groups];
+  std::vector<Partial> partial(static_cast<size_t>(nparts));
+  std::vector<float> acc(static_cast<size_t>(nparts * kGroupChunk * d), 0.0f);
+  parallel_for(nparts, [&](int64_t pi) {
+    const int64_t gi = std::upper_bound(part_off.begin(), part_off.end(), pi) - part_off.begin() - 1;
+    const int64_t b = gi / (Hkv * chunks), g = gi / chunks % Hkv, ch = gi % chunks;
+    const int64_t p = pi - part_off[gi], P = parts[b];
+    const int64_t j0 = ch * kGroupChunk, h0 = b * Hq + g * G + j0;
+    const int gc = static_cast<int>(std::min<int64_t>(kGroupChunk, G - j0));
+    Partial& out = partial[pi];
+    std::fill(out.mx, out.mx + kGroupChunk, -std::numeric_limits<float>::infinity());
+    std::fill(out.sums, out.sums + kGroupChunk, 0.0);
+    if (words[b] == 0) return;
+    const HeadRows<T> R = head_rows<T>(c, st.slots[io.slots[b]], g);
+    const int64_t w0 = words[b] * p / P, w1 = words[b] * (p + 1) / P;
+    const uint64_t* bm[kGroupChunk];
+    for (int jj = 0; jj < gc; ++jj) bm[jj] = bitmaps.data() + bm_off[h0 + jj];
+    QueryScratch& sc = query_scratch();
+    sc.uni.clear();
+    for (int64_t w = w0; w < w1; ++w) {
+      uint64_t any = 0;
+      for (int jj = 0; jj < gc; ++jj) any |= bm[jj][w];
+      for (; any; any &= any - 1) {
+        const int bit = __builtin_ctzll(any);
+        uint32_t m = 0;
+        for (int jj = 0; jj < gc; ++jj) m |= static_cast<uint32_t>(bm[jj][w] >> bit & 1u) << jj;
+        sc.uni.push_back({static_cast<int32_t>(w * 64 + bit), m});
+      }
+    }
+    if (sc.uni.empty()) return;
+    const float* qg = io.q + h0 * d;
+    double qnorm[kGroupChunk];
+    query_norms(qg, gc, d, qnorm);
+    softmax_part(R, st.weights, kern, sc.uni.data(), sc.uni.size(), qg, qnorm, gc, sc.scores, out.mx,
+                 out.sums, acc.data() + pi * kGroupChunk * d);
+  });
+  // Phase 3: merge.
+  std::vector<double> o(static_cast<size_t>(d));
+  for (int64_t gi = 0; gi < groups; ++gi) {
+    const int64_t b = gi / (Hkv * chunks), g = gi / chunks % Hkv, ch = gi % chunks;
+    const int64_t j0 = ch * kGroupChunk, h0 = b * Hq + g * G + j0;
+    const int gc = static_cast<int>(std::min<int64_t>(kGroupChunk, G - j0));
+    for (int jj = 0; jj < gc; ++jj) {
+      const int64_t h = h0 + jj;
+      io.sampled[h] = static_cast<int32_t>(counts[h]);
+      float* oh = io.out + h * d;
+      double M = -std::numeric_limits<double>::infinity();
+      for (int64_t pi = part_off[gi]; pi < part_off[gi + 1]; ++pi)
+        if (partial[pi].sums[jj] > 0) M = std::max<double>(M, partial[pi].mx[jj]);
+      if (counts[h] == 0 || !std::isfinite(M)) {
+        std::fill(oh, oh + d, 0.0f);
+        io.lse[h] = -std::numeric_limits<float>::infinity();
+        continue;
+      }
+      double S = 0;
+      std::fill(o.begin(), o.end(), 0.0);
+      for (int64_t pi = part_off[gi]; pi < part_off[gi + 1]; ++pi) {
+        if (!(partial[pi].sums[jj] > 0)) continue;
+        const double f = std::exp(double(partial[pi].mx[jj]) - M);
+        S += partial[pi].sums[jj] * f;
+        const float* a = acc.data() + (pi * kGroupChunk + jj) * d;
+        for (int64_t i = 0; i < d; ++i) o[i] += f * a[i];
+      }
+      for (int64_t i = 0; i < d; ++i) oh[i] = static_cast<float>(o[i] / S);
+      io.lse[h] = static_cast<float>(M + std::log(S));
+    }
+  }
+}
+
+}  // namespace
+
+void set_query_split(int mode) { g_query_split.store(mode < 0 ? -1 : (mode > 0 ? 1 : 0)); }
+int get_query_split() { return g_query_split.load(); }
+
 
 std::string store_query(int64_t handle, const QueryIO& io) {
   std::string err;
@@ -977,6 +1291,13 @@ std::string store_query(int64_t handle, const QueryIO& io) {
   const int64_t G = Hq / Hkv;
   const SimdLevel level = simd_level();
   const bool bf16 = c.storage == StoreStorage::kBF16;
+  const int threads = get_num_threads();
+  const int split = g_query_split.load();
+  if (split == 1 || (split == -1 && threads > 1 && B * Hkv < 2 * int64_t{threads})) {
+    if (bf16) query_split<uint16_t>(*st, io, B, Hq, row_kernels<uint16_t>(level), threads);
+    else query_split<float>(*st, io, B, Hq, row_kernels<float>(level), threads);
+    return "";
+  }
   parallel_for(B * Hkv, [&](int64_t task) {
     const int64_t b = task / Hkv, g = task % Hkv;
     const SlotData& s = st->slots[io.slots[b]];

@@ -28,6 +28,18 @@
 //                 block; 37.5 B at n = 16384).
 // Storage is allocated lazily, sized to the middle count of each prefill (capacity is only
 // a limit); vectors keep their allocation when a slot is prefilled again with fewer tokens.
+//
+// append(slot, keys[Hkv,T,d], values[Hkv,T,d], codes[Hkv,T,L], count)  (beyond the paper):
+//   adds the first `count` of T tokens (e.g. generated ones, centered by the caller) to a
+//   prefilled slot's append buffer; a later prefill of the slot clears it. Appended token t
+//   is token n + t of the slot: it is sampled iff its codes equal the query's in >= 2 tables
+//   and weighted by the same 1/(u + eps) as a middle token, so the estimator stays unbiased.
+//   The buffer is scanned linearly at query time (L code comparisons per appended token and
+//   query head; its candidates join the table candidates in the same union, each row read
+//   once per GQA group): fine for up to a few thousand tokens; rebuilding it into the tables
+//   is future work. middle + appended <= capacity.
+//   Memory per appended token per KV head: keys + values (as above) + 4 (norm) + 4*L (int32
+//   codes) bytes, e.g. 860 B at d = 64, L = 150, bf16.
 #pragma once
 
 #include <cstdint>
@@ -85,10 +97,12 @@ bool store_free(int64_t handle, std::string* err);
 struct StoreInfo {
   StoreConfig config;
   std::vector<int64_t> middle_counts;  // per slot (0 if never prefilled)
+  std::vector<int64_t> appended_counts;  // per slot: tokens in the append buffer
   std::vector<bool> prefilled;         // per slot
   // Bytes per middle token per KV head of each structure. "table_offsets" is amortised over
   // a full block of 65536 tokens; "table_offsets_per_block" is bytes per block per KV head.
   std::vector<std::pair<std::string, double>> bytes_per_token;
+  double bytes_per_appended_token = 0;  // per KV head: keys + values + norm + 4*L code bytes
   int64_t bytes_allocated = 0;  // current heap bytes of all slots (capacity of the vectors)
 };
 bool store_info(int64_t handle, StoreInfo* info, std::string* err);
@@ -114,10 +128,21 @@ struct QueryIO {
   int32_t* sampled = nullptr;       std::vector<int64_t> sampled_dims;  // s32 [B,Hq]
 };
 
-// Both return "" on success, else a message for an invalid argument (the store is then
+// Buffers of one append call.
+struct AppendIO {
+  const int32_t* slots = nullptr;   std::vector<int64_t> slots_dims;    // s32 [B]
+  const float* keys = nullptr;      std::vector<int64_t> keys_dims;     // f32 [B,Hkv,T,d]
+  const float* values = nullptr;    std::vector<int64_t> values_dims;   // f32 [B,Hkv,T,d]
+  const int32_t* codes = nullptr;   std::vector<int64_t> codes_dims;    // s32 [B,Hkv,T,L]
+  const int32_t* counts = nullptr;  std::vector<int64_t> counts_dims;   // s32 [B], in [0, T]
+  int32_t* totals = nullptr;        std::vector<int64_t> totals_dims;   // s32 [B]: middle+appended
+};
+
+// All return "" on success, else a message for an invalid argument (the store is then
 // unchanged). They may throw (std::bad_alloc, ...) on internal failures; callers catch.
-// Thread-safe: prefill takes the store's lock exclusively, query shares it.
+// Thread-safe: prefill and append take the store's lock exclusively, query shares it.
 std::string store_prefill(int64_t handle, const PrefillIO& io);
+std::string store_append(int64_t handle, const AppendIO& io);
 std::string store_query(int64_t handle, const QueryIO& io);
 
 // Persistent worker pool shared by all stores. n >= 1 is the total parallelism (the calling
@@ -126,6 +151,12 @@ void set_num_threads(int n);
 int get_num_threads();
 // Runs fn(0..n-1) on the pool; the caller participates. Exceptions are rethrown (first one).
 void parallel_for(int64_t n, const std::function<void(int64_t)>& fn);
+
+// Query parallelism within a KV head (see store_query): -1 = auto (when there are fewer than
+// 2 x threads (row, KV head) tasks and more than one thread), 0 = never, 1 = always. Process-wide;
+// for tests and benchmarks. Results differ from the unsplit ones by float rounding only.
+void set_query_split(int mode);
+int get_query_split();
 
 // bf16 helpers (round to nearest even; NaN stays NaN).
 uint16_t f32_to_bf16(float x);

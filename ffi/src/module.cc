@@ -92,6 +92,11 @@ NB_MODULE(_engine, m) {
   m.def("get_num_threads", [] { return pigjax::get_num_threads(); },
         "Current size of the LSH store's worker pool.");
 
+  m.def("set_query_split", [](int mode) { pigjax::set_query_split(mode); }, nb::arg("mode"),
+        "Split each (row, KV head)'s query work over threads: -1 auto (default: when there are "
+        "fewer than 2 x threads tasks), 0 never, 1 always. Process-wide; for tests/benchmarks.");
+  m.def("get_query_split", [] { return pigjax::get_query_split(); }, "See set_query_split.");
+
   m.def("store_create", [](int64_t slots, int64_t kv_heads, int64_t head_dim, int64_t capacity,
                            int64_t K, int64_t L, double eps, const std::string& storage) {
     pigjax::StoreConfig c;
@@ -129,17 +134,21 @@ NB_MODULE(_engine, m) {
     nb::dict bpt;
     for (const auto& kv : info.bytes_per_token) bpt[kv.first.c_str()] = kv.second;
     d["bytes_per_token"] = bpt;
-    nb::list counts, pre;
+    nb::list counts, appended, pre;
     for (size_t i = 0; i < info.middle_counts.size(); ++i) {
       counts.append(info.middle_counts[i]);
+      appended.append(info.appended_counts[i]);
       pre.append(bool(info.prefilled[i]));
     }
     d["middle_counts"] = counts;
+    d["appended_counts"] = appended;
+    d["bytes_per_appended_token"] = info.bytes_per_appended_token;
     d["prefilled"] = pre;
     d["bytes_allocated"] = info.bytes_allocated;
     d["block_tokens"] = pigjax::kBlockTokens;
     return d;
-  }, nb::arg("handle"), "Dict: config, bytes_per_token per structure, middle counts per slot.");
+  }, nb::arg("handle"), "Dict: config, bytes_per_token per structure, middle and appended "
+     "counts per slot.");
 
   m.def("store_prefill_np", [](int64_t handle, CArray<int32_t> slots, CArray<float> keys,
                                CArray<float> values, CArray<int32_t> codes,
@@ -167,6 +176,32 @@ NB_MODULE(_engine, m) {
      nb::arg("lengths"), nb::arg("sink"), nb::arg("local"),
      "Direct (non-XLA) prefill with NumPy arrays (int32 / float32, C-contiguous); returns "
      "middle_counts int32[B]. Same C++ code as the pigjax_lsh_prefill FFI handler.");
+
+  m.def("store_append_np", [](int64_t handle, CArray<int32_t> slots, CArray<float> keys,
+                              CArray<float> values, CArray<int32_t> codes, CArray<int32_t> counts) {
+    pigjax::AppendIO io;
+    io.slots = slots.data(); io.slots_dims = shape_of(slots);
+    io.keys = keys.data(); io.keys_dims = shape_of(keys);
+    io.values = values.data(); io.values_dims = shape_of(values);
+    io.codes = codes.data(); io.codes_dims = shape_of(codes);
+    io.counts = counts.data(); io.counts_dims = shape_of(counts);
+    if (io.slots_dims.size() != 1)
+      throw nb::value_error("store_append_np: slots must have shape [B]");
+    int32_t* tp = nullptr;
+    auto totals = new_array<int32_t>({io.slots_dims[0]}, &tp);
+    io.totals = tp; io.totals_dims = {io.slots_dims[0]};
+    std::string err;
+    {
+      nb::gil_scoped_release release;
+      err = pigjax::store_append(handle, io);
+    }
+    if (!err.empty()) throw nb::value_error(("store_append_np: " + err).c_str());
+    return totals;
+  }, nb::arg("handle"), nb::arg("slots"), nb::arg("keys"), nb::arg("values"), nb::arg("codes"),
+     nb::arg("counts"),
+     "Direct (non-XLA) append with NumPy arrays: the first counts[b] of T tokens of keys/values "
+     "f32[B,Hkv,T,d] (centered), codes i32[B,Hkv,T,L] join the slot's append buffer; returns "
+     "totals int32[B] (middle + appended). Same C++ code as the pigjax_lsh_append FFI handler.");
 
   m.def("store_query_np", [](int64_t handle, CArray<int32_t> slots, CArray<float> q,
                              CArray<int32_t> q_codes) {

@@ -510,13 +510,109 @@ static void test_bf16() {
   CHECK(std::isinf(bf16_to_f32(f32_to_bf16(std::numeric_limits<float>::infinity()))), "inf");
 }
 
+// Append mode: prefill the first half of each row's tokens, append the rest in two calls with
+// ragged counts; the query must equal the reference over all of them (sink = local = 0).
+static void append_rows(const Case& c, const Data& D, const std::vector<int64_t>& from,
+                        const std::vector<int64_t>& cnt, int64_t h, std::vector<int32_t>* totals,
+                        std::string* err) {
+  int64_t T = 0;
+  for (int64_t x : cnt) T = std::max(T, x);
+  T += 1;  // one padding token per row beyond the largest count
+  std::vector<float> k(c.B * c.Hkv * T * c.d, 1e30f), v(k.size(), -1e30f);
+  std::vector<int32_t> codes(c.B * c.Hkv * T * c.L, -1), counts(c.B);  // padding is never read
+  for (int64_t b = 0; b < c.B; ++b) {
+    counts[b] = int32_t(cnt[b]);
+    for (int64_t hh = 0; hh < c.Hkv; ++hh)
+      for (int64_t t = 0; t < cnt[b]; ++t) {
+        const int64_t src = (b * c.Hkv + hh) * c.n + from[b] + t, dst = (b * c.Hkv + hh) * T + t;
+        std::copy(D.keys.begin() + src * c.d, D.keys.begin() + (src + 1) * c.d, k.begin() + dst * c.d);
+        std::copy(D.values.begin() + src * c.d, D.values.begin() + (src + 1) * c.d, v.begin() + dst * c.d);
+        std::copy(D.codes.begin() + src * c.L, D.codes.begin() + (src + 1) * c.L, codes.begin() + dst * c.L);
+      }
+  }
+  AppendIO io;
+  totals->assign(c.B, -1);
+  io.slots = D.slots.data(); io.slots_dims = {c.B};
+  io.keys = k.data(); io.keys_dims = {c.B, c.Hkv, T, c.d};
+  io.values = v.data(); io.values_dims = io.keys_dims;
+  io.codes = codes.data(); io.codes_dims = {c.B, c.Hkv, T, int64_t(c.L)};
+  io.counts = counts.data(); io.counts_dims = {c.B};
+  io.totals = totals->data(); io.totals_dims = {c.B};
+  *err = store_append(h, io);
+}
+
+static void test_append() {
+  const Case cases[] = {
+      // name              storage              K  L   Hkv G  d    n    B  slots sink local seed
+      {"append f32", StoreStorage::kF32, 3, 8, 2, 3, 33, 200, 3, 5, 0, 0, 31},
+      {"append bf16 G9", StoreStorage::kBF16, 2, 6, 1, 9, 40, 150, 2, 3, 0, 0, 32},
+  };
+  for (SimdLevel lv : levels()) {
+    set_simd_level(lv);
+    for (const Case& c : cases) {
+      const Data D = make_data(c);
+      const int64_t h = create(c);
+      std::string err;
+      std::vector<int32_t> mc, totals;
+      // Appending before the prefill is an error.
+      append_rows(c, D, std::vector<int64_t>(c.B, 0), std::vector<int64_t>(c.B, 1), h, &totals, &err);
+      CHECK(contains(err, "prefill the slot first"), "%s: append before prefill: '%s'", c.name, err.c_str());
+      Data P = D;  // prefill the first half of each row
+      std::vector<int64_t> n0(c.B), c1(c.B), c2(c.B);
+      for (int64_t b = 0; b < c.B; ++b) {
+        n0[b] = D.lengths[b] / 2;
+        c1[b] = b == 1 ? 0 : (D.lengths[b] - n0[b]) / 3;
+        c2[b] = D.lengths[b] - n0[b] - c1[b];
+        P.lengths[b] = int32_t(n0[b]);
+      }
+      err = store_prefill(h, prefill_io(c, P, &mc));
+      CHECK(err.empty(), "%s: prefill: %s", c.name, err.c_str());
+      append_rows(c, D, n0, c1, h, &totals, &err);
+      CHECK(err.empty(), "%s: append 1: %s", c.name, err.c_str());
+      std::vector<int64_t> from2(c.B);
+      for (int64_t b = 0; b < c.B; ++b) from2[b] = n0[b] + c1[b];
+      append_rows(c, D, from2, c2, h, &totals, &err);
+      CHECK(err.empty(), "%s: append 2: %s", c.name, err.c_str());
+      for (int64_t b = 0; b < c.B; ++b)
+        CHECK(totals[b] == D.lengths[b], "%s: total %d vs %d", c.name, totals[b], D.lengths[b]);
+      QueryOut Q;
+      err = store_query(h, query_io(c, D, &Q));
+      CHECK(err.empty(), "%s: query: %s", c.name, err.c_str());
+      int64_t total = 0;
+      compare(c, reference(c, D, 1e-4), Q, simd_level_name(lv), &total);
+      CHECK(total > 0, "%s: the test should sample something", c.name);
+      // Capacity (n here) bounds middle + appended; nothing changes on error.
+      append_rows(c, D, std::vector<int64_t>(c.B, 0), std::vector<int64_t>(c.B, 1), h, &totals, &err);
+      CHECK(contains(err, "exceeds the store capacity"), "%s: capacity: '%s'", c.name, err.c_str());
+      StoreInfo info;
+      CHECK(store_info(h, &info, &err), "info");
+      for (int64_t b = 0; b < c.B; ++b)
+        CHECK(info.appended_counts[D.slots[b]] == D.lengths[b] - n0[b], "%s: appended count", c.name);
+      // A new prefill clears the append buffer.
+      err = store_prefill(h, prefill_io(c, P, &mc));
+      CHECK(store_info(h, &info, &err), "info");
+      for (int64_t b = 0; b < c.B; ++b)
+        CHECK(info.appended_counts[D.slots[b]] == 0, "%s: prefill clears appended", c.name);
+      store_free(h, &err);
+    }
+  }
+  set_simd_level(hardware_simd_level());
+}
+
 int main() {
   test_bf16();
-  test_against_reference();
-  test_multi_block_and_reprefill();
-  test_empty_and_unprefilled();
+  // Query split within a KV head: auto (default), never, always (same results up to rounding).
+  for (int split : {-1, 0, 1}) {
+    set_query_split(split);
+    CHECK(get_query_split() == split, "set_query_split(%d)", split);
+    test_against_reference();
+    test_multi_block_and_reprefill();
+    test_empty_and_unprefilled();
+    test_append();
+    test_threads();
+  }
+  set_query_split(-1);
   test_errors();
-  test_threads();
   if (g_failures) {
     std::fprintf(stderr, "test_lsh_store: %d check(s) FAILED\n", g_failures);
     return 1;

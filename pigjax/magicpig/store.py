@@ -1,8 +1,9 @@
 """The C++ LSH store (ffi/src/lsh_store.*) from Python and from jitted code.
 
 A `Store` owns, per (sequence slot, KV head), the centered middle keys, values, key norms and L
-SimHash tables of a prefilled sequence. Its two jittable operations are ordered by data: `prefill`
-returns the middle counts, which `query` takes as an input. Two paths reach the same C++ code:
+SimHash tables of a prefilled sequence, plus an optional append buffer of later tokens. Its jittable
+operations are ordered by data: `prefill` returns the middle counts, which `append` and `query` take
+as an input (`append` returns the totals, which the next call takes). Two paths reach the same C++ code:
 
 - "ffi" (JAX's CPU backend): XLA FFI custom calls with `has_side_effect=True`, so XLA never hoists
   or drops them; about 0.2 µs of overhead per call.
@@ -72,6 +73,23 @@ class Store:
         call = jax.ffi.ffi_call("pigjax_lsh_prefill", result, has_side_effect=True)
         return call(slots, keys, values, codes, lengths, handle=np.int64(self.handle),
                     sink=np.int32(sink), local=np.int32(local))
+
+    def append(self, slots, keys, values, codes, counts, dep):
+        """Append the first counts[b] of T tokens of keys, values [B, Hkv, T, d] f32 (centered like
+        the middle) and their codes [B, Hkv, T, L] int32 to prefilled `slots` [B] (beyond the paper:
+        later queries may sample them, weighted like middle tokens). `dep` [B] is any int32 produced
+        after the prefill or the previous append, to order the calls. -> totals [B] int32 (middle +
+        appended tokens; pass it as the next call's `dep`)."""
+        _check("append", slots=(slots, jnp.int32, 1), keys=(keys, jnp.float32, 4),
+               values=(values, jnp.float32, 4), codes=(codes, jnp.int32, 4), counts=(counts, jnp.int32, 1),
+               dep=(dep, jnp.int32, 1))
+        result = jax.ShapeDtypeStruct(slots.shape, jnp.int32)
+        if self.path == "callback":
+            host = lambda s_, k_, v_, c_, n_, _dep: _engine.store_append_np(
+                self.handle, *map(np.asarray, (s_, k_, v_, c_, n_)))
+            return io_callback(host, result, slots, keys, values, codes, counts, dep, ordered=True)
+        call = jax.ffi.ffi_call("pigjax_lsh_append", result, has_side_effect=True)
+        return call(slots, keys, values, codes, counts, dep, handle=np.int64(self.handle))
 
     def query(self, slots, q, q_codes, dep):
         """Sampled partial attention of q [B, Hq, d] (codes [B, Hq, L]) over `slots`; `dep` [B] is

@@ -1,0 +1,50 @@
+"""Batch-1 query time of the LSH store, unsplit vs split within a KV head (scripts/bench_query_split.py;
+SmolLM2 shapes: 3 KV / 9 q heads, d 64, K 10, L 150, bf16, random keys)."""
+import sys, time
+import numpy as np
+import pigjax._engine as E
+
+K, L, d, hkv, hq = 10, 150, 64, 3, 9
+rng = np.random.default_rng(0)
+proj = rng.normal(size=(d, K * L)).astype(np.float32)
+pw = (1 << np.arange(K)).astype(np.int32)
+
+def codes_of(x):
+    flat = x.reshape(-1, d)
+    out = np.empty((flat.shape[0], L), np.int32)
+    for i in range(0, flat.shape[0], 8192):
+        bits = (flat[i:i + 8192] @ proj) > 0
+        out[i:i + 8192] = (bits.reshape(-1, L, K) * pw).sum(-1)
+    return out.reshape(x.shape[:-1] + (L,))
+
+threads = E.get_num_threads()
+res = {}
+for n in (8192, 32768, 131072):
+    k = rng.normal(size=(1, hkv, n, d)).astype(np.float32)
+    v = rng.normal(size=(1, hkv, n, d)).astype(np.float32)
+    kc = codes_of(k)
+    h = E.store_create(1, hkv, d, n, K, L, 1e-4, "bf16")
+    slots = np.zeros(1, np.int32)
+    E.store_prefill_np(h, slots, k, v, kc, np.array([n], np.int32), 0, 0)
+    qs = [rng.normal(size=(1, hq, d)).astype(np.float32) for _ in range(8)]
+    qcs = [codes_of(q) for q in qs]
+    for q, qc in zip(qs, qcs):
+        E.store_query_np(h, slots, q, qc)
+    reps = max(30, int(300 * 8192 / n))
+    times = {0: [], 1: []}
+    outs = {}
+    for r in range(reps):
+        q, qc = qs[r % 8], qcs[r % 8]
+        for mode in (0, 1):
+            E.set_query_split(mode)
+            t0 = time.perf_counter()
+            o, lse, smp = E.store_query_np(h, slots, q, qc)
+            times[mode].append(time.perf_counter() - t0)
+            if r < 8: outs[(mode, r)] = (o, lse, smp)
+    E.set_query_split(-1)
+    err = max(np.abs(outs[(0, r)][0] - outs[(1, r)][0]).max() / np.abs(outs[(0, r)][0]).max() for r in range(8))
+    same = all((outs[(0, r)][2] == outs[(1, r)][2]).all() for r in range(8))
+    E.store_free(h)
+    t0, t1 = (np.median(times[m]) * 1e3 for m in (0, 1))
+    print(f"n={n:6d} threads={threads} unsplit {t0:.3f} ms  split {t1:.3f} ms  (x{t0 / t1:.2f})  "
+          f"S/n {smp.mean() / n:.2%}  max rel diff {err:.1e} same counts {same}", flush=True)
