@@ -1,7 +1,17 @@
-"""Batch-1 query time of the LSH store, unsplit vs split within a KV head (scripts/bench_query_split.py;
-SmolLM2 shapes: 3 KV / 9 q heads, d 64, K 10, L 150, bf16, random keys)."""
-import sys, time
+"""Batch-1 query time of the LSH store, unsplit vs split within a KV head, in one process.
+
+  python scripts/bench_query_split.py [out.json]
+
+SmolLM2 shapes: 3 KV / 9 q heads, d 64, K 10, L 150, bf16, random keys; the two modes alternate
+query by query. Prints a table and writes JSON (default docs/results/bench_query_split.json).
+"""
+import json
+import os
+import sys
+import time
+
 import numpy as np
+
 import pigjax._engine as E
 
 K, L, d, hkv, hq = 10, 150, 64, 3, 9
@@ -18,7 +28,7 @@ def codes_of(x):
     return out.reshape(x.shape[:-1] + (L,))
 
 threads = E.get_num_threads()
-res = {}
+rows = []
 for n in (8192, 32768, 131072):
     k = rng.normal(size=(1, hkv, n, d)).astype(np.float32)
     v = rng.normal(size=(1, hkv, n, d)).astype(np.float32)
@@ -46,5 +56,19 @@ for n in (8192, 32768, 131072):
     same = all((outs[(0, r)][2] == outs[(1, r)][2]).all() for r in range(8))
     E.store_free(h)
     t0, t1 = (np.median(times[m]) * 1e3 for m in (0, 1))
+    rows.append(dict(n=n, unsplit_ms=t0, split_ms=t1, speedup=t0 / t1, sampled_fraction=float(smp.mean() / n),
+                     max_rel_diff=float(err), same_counts=bool(same)))
     print(f"n={n:6d} threads={threads} unsplit {t0:.3f} ms  split {t1:.3f} ms  (x{t0 / t1:.2f})  "
           f"S/n {smp.mean() / n:.2%}  max rel diff {err:.1e} same counts {same}", flush=True)
+
+cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), "?")
+print(f"\n{cpu}, {os.cpu_count()} cores, {threads} engine threads, SIMD {E.simd_level()}")
+print("| n | unsplit ms | split ms | speedup |\n|---|---|---|---|")
+for r in rows:
+    print(f"| {r['n']} | {r['unsplit_ms']:.3f} | {r['split_ms']:.3f} | {r['speedup']:.2f}x |")
+out = sys.argv[1] if len(sys.argv) > 1 else "docs/results/bench_query_split.json"
+os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
+with open(out, "w") as f:
+    json.dump({"benchmark": "query_split", "machine": {"cpu": cpu, "cores": os.cpu_count(), "threads": threads,
+                                                       "simd": E.simd_level()}, "rows": rows}, f, indent=2)
+print(f"wrote {out}")
