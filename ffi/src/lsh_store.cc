@@ -12,6 +12,7 @@
 #include <shared_mutex>
 #include <sstream>
 #include <thread>
+#include <type_traits>
 #include <unordered_map>
 
 #include "cpu.h"
@@ -25,6 +26,8 @@
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 #define PIGJAX_TARGET_AVX2 __attribute__((target("avx2,fma")))
 #define PIGJAX_TARGET_AVX512 __attribute__((target("avx2,fma,avx512f,avx512bw,avx512vl")))
+#define PIGJAX_TARGET_AVX512BF16 \
+  __attribute__((target("avx2,fma,avx512f,avx512bw,avx512vl,avx512bf16")))
 #else
 #define PIGJAX_X86 0
 #endif
@@ -453,14 +456,63 @@ PIGJAX_TARGET_AVX512 void axpy_avx512(const T* v, const float* p, int64_t d, flo
   }
 }
 
+// AVX512_BF16 score pass for bf16 keys: vdpbf16ps needs bf16 on both sides, so each query
+// row is split once per chunk into hi = bf16(q) and lo = bf16(q - hi) (about 16 mantissa bits
+// of q) and dot = dpbf16(k, hi) + dpbf16(k, lo) with fp32 accumulation.
+// Prepared layout, per head j: hi[d] then lo[d] (uint16 bf16), i.e. 2 * gc * d uint16.
+void prep_q_bf16x2(const float* q, int gc, int64_t d, uint16_t* buf) {
+  for (int j = 0; j < gc; ++j) {
+    const float* qj = q + j * d;
+    uint16_t* hi = buf + 2 * j * d;
+    uint16_t* lo = hi + d;
+    for (int64_t i = 0; i < d; ++i) {
+      const uint16_t h = f32_to_bf16(qj[i]);
+      const float r = qj[i] - bf16_to_f32(h);
+      hi[i] = h;
+      lo[i] = std::isfinite(r) ? f32_to_bf16(r) : uint16_t{0};
+    }
+  }
+}
+
+template <int G>
+PIGJAX_TARGET_AVX512BF16 void dots_avx512bf16(const uint16_t* k, const float* qprep, int64_t d,
+                                              float* out) {
+  const uint16_t* q = reinterpret_cast<const uint16_t*>(qprep);
+  __m512 acc_hi[G], acc_lo[G];
+  for (int j = 0; j < G; ++j) { acc_hi[j] = _mm512_setzero_ps(); acc_lo[j] = _mm512_setzero_ps(); }
+  int64_t i = 0;
+  for (; i + 32 <= d; i += 32) {
+    const __m512bh kv = (__m512bh)_mm512_loadu_si512(k + i);
+    for (int j = 0; j < G; ++j) {
+      const uint16_t* qj = q + 2 * j * d + i;
+      acc_hi[j] = _mm512_dpbf16_ps(acc_hi[j], kv, (__m512bh)_mm512_loadu_si512(qj));
+      acc_lo[j] = _mm512_dpbf16_ps(acc_lo[j], kv, (__m512bh)_mm512_loadu_si512(qj + d));
+    }
+  }
+  if (i < d) {
+    const __mmask32 m = static_cast<__mmask32>((uint64_t{1} << (d - i)) - 1);
+    const __m512bh kv = (__m512bh)_mm512_maskz_loadu_epi16(m, k + i);
+    for (int j = 0; j < G; ++j) {
+      const uint16_t* qj = q + 2 * j * d + i;
+      acc_hi[j] = _mm512_dpbf16_ps(acc_hi[j], kv, (__m512bh)_mm512_maskz_loadu_epi16(m, qj));
+      acc_lo[j] = _mm512_dpbf16_ps(acc_lo[j], kv, (__m512bh)_mm512_maskz_loadu_epi16(m, qj + d));
+    }
+  }
+  for (int j = 0; j < G; ++j) out[j] = _mm512_reduce_add_ps(_mm512_add_ps(acc_hi[j], acc_lo[j]));
+}
+
 #endif  // PIGJAX_X86
 
 template <typename T>
 struct RowKernels {
   using DotFn = void (*)(const T*, const float*, int64_t, float*);
   using AxpyFn = void (*)(const T*, const float*, int64_t, float*);
+  // Optional: rewrites a chunk's query rows q[gc][d] into buf (2 * gc * d uint16); dot then
+  // receives that buffer (as const float*) instead of the f32 query rows.
+  using PrepFn = void (*)(const float*, int, int64_t, uint16_t*);
   DotFn dot[kGroupChunk + 1] = {};
   AxpyFn axpy[kGroupChunk + 1] = {};
+  PrepFn prep = nullptr;
 };
 
 #define PIGJAX_KERNEL_SET(NAME)                                                            \
@@ -481,6 +533,16 @@ PIGJAX_KERNEL_SET(scalar)
 #if PIGJAX_X86
 PIGJAX_KERNEL_SET(avx2)
 PIGJAX_KERNEL_SET(avx512)
+
+// avx512 kernels with the AVX512_BF16 score pass (bf16 storage only).
+RowKernels<uint16_t> kernels_avx512bf16() {
+  RowKernels<uint16_t> k = kernels_avx512<uint16_t>();
+  k.dot[1] = dots_avx512bf16<1>; k.dot[2] = dots_avx512bf16<2>; k.dot[3] = dots_avx512bf16<3>;
+  k.dot[4] = dots_avx512bf16<4>; k.dot[5] = dots_avx512bf16<5>; k.dot[6] = dots_avx512bf16<6>;
+  k.dot[7] = dots_avx512bf16<7>; k.dot[8] = dots_avx512bf16<8>;
+  k.prep = prep_q_bf16x2;
+  return k;
+}
 #endif
 #undef PIGJAX_KERNEL_SET
 
@@ -490,6 +552,12 @@ const RowKernels<T>& row_kernels(SimdLevel level) {
 #if PIGJAX_X86
   static const RowKernels<T> avx2 = kernels_avx2<T>();
   static const RowKernels<T> avx512 = kernels_avx512<T>();
+  if constexpr (std::is_same_v<T, uint16_t>) {
+    // bf16 keys: the dpbf16 score pass whenever the avx512 level is in use and the CPU has it.
+    static const bool has_bf16 = cpu_features().avx512_bf16;
+    static const RowKernels<uint16_t> avx512bf16 = kernels_avx512bf16();
+    if (level >= SimdLevel::kAvx512 && has_bf16) return avx512bf16;
+  }
   if (level >= SimdLevel::kAvx512) return avx512;
   if (level >= SimdLevel::kAvx2) return avx2;
 #else
@@ -704,6 +772,13 @@ void softmax_part(const HeadRows<T>& R, const LogWeightTable& weights, const Row
                   const QueryScratch::Entry* uni, size_t nu, const float* qg, const double* qnorm,
                   int gc, std::vector<float>& score_buf, float* mx, double* sums, float* acc) {
   const int64_t d = R.d;
+  const float* qdot = qg;  // what the dot kernels read: the f32 rows or the prepared buffer
+  if (kern.prep != nullptr) {
+    thread_local std::vector<uint16_t> qprep;
+    qprep.resize(static_cast<size_t>(2 * gc * d) + 2);  // never empty, so data() is non-null
+    kern.prep(qg, gc, d, qprep.data());
+    qdot = reinterpret_cast<const float*>(qprep.data());
+  }
   const double inv_sqrt_d = 1.0 / std::sqrt(static_cast<double>(d));
   score_buf.resize(nu * kGroupChunk);
   float* scores = score_buf.data();
@@ -716,7 +791,7 @@ void softmax_part(const HeadRows<T>& R, const LogWeightTable& weights, const Row
       for (int64_t b = 0; b < d * int64_t(sizeof(T)); b += 64)
         __builtin_prefetch(reinterpret_cast<const char*>(nk) + b);
     }
-    kern.dot[gc](R.key(i), qg, d, dots);
+    kern.dot[gc](R.key(i), qdot, d, dots);
     const float kn = R.norm(i);
     const uint32_t mask = uni[e].mask;
     for (int jj = 0; jj < gc; ++jj) {
