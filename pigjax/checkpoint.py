@@ -20,9 +20,16 @@ from pigjax.config import LlamaConfig
 from pigjax.errors import CheckpointError
 from pigjax.model import Model
 from pigjax.models import llama
+from pigjax.mosaics import model as mosaics
+from pigjax.mosaics.config import MosaicsConfig
 
 FORMAT_VERSION = 1
 META_FILE = "pigjax.json"
+# pigjax.json's "architecture" -> (config class, parameter shapes for that config)
+ARCHITECTURES = {
+    LlamaConfig.architecture: (LlamaConfig, llama.param_shapes),
+    MosaicsConfig.architecture: (MosaicsConfig, mosaics.param_shapes),
+}
 
 
 def save(model: Model, path, *, overwrite: bool = False, source: str | None = None) -> Path:
@@ -73,8 +80,10 @@ def read_meta(path) -> dict:
         raise CheckpointError(
             f"{meta_file}: format_version {meta.get('format_version')!r} is not {FORMAT_VERSION}"
         )
-    if meta.get("architecture") != "llama":
-        raise CheckpointError(f"{meta_file}: unsupported architecture {meta.get('architecture')!r}")
+    if meta.get("architecture") not in ARCHITECTURES:
+        raise CheckpointError(
+            f"{meta_file}: unsupported architecture {meta.get('architecture')!r} (pigjax reads {sorted(ARCHITECTURES)})"
+        )
     return meta
 
 
@@ -84,11 +93,12 @@ def load(path, *, dtype=None, tokenizer: bool = True) -> Model:
 
     path = Path(path).absolute()
     meta = read_meta(path)
+    config_class, param_shapes = ARCHITECTURES[meta["architecture"]]
     try:
-        config = LlamaConfig.from_dict(meta["config"])
+        config = config_class.from_dict(meta["config"])
     except (KeyError, TypeError, ValueError) as e:
         raise CheckpointError(f"{path / META_FILE}: bad config: {e}") from None
-    target = llama.param_shapes(config, np.dtype(meta.get("dtype", "float32")))
+    target = param_shapes(config, np.dtype(meta.get("dtype", "float32")))
     try:
         params = ocp.StandardCheckpointer().restore(path / "params", target)
     except Exception as e:  # orbax/tensorstore raise many types; name the checkpoint and the cause

@@ -13,13 +13,15 @@ import numpy as np
 from pigjax.config import LlamaConfig
 from pigjax.errors import PigjaxError
 from pigjax.models import llama
+from pigjax.mosaics import model as mosaics
+from pigjax.mosaics.config import MosaicsConfig
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class Model:
     """Config (static), params (a plain pytree of arrays) and the tokenizer (None if none was saved)."""
 
-    config: LlamaConfig
+    config: LlamaConfig | MosaicsConfig
     params: Any
     tokenizer: Any = None
 
@@ -33,7 +35,7 @@ class Model:
         return dataclasses.replace(self, params=params)
 
 
-def check_tokens(config: LlamaConfig, tokens, lengths=None) -> tuple[np.ndarray, np.ndarray]:
+def check_tokens(config: LlamaConfig | MosaicsConfig, tokens, lengths=None) -> tuple[np.ndarray, np.ndarray]:
     """Validate a [B, T] token batch and its row lengths; returns them as int32 arrays."""
     tokens = np.asarray(tokens)
     if tokens.ndim != 2 or not np.issubdtype(tokens.dtype, np.integer):
@@ -61,11 +63,14 @@ def check_tokens(config: LlamaConfig, tokens, lengths=None) -> tuple[np.ndarray,
 
 
 @partial(jax.jit, static_argnums=1)
-def _forward(params, config: LlamaConfig, tokens, lengths):
+def _forward(params, config: LlamaConfig | MosaicsConfig, tokens, lengths):
     b, t = tokens.shape
-    cache_dtype = jax.tree.leaves(params)[0].dtype
-    cache = llama.init_cache(config, b, t, cache_dtype)
-    logits, _ = llama.step(params, config, tokens, cache, lengths, fresh=True)
+    if isinstance(config, MosaicsConfig):
+        logits = mosaics.apply(params, config, tokens)  # causal: padding never reaches valid positions
+    else:
+        cache_dtype = jax.tree.leaves(params)[0].dtype
+        cache = llama.init_cache(config, b, t, cache_dtype)
+        logits, _ = llama.step(params, config, tokens, cache, lengths, fresh=True)
     valid = jnp.arange(t)[None, :] < lengths[:, None]
     return jnp.where(valid[..., None], logits, 0.0)
 
