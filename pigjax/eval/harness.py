@@ -1,0 +1,273 @@
+"""Run RULER over tasks x contexts x attention back-ends with `pigjax.generate`; write JSON and a
+Markdown table (used by scripts/eval_ruler.py).
+
+Back-end names map to objects of the top-level `pigjax` package:
+
+  dense             pigjax.Dense()
+  magicpig_k10l150  pigjax.MagicPIG(K=10, L=150)
+  magicpig_k10l170  pigjax.MagicPIG(K=10, L=170)
+  magicpig_k8l75    pigjax.MagicPIG(K=8, L=75)
+  topk              pigjax.TopK(fraction=f)
+  quest             pigjax.Quest(page=16, fraction=f)
+  oracle            pigjax.Oracle(fraction=f)
+
+For topk/quest/oracle, `f` is a given number, or with fraction="auto" the mean
+`Generation.stats["fraction_read"]` (weighted by rows) that the first MagicPIG back-end of the list
+measured on the same cell (task, context): those back-ends then run after it, at equal measured
+fraction. Decoding is greedy; each generate call's stats are recorded.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import platform
+import subprocess
+import time
+from pathlib import Path
+from typing import Callable, Sequence
+
+from pigjax.errors import PigjaxError
+from pigjax.eval import ruler
+
+BACKENDS: dict[str, tuple[str, dict]] = {
+    "dense": ("Dense", {}),
+    "magicpig_k10l150": ("MagicPIG", {"K": 10, "L": 150}),
+    "magicpig_k10l170": ("MagicPIG", {"K": 10, "L": 170}),
+    "magicpig_k8l75": ("MagicPIG", {"K": 8, "L": 75}),
+    "topk": ("TopK", {}),
+    "quest": ("Quest", {"page": 16}),
+    "oracle": ("Oracle", {}),
+}
+FRACTION_BACKENDS = ("topk", "quest", "oracle")
+DENSE_FLOOR = 20.0  # averages are taken over the cells where dense scores at least this
+
+
+def _backend_class(name: str):
+    import pigjax
+
+    if name not in BACKENDS:
+        raise PigjaxError(f"unknown attention back-end {name!r}; known: {', '.join(BACKENDS)}")
+    cls_name = BACKENDS[name][0]
+    cls = getattr(pigjax, cls_name, None)
+    if cls is None:
+        raise PigjaxError(f"attention back-end {name!r} is not available: this pigjax has no pigjax.{cls_name} yet")
+    return cls
+
+
+def make_backend(name: str, fraction: float | None = None):
+    """The attention object for a back-end name (`fraction` is needed by topk/quest/oracle)."""
+    cls = _backend_class(name)
+    kwargs = dict(BACKENDS[name][1])
+    if name in FRACTION_BACKENDS:
+        if fraction is None or not 0 < fraction <= 1:
+            raise PigjaxError(f"back-end {name!r} needs a fraction in (0, 1], got {fraction!r}")
+        kwargs["fraction"] = float(fraction)
+    return cls(**kwargs)
+
+
+def check_backends(names: Sequence[str], fraction) -> None:
+    """Fail early (before any generation) on unknown/unavailable back-ends or a missing fraction."""
+    if not names:
+        raise PigjaxError("no attention back-end given")
+    for name in names:
+        _backend_class(name)
+    if fraction == "auto" and any(n in FRACTION_BACKENDS for n in names) and not any(
+            n.startswith("magicpig") for n in names):
+        raise PigjaxError("fraction=auto takes topk/quest/oracle's fraction from a MagicPIG back-end; "
+                          "add one (e.g. magicpig_k10l150) to the list or give a number")
+
+
+def _git_commit() -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parent,
+                             capture_output=True, text=True, timeout=10)
+        return out.stdout.strip() or None
+    except Exception:
+        return None
+
+
+def _jsonable(x):
+    if isinstance(x, dict):
+        return {str(k): _jsonable(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_jsonable(v) for v in x]
+    if isinstance(x, (str, bool, type(None))):
+        return x
+    if isinstance(x, int):
+        return int(x)
+    try:
+        return float(x)
+    except (TypeError, ValueError):
+        return str(x)
+
+
+def run_ruler(model, *, tasks: Sequence[str] = ruler.TASKS, contexts: Sequence[int] = (2048, 4096, 8192),
+              samples: int = 20, attention: Sequence[str] = ("dense",), fraction="auto", seed: int = ruler.DEFAULT_SEED,
+              batch: int = 4, format: str = "chat", out_dir=None, progress: bool = True,
+              config: dict | None = None, log: Callable[[str], None] = print) -> dict:
+    """Generate and score every (back-end, task, context) cell; write ruler.json/ruler.md to out_dir
+    after each cell (so partial runs keep what they did). Returns the results dict."""
+    import pigjax
+
+    if model.tokenizer is None:
+        raise PigjaxError("RULER needs the checkpoint's tokenizer; this checkpoint has none")
+    for t in tasks:
+        if t not in ruler.TASK_SPECS:
+            raise PigjaxError(f"unknown RULER task {t!r}; known: {', '.join(ruler.TASKS)}")
+    if fraction != "auto":
+        fraction = float(fraction)
+    check_backends(attention, fraction)
+    if batch < 1 or samples < 1:
+        raise PigjaxError("batch and samples must be positive")
+    max_ctx = model.config.max_position_embeddings
+    for c in contexts:
+        if c > max_ctx:
+            raise PigjaxError(f"context {c} exceeds the model's context ({max_ctx})")
+
+    cells = [(t, int(c)) for c in contexts for t in tasks]
+    t0 = time.perf_counter()
+    data = {cell: ruler.make_samples(model.tokenizer, cell[0], cell[1], samples, seed=seed, format=format)
+            for cell in cells}
+    build_seconds = time.perf_counter() - t0
+    log(f"built {samples * len(cells)} samples in {build_seconds:.1f} s")
+
+    order = [n for n in attention if n not in FRACTION_BACKENDS] + [n for n in attention if n in FRACTION_BACKENDS]
+    reference = next((n for n in attention if n.startswith("magicpig")), None)
+    measured: dict[tuple, float] = {}
+    results = {
+        "config": {
+            "tasks": list(tasks), "contexts": [int(c) for c in contexts], "samples": samples, "seed": seed,
+            "attention": list(attention), "fraction": fraction, "fraction_reference": reference
+            if fraction == "auto" else None, "batch": batch, "format": format, "decoding": "greedy",
+            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "commit": _git_commit(), "machine": f"{platform.machine()}, {os.cpu_count()} cores",
+            "sample_build_seconds": build_seconds, **(config or {}),
+        },
+        "cells": [],
+    }
+
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(order) * len(cells) * samples, unit="sample", desc="ruler")
+    try:
+        for name in order:
+            for task, ctx in cells:
+                f = None
+                if name in FRACTION_BACKENDS:
+                    f = round(measured[(task, ctx)], 6) if fraction == "auto" else fraction
+                backend = make_backend(name, f)
+                if bar is not None:
+                    bar.set_postfix_str(f"{name} {task} {ctx}")
+                cell = _run_cell(pigjax, model, backend, name, task, ctx, data[(task, ctx)], batch,
+                                 lambda n: bar.update(n) if bar is not None else None)
+                cell["fraction_used"] = f
+                if name == reference:
+                    measured[(task, ctx)] = cell["fraction_read"]
+                results["cells"].append(cell)
+                if out_dir is not None:
+                    write_results(results, out_dir)
+    finally:
+        if bar is not None:
+            bar.close()
+    return results
+
+
+def _run_cell(pigjax, model, backend, name, task, ctx, samples, batch, advance) -> dict:
+    spec = ruler.TASK_SPECS[task]
+    order = sorted(range(len(samples)), key=lambda i: samples[i].length)  # similar lengths share a batch
+    texts: dict[int, str] = {}
+    reasons: dict[int, str] = {}
+    calls = []
+    start = time.perf_counter()
+    for lo in range(0, len(order), batch):
+        rows = order[lo: lo + batch]
+        gen = pigjax.generate(model, [samples[i].prompt_ids for i in rows], max_new_tokens=spec.tokens_to_generate,
+                              temperature=0.0, attention=backend)
+        for r, i in enumerate(rows):
+            texts[i], reasons[i] = gen.texts[r], gen.finish_reasons[r]
+        calls.append({"rows": [samples[i].index for i in rows], **_jsonable(gen.stats)})
+        advance(len(rows))
+    seconds = time.perf_counter() - start
+    preds = [texts[i] for i in range(len(samples))]
+    cell_score, per_sample = ruler.score(task, preds, [s.outputs for s in samples])
+    weights = [len(c["rows"]) for c in calls]
+    fr = [c.get("fraction_read") for c in calls]
+    fraction_read = (sum(w * x for w, x in zip(weights, fr)) / sum(weights)) if all(x is not None for x in fr) else None
+    compile_seconds = sum(c.get("compile_seconds", 0.0) for c in calls)
+    return {
+        "attention": name, "backend": repr(backend), "task": task, "context": ctx, "score": cell_score,
+        "samples": len(samples), "fraction_read": fraction_read,
+        "mean_prompt_tokens": sum(s.length for s in samples) / len(samples),
+        "seconds": seconds, "seconds_per_sample": seconds / len(samples),
+        "seconds_per_sample_excluding_compile": (seconds - compile_seconds) / len(samples),
+        "calls": calls,
+        "predictions": [{"index": s.index, "prompt_tokens": s.length, "haystack": s.haystack, "outputs": s.outputs,
+                         "prediction": preds[i], "finish_reason": reasons[i], "score": per_sample[i]}
+                        for i, s in enumerate(samples)],
+    }
+
+
+def write_results(results: dict, out_dir) -> tuple[Path, Path]:
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    js, md = out / "ruler.json", out / "ruler.md"
+    tmp = js.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(_jsonable(results), indent=1) + "\n")
+    tmp.replace(js)
+    md.write_text(markdown(results))
+    return js, md
+
+
+def _mean(xs):
+    xs = [x for x in xs if x is not None]
+    return sum(xs) / len(xs) if xs else None
+
+
+def markdown(results: dict) -> str:
+    """Table task x context x back-end, averages over cells where dense >= 20, and run stats."""
+    cfg = results["config"]
+    names = [n for n in cfg["attention"] if any(c["attention"] == n for c in results["cells"])]
+    by = {(c["attention"], c["task"], c["context"]): c for c in results["cells"]}
+    keys = [(t, c) for t in cfg["tasks"] for c in cfg["contexts"]]
+    fmt = lambda x: "–" if x is None else f"{x:.1f}"  # noqa: E731
+    lines = [
+        "# RULER",
+        "",
+        f"Model: {cfg.get('checkpoint', '?')}; format {cfg['format']}; {cfg['samples']} samples a cell; seed "
+        f"{cfg['seed']}; greedy; RULER scoring (string_match_all, x100). {cfg['date']}, commit "
+        f"{(cfg.get('commit') or '?')[:10]}, {cfg.get('machine', '')}.",
+        "",
+        "| task | context | " + " | ".join(names) + " |",
+        "|---|---:|" + "---:|" * len(names),
+    ]
+    for t, c in keys:
+        row = [fmt(by[(n, t, c)]["score"]) if (n, t, c) in by else "–" for n in names]
+        lines.append(f"| {t} | {c} | " + " | ".join(row) + " |")
+    has_dense = "dense" in names
+    eligible = [(t, c) for t, c in keys if not has_dense or (
+        ("dense", t, c) in by and by[("dense", t, c)]["score"] >= DENSE_FLOOR)]
+    label = f"**average** (dense ≥ {DENSE_FLOOR:.0f}: {len(eligible)} cells)" if has_dense else "**average** (all cells)"
+    avg = [_mean([by[(n, t, c)]["score"] for t, c in eligible if (n, t, c) in by]) for n in names]
+    lines.append(f"| {label} | | " + " | ".join(fmt(a) for a in avg) + " |")
+    lines += ["", "| back-end | fraction given | mean fraction read | s / sample | s / sample (no compile) | "
+              "decode tok/s |", "|---|---:|---:|---:|---:|---:|"]
+    for n in names:
+        cs = [c for c in results["cells"] if c["attention"] == n]
+        given = _mean([c.get("fraction_used") for c in cs])
+        tok_s = _mean([call.get("decode_tokens_per_second") for c in cs for call in c["calls"]])
+        row = [f"{given:.4f}" if given is not None else "–",
+               f"{_mean([c['fraction_read'] for c in cs]):.4f}" if _mean([c["fraction_read"] for c in cs]) is not None
+               else "–",
+               f"{_mean([c['seconds_per_sample'] for c in cs]):.2f}",
+               f"{_mean([c['seconds_per_sample_excluding_compile'] for c in cs]):.2f}",
+               fmt(tok_s)]
+        lines.append(f"| {n} | " + " | ".join(row) + " |")
+    return "\n".join(lines) + "\n"
+
+
+__all__ = ["BACKENDS", "FRACTION_BACKENDS", "check_backends", "make_backend", "markdown", "run_ruler",
+           "write_results"]
