@@ -312,7 +312,9 @@ def _build_vt(task: Task, rng: random.Random, n: int, context: int, icl_lines: i
 
 
 def _cwe_list(rng: random.Random, num_words: int, common_repeats: int, uncommon_repeats: int, num_common: int):
-    chosen = rng.sample(_common_words(), num_words)
+    # A whole permutation, cut to num_words: the words of n are those of n - 1 plus one (so the
+    # length grows steadily with n, which the fitting relies on).
+    chosen = rng.sample(_common_words(), len(_common_words()))[:num_words]
     common, uncommon = chosen[:num_common], chosen[num_common:]
     words = common * common_repeats + uncommon * uncommon_repeats
     rng.shuffle(words)
@@ -391,17 +393,16 @@ def _fit(count: Callable[[int], int], budget: int, lo: int, hi: int, guess: int 
             break
         top = hi if bad is None else bad - 1
         slope = (cx - c(prev)) / (x - prev) if x != prev else 0.0
-        if step < 4 and slope > 0:  # secant from the best fitting point
+        if step < 8 and slope > 0:  # secant from the best fitting point
             nxt = ok + int((budget - c(ok)) // slope)
         elif bad is not None:
             nxt = (ok + bad) // 2
         else:
-            nxt = 2 * ok
+            nxt = ok + max(1, (ok - lo) // 4)
         prev, x = x, min(max(nxt, ok + 1), top)
     return ok
 
 
-_fit_guess: dict[tuple, int] = {}
 _BUILDERS = {"niah": _build_niah, "variable_tracking": _build_vt, "common_words_extraction": _build_cwe,
              "freq_words_extraction": _build_fwe}
 
@@ -444,12 +445,10 @@ def make_sample(tokenizer, task: str, context: int, index: int, *, seed: int = D
         lo, hi = math.ceil(_zeta(a["alpha"]) * 4 ** a["alpha"]), 4 * budget  # from where all 3 answers occur
     else:
         lo, hi = 1, 4 * budget
-    key = (id(tokenizer), task, int(context), format)
-    try:
-        n = _fit(count, budget, lo, hi, _fit_guess.get(key))
+    try:  # no guess carried over from other samples: the search path, hence n, is this sample's own
+        n = _fit(count, budget, lo, hi)
     except PigjaxError as e:
         raise PigjaxError(f"{task} does not fit in {context} tokens with {spec.tokens_to_generate} to generate: {e}") from None
-    _fit_guess[key] = n
     text, prefix, outputs = build(n)
     prompt, ids = _render(tokenizer, format, text, prefix)
     return Sample(task=task, context=int(context), index=int(index), seed=int(seed), format=format, input=text,
