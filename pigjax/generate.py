@@ -21,6 +21,7 @@ import numpy as np
 from flax import struct
 
 from pigjax.attention import Dense
+from pigjax.attention.base import Cache
 from pigjax.errors import PigjaxError
 from pigjax.model import Model
 from pigjax.models import llama
@@ -42,7 +43,7 @@ class Generation:
 
 @struct.dataclass
 class DecodeState:
-    cache: llama.KVCache
+    cache: Cache  # the back-end's layout
     out: jax.Array  # [B, N] generated tokens
     count: jax.Array  # [B] tokens generated so far per row
     finish: jax.Array  # [B] index into FINISH_REASONS; 0 while running
@@ -87,10 +88,10 @@ def _row_keys(keys, index):
 
 
 @partial(jax.jit, static_argnames=("config", "backend", "sampler", "capacity", "out_len"))
-def _prefill(params, tokens, lengths, live, keys, stops, *, config, backend, sampler, capacity, out_len):
+def _prefill(params, tokens, lengths, live, keys, stops, runtime, *, config, backend, sampler, capacity, out_len):
     b = tokens.shape[0]
     dtype = jax.tree.leaves(params)[0].dtype
-    cache = llama.init_cache(config, b, capacity, dtype)
+    cache = backend.init_cache(config, b, capacity, out_len, dtype, runtime)
     logits, cache = llama.step(params, config, tokens, cache, lengths, backend, fresh=True)
     last = logits[jnp.arange(b), lengths - 1]
     first = sampler(last, _row_keys(keys, jnp.zeros((b,), jnp.int32)))
@@ -231,6 +232,15 @@ def generate(
         return Generation(["" for _ in ids] if model.tokenizer else None, [[] for _ in ids],
                           ["length"] * n_rows, {"prefill_seconds": 0.0, "decode_tokens_per_second": 0.0,
                                                 "compile_seconds": 0.0, **backend.stats(config, model.dtype)})
+    with backend.resources(config, 1 << (n_rows - 1).bit_length(), bucket(max(lengths))) as runtime:
+        return _generate(model, ids, lengths, max_new_tokens, sampler, backend, runtime, seed, stop_table,
+                         stop_strings, eos, stream)
+
+
+def _generate(model, ids, lengths, max_new_tokens, sampler, backend, runtime, seed, stop_table, stop_strings,
+              eos, stream) -> Generation:
+    config = model.config
+    n_rows = len(ids)
 
     # Bucketed shapes; padding rows hold one token and are finished before they start.
     b = 1 << (n_rows - 1).bit_length()
@@ -259,7 +269,8 @@ def generate(
 
     with _compile_timer() as compile_prefill:
         start = time.perf_counter()
-        state = _prefill(model.params, tokens, row_lengths, np.arange(b) < n_rows, keys, stops,
+        params = llama.unstack_layers(model.params)
+        state = _prefill(params, tokens, row_lengths, np.arange(b) < n_rows, keys, stops, runtime,
                          capacity=capacity, out_len=out_len, **static)
         jax.block_until_ready(state)
         prefill_seconds = time.perf_counter() - start - compile_prefill[0]
@@ -269,7 +280,7 @@ def generate(
         limit = max_new_tokens - 1
         chunk = STREAM_CHUNK if stream is not None else limit
         while int(state.steps) < limit and bool(jnp.any(state.finish == 0)):
-            state = _decode(state, model.params, stops, jnp.int32(min(int(state.steps) + chunk, limit)), **static)
+            state = _decode(state, params, stops, jnp.int32(min(int(state.steps) + chunk, limit)), **static)
             emit(state)
         jax.block_until_ready(state)
         decode_seconds = time.perf_counter() - start - compile_decode[0]
@@ -294,6 +305,6 @@ def generate(
         "decode_tokens_per_second": decoded / decode_seconds if decode_seconds > 0 and decoded else 0.0,
         "compile_seconds": compile_prefill[0] + compile_decode[0],
         "batch_bucket": b, "prompt_bucket": t, "capacity": capacity,
-        **backend.stats(config, model.dtype),
+        **backend.stats(config, model.dtype, state.cache, runtime),
     }
     return Generation(texts, new_tokens, reasons, stats)

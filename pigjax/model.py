@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from pigjax.attention import Dense
 from pigjax.config import LlamaConfig
 from pigjax.errors import PigjaxError
 from pigjax.models import llama
@@ -69,7 +70,7 @@ def _forward(params, config: LlamaConfig | MosaicsConfig, tokens, lengths):
         logits = mosaics.apply(params, config, tokens)  # causal: padding never reaches valid positions
     else:
         cache_dtype = jax.tree.leaves(params)[0].dtype
-        cache = llama.init_cache(config, b, t, cache_dtype)
+        cache = Dense().init_cache(config, b, t, 0, cache_dtype)
         logits, _ = llama.step(params, config, tokens, cache, lengths, fresh=True)
     valid = jnp.arange(t)[None, :] < lengths[:, None]
     return jnp.where(valid[..., None], logits, 0.0)

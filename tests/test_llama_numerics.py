@@ -72,7 +72,7 @@ def test_prefill_then_decode_equals_forward(pair):
     tokens = rng.integers(0, model.config.vocab_size, (2, total)).astype(np.int32)
     full = np.asarray(pigjax.forward(model, tokens))
 
-    cache = llama.init_cache(model.config, 2, total + 4)
+    cache = pigjax.Dense().init_cache(model.config, 2, total + 4, 0, jnp.float32)
     padded = np.where(np.arange(12)[None] < prompt_lens[:, None], tokens[:, :12], 0)
     logits, cache = llama.step(model.params, model.config, jnp.asarray(padded), cache, jnp.asarray(prompt_lens))
     for b in range(2):

@@ -18,6 +18,17 @@ std::vector<int64_t> to_vec(const Dims& dims) {
   return std::vector<int64_t>(dims.begin(), dims.end());
 }
 
+// The store handle travels as a rank-0 s32 operand (not an attribute) so that one compiled
+// program serves every store: generate creates a store per call.
+bool read_handle(const ffi::Buffer<ffi::S32>& h, int64_t* handle, std::string* err) {
+  if (h.dimensions().size() != 0) {
+    *err = "handle must be a rank-0 int32 array, got rank " + std::to_string(h.dimensions().size());
+    return false;
+  }
+  *handle = *h.typed_data();
+  return true;
+}
+
 // x: f32 [..., d]; proj: f32 [d, K*L] (or [*batch, d, K*L] under jax.vmap with
 // vmap_method="expand_dims"); attr K; out: s32 [..., L].
 ffi::Error SimhashCodesImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> proj, int32_t K,
@@ -38,12 +49,15 @@ ffi::Error SimhashCodesImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> proj,
 
 // LSH store prefill: see lsh_store.h. Slots s32[B], keys/values f32[B,Hkv,n,d],
 // codes s32[B,Hkv,n,L], lengths s32[B] -> middle_counts s32[B].
-ffi::Error LshPrefillImpl(int64_t handle, int32_t sink, int32_t local,
+ffi::Error LshPrefillImpl(ffi::Buffer<ffi::S32> handle_arg, int32_t sink, int32_t local,
                           ffi::Buffer<ffi::S32> slots, ffi::Buffer<ffi::F32> keys,
                           ffi::Buffer<ffi::F32> values, ffi::Buffer<ffi::S32> codes,
                           ffi::Buffer<ffi::S32> lengths,
                           ffi::ResultBuffer<ffi::S32> middle_counts) {
   try {
+    int64_t handle;
+    std::string herr;
+    if (!read_handle(handle_arg, &handle, &herr)) return ffi::Error::InvalidArgument("pigjax_lsh_prefill: " + herr);
     PrefillIO io;
     io.slots = slots.typed_data();
     io.slots_dims = to_vec(slots.dimensions());
@@ -72,11 +86,14 @@ ffi::Error LshPrefillImpl(int64_t handle, int32_t sink, int32_t local,
 // LSH store query: slots s32[B], q f32[B,Hq,d], q_codes s32[B,Hq,L], dep (any s32, unused:
 // orders the call after a prefill by data dependence) -> out f32[B,Hq,d], lse f32[B,Hq],
 // sampled s32[B,Hq].
-ffi::Error LshQueryImpl(int64_t handle, ffi::Buffer<ffi::S32> slots, ffi::Buffer<ffi::F32> q,
+ffi::Error LshQueryImpl(ffi::Buffer<ffi::S32> handle_arg, ffi::Buffer<ffi::S32> slots, ffi::Buffer<ffi::F32> q,
                         ffi::Buffer<ffi::S32> q_codes, ffi::Buffer<ffi::S32> /*dep*/,
                         ffi::ResultBuffer<ffi::F32> out, ffi::ResultBuffer<ffi::F32> lse,
                         ffi::ResultBuffer<ffi::S32> sampled) {
   try {
+    int64_t handle;
+    std::string herr;
+    if (!read_handle(handle_arg, &handle, &herr)) return ffi::Error::InvalidArgument("pigjax_lsh_query: " + herr);
     QueryIO io;
     io.slots = slots.typed_data();
     io.slots_dims = to_vec(slots.dimensions());
@@ -103,11 +120,14 @@ ffi::Error LshQueryImpl(int64_t handle, ffi::Buffer<ffi::S32> slots, ffi::Buffer
 // LSH store append: slots s32[B], keys/values f32[B,Hkv,T,d], codes s32[B,Hkv,T,L],
 // counts s32[B], dep (any s32, unused: orders the call after a prefill or another append)
 // -> totals s32[B] (middle + appended tokens per row).
-ffi::Error LshAppendImpl(int64_t handle, ffi::Buffer<ffi::S32> slots, ffi::Buffer<ffi::F32> keys,
+ffi::Error LshAppendImpl(ffi::Buffer<ffi::S32> handle_arg, ffi::Buffer<ffi::S32> slots, ffi::Buffer<ffi::F32> keys,
                          ffi::Buffer<ffi::F32> values, ffi::Buffer<ffi::S32> codes,
                          ffi::Buffer<ffi::S32> counts, ffi::Buffer<ffi::S32> /*dep*/,
                          ffi::ResultBuffer<ffi::S32> totals) {
   try {
+    int64_t handle;
+    std::string herr;
+    if (!read_handle(handle_arg, &handle, &herr)) return ffi::Error::InvalidArgument("pigjax_lsh_append: " + herr);
     AppendIO io;
     io.slots = slots.typed_data();
     io.slots_dims = to_vec(slots.dimensions());
@@ -143,7 +163,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(PigjaxSimhashCodes, SimhashCodesImpl,
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(PigjaxLshPrefill, LshPrefillImpl,
                               ffi::Ffi::Bind()
-                                  .Attr<int64_t>("handle")
+                                  .Arg<ffi::Buffer<ffi::S32>>()  // handle (rank 0)
                                   .Attr<int32_t>("sink")
                                   .Attr<int32_t>("local")
                                   .Arg<ffi::Buffer<ffi::S32>>()  // slots
@@ -156,7 +176,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(PigjaxLshPrefill, LshPrefillImpl,
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(PigjaxLshQuery, LshQueryImpl,
                               ffi::Ffi::Bind()
-                                  .Attr<int64_t>("handle")
+                                  .Arg<ffi::Buffer<ffi::S32>>()  // handle (rank 0)
                                   .Arg<ffi::Buffer<ffi::S32>>()  // slots
                                   .Arg<ffi::Buffer<ffi::F32>>()  // q
                                   .Arg<ffi::Buffer<ffi::S32>>()  // q_codes
@@ -168,7 +188,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(PigjaxLshQuery, LshQueryImpl,
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(PigjaxLshAppend, LshAppendImpl,
                               ffi::Ffi::Bind()
-                                  .Attr<int64_t>("handle")
+                                  .Arg<ffi::Buffer<ffi::S32>>()  // handle (rank 0)
                                   .Arg<ffi::Buffer<ffi::S32>>()  // slots
                                   .Arg<ffi::Buffer<ffi::F32>>()  // keys
                                   .Arg<ffi::Buffer<ffi::F32>>()  // values

@@ -5,6 +5,8 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
+from pigjax.attention.base import KV, Backend, Cache, StepContext, init_kv, write_rows
+
 
 REDUCE_MIN_BATCH = 2  # decode batches from this size use the fused multiply+reduce form
 PREFILL_BLOCK = 256  # query block of a fresh prefill; bounds the score matrix and skips masked keys
@@ -57,23 +59,39 @@ def _attend_block(q, k, v, positions):
 
 
 @dataclasses.dataclass(frozen=True)
-class Dense:
+class Dense(Backend):
     """Exact attention over the whole model-side KV cache: the default back-end.
 
-    A back-end is a frozen (hashable) object, passed to jitted code as a static argument. The model
-    calls `attend` in every layer; `generate` reports `stats`. Sparse back-ends (MagicPIG, TopK,
-    Quest) implement the same two methods.
+    The contract every back-end follows (all are frozen dataclasses, static under jit):
+    - `resources(config, batch, capacity)`: a context manager yielding runtime arrays (e.g. an
+      engine store's handle) that live as long as one generation; Dense needs none.
+    - `init_cache(config, batch, capacity, window, dtype, runtime) -> Cache`: `capacity` slots for
+      prompt + generated tokens, `window` for generated tokens alone.
+    - `attend_layer(layer, state, shared, q, k, v, ctx) -> (out, state, reads)`: write the step's
+      keys/values into the layer's state and attend; `reads` (or None) counts middle keys read.
+    - `finish_step(shared, ctx, reads) -> shared` after all layers; `stats(...)` for Generation.
     """
 
     name = "dense"
 
-    def attend(self, q, k, v, positions, fresh=False):
-        return attend(q, k, v, positions, fresh)
+    def init_cache(self, config, batch, capacity, window, dtype, runtime=None) -> Cache:
+        layers = tuple(init_kv(batch, config.num_key_value_heads, capacity, config.head_dim, dtype)
+                       for _ in range(config.num_hidden_layers))
+        return Cache(layers, jnp.zeros((batch,), jnp.int32), None)
 
-    def stats(self, config, cache_dtype) -> dict:
+    def attend_layer(self, layer, state: KV, shared, q, k, v, ctx: StepContext):
+        state = KV(write_rows(state.k, k, ctx.starts), write_rows(state.v, v, ctx.starts))
+        return attend(q, state.k, state.v, ctx.positions, ctx.fresh), state, None
+
+    def finish_step(self, shared, ctx, reads):
+        return shared
+
+    def stats(self, config, cache_dtype, cache=None, resources=None) -> dict:
         itemsize = jnp.dtype(cache_dtype).itemsize
+        per_layer = 2 * config.num_key_value_heads * config.head_dim * itemsize
         return {
             "attention": self.name,
             "fraction_read": 1.0,
-            "cache_bytes_per_token_per_layer": 2 * config.num_key_value_heads * config.head_dim * itemsize,
+            "cache_bytes_per_token_per_layer": per_layer,
+            "host_bytes_per_token_per_layer": 0.0,
         }

@@ -34,7 +34,7 @@ class Store:
 
     def __init__(self, slots: int, kv_heads: int, head_dim: int, capacity: int, K: int, L: int,
                  eps: float = 1e-4, storage: str = "bf16", path: str | None = None):
-        self.path = path or ("ffi" if jax.default_backend() == "cpu" else "callback")
+        self.path = path or default_path()
         if self.path not in ("ffi", "callback"):
             raise PigjaxError(f"Store: path must be 'ffi' or 'callback', got {path!r}")
         try:
@@ -61,50 +61,73 @@ class Store:
     def info(self) -> dict:
         return _engine.store_info(self.handle)
 
+    @property
+    def handle_array(self) -> jax.Array:
+        """The handle as a rank-0 int32 array: pass it to the module functions from jitted code
+        (a runtime operand, so one compiled program serves every store)."""
+        return jnp.asarray(self.handle, jnp.int32)
+
     def prefill(self, slots, keys, values, codes, lengths, *, sink: int, local: int):
-        """Fill `slots` [B] with centered keys, values [B, Hkv, n, d] f32 and their codes
-        [B, Hkv, n, L] int32; positions [sink, length − local) are stored. -> middle counts [B]."""
-        _check("prefill", slots=(slots, jnp.int32, 1), keys=(keys, jnp.float32, 4),
-               values=(values, jnp.float32, 4), codes=(codes, jnp.int32, 4), lengths=(lengths, jnp.int32, 1))
-        result = jax.ShapeDtypeStruct(slots.shape, jnp.int32)
-        if self.path == "callback":
-            host = lambda *a: _engine.store_prefill_np(self.handle, *map(np.asarray, a), sink, local)
-            return io_callback(host, result, slots, keys, values, codes, lengths, ordered=True)
-        call = jax.ffi.ffi_call("pigjax_lsh_prefill", result, has_side_effect=True)
-        return call(slots, keys, values, codes, lengths, handle=np.int64(self.handle),
-                    sink=np.int32(sink), local=np.int32(local))
+        return prefill(self.handle_array, slots, keys, values, codes, lengths, sink=sink, local=local,
+                       path=self.path)
 
     def append(self, slots, keys, values, codes, counts, dep):
-        """Append the first counts[b] of T tokens of keys, values [B, Hkv, T, d] f32 (centered like
-        the middle) and their codes [B, Hkv, T, L] int32 to prefilled `slots` [B] (beyond the paper:
-        later queries may sample them, weighted like middle tokens). `dep` [B] is any int32 produced
-        after the prefill or the previous append, to order the calls. -> totals [B] int32 (middle +
-        appended tokens; pass it as the next call's `dep`)."""
-        _check("append", slots=(slots, jnp.int32, 1), keys=(keys, jnp.float32, 4),
-               values=(values, jnp.float32, 4), codes=(codes, jnp.int32, 4), counts=(counts, jnp.int32, 1),
-               dep=(dep, jnp.int32, 1))
-        result = jax.ShapeDtypeStruct(slots.shape, jnp.int32)
-        if self.path == "callback":
-            host = lambda s_, k_, v_, c_, n_, _dep: _engine.store_append_np(
-                self.handle, *map(np.asarray, (s_, k_, v_, c_, n_)))
-            return io_callback(host, result, slots, keys, values, codes, counts, dep, ordered=True)
-        call = jax.ffi.ffi_call("pigjax_lsh_append", result, has_side_effect=True)
-        return call(slots, keys, values, codes, counts, dep, handle=np.int64(self.handle))
+        return append(self.handle_array, slots, keys, values, codes, counts, dep, path=self.path)
 
     def query(self, slots, q, q_codes, dep):
-        """Sampled partial attention of q [B, Hq, d] (codes [B, Hq, L]) over `slots`; `dep` [B] is
-        any int32 produced after the prefill (its middle counts), to order the calls.
-        -> out [B, Hq, d] f32, lse [B, Hq] f32 (−inf where S is empty), sampled [B, Hq] int32."""
-        _check("query", slots=(slots, jnp.int32, 1), q=(q, jnp.float32, 3), q_codes=(q_codes, jnp.int32, 3),
-               dep=(dep, jnp.int32, 1))
-        b, hq, d = q.shape
-        shapes = (jax.ShapeDtypeStruct((b, hq, d), jnp.float32), jax.ShapeDtypeStruct((b, hq), jnp.float32),
-                  jax.ShapeDtypeStruct((b, hq), jnp.int32))
-        if self.path == "callback":
-            host = lambda s_, q_, c_, _dep: _engine.store_query_np(self.handle, *map(np.asarray, (s_, q_, c_)))
-            return io_callback(host, shapes, slots, q, q_codes, dep, ordered=True)
-        call = jax.ffi.ffi_call("pigjax_lsh_query", shapes, has_side_effect=True)
-        return call(slots, q, q_codes, dep, handle=np.int64(self.handle))
+        return query(self.handle_array, slots, q, q_codes, dep, path=self.path)
+
+
+def default_path() -> str:
+    return "ffi" if jax.default_backend() == "cpu" else "callback"
+
+
+def prefill(handle, slots, keys, values, codes, lengths, *, sink: int, local: int, path: str = "ffi"):
+    """Fill `slots` [B] of store `handle` (rank-0 int32) with centered keys, values [B, Hkv, n, d]
+    f32 and their codes [B, Hkv, n, L] int32; positions [sink, length − local) are stored.
+    -> middle counts [B] int32."""
+    _check("prefill", handle=(handle, jnp.int32, 0), slots=(slots, jnp.int32, 1), keys=(keys, jnp.float32, 4),
+           values=(values, jnp.float32, 4), codes=(codes, jnp.int32, 4), lengths=(lengths, jnp.int32, 1))
+    result = jax.ShapeDtypeStruct(slots.shape, jnp.int32)
+    if path == "callback":
+        host = lambda h, *a: _engine.store_prefill_np(int(h), *map(np.asarray, a), sink, local)
+        return io_callback(host, result, handle, slots, keys, values, codes, lengths, ordered=True)
+    call = jax.ffi.ffi_call("pigjax_lsh_prefill", result, has_side_effect=True)
+    return call(handle, slots, keys, values, codes, lengths, sink=np.int32(sink), local=np.int32(local))
+
+
+def append(handle, slots, keys, values, codes, counts, dep, *, path: str = "ffi"):
+    """Append the first counts[b] of T tokens of keys, values [B, Hkv, T, d] f32 (centered like
+    the middle) and their codes [B, Hkv, T, L] int32 to prefilled `slots` [B] (beyond the paper:
+    later queries may sample them, weighted like middle tokens). `dep` [B] is any int32 produced
+    after the prefill or the previous append, to order the calls. -> totals [B] int32 (middle +
+    appended tokens; pass it as the next call's `dep`)."""
+    _check("append", handle=(handle, jnp.int32, 0), slots=(slots, jnp.int32, 1), keys=(keys, jnp.float32, 4),
+           values=(values, jnp.float32, 4), codes=(codes, jnp.int32, 4), counts=(counts, jnp.int32, 1),
+           dep=(dep, jnp.int32, 1))
+    result = jax.ShapeDtypeStruct(slots.shape, jnp.int32)
+    if path == "callback":
+        host = lambda h, s_, k_, v_, c_, n_, _dep: _engine.store_append_np(
+            int(h), *map(np.asarray, (s_, k_, v_, c_, n_)))
+        return io_callback(host, result, handle, slots, keys, values, codes, counts, dep, ordered=True)
+    call = jax.ffi.ffi_call("pigjax_lsh_append", result, has_side_effect=True)
+    return call(handle, slots, keys, values, codes, counts, dep)
+
+
+def query(handle, slots, q, q_codes, dep, *, path: str = "ffi"):
+    """Sampled partial attention of q [B, Hq, d] (codes [B, Hq, L]) over `slots`; `dep` [B] is
+    any int32 produced after the prefill (its middle counts), to order the calls.
+    -> out [B, Hq, d] f32, lse [B, Hq] f32 (−inf where S is empty), sampled [B, Hq] int32."""
+    _check("query", handle=(handle, jnp.int32, 0), slots=(slots, jnp.int32, 1), q=(q, jnp.float32, 3),
+           q_codes=(q_codes, jnp.int32, 3), dep=(dep, jnp.int32, 1))
+    b, hq, d = q.shape
+    shapes = (jax.ShapeDtypeStruct((b, hq, d), jnp.float32), jax.ShapeDtypeStruct((b, hq), jnp.float32),
+              jax.ShapeDtypeStruct((b, hq), jnp.int32))
+    if path == "callback":
+        host = lambda h, s_, q_, c_, _dep: _engine.store_query_np(int(h), *map(np.asarray, (s_, q_, c_)))
+        return io_callback(host, shapes, handle, slots, q, q_codes, dep, ordered=True)
+    call = jax.ffi.ffi_call("pigjax_lsh_query", shapes, has_side_effect=True)
+    return call(handle, slots, q, q_codes, dep)
 
 
 def _free_quietly(handle: int):

@@ -1,0 +1,102 @@
+"""What every attention back-end shares: the cache pytree, the per-step context, partial softmaxes.
+
+A back-end is a frozen (hashable) dataclass passed to jitted code as a static argument. It owns the
+layout of the cache: `init_cache` builds one state per layer (a dense layer's full K/V, a sparse
+layer's exact window...) plus back-end-wide `shared` state, and `attend_layer` runs one layer's
+attention for a step, returning the layer's new state. The model (`pigjax.models.llama.step`)
+runs the layers one by one, so each layer's state is its own buffer: written, then read, in place
+(a stacked cache updated inside a scan over layers was copied whole at every layer by XLA:CPU).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import struct
+
+
+@struct.dataclass
+class Cache:
+    layers: tuple  # one state per layer (the back-end's type for that layer)
+    lengths: jax.Array  # [B] int32: tokens seen per row (the next token's position)
+    shared: Any = None  # back-end-wide state (e.g. the engine handle, read counters)
+
+    @property
+    def capacity(self) -> int:
+        return self.layers[0].k.shape[2]
+
+
+@struct.dataclass
+class KV:
+    """Keys/values of one layer, slot s of row b holding position s."""
+
+    k: jax.Array  # [B, Hkv, S, d]
+    v: jax.Array  # [B, Hkv, S, d]
+
+
+@struct.dataclass
+class StepContext:
+    """What a layer's attention needs to know about the step (same for all layers)."""
+
+    positions: jax.Array  # [B, T] int32: position of each new token
+    starts: jax.Array  # [B] int32: position of the first new token (= tokens cached before)
+    num_new: jax.Array  # [B] int32: how many of the T new tokens are real (the rest is padding)
+    fresh: bool = struct.field(pytree_node=False, default=False)  # prefill into an empty cache
+
+
+def init_kv(batch: int, kv_heads: int, capacity: int, head_dim: int, dtype) -> KV:
+    shape = (batch, kv_heads, capacity, head_dim)
+    return KV(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype))
+
+
+def write_rows(buf: jax.Array, new: jax.Array, starts: jax.Array) -> jax.Array:
+    """buf [B, H, S, d] <- new [B, T, H, d] at slots starts[b] .. starts[b]+T-1 of row b (a scatter
+    of T rows per sequence, in place when buf is a loop carry). Out-of-range slots are dropped."""
+    b, t = new.shape[:2]
+    rows = jnp.arange(b)[:, None]
+    slots = starts[:, None] + jnp.arange(t)[None, :]
+    return buf.at[rows, :, slots].set(new.astype(buf.dtype), mode="drop")
+
+
+def partial_softmax(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, scale: float | None = None):
+    """(o, lse) of the softmax of one query per head over the masked slots, in float32.
+
+    q [B, Hq, d]; k, v [B, Hkv, S, d]; mask broadcastable to [B, Hkv, Hq/Hkv, S]. lse is −inf and o
+    is 0 where a head sees no slot, so that `merge` ignores it.
+    """
+    b, hq, d = q.shape
+    hkv = k.shape[1]
+    f32 = jnp.float32
+    qg = q.reshape(b, hkv, hq // hkv, d).astype(f32)
+    scale = d ** -0.5 if scale is None else scale
+    # multiply + reduce (not a dot) lets XLA fuse the cast of a bf16 cache into the reduction.
+    scores = jnp.sum(qg[:, :, :, None, :] * k.astype(f32)[:, :, None], axis=-1) * scale
+    scores = jnp.where(mask, scores, -jnp.inf)
+    lse = jax.nn.logsumexp(scores, axis=-1)
+    probs = jnp.exp(scores - jnp.where(jnp.isfinite(lse), lse, 0.0)[..., None])
+    out = jnp.sum(probs[..., None] * v.astype(f32)[:, :, None], axis=-2)
+    return out.reshape(b, hq, d), lse.reshape(b, hq)
+
+
+def merge(out_a, lse_a, out_b, lse_b):
+    """(o, lse) of the union of two disjoint key sets from their partial softmaxes; −inf = empty."""
+    m = jnp.maximum(lse_a, lse_b)
+    m = jnp.where(jnp.isfinite(m), m, 0.0)
+    a, b = jnp.exp(lse_a - m), jnp.exp(lse_b - m)  # exp(−inf) = 0
+    total = jnp.maximum(a + b, jnp.finfo(jnp.float32).tiny)
+    out = (a[..., None] * out_a + b[..., None] * out_b) / total[..., None]
+    return out, m + jnp.log(total)
+
+
+class Backend:
+    """Defaults shared by back-ends; see Dense for the contract."""
+
+    def resources(self, config, batch: int, capacity: int):
+        """A context manager giving the runtime arrays `init_cache` needs (None: nothing)."""
+        return contextlib.nullcontext(None)
+
+    def stats(self, config, cache_dtype, cache: Cache | None = None, resources=None) -> dict:
+        raise NotImplementedError
