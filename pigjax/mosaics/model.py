@@ -121,10 +121,17 @@ class State:
 def init_state(config: MosaicsConfig, batch: int, capacity: int | None = None, dtype=jnp.float32) -> State:
     """An empty state for `batch` rows that holds up to `capacity` tokens (default: the context)."""
     capacity = config.max_position_embeddings if capacity is None else capacity
+    return _zero_state(config, batch, capacity, jnp.dtype(dtype))
+
+
+@partial(jax.jit, static_argnums=(0, 1, 2, 3))
+def _zero_state(config: MosaicsConfig, batch: int, capacity: int, dtype) -> State:
+    # Built inside jit so that every leaf is its own buffer (eager jnp.zeros of one shape may share
+    # one cached buffer, and a state whose leaves alias cannot be donated to a jitted step).
     n, h, hs = config.num_hidden_layers, config.num_attention_heads, config.head_size
-    small = jnp.zeros((n, batch, h, hs), dtype)
-    buf = jnp.zeros((n, batch, h, capacity, hs), dtype)
-    return State(LayerState(small, small, small, buf, buf), jnp.zeros((batch,), jnp.int32))
+    small = [jnp.zeros((n, batch, h, hs), dtype) for _ in range(3)]
+    buf = [jnp.zeros((n, batch, h, capacity, hs), dtype) for _ in range(2)]
+    return State(LayerState(*small, *buf), jnp.zeros((batch,), jnp.int32))
 
 
 class LeakyKeys(nn.Module):
@@ -290,6 +297,7 @@ def step(params, config: MosaicsConfig, tokens: jax.Array, state: State, num_new
     return logits, State(layers, state.count + num_new)
 
 
+@partial(jax.jit, static_argnums=0)
 def init_params(config: MosaicsConfig, seed: int = 0):
     tokens = jnp.zeros((1, 2), jnp.int32)
     return MosaicsModel(config).init(jax.random.key(seed), tokens)["params"]
@@ -299,7 +307,7 @@ def init(config: MosaicsConfig, seed: int = 0, tokenizer=None):
     """A freshly initialised `pigjax.Model` (config, params, tokenizer)."""
     from pigjax.model import Model  # pigjax.model dispatches to this module: import late
 
-    return Model(config, jax.jit(init_params, static_argnums=(0, 1))(config, seed), tokenizer)
+    return Model(config, init_params(config, seed), tokenizer)
 
 
 def param_shapes(config: MosaicsConfig, dtype=jnp.float32):
