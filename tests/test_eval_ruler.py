@@ -210,18 +210,18 @@ def tiny_with_tokenizer(tmp_path_factory, tok):
 def test_script_end_to_end(tiny_with_tokenizer, tmp_path):
     out = tmp_path / "ruler"
     result = subprocess.run(
-        [sys.executable, "scripts/eval_ruler.py", f"--checkpoint={tiny_with_tokenizer}", "--tasks=niah_single_1,vt",
-         "--contexts=1024", "--samples=2", "--batch=2", "--attention=dense", f"--out={out}", "--noprogress"],
+        [sys.executable, "scripts/eval_ruler.py", f"--checkpoint={tiny_with_tokenizer}", "--tasks=niah_single_1,fwe",
+         "--contexts=512", "--samples=2", "--batch=2", "--attention=dense", f"--out={out}", "--noprogress"],
         cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr
     data = json.loads((out / "ruler.json").read_text())
     assert [(c["attention"], c["task"], c["context"]) for c in data["cells"]] == [
-        ("dense", "niah_single_1", 1024), ("dense", "vt", 1024)]
+        ("dense", "niah_single_1", 512), ("dense", "fwe", 512)]
     for cell in data["cells"]:
         assert len(cell["predictions"]) == 2 and cell["fraction_read"] == 1.0 and 0 <= cell["score"] <= 100
         assert cell["calls"][0]["rows"] and "decode_tokens_per_second" in cell["calls"][0]
     md = (out / "ruler.md").read_text()
-    assert "| niah_single_1 | 1024 |" in md and "average" in md and "| dense |" in result.stdout
+    assert "| niah_single_1 | 512 |" in md and "average" in md and "| dense |" in result.stdout
     missing = [n for n, (cls, _) in harness.BACKENDS.items() if not hasattr(pigjax, cls)]
     if missing:  # a back-end the package does not have yet fails early and clearly
         bad = subprocess.run([sys.executable, "scripts/eval_ruler.py", f"--checkpoint={tiny_with_tokenizer}",

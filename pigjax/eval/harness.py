@@ -166,6 +166,8 @@ def run_ruler(model, *, tasks: Sequence[str] = ruler.TASKS, contexts: Sequence[i
                                  lambda n: bar.update(n) if bar is not None else None)
                 cell["fraction_used"] = f
                 if name == reference:
+                    if cell["fraction_read"] is None and fraction == "auto":
+                        raise PigjaxError(f"{name} reported no fraction_read in its stats; give --fraction")
                     measured[(task, ctx)] = cell["fraction_read"]
                 results["cells"].append(cell)
                 if out_dir is not None:
