@@ -270,7 +270,7 @@ def _generate(model, ids, lengths, max_new_tokens, sampler, backend, runtime, se
     with _compile_timer() as compile_prefill:
         start = time.perf_counter()
         params = llama.unstack_layers(model.params)
-        state = _prefill(params, tokens, row_lengths, np.arange(b) < n_rows, keys, stops, runtime,
+        state = _prefill(params, tokens, row_lengths, np.arange(b) < n_rows, keys, stops, runtime.arrays,
                          capacity=capacity, out_len=out_len, **static)
         jax.block_until_ready(state)
         prefill_seconds = time.perf_counter() - start - compile_prefill[0]

@@ -11,6 +11,7 @@ runs the layers one by one, so each layer's state is its own buffer: written, th
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from typing import Any
 
 import jax
@@ -45,6 +46,7 @@ class StepContext:
     starts: jax.Array  # [B] int32: position of the first new token (= tokens cached before)
     num_new: jax.Array  # [B] int32: how many of the T new tokens are real (the rest is padding)
     fresh: bool = struct.field(pytree_node=False, default=False)  # prefill into an empty cache
+    n_layers: int = struct.field(pytree_node=False, default=0)
 
 
 def init_kv(batch: int, kv_heads: int, capacity: int, head_dim: int, dtype) -> KV:
@@ -91,12 +93,21 @@ def merge(out_a, lse_a, out_b, lse_b):
     return out, m + jnp.log(total)
 
 
+@dataclasses.dataclass
+class Runtime:
+    """What one generation holds outside the jitted code: `arrays` (a pytree handed to
+    `init_cache` inside jit, e.g. an engine handle) and the objects behind them (e.g. the store)."""
+
+    arrays: Any = None
+    store: Any = None
+
+
 class Backend:
     """Defaults shared by back-ends; see Dense for the contract."""
 
     def resources(self, config, batch: int, capacity: int):
-        """A context manager giving the runtime arrays `init_cache` needs (None: nothing)."""
-        return contextlib.nullcontext(None)
+        """A context manager yielding the Runtime of one generation (Dense needs nothing)."""
+        return contextlib.nullcontext(Runtime())
 
     def stats(self, config, cache_dtype, cache: Cache | None = None, resources=None) -> dict:
         raise NotImplementedError

@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from pigjax import native
+from pigjax.attention.base import merge as merge_lse
 from pigjax.errors import PigjaxError
 from pigjax.magicpig.store import Store
 
@@ -48,11 +49,8 @@ def exact_part(q, k, v, lengths, sink: int, local: int):
 
 
 def merge(out_a, lse_a, out_b, lse_b):
-    """(o, lse) of the union of two disjoint key sets from their partial softmaxes; −inf = empty."""
-    m = jnp.maximum(lse_a, lse_b)
-    m = jnp.where(jnp.isfinite(m), m, 0.0)
-    a, b = jnp.exp(lse_a - m), jnp.exp(lse_b - m)  # exp(−inf) = 0
-    return (a[..., None] * out_a + b[..., None] * out_b) / (a + b)[..., None]
+    """o of the union of two disjoint key sets from their partial softmaxes; −inf = empty."""
+    return merge_lse(out_a, lse_a, out_b, lse_b)[0]
 
 
 @partial(jax.jit, static_argnames=("K", "sink", "local"))

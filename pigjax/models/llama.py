@@ -166,7 +166,7 @@ def step(params, config: LlamaConfig, tokens: jax.Array, cache: Cache, num_new=N
     if num_new is None:
         num_new = jnp.full((b,), t, jnp.int32)
     num_new = num_new.astype(jnp.int32)
-    ctx = StepContext(positions, cache.lengths, num_new, fresh)
+    ctx = StepContext(positions, cache.lengths, num_new, fresh, config.num_hidden_layers)
     rope = rope_tables(config, positions)
     x = _embed(params, config, tokens)
     states, reads = [], []

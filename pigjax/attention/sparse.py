@@ -1,0 +1,257 @@
+"""Sparse decode attention: the exact window (sink, local, generated) every sparse back-end keeps,
+and the model-side baselines TopK, Quest and Oracle (SPEC §2.7).
+
+Prefill is dense for every back-end (as in MagicPIG): a prompt of n tokens is split into sink
+[0, sink), the middle [sink, n − local) and local [n − local, n); each decode step attends exactly
+to sink, local and generated tokens (the window G) and reads only part of the middle. Layers in
+`dense_layers` stay dense. The baselines keep the whole cache on the model side — they exist to
+compare selection rules at equal measured fraction of middle keys read, not to save memory.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import struct
+
+from pigjax.attention.base import KV, Backend, Cache, StepContext, init_kv, merge, partial_softmax, write_rows
+from pigjax.attention.dense import Dense, attend
+from pigjax.errors import ConfigError, PigjaxError
+
+
+@struct.dataclass
+class SparseShared:
+    prompt_len: jax.Array  # [B] tokens of the prefilled prompt (whose middle is sparse)
+    read: jax.Array  # f32: middle keys read, summed over decode steps, sparse layers, query heads
+    total: jax.Array  # f32: middle keys there were, same sum
+    extra: Any = None  # back-end specific (MagicPIG: engine handle, projections, window fill)
+
+
+def middle_bounds(prompt_len, sink: int, local: int):
+    """[lo, hi) of each row's middle: [sink, max(sink, n − local))."""
+    return jnp.int32(sink), jnp.maximum(sink, prompt_len - local)
+
+
+def count_reads(read_per_row, n_middle, num_new, heads: int):
+    """(read, total) over the rows that decoded a token this step."""
+    live = (num_new > 0).astype(jnp.float32)
+    return jnp.stack([jnp.sum(read_per_row * live), jnp.sum(n_middle.astype(jnp.float32) * heads * live)])
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class SparseBackend(Backend):
+    """Fields shared by sparse back-ends (keyword-only); `dense_layers=None` means (0, n_layers // 2)."""
+
+    sink: int = 4
+    local: int = 64
+    dense_layers: tuple | None = None
+
+    def __post_init__(self):
+        if not isinstance(self.sink, int) or self.sink < 0:
+            raise ConfigError(f"{self.name}: sink must be an int >= 0, got {self.sink!r}")
+        if not isinstance(self.local, int) or self.local < 1:
+            raise ConfigError(f"{self.name}: local must be an int >= 1, got {self.local!r}")
+        if self.dense_layers is not None:
+            object.__setattr__(self, "dense_layers", tuple(sorted(set(int(i) for i in self.dense_layers))))
+
+    def dense_set(self, config) -> tuple:
+        return self.dense_layer_set(config.num_hidden_layers)
+
+    def dense_layer_set(self, n: int) -> tuple:
+        layers = (0, n // 2) if self.dense_layers is None else self.dense_layers
+        bad = [i for i in layers if not 0 <= i < n]
+        if bad:
+            raise ConfigError(f"{self.name}: dense_layers {bad} out of range for a model of {n} layers [0, {n})")
+        return tuple(sorted(set(layers)))
+
+    def check_step(self, ctx: StepContext, t: int):
+        if not ctx.fresh and t != 1:
+            raise PigjaxError(f"{self.name}: after the prefill, decode one token per step (got {t})")
+
+    def finish_step(self, shared: SparseShared, ctx: StepContext, reads):
+        counted = [r for r in reads if r is not None]
+        delta = sum(counted) if counted else jnp.zeros(2)
+        if ctx.fresh:
+            return shared.replace(prompt_len=ctx.num_new)
+        return shared.replace(read=shared.read + delta[0], total=shared.total + delta[1])
+
+    def fraction_read(self, cache: Cache | None):
+        if cache is None:
+            return None
+        total = float(cache.shared.total)
+        return float(cache.shared.read) / total if total > 0 else None
+
+    def base_stats(self, config, cache_dtype, cache) -> dict:
+        itemsize = jnp.dtype(cache_dtype).itemsize
+        return {
+            "attention": self.name,
+            "fraction_read": self.fraction_read(cache),
+            "dense_layers": list(self.dense_set(config)),
+            "sink": self.sink, "local": self.local,
+            "cache_bytes_per_token_per_layer": 2 * config.num_key_value_heads * config.head_dim * itemsize,
+            "host_bytes_per_token_per_layer": 0.0,
+        }
+
+
+@dataclasses.dataclass(frozen=True)
+class _FullCacheBaseline(SparseBackend):
+    """A baseline that keeps the full cache and masks the middle keys it does not select."""
+
+    fraction: float = 0.02
+
+    def __post_init__(self):
+        super().__post_init__()
+        if not 0.0 < float(self.fraction) <= 1.0:
+            raise ConfigError(f"{self.name}: fraction must lie in (0, 1], got {self.fraction!r}")
+
+    def init_cache(self, config, batch, capacity, window, dtype, runtime=None) -> Cache:
+        self.dense_set(config)
+        layers = tuple(init_kv(batch, config.num_key_value_heads, capacity, config.head_dim, dtype)
+                       for _ in range(config.num_hidden_layers))
+        zero = jnp.zeros((), jnp.float32)
+        return Cache(layers, jnp.zeros((batch,), jnp.int32), SparseShared(jnp.zeros((batch,), jnp.int32), zero, zero))
+
+    def attend_layer(self, layer, state: KV, shared: SparseShared, q, k, v, ctx: StepContext):
+        self.check_step(ctx, q.shape[1])
+        state = KV(write_rows(state.k, k, ctx.starts), write_rows(state.v, v, ctx.starts))
+        if ctx.fresh or layer in self.dense_layer_set(ctx.n_layers):
+            return attend(q, state.k, state.v, ctx.positions, ctx.fresh), state, None
+        b, _, hq, d = q.shape
+        s = state.k.shape[2]
+        slot = jnp.arange(s)[None, :]
+        lo, hi = middle_bounds(shared.prompt_len, self.sink, self.local)
+        visible = slot <= ctx.positions[:, :1]
+        middle = (slot >= lo) & (slot < hi[:, None])
+        n_middle = hi - lo
+        out, read = self.sparse_attend(layer, q[:, 0], state, visible, middle, n_middle, ctx)
+        return out[:, None].astype(q.dtype), state, count_reads(read, n_middle, ctx.num_new, hq)
+
+    def stats(self, config, cache_dtype, cache=None, resources=None) -> dict:
+        return {**self.base_stats(config, cache_dtype, cache), "fraction": self.fraction}
+
+
+def _scores(q, k):
+    """[B, Hkv, G, S] float32 scores of q [B, Hq, d] against k [B, Hkv, S, d]."""
+    b, hq, d = q.shape
+    hkv = k.shape[1]
+    qg = q.reshape(b, hkv, hq // hkv, d).astype(jnp.float32)
+    return jnp.sum(qg[:, :, :, None, :] * k.astype(jnp.float32)[:, :, None], axis=-1) * d ** -0.5
+
+
+def _kth_largest(values, m, k_static: int):
+    """The m-th largest of `values` [..., S] along the last axis (m [B] >= 1, <= k_static)."""
+    top = jax.lax.top_k(values, k_static)[0]
+    idx = jnp.clip(m - 1, 0, k_static - 1)[:, None, None, None]
+    return jnp.take_along_axis(top, idx, axis=-1)
+
+
+def _softmax_out(scores, mask, v):
+    scores = jnp.where(mask, scores, -jnp.inf)
+    probs = jax.nn.softmax(scores, axis=-1)
+    out = jnp.sum(probs[..., None] * v.astype(jnp.float32)[:, :, None], axis=-2)
+    b, hkv, g, d = out.shape
+    return out.reshape(b, hkv * g, d)
+
+
+@dataclasses.dataclass(frozen=True)
+class TopK(_FullCacheBaseline):
+    """Exact top `fraction` of each head's middle keys by score, plus the exact window."""
+
+    name = "topk"
+
+    def sparse_attend(self, layer, q, state, visible, middle, n_middle, ctx):
+        scores = _scores(q, state.k)
+        m = jnp.maximum(jnp.ceil(self.fraction * n_middle).astype(jnp.int32), 1)
+        k_static = max(1, min(scores.shape[-1], math.ceil(self.fraction * scores.shape[-1])))
+        mid = middle[:, None, None]
+        threshold = _kth_largest(jnp.where(mid, scores, -jnp.inf), m, k_static)
+        chosen = mid & (scores >= threshold)
+        mask = visible[:, None, None] & (~mid | chosen)
+        read = jnp.sum(chosen, axis=(1, 2, 3)).astype(jnp.float32)
+        return _softmax_out(scores, mask, state.v), read
+
+
+@dataclasses.dataclass(frozen=True)
+class Quest(_FullCacheBaseline):
+    """Quest: pages of `page` middle keys with per-dimension min/max bounds; each head attends to
+    the pages with the highest upper bound Σ_j max(q_j·max_j, q_j·min_j), `fraction` of the middle."""
+
+    page: int = 16
+    name = "quest"
+
+    def sparse_attend(self, layer, q, state, visible, middle, n_middle, ctx):
+        b, hkv, s, d = state.k.shape
+        pad = -s % self.page  # the last page may be partial
+        pages = (s + pad) // self.page
+        kf = jnp.pad(state.k.astype(jnp.float32), ((0, 0), (0, 0), (0, pad), (0, 0)))
+        kf = kf.reshape(b, hkv, pages, self.page, d)
+        mid_pages = jnp.pad(middle, ((0, 0), (0, pad))).reshape(b, pages, self.page)
+        in_mid = mid_pages[:, None, :, :, None]
+        kmax = jnp.max(jnp.where(in_mid, kf, -jnp.inf), axis=3)  # [B, Hkv, P, d]
+        kmin = jnp.min(jnp.where(in_mid, kf, jnp.inf), axis=3)
+        qg = q.reshape(b, hkv, -1, d).astype(jnp.float32)[:, :, :, None, :]  # [B, Hkv, G, 1, d]
+        bound = jnp.sum(jnp.maximum(qg * kmax[:, :, None], qg * kmin[:, :, None]), axis=-1)  # [B,Hkv,G,P]
+        page_has_mid = jnp.any(mid_pages, axis=-1)[:, None, None]
+        bound = jnp.where(page_has_mid & jnp.isfinite(bound), bound, -jnp.inf)
+        m = jnp.maximum(jnp.ceil(self.fraction * n_middle / self.page).astype(jnp.int32), 1)
+        k_static = max(1, min(pages, math.ceil(self.fraction * s / self.page) + 1))
+        threshold = _kth_largest(bound, m, k_static)
+        chosen_page = page_has_mid & (bound >= threshold) & jnp.isfinite(bound)
+        chosen = jnp.repeat(chosen_page, self.page, axis=-1)[..., :s] & middle[:, None, None]
+        scores = _scores(q, state.k)
+        mask = visible[:, None, None] & (~middle[:, None, None] | chosen)
+        read = jnp.sum(chosen, axis=(1, 2, 3)).astype(jnp.float32)
+        return _softmax_out(scores, mask, state.v), read
+
+
+@dataclasses.dataclass(frozen=True)
+class Oracle(_FullCacheBaseline):
+    """Oracle sampling (analysis only): draws `fraction` of the middle, with replacement, from the
+    exact attention distribution over the middle and estimates the middle's output by their mean
+    value; the middle's exact normaliser and the window are used as they are."""
+
+    seed: int = 0
+    name = "oracle"
+
+    def sparse_attend(self, layer, q, state, visible, middle, n_middle, ctx):
+        b, hkv, s, d = state.k.shape
+        scores = _scores(q, state.k)  # [B, Hkv, G, S]
+        mid = middle[:, None, None]
+        window = visible[:, None, None] & ~mid
+        out_g, lse_g = _partial(scores, window, state.v)
+        mid_scores = jnp.where(mid, scores, -jnp.inf)
+        lse_m = jax.nn.logsumexp(mid_scores, axis=-1)
+        k_static = max(1, min(s, math.ceil(self.fraction * s)))
+        m = jnp.maximum(jnp.ceil(self.fraction * n_middle).astype(jnp.int32), 1)
+        key = jax.random.fold_in(jax.random.fold_in(jax.random.key(self.seed), layer), ctx.starts[0])
+        # Inverse-CDF draws (cheaper than Gumbel noise over every key for every draw).
+        probs = jnp.exp(mid_scores - jnp.where(jnp.isfinite(lse_m), lse_m, 0.0)[..., None])
+        cdf = jnp.cumsum(probs, axis=-1)
+        u = jax.random.uniform(key, scores.shape[:-1] + (k_static,)) * cdf[..., -1:]
+        flat = jax.vmap(lambda c, x: jnp.searchsorted(c, x, side="right"))(
+            cdf.reshape(-1, s), u.reshape(-1, k_static))
+        draws = jnp.clip(flat.reshape(u.shape), 0, s - 1)  # [B, Hkv, G, k_static]
+        use = (jnp.arange(k_static)[None, :] < m[:, None])[:, None, None]
+        bi = jnp.arange(b)[:, None, None, None]
+        hi = jnp.arange(hkv)[None, :, None, None]
+        values = state.v[bi, hi, draws].astype(jnp.float32)  # [B, Hkv, G, k_static, d]
+        out_m = jnp.sum(jnp.where(use[..., None], values, 0.0), axis=-2) / m[:, None, None, None]
+        has_mid = (n_middle > 0)[:, None, None]
+        lse_m = jnp.where(has_mid, lse_m, -jnp.inf)
+        out, _ = merge(out_g, lse_g, out_m, lse_m)
+        gi = jnp.arange(scores.shape[2])[None, None, :, None]
+        hit = jnp.zeros(scores.shape, bool).at[bi, hi, gi, draws].max(jnp.broadcast_to(use, draws.shape))
+        read = jnp.sum(hit & mid, axis=(1, 2, 3)).astype(jnp.float32)
+        return out.reshape(b, -1, d), read
+
+
+def _partial(scores, mask, v):
+    """(o, lse) per head from precomputed scores [B, Hkv, G, S] under mask."""
+    scores = jnp.where(mask, scores, -jnp.inf)
+    lse = jax.nn.logsumexp(scores, axis=-1)
+    probs = jnp.exp(scores - jnp.where(jnp.isfinite(lse), lse, 0.0)[..., None])
+    return jnp.sum(probs[..., None] * v.astype(jnp.float32)[:, :, None], axis=-2), lse

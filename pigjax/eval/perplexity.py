@@ -1,0 +1,66 @@
+"""Decode-mode evaluation: prefill a prefix, then feed the rest one token per step (teacher
+forcing) through a back-end's decode path, as generation would see it.
+
+`teacher_forced` returns each target token's log-probability (and, for small vocabularies, the
+logits); `perplexity` summarises it. With a sparse back-end, every decode step after the prefill
+is sparse, so this measures what sampling/selection costs in quality on real text.
+"""
+
+from __future__ import annotations
+
+import math
+from functools import partial
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from pigjax.attention import Dense
+from pigjax.errors import PigjaxError
+from pigjax.models import llama
+
+
+@partial(jax.jit, static_argnames=("config", "backend", "p", "return_logits"))
+def _run(params, tokens, runtime, *, config, backend, p, return_logits):
+    b, t = tokens.shape
+    dtype = jax.tree.leaves(params)[0].dtype
+    cache = backend.init_cache(config, b, t, t - p, dtype, runtime)
+    logits, cache = llama.step(params, config, tokens[:, :p], cache, None, backend, fresh=True)
+    first = logits[:, -1]
+
+    def body(cache, tok):
+        logits, cache = llama.step(params, config, tok[:, None], cache, None, backend)
+        return cache, logits[:, 0]
+
+    cache, rest = jax.lax.scan(body, cache, tokens[:, p:-1].T)
+    all_logits = jnp.concatenate([first[None], rest], axis=0).swapaxes(0, 1)  # [B, t - p, V]
+    logp = jax.nn.log_softmax(all_logits, axis=-1)
+    targets = tokens[:, p:]
+    token_logp = jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
+    return token_logp, (all_logits if return_logits else None), cache
+
+
+def teacher_forced(model, tokens, prefill: int, attention=None, return_logits: bool = False):
+    """tokens [B, T] int (all rows full length). Prefill tokens[:, :prefill] densely, then decode
+    tokens prefill..T-1 one per step with `attention` (default Dense()).
+
+    -> dict(logp [B, T - prefill]: log p(tokens[:, i] | tokens[:, :i]) for i >= prefill,
+            logits [B, T - prefill, V] or None, stats: the back-end's stats).
+    """
+    backend = attention if attention is not None else Dense()
+    tokens = np.asarray(tokens, np.int32)
+    if tokens.ndim != 2 or not 1 <= prefill < tokens.shape[1]:
+        raise PigjaxError(f"teacher_forced: need tokens [B, T] and 1 <= prefill < T, got {tokens.shape}, {prefill}")
+    b, t = tokens.shape
+    if t > model.config.max_position_embeddings:
+        raise PigjaxError(f"teacher_forced: {t} tokens exceed the model's context ({model.config.max_position_embeddings})")
+    params = llama.unstack_layers(model.params)
+    with backend.resources(model.config, b, prefill) as runtime:
+        logp, logits, cache = _run(params, tokens, runtime.arrays, config=model.config, backend=backend,
+                                   p=prefill, return_logits=return_logits)
+        stats = backend.stats(model.config, model.dtype, cache, runtime)
+    return {"logp": np.asarray(logp), "logits": None if logits is None else np.asarray(logits), "stats": stats}
+
+
+def perplexity(logp) -> float:
+    return float(math.exp(-float(np.mean(logp))))

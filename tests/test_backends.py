@@ -1,0 +1,142 @@
+"""Attention back-ends in the decode path: MagicPIG (engine), TopK, Quest, Oracle vs Dense."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import pigjax
+from pigjax.config import LlamaConfig
+from pigjax.eval.perplexity import teacher_forced
+from pigjax.models import llama
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    """A random 4-layer GQA Llama (hidden 64, 4 query / 2 KV heads of 16) with peaked attention."""
+    config = LlamaConfig(vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=4,
+                         num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=1024)
+    params = llama.LlamaModel(config).init(jax.random.key(3), jnp.zeros((1, 4), jnp.int32))["params"]
+    params = jax.tree.map(lambda p: p * 2.0 if p.ndim > 1 else p, params)  # sharper attention
+    return pigjax.Model(config, params)
+
+
+def _tokens(n, rows=2, seed=0):
+    return np.random.default_rng(seed).integers(0, 97, (rows, n)).astype(np.int32)
+
+
+def _max_rel(a, b):
+    return float(np.max(np.abs(a - b)) / np.max(np.abs(b)))
+
+
+def test_k1_with_many_tables_equals_dense(tiny):
+    """K=1, L=400: every key collides in >= 2 tables, u ~ 1, so the estimate is exact attention."""
+    toks = _tokens(300)
+    dense = teacher_forced(tiny, toks, 200, return_logits=True)
+    pig = teacher_forced(tiny, toks, 200, pigjax.MagicPIG(K=1, L=400, storage="f32"), return_logits=True)
+    assert _max_rel(pig["logits"], dense["logits"]) < 1e-3
+    assert pig["stats"]["fraction_read"] > 0.999
+
+
+def test_window_covering_the_prompt_equals_dense(tiny):
+    """sink + local >= n: nothing is sampled; every decode step past the window is exact."""
+    toks = _tokens(120)
+    dense = teacher_forced(tiny, toks, 60, return_logits=True)
+    pig = teacher_forced(tiny, toks, 60, pigjax.MagicPIG(K=10, L=150, sink=4, local=64), return_logits=True)
+    np.testing.assert_allclose(pig["logits"], dense["logits"], atol=2e-5 * np.abs(dense["logits"]).max())
+    assert pig["stats"]["fraction_read"] is None  # no middle keys at all
+
+
+def test_topk_and_quest_at_fraction_one_equal_dense(tiny):
+    toks = _tokens(260)
+    dense = teacher_forced(tiny, toks, 200, return_logits=True)
+    for backend in (pigjax.TopK(1.0), pigjax.Quest(page=16, fraction=1.0)):
+        out = teacher_forced(tiny, toks, 200, backend, return_logits=True)
+        np.testing.assert_allclose(out["logits"], dense["logits"], atol=1e-5 * np.abs(dense["logits"]).max())
+        assert out["stats"]["fraction_read"] == pytest.approx(1.0)
+
+
+def test_sparse_backends_read_what_they_say(tiny):
+    toks = _tokens(400)
+    dense = teacher_forced(tiny, toks, 300)
+    for backend, lo, hi in ((pigjax.TopK(0.1), 0.1, 0.12), (pigjax.Quest(fraction=0.1), 0.09, 0.2),
+                            (pigjax.Oracle(fraction=0.1), 0.001, 0.1), (pigjax.MagicPIG(K=8, L=75), 0.002, 0.5)):
+        out = teacher_forced(tiny, toks, 300, backend)
+        assert lo <= out["stats"]["fraction_read"] <= hi, (backend.name, out["stats"]["fraction_read"])
+        # Sparse decode changes the numbers but not beyond recognition.
+        assert abs(np.mean(out["logp"]) - np.mean(dense["logp"])) < 0.5, backend.name
+
+
+def test_magicpig_generation_past_the_window_and_ragged_rows(tiny):
+    """Rows of different lengths decode in one batch exactly as they do alone (each row's slots
+    and tables are its own), including generated tokens beyond sink + local."""
+    prompts = [_tokens(300, 1, 5)[0].tolist(), _tokens(170, 1, 6)[0].tolist(), _tokens(40, 1, 7)[0].tolist()]
+    backend = pigjax.MagicPIG(K=6, L=40, local=16)
+    batch = pigjax.generate(tiny, prompts, max_new_tokens=40, attention=backend)
+    for i, p in enumerate(prompts):
+        alone = pigjax.generate(tiny, [p], max_new_tokens=40, attention=backend)
+        assert alone.tokens[0] == batch.tokens[i]
+    assert 0 < batch.stats["fraction_read"] < 1
+
+
+def test_short_prompt_magicpig_equals_dense_greedy(tiny):
+    prompts = [[5, 17, 33, 8], [9] * 30]
+    dense = pigjax.generate(tiny, prompts, max_new_tokens=24)
+    pig = pigjax.generate(tiny, prompts, max_new_tokens=24, attention=pigjax.MagicPIG())
+    assert pig.tokens == dense.tokens
+
+
+def test_callback_path_equals_ffi_path(tiny):
+    """The io_callback path (what a GPU default backend uses) gives the FFI path's numbers."""
+    toks = _tokens(200, rows=1)
+    ffi = teacher_forced(tiny, toks, 150, pigjax.MagicPIG(K=6, L=30, path="ffi"), return_logits=True)
+    cb = teacher_forced(tiny, toks, 150, pigjax.MagicPIG(K=6, L=30, path="callback"), return_logits=True)
+    np.testing.assert_allclose(cb["logits"], ffi["logits"], rtol=1e-5, atol=1e-5)
+
+
+def test_switching_backends_does_not_recompile_dense(tiny):
+    compiles = []
+
+    def listener(event, seconds, **_):
+        if event == "/jax/core/compile/backend_compile_duration":
+            compiles.append(event)
+
+    prompt = [_tokens(100, 1, 9)[0].tolist()]
+    pigjax.generate(tiny, prompt, max_new_tokens=8)
+    pigjax.generate(tiny, prompt, max_new_tokens=8, attention=pigjax.MagicPIG(K=6, L=30))
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    try:
+        again = pigjax.generate(tiny, prompt, max_new_tokens=8)
+        pig_again = pigjax.generate(tiny, prompt, max_new_tokens=8, attention=pigjax.MagicPIG(K=6, L=30))
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listener)
+    assert compiles == [] and again.stats["compile_seconds"] == 0.0 and pig_again.stats["compile_seconds"] == 0.0
+
+
+def test_memory_stats(tiny):
+    toks = _tokens(600, rows=1)
+    pig = teacher_forced(tiny, toks, 500, pigjax.MagicPIG(K=10, L=150))["stats"]
+    dense = pigjax.Dense().stats(tiny.config, jnp.float32)
+    # Dense layers 0 and 2 of 4 keep every token on the model side; sparse layers only a window.
+    assert pig["cache_bytes_per_token_per_layer"] == pytest.approx(dense["cache_bytes_per_token_per_layer"] / 2)
+    per_head = pig["host_bytes_per_token_per_sparse_layer"] / tiny.config.num_key_value_heads
+    assert 2 * 16 * 2 + 4 + 150 * 2 <= per_head  # bf16 K and V, a norm, 16-bit indices, plus offsets
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(K=16, L=1000), "too large"),
+    (dict(local=0), "local"),
+    (dict(K=0), "K must"),
+    (dict(L=1), "L must"),
+    (dict(storage="f16"), "storage"),
+])
+def test_bad_magicpig_configs(kwargs, match):
+    with pytest.raises(pigjax.ConfigError, match=match):
+        pigjax.MagicPIG(**kwargs)
+
+
+def test_dense_layers_out_of_range(tiny):
+    with pytest.raises(pigjax.ConfigError, match=r"dense_layers \[7\] out of range"):
+        pigjax.generate(tiny, [[1, 2, 3]], max_new_tokens=2, attention=pigjax.MagicPIG(dense_layers=(0, 7)))
+    with pytest.raises(pigjax.ConfigError, match="fraction"):
+        pigjax.TopK(0.0)
