@@ -236,8 +236,8 @@ def test_auto_fraction_follows_magicpig(tiny_with_tokenizer, monkeypatch, tmp_pa
 
     @dataclasses.dataclass(frozen=True)
     class FakePig(pigjax.Dense):
-        def stats(self, config, cache_dtype):
-            return {**super().stats(config, cache_dtype), "attention": "fakepig", "fraction_read": 0.25}
+        def stats(self, *args, **kwargs):
+            return {**super().stats(*args, **kwargs), "attention": "fakepig", "fraction_read": 0.25}
 
     @dataclasses.dataclass(frozen=True)
     class FakeTopK(pigjax.Dense):
