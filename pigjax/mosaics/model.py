@@ -1,8 +1,8 @@
 """Memory Mosaics v1 (SPEC §3) in Flax Linen, in two forms that compute the same function.
 
 - Parallel (`apply`): whole sequences at once, for training and `pigjax.forward`. The leaky
-  averages are a causal decay-weighted sum computed by `lax.associative_scan` (every factor is a
-  power of e^{-β} <= 1, so nothing grows), and contextual memory is a strictly causal masked
+  averages are a causal decay-weighted sum (`leaky_average`: chunked decay matrices whose factors
+  are powers of e^{-β} <= 1, so nothing grows), and contextual memory is a strictly causal masked
   kernel regression over the sequence's own key/value pairs.
 - Recurrent (`step`): a chunk of tokens (one for decoding) after a `State` holding, per layer,
   the leaky-average states, fixed-capacity key/value buffers and the pending value projection.
@@ -50,35 +50,49 @@ def normalize(x: jax.Array) -> jax.Array:
     return x * jax.lax.rsqrt(jnp.maximum(sq, _NORM_EPS**2))
 
 
-def leaky_average(x: jax.Array, decay: jax.Array, init: jax.Array) -> jax.Array:
-    """k̄_t = x_t + decay · k̄_{t-1} with k̄_{-1} = init; x [B, T, H, hs], decay [H], init [B, H, hs].
+LEAKY_CHUNK = 64  # time steps per chunk of the parallel leaky average
 
-    An associative scan over (multiplier, sum) pairs: combining an earlier (a1, s1) with a later
-    (a2, s2) gives (a1·a2, a2·s1 + s2). Multipliers are products of decay <= 1.
+
+def leaky_average(x: jax.Array, beta: jax.Array, init: jax.Array) -> jax.Array:
+    """k̄_t = x_t + e^{-β} k̄_{t-1} with k̄_{-1} = init; x [B, H, T, hs], beta [H] >= 0, init [B, H, hs].
+
+    In chunks of LEAKY_CHUNK steps: inside a chunk, k̄ = D x + e^{-β(i+1)} · (state before the
+    chunk) with D[i, j] = e^{-β(i-j)} for j <= i, else 0 (every factor is <= 1, so nothing grows);
+    the state is carried from chunk to chunk by a scan. Compared with lax.associative_scan this
+    compiles 4x faster and runs faster on XLA:CPU.
     """
-    x = x.at[:, 0].add(decay[:, None] * init)
-    a = jnp.broadcast_to(decay[None, None, :, None], (1, x.shape[1], x.shape[2], 1)).astype(x.dtype)
+    b, h, t, hs = x.shape
+    c = min(LEAKY_CHUNK, t)
+    n = -(-t // c)
+    lag = jnp.arange(c)[:, None] - jnp.arange(c)[None, :]
+    beta = beta.astype(x.dtype)
+    within = jnp.where(lag >= 0, jnp.exp(-beta[:, None, None] * jnp.maximum(lag, 0)), 0.0)  # [H, C, C]
+    carried = jnp.exp(-beta[:, None] * (jnp.arange(c) + 1))[None, :, :, None]  # [1, H, C, 1]
 
-    def combine(earlier, later):
-        (a1, s1), (a2, s2) = earlier, later
-        return a1 * a2, a2 * s1 + s2
+    def chunk(state, xc):  # xc [B, H, C, hs]
+        y = jnp.einsum("hij,bhjd->bhid", within, xc) + carried * state[:, :, None, :]
+        return y[:, :, -1], y
 
-    return jax.lax.associative_scan(combine, (a, x), axis=1)[1]
+    if n == 1:
+        return chunk(init, x)[1]
+    x = jnp.pad(x, ((0, 0), (0, 0), (0, n * c - t), (0, 0)))  # zeros after the end: causal, harmless
+    _, ys = jax.lax.scan(chunk, init, x.reshape(b, h, n, c, hs).transpose(2, 0, 1, 3, 4))
+    return ys.transpose(1, 2, 0, 3, 4).reshape(b, h, n * c, hs)[:, :, :t]
 
 
 def retrieve(q: jax.Array, keys: jax.Array, values: jax.Array, visible: jax.Array, dropout=None) -> jax.Array:
     """Σ_s softmax_s(q·k_s) v_s over visible slots; a query that sees no slot gets 0.
 
-    q [B, T, H, hs]; keys, values [B, H, S, hs]; visible [B, T, S] bool.
+    q [B, H, T, hs]; keys, values [B, H, S, hs]; visible [B or 1, T, S] bool.
     """
-    scores = jnp.einsum("bthd,bhsd->bhts", q, keys)
+    scores = jnp.einsum("bhtd,bhsd->bhts", q, keys)
     mask = visible[:, None]
     scores = jnp.where(mask, scores, jnp.finfo(scores.dtype).min)
     # A fully masked row softmaxes to a uniform distribution; the mask then zeroes it (y_0 = 0).
     weights = jax.nn.softmax(scores, axis=-1) * mask
     if dropout is not None:
         weights = dropout(weights)
-    return jnp.einsum("bhts,bhsd->bthd", weights, values)
+    return jnp.einsum("bhts,bhsd->bhtd", weights, values)
 
 
 def _linear(features: int, fan_in: int, name: str, scale: float = 1.0) -> nn.Dense:
@@ -86,13 +100,21 @@ def _linear(features: int, fan_in: int, name: str, scale: float = 1.0) -> nn.Den
     return nn.Dense(features, use_bias=False, kernel_init=nn.initializers.normal(scale / math.sqrt(fan_in)), name=name)
 
 
-def _heads(x: jax.Array, config: MosaicsConfig) -> jax.Array:
-    return x.reshape(*x.shape[:-1], config.num_attention_heads, config.head_size)
+# Heads are laid out [B, H, T, hs] inside the memories (the buffers' layout; measured faster on
+# XLA:CPU than [B, T, H, hs] for the retrieval einsums).
+def _split_heads(x: jax.Array, config: MosaicsConfig) -> jax.Array:
+    b, t, _ = x.shape
+    return x.reshape(b, t, config.num_attention_heads, config.head_size).transpose(0, 2, 1, 3)
+
+
+def _merge_heads(y: jax.Array) -> jax.Array:
+    b, h, t, hs = y.shape
+    return y.transpose(0, 2, 1, 3).reshape(b, t, h * hs)
 
 
 def _at(x: jax.Array, index: jax.Array) -> jax.Array:
-    """x [B, T, ...] at time index[b] of each row -> [B, ...]."""
-    return jnp.take_along_axis(x, index.reshape(-1, *([1] * (x.ndim - 1))), axis=1)[:, 0]
+    """x [B, H, T, hs] at time index[b] of each row -> [B, H, hs]."""
+    return jnp.take_along_axis(x, index[:, None, None, None], axis=2)[:, :, 0]
 
 
 @struct.dataclass
@@ -143,11 +165,11 @@ class LeakyKeys(nn.Module):
     def __call__(self, h, init):
         c = self.config
         heads = c.num_attention_heads
-        x = _heads(_linear(c.hidden_size, c.hidden_size, "key_proj")(h), c)
+        x = _split_heads(_linear(c.hidden_size, c.hidden_size, "key_proj")(h), c)
         a = self.param("decay", lambda _, shape: jnp.linspace(0.05, 0.5, shape[0]), (heads,))
         s = self.param("key_scale", nn.initializers.constant(0.1), (heads,))
-        kbar = leaky_average(x, jnp.exp(-10.0 * jnp.abs(a)), init)
-        k = normalize(kbar) * jnp.exp(jnp.minimum(10.0 * s, 5.0))[:, None]
+        kbar = leaky_average(x, 10.0 * jnp.abs(a), init)
+        k = normalize(kbar) * jnp.exp(jnp.minimum(10.0 * s, 5.0))[:, None, None]
         return k, kbar
 
 
@@ -160,33 +182,34 @@ class ContextMemory(nn.Module):
     def __call__(self, h, state: LayerState | None, count, num_new):
         c = self.config
         heads, (b, t) = c.num_attention_heads, h.shape[:2]
-        m = self.param("peek", nn.initializers.uniform(1.0), (heads,))[:, None]
+        m = self.param("peek", nn.initializers.uniform(1.0), (heads,))[:, None, None]
         r = self.param("value_scale", nn.initializers.constant(-0.05), (heads,))
         init = state.ctx_leak if self.recurrent else jnp.zeros((b, heads, c.head_size), h.dtype)
         k, kbar = LeakyKeys(c, name="keys")(h, init)
-        vx = _heads(_linear(c.hidden_size, c.hidden_size, "value_proj")(h), c)
+        vx = _split_heads(_linear(c.hidden_size, c.hidden_size, "value_proj")(h), c)
 
         def values(this, nxt):
-            return jnp.exp(10.0 * r)[:, None] * normalize((1.0 - m) * nxt + m * this)
+            return jnp.exp(10.0 * r)[:, None, None] * normalize((1.0 - m) * nxt + m * this)
 
         dropout = nn.Dropout(c.dropout, deterministic=self.deterministic)
         if not self.recurrent:
-            nxt = jnp.concatenate([vx[:, 1:], jnp.zeros_like(vx[:, :1])], axis=1)  # x_{T+1} = 0
+            nxt = jnp.concatenate([vx[:, :, 1:], jnp.zeros_like(vx[:, :, :1])], axis=2)  # x_{T+1} = 0
             visible = jnp.tril(jnp.ones((t, t), bool), -1)[None]  # strictly earlier: t < T
-            kk, vv = k.transpose(0, 2, 1, 3), values(vx, nxt).transpose(0, 2, 1, 3)
-            y = retrieve(k, kk, vv, visible, dropout)
+            y = retrieve(k, k, values(vx, nxt), visible, dropout)
             new_state = None
         else:
             # Slots count-1 .. count+t-2 get their values now (the first one from the pending
             # projection, finished by this chunk's first token); slots count .. count+t-1 their keys.
-            prev = jnp.concatenate([state.pending_value[:, None], vx], axis=1)
+            prev = jnp.concatenate([state.pending_value[:, :, None], vx], axis=2)
             rows, span = jnp.arange(b)[:, None], jnp.arange(t)[None, :]
             capacity = state.keys.shape[2]
             key_slots = count[:, None] + span
             value_slots = key_slots - 1
             value_slots = jnp.where(value_slots < 0, capacity, value_slots)  # no slot -1: dropped
-            keys = state.keys.at[rows, :, key_slots].set(k.astype(state.keys.dtype), mode="drop")
-            vals = values(prev[:, :-1], prev[:, 1:]).astype(state.values.dtype)
+            # (the scatter's update is laid out [B, T, H, hs]: indexed axes first)
+            keys = state.keys.at[rows, :, key_slots].set(k.transpose(0, 2, 1, 3).astype(state.keys.dtype),
+                                                         mode="drop")
+            vals = values(prev[:, :, :-1], prev[:, :, 1:]).transpose(0, 2, 1, 3).astype(state.values.dtype)
             vals = state.values.at[rows, :, value_slots].set(vals, mode="drop")
             visible = jnp.arange(capacity)[None, None, :] < key_slots[:, :, None]
             y = retrieve(k, keys, vals, visible)
@@ -198,7 +221,7 @@ class ContextMemory(nn.Module):
                 values=vals,
             )
         out = _linear(c.hidden_size, c.hidden_size, "c_proj", 1.0 / math.sqrt(c.num_hidden_layers))
-        return out(y.reshape(b, t, c.hidden_size)), new_state
+        return out(_merge_heads(y)), new_state
 
 
 class PersistentMemory(nn.Module):
@@ -216,15 +239,19 @@ class PersistentMemory(nn.Module):
         r = self.param("out_scale", nn.initializers.constant(-0.05), (heads,))
         init = state.pmem_leak if self.recurrent else jnp.zeros((b, heads, hs), h.dtype)
         k, kbar = LeakyKeys(c, name="keys")(h, init)
-        weights = jax.nn.softmax(jnp.einsum("bthd,hpd->bhtp", k, mk), axis=-1)
+        # Per head, all B·T queries against the bank as one [B·T, hs] x [hs, P] product (2x faster
+        # on XLA:CPU than with B and T as separate einsum axes).
+        q = k.transpose(1, 0, 2, 3).reshape(heads, b * t, hs)
+        weights = jax.nn.softmax(jnp.einsum("hnd,hpd->hnp", q, mk), axis=-1)
         weights = nn.Dropout(c.dropout, deterministic=self.deterministic)(weights)
-        y = jnp.einsum("bhtp,hpd->bthd", weights, mv) * jnp.exp(10.0 * r)[:, None]
+        y = jnp.einsum("hnp,hpd->hnd", weights, mv) * jnp.exp(10.0 * r)[:, None, None]
+        y = y.reshape(heads, b, t, hs).transpose(1, 2, 0, 3).reshape(b, t, c.hidden_size)
         out = _linear(c.hidden_size, c.hidden_size, "c_proj", 1.0 / math.sqrt(c.num_hidden_layers))
         new_state = None
         if self.recurrent:
             last, has_new = jnp.maximum(num_new - 1, 0), (num_new > 0)[:, None, None]
             new_state = dict(pmem_leak=jnp.where(has_new, _at(kbar, last), state.pmem_leak))
-        return out(y.reshape(b, t, c.hidden_size)), new_state
+        return out(y), new_state
 
 
 def _layer_norm(config: MosaicsConfig, name: str) -> nn.LayerNorm:
@@ -257,7 +284,9 @@ class MosaicsModel(nn.Module):
     @nn.compact
     def __call__(self, tokens, state: State | None = None, num_new=None):
         c = self.config
-        embed = nn.Embed(c.vocab_size, c.hidden_size, embedding_init=nn.initializers.normal(1.0), name="embed")
+        # N(0, 1/d): the init of the tied output projection (fan_in d); a token's own logit starts near 1.
+        embed = nn.Embed(c.vocab_size, c.hidden_size, embedding_init=nn.initializers.normal(c.hidden_size**-0.5),
+                         name="embed")
         x = nn.Dropout(c.dropout, deterministic=self.deterministic)(embed(tokens))
         layers = nn.scan(
             Block,
