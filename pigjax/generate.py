@@ -87,19 +87,27 @@ def _row_keys(keys, index):
     return jax.vmap(jax.random.fold_in)(keys, index)
 
 
-@partial(jax.jit, static_argnames=("config", "backend", "sampler", "capacity", "out_len"))
-def _prefill(params, tokens, lengths, live, keys, stops, runtime, *, config, backend, sampler, capacity, out_len):
+@partial(jax.jit, static_argnames=("config", "sampler", "out_len"))
+def _prefill(params, tokens, lengths, live, keys, stops, *, config, sampler, out_len):
+    """Dense prefill of the padded prompts: -> (per-layer K/V of the prompts, first tokens state)."""
     b = tokens.shape[0]
     dtype = jax.tree.leaves(params)[0].dtype
-    cache = backend.init_cache(config, b, capacity, out_len, dtype, runtime)
-    logits, cache = llama.step(params, config, tokens, cache, lengths, backend, fresh=True)
+    cache = Dense().init_cache(config, b, tokens.shape[1], 0, dtype)
+    logits, cache = llama.step(params, config, tokens, cache, lengths, fresh=True)
     last = logits[jnp.arange(b), lengths - 1]
     first = sampler(last, _row_keys(keys, jnp.zeros((b,), jnp.int32)))
     out = jnp.zeros((b, out_len), jnp.int32).at[:, 0].set(first)
     count = jnp.ones((b,), jnp.int32)
     padding_done = jnp.where(live, 0, FINISH_REASONS.index("length")).astype(jnp.int32)
     finish = _finish_codes(out, count, padding_done, stops)
-    return DecodeState(cache, out, count, finish, keys, jnp.zeros((), jnp.int32))
+    return cache.layers, out, count, finish
+
+
+@partial(jax.jit, static_argnames=("config", "backend", "capacity", "out_len"))
+def _fork(prefix, lengths, runtime, *, config, backend, capacity, out_len):
+    """The back-end's cache from the shared dense prefill (e.g. MagicPIG builds its tables here)."""
+    dtype = prefix[0].k.dtype
+    return backend.from_prefill(config, prefix, lengths, capacity, out_len, dtype, runtime)
 
 
 @partial(jax.jit, static_argnames=("config", "backend", "sampler"), donate_argnums=(0,))
@@ -206,17 +214,24 @@ def generate(
     attention=None,
     chat: bool = False,
     stream: Callable[[int, list[int]], None] | None = None,
-) -> Generation:
+) -> Generation | list[Generation]:
     """Generate up to `max_new_tokens` for each prompt (strings or token-id lists, ragged).
 
     `stop`: strings (or token-id lists) that end a row; matched on tokens inside the loop, and on
     text afterwards (texts are cut before the first occurrence). `stream(row, new_tokens)` is
-    called as tokens arrive (every STREAM_CHUNK steps). `attention`: the back-end (Dense()).
+    called as tokens arrive (every STREAM_CHUNK steps). `attention`: the back-end (Dense()), or a
+    list of back-ends to compare: they share one dense prefill (prefill is dense for every
+    back-end) and the call returns one Generation per back-end, in order.
     """
     if not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 0:
         raise PigjaxError(f"max_new_tokens must be a non-negative integer, got {max_new_tokens!r}")
     sampler = Sampler(temperature, top_k, top_p)
-    backend = attention if attention is not None else Dense()
+    several = isinstance(attention, (list, tuple))
+    backends = list(attention) if several else [attention if attention is not None else Dense()]
+    if not backends:
+        raise PigjaxError("attention: an empty list of back-ends")
+    if several and stream is not None:
+        raise PigjaxError("stream needs a single attention back-end, not a list")
     config = model.config
     ids = _encode_prompts(model, prompts, chat)
     lengths = [len(p) for p in ids]
@@ -229,16 +244,18 @@ def generate(
                                                and model.tokenizer.eos_token_id is not None else set()))
     n_rows = len(ids)
     if max_new_tokens == 0:
-        return Generation(["" for _ in ids] if model.tokenizer else None, [[] for _ in ids],
-                          ["length"] * n_rows, {"prefill_seconds": 0.0, "decode_tokens_per_second": 0.0,
-                                                "compile_seconds": 0.0, **backend.stats(config, model.dtype)})
-    with backend.resources(config, 1 << (n_rows - 1).bit_length(), bucket(max(lengths))) as runtime:
-        return _generate(model, ids, lengths, max_new_tokens, sampler, backend, runtime, seed, stop_table,
-                         stop_strings, eos, stream)
+        gens = [Generation(["" for _ in ids] if model.tokenizer else None, [[] for _ in ids],
+                           ["length"] * n_rows, {"prefill_seconds": 0.0, "decode_tokens_per_second": 0.0,
+                                                 "compile_seconds": 0.0, **backend.stats(config, model.dtype)})
+                for backend in backends]
+    else:
+        gens = _generate(model, ids, lengths, max_new_tokens, sampler, backends, seed, stop_table, stop_strings,
+                         eos, stream)
+    return gens if several else gens[0]
 
 
-def _generate(model, ids, lengths, max_new_tokens, sampler, backend, runtime, seed, stop_table, stop_strings,
-              eos, stream) -> Generation:
+def _generate(model, ids, lengths, max_new_tokens, sampler, backends, seed, stop_table, stop_strings,
+              eos, stream) -> list[Generation]:
     config = model.config
     n_rows = len(ids)
 
@@ -254,8 +271,37 @@ def _generate(model, ids, lengths, max_new_tokens, sampler, backend, runtime, se
     base = jax.random.key(seed)
     keys = jax.vmap(lambda i: jax.random.fold_in(base, i))(jnp.arange(b))
     stops = Stops(jnp.asarray(eos or [-1], jnp.int32), jnp.asarray(stop_table), jnp.asarray(max_new_tokens, jnp.int32))
-    static = dict(config=config, backend=backend, sampler=sampler)
+    with _compile_timer() as compile_prefill:
+        start = time.perf_counter()
+        params = llama.unstack_layers(model.params)
+        prefix, out, count, finish = _prefill(params, tokens, row_lengths, np.arange(b) < n_rows, keys, stops,
+                                              config=config, sampler=sampler, out_len=out_len)
+        jax.block_until_ready(prefix)
+        prefill_seconds = time.perf_counter() - start - compile_prefill[0]
+    shape = dict(b=b, t=t, capacity=capacity, out_len=out_len, prefill_seconds=prefill_seconds,
+                 prefill_compile=compile_prefill[0])
+    gens = []
+    for backend in backends:
+        with backend.resources(config, b, t) as runtime:
+            with _compile_timer() as compile_fork:
+                start = time.perf_counter()
+                cache = _fork(prefix, jnp.asarray(row_lengths), runtime.arrays, config=config, backend=backend,
+                              capacity=capacity, out_len=out_len)
+                jax.block_until_ready(cache)
+                fork_seconds = time.perf_counter() - start - compile_fork[0]
+            # _decode donates its state: each back-end gets its own copy of the shared arrays.
+            state = DecodeState(cache, *(jnp.copy(x) for x in (out, count, finish, keys)), jnp.zeros((), jnp.int32))
+            gens.append(_decode_all(model, params, state, stops, sampler, backend, runtime, lengths, max_new_tokens,
+                                    stop_strings, stream, dict(shape, fork_seconds=fork_seconds,
+                                                               fork_compile=compile_fork[0])))
+    return gens
 
+
+def _decode_all(model, params, state, stops, sampler, backend, runtime, lengths, max_new_tokens, stop_strings,
+                stream, shape) -> Generation:
+    config = model.config
+    n_rows = len(lengths)
+    static = dict(config=config, backend=backend, sampler=sampler)
     emitted = [0] * n_rows
 
     def emit(state):
@@ -267,13 +313,6 @@ def _generate(model, ids, lengths, max_new_tokens, sampler, backend, runtime, se
                 stream(r, out[r, emitted[r]: count[r]].tolist())
                 emitted[r] = int(count[r])
 
-    with _compile_timer() as compile_prefill:
-        start = time.perf_counter()
-        params = llama.unstack_layers(model.params)
-        state = _prefill(params, tokens, row_lengths, np.arange(b) < n_rows, keys, stops, runtime.arrays,
-                         capacity=capacity, out_len=out_len, **static)
-        jax.block_until_ready(state)
-        prefill_seconds = time.perf_counter() - start - compile_prefill[0]
     emit(state)
     with _compile_timer() as compile_decode:
         start = time.perf_counter()
@@ -298,13 +337,16 @@ def _generate(model, ids, lengths, max_new_tokens, sampler, backend, runtime, se
                 reasons[r] = "stop"
     decoded = int(count.sum()) - n_rows  # the first token of each row comes from prefill
     stats = {
-        "prefill_seconds": prefill_seconds,
-        "prefill_tokens_per_second": sum(lengths) / max(prefill_seconds, 1e-9),
+        # The dense prefill (shared when several back-ends are compared), then the back-end's own
+        # preparation of its cache (MagicPIG: centering, hashing, table build).
+        "prefill_seconds": shape["prefill_seconds"] + shape["fork_seconds"],
+        "prefill_tokens_per_second": sum(lengths) / max(shape["prefill_seconds"] + shape["fork_seconds"], 1e-9),
+        "cache_build_seconds": shape["fork_seconds"],
         "decode_seconds": decode_seconds,
         "decode_tokens": decoded,
         "decode_tokens_per_second": decoded / decode_seconds if decode_seconds > 0 and decoded else 0.0,
-        "compile_seconds": compile_prefill[0] + compile_decode[0],
-        "batch_bucket": b, "prompt_bucket": t, "capacity": capacity,
+        "compile_seconds": shape["prefill_compile"] + shape["fork_compile"] + compile_decode[0],
+        "batch_bucket": shape["b"], "prompt_bucket": shape["t"], "capacity": shape["capacity"],
         **backend.stats(config, model.dtype, state.cache, runtime),
     }
     return Generation(texts, new_tokens, reasons, stats)

@@ -140,3 +140,15 @@ def test_dense_layers_out_of_range(tiny):
         pigjax.generate(tiny, [[1, 2, 3]], max_new_tokens=2, attention=pigjax.MagicPIG(dense_layers=(0, 7)))
     with pytest.raises(pigjax.ConfigError, match="fraction"):
         pigjax.TopK(0.0)
+
+
+def test_list_of_backends_shares_the_prefill(tiny):
+    """generate with a list of back-ends equals one call per back-end."""
+    prompts = [_tokens(220, 1, 11)[0].tolist(), _tokens(90, 1, 12)[0].tolist()]
+    backends = [pigjax.Dense(), pigjax.MagicPIG(K=6, L=40, local=16), pigjax.TopK(0.1, local=16)]
+    together = pigjax.generate(tiny, prompts, max_new_tokens=12, attention=backends)
+    assert [g.stats["attention"] for g in together] == ["dense", "magicpig", "topk"]
+    for backend, gen in zip(backends, together):
+        assert pigjax.generate(tiny, prompts, max_new_tokens=12, attention=backend).tokens == gen.tokens
+    with pytest.raises(pigjax.PigjaxError, match="single attention back-end"):
+        pigjax.generate(tiny, prompts, max_new_tokens=2, attention=backends, stream=lambda r, t: None)

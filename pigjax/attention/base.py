@@ -111,3 +111,18 @@ class Backend:
 
     def stats(self, config, cache_dtype, cache: Cache | None = None, resources=None) -> dict:
         raise NotImplementedError
+
+    def from_prefill(self, config, prefix: tuple, lengths, capacity: int, window: int, dtype, runtime=None) -> Cache:
+        """The cache this back-end's own prefill would leave, from a dense prefill's per-layer K/V
+        (`prefix`: KV [B, Hkv, t, d] per layer, rows of `lengths` tokens). One dense prefill can so
+        serve several back-ends (generate with a list of back-ends)."""
+        b = lengths.shape[0]
+        cache = self.init_cache(config, b, capacity, window, dtype, runtime)
+        layers = tuple(self.ingest_layer(config, i, state, cache.shared, kv, lengths)
+                       for i, (state, kv) in enumerate(zip(cache.layers, prefix)))
+        ctx = StepContext(jnp.zeros((b, 1), jnp.int32), jnp.zeros((b,), jnp.int32), lengths, True, len(layers))
+        return Cache(layers, lengths, self.finish_step(cache.shared, ctx, [None] * len(layers)))
+
+    def ingest_layer(self, config, layer: int, state, shared, kv: KV, lengths):
+        t = kv.k.shape[2]
+        return KV(state.k.at[:, :, :t].set(kv.k.astype(state.k.dtype)), state.v.at[:, :, :t].set(kv.v.astype(state.v.dtype)))

@@ -112,8 +112,7 @@ class _FullCacheBaseline(SparseBackend):
         self.dense_set(config)
         layers = tuple(init_kv(batch, config.num_key_value_heads, capacity, config.head_dim, dtype)
                        for _ in range(config.num_hidden_layers))
-        zero = jnp.zeros((), jnp.float32)
-        return Cache(layers, jnp.zeros((batch,), jnp.int32), SparseShared(jnp.zeros((batch,), jnp.int32), zero, zero))
+        return Cache(layers, jnp.zeros((batch,), jnp.int32), SparseShared(jnp.zeros((batch,), jnp.int32), jnp.zeros(()), jnp.zeros(())))
 
     def attend_layer(self, layer, state: KV, shared: SparseShared, q, k, v, ctx: StepContext):
         self.check_step(ctx, q.shape[1])

@@ -11,10 +11,11 @@ Back-end names map to objects of the top-level `pigjax` package:
   quest             pigjax.Quest(page=16, fraction=f)
   oracle            pigjax.Oracle(fraction=f)
 
-For topk/quest/oracle, `f` is a given number, or with fraction="auto" the mean
-`Generation.stats["fraction_read"]` (weighted by rows) that the first MagicPIG back-end of the list
-measured on the same cell (task, context): those back-ends then run after it, at equal measured
-fraction. Decoding is greedy; each generate call's stats are recorded.
+For topk/quest/oracle, `f` is a given number, or with fraction="auto" the
+`Generation.stats["fraction_read"]` that the first MagicPIG back-end of the list measured on the
+same batch of prompts: those back-ends then run after it, at equal measured fraction. Each batch
+is prefilled once per group of back-ends (`pigjax.generate` with a list: prefill is dense for all).
+Decoding is greedy; each generate call's stats are recorded.
 """
 
 from __future__ import annotations
@@ -154,62 +155,81 @@ def run_ruler(model, *, tasks: Sequence[str] = ruler.TASKS, contexts: Sequence[i
 
         bar = tqdm(total=len(order) * len(cells) * samples, unit="sample", desc="ruler")
     try:
-        for name in order:
-            for task, ctx in cells:
-                f = None
-                if name in FRACTION_BACKENDS:
-                    f = round(measured[(task, ctx)], 6) if fraction == "auto" else fraction
-                backend = make_backend(name, f)
-                if bar is not None:
-                    bar.set_postfix_str(f"{name} {task} {ctx}")
-                cell = _run_cell(pigjax, model, backend, name, task, ctx, data[(task, ctx)], batch,
-                                 lambda n: bar.update(n) if bar is not None else None)
-                cell["fraction_used"] = f
-                if name == reference:
-                    if cell["fraction_read"] is None and fraction == "auto":
-                        raise PigjaxError(f"{name} reported no fraction_read in its stats; give --fraction")
-                    measured[(task, ctx)] = cell["fraction_read"]
-                results["cells"].append(cell)
-                if out_dir is not None:
-                    write_results(results, out_dir)
+        for task, ctx in cells:
+            if bar is not None:
+                bar.set_postfix_str(f"{task} {ctx}")
+            cell_results = _run_cell(pigjax, model, order, reference, fraction, task, ctx, data[(task, ctx)], batch,
+                                     lambda n: bar.update(n) if bar is not None else None)
+            results["cells"].extend(cell_results)
+            if out_dir is not None:
+                write_results(results, out_dir)
     finally:
         if bar is not None:
             bar.close()
     return results
 
 
-def _run_cell(pigjax, model, backend, name, task, ctx, samples, batch, advance) -> dict:
+def _run_cell(pigjax, model, names, reference, fraction, task, ctx, samples, batch, advance) -> list[dict]:
+    """All back-ends on one (task, context) cell. Each batch of prompts is prefilled once for the
+    back-ends without a fraction and once for topk/quest/oracle, which run at the fraction the
+    reference MagicPIG back-end measured on that batch (or the given one)."""
     spec = ruler.TASK_SPECS[task]
     order = sorted(range(len(samples)), key=lambda i: samples[i].length)  # similar lengths share a batch
-    texts: dict[int, str] = {}
-    reasons: dict[int, str] = {}
-    calls = []
-    start = time.perf_counter()
+    plain = [n for n in names if n not in FRACTION_BACKENDS]
+    by_fraction = [n for n in names if n in FRACTION_BACKENDS]
+    acc = {n: {"texts": {}, "reasons": {}, "calls": [], "seconds": 0.0, "fractions": []} for n in names}
+
+    def run(group, backends, rows):
+        start = time.perf_counter()
+        gens = pigjax.generate(model, [samples[i].prompt_ids for i in rows], max_new_tokens=spec.tokens_to_generate,
+                               temperature=0.0, attention=backends)
+        shared = (time.perf_counter() - start) / len(group)  # the shared prefill, split evenly
+        for name, gen in zip(group, gens):
+            a = acc[name]
+            for r, i in enumerate(rows):
+                a["texts"][i], a["reasons"][i] = gen.texts[r], gen.finish_reasons[r]
+            a["calls"].append({"rows": [samples[i].index for i in rows], **_jsonable(gen.stats)})
+            a["seconds"] += shared
+            advance(len(rows))
+        return gens
+
     for lo in range(0, len(order), batch):
         rows = order[lo: lo + batch]
-        gen = pigjax.generate(model, [samples[i].prompt_ids for i in rows], max_new_tokens=spec.tokens_to_generate,
-                              temperature=0.0, attention=backend)
-        for r, i in enumerate(rows):
-            texts[i], reasons[i] = gen.texts[r], gen.finish_reasons[r]
-        calls.append({"rows": [samples[i].index for i in rows], **_jsonable(gen.stats)})
-        advance(len(rows))
-    seconds = time.perf_counter() - start
-    preds = [texts[i] for i in range(len(samples))]
+        gens = run(plain, [make_backend(n) for n in plain], rows) if plain else []
+        if by_fraction:
+            f = fraction
+            if fraction == "auto":
+                f = gens[plain.index(reference)].stats.get("fraction_read")
+                if f is None:
+                    raise PigjaxError(f"{reference} reported no fraction_read in its stats; give --fraction")
+            f = round(float(f), 6)
+            run(by_fraction, [make_backend(n, f) for n in by_fraction], rows)
+            for n in by_fraction:
+                acc[n]["fractions"].append((len(rows), f))
+    return [_cell(name, acc[name], task, ctx, samples) for name in names]
+
+
+def _cell(name, a, task, ctx, samples) -> dict:
+    preds = [a["texts"][i] for i in range(len(samples))]
     cell_score, per_sample = ruler.score(task, preds, [s.outputs for s in samples])
+    calls = a["calls"]
     weights = [len(c["rows"]) for c in calls]
     fr = [c.get("fraction_read") for c in calls]
     fraction_read = (sum(w * x for w, x in zip(weights, fr)) / sum(weights)) if all(x is not None for x in fr) else None
+    used = a["fractions"]
+    fraction_used = sum(w * f for w, f in used) / sum(w for w, _ in used) if used else None
     compile_seconds = sum(c.get("compile_seconds", 0.0) for c in calls)
+    seconds = a["seconds"]
     return {
-        "attention": name, "backend": repr(backend), "task": task, "context": ctx, "score": cell_score,
-        "samples": len(samples), "fraction_read": fraction_read,
+        "attention": name, "backend": repr(make_backend(name, fraction_used)), "task": task, "context": ctx,
+        "score": cell_score, "samples": len(samples), "fraction_read": fraction_read, "fraction_used": fraction_used,
         "mean_prompt_tokens": sum(s.length for s in samples) / len(samples),
         "seconds": seconds, "seconds_per_sample": seconds / len(samples),
         "seconds_per_sample_excluding_compile": (seconds - compile_seconds) / len(samples),
         "calls": calls,
         "predictions": [{"index": s.index, "prompt_tokens": s.length, "haystack": s.haystack, "outputs": s.outputs,
-                         "prediction": preds[i], "finish_reason": reasons[i], "score": per_sample[i]}
-                        for i, s in enumerate(samples)],
+                         "prediction": preds[i], "finish_reason": reasons_i, "score": per_sample[i]}
+                        for i, (s, reasons_i) in enumerate(zip(samples, [a["reasons"][j] for j in range(len(samples))]))],
     }
 
 

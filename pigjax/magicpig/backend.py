@@ -111,8 +111,7 @@ class MagicPIG(SparseBackend):
                 kv = init_kv(batch, hkv, width, d, dtype)
                 layers.append(Window(kv.k, kv.v, jnp.zeros((batch, hkv, d), jnp.float32),
                                      jnp.zeros((batch,), jnp.int32)))
-        zero = jnp.zeros((), jnp.float32)
-        shared = SparseShared(jnp.zeros((batch,), jnp.int32), zero, zero, runtime)
+        shared = SparseShared(jnp.zeros((batch,), jnp.int32), jnp.zeros(()), jnp.zeros(()), runtime)
         return Cache(tuple(layers), jnp.zeros((batch,), jnp.int32), shared)
 
     def _codes(self, x, proj):
@@ -129,7 +128,7 @@ class MagicPIG(SparseBackend):
         if isinstance(state, KV):  # a dense layer
             state = KV(write_rows(state.k, k, ctx.starts), write_rows(state.v, v, ctx.starts))
             return attend(q, state.k, state.v, ctx.positions, ctx.fresh), state, None
-        slots = self.sparse_layers(ctx.n_layers).index(layer) * q.shape[0] + jnp.arange(q.shape[0], dtype=jnp.int32)
+        slots = self.slots(layer, ctx.n_layers, q.shape[0])
         if ctx.fresh:
             return self._prefill(state, shared.extra, slots, q, k, v, ctx)
         return self._decode(state, shared, slots, q, k, v, ctx)
@@ -137,7 +136,17 @@ class MagicPIG(SparseBackend):
     def _prefill(self, state: Window, rt: EngineShared, slots, q, k, v, ctx):
         kt, vt = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [B, Hkv, T, d]
         out = attend(q, kt, vt, ctx.positions, fresh=True)
-        lengths = ctx.num_new
+        return out, self.ingest(state, rt, slots, kt, vt, ctx.num_new), None
+
+    def ingest_layer(self, config, layer, state, shared, kv: KV, lengths):
+        if isinstance(state, KV):
+            return super().ingest_layer(config, layer, state, shared, kv, lengths)
+        slots = self.slots(layer, config.num_hidden_layers, lengths.shape[0])
+        return self.ingest(state, shared.extra, slots, kv.k, kv.v, lengths)
+
+    def ingest(self, state: Window, rt: EngineShared, slots, kt, vt, lengths) -> Window:
+        """A prompt's keys/values [B, Hkv, T, d] (rows of `lengths` tokens) into the engine and the
+        window: center by the middle's mean, hash, build the tables, keep sink and local exact."""
         k32, v32 = kt.astype(jnp.float32), vt.astype(jnp.float32)
         kc = center(k32, lengths, self.sink, self.local)
         mu = (k32 - kc)[:, :, 0]
@@ -149,7 +158,11 @@ class MagicPIG(SparseBackend):
                                    jnp.take_along_axis(x, jnp.minimum(pos, x.shape[2] - 1)[:, None, :, None], axis=2), 0)
         win_k = state.k.at[:, :, :width].set(take(kc).astype(state.k.dtype))
         win_v = state.v.at[:, :, :width].set(take(vt).astype(state.v.dtype))
-        return out, Window(win_k, win_v, mu, counts), None
+        return Window(win_k, win_v, mu, counts)
+
+    def slots(self, layer: int, n_layers: int, batch: int):
+        """Engine slots of a sparse layer's rows."""
+        return self.sparse_layers(n_layers).index(layer) * batch + jnp.arange(batch, dtype=jnp.int32)
 
     def _decode(self, state: Window, shared: SparseShared, slots, q, k, v, ctx):
         rt: EngineShared = shared.extra

@@ -1,0 +1,17 @@
+"""What a benchmark states about the machine it ran on."""
+
+from __future__ import annotations
+
+import os
+import platform
+
+
+def describe() -> dict:
+    import jax
+
+    from pigjax import native
+
+    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
+               platform.processor())
+    return {"cpu": cpu, "cores": os.cpu_count(), "jax": jax.__version__, "jax_backend": jax.default_backend(),
+            "engine_simd": native.simd_level(), "engine_threads": native.num_threads()}
