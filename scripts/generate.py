@@ -20,7 +20,12 @@ _TOP_K = flags.DEFINE_integer("top_k", None, "keep the k most likely tokens")
 _TOP_P = flags.DEFINE_float("top_p", None, "keep the smallest set of tokens with this probability mass")
 _SEED = flags.DEFINE_integer("seed", 0, "sampling seed")
 _STOP = flags.DEFINE_multi_string("stop", None, "stop sequence (repeatable)")
-_ATTENTION = flags.DEFINE_enum("attention", "dense", ["dense"], "attention back-end")
+_ATTENTION = flags.DEFINE_enum("attention", "magicpig_k10l150",
+                                ["dense", "magicpig_k10l150", "magicpig_k10l170", "magicpig_k8l75", "topk", "quest",
+                                 "oracle"], "attention back-end (pigjax.eval.harness.BACKENDS)")
+_FRACTION = flags.DEFINE_float("fraction", 0.02, "fraction of middle keys for topk/quest/oracle")
+_DEMO_CONTEXT = flags.DEFINE_integer("demo_context", 4096, "without --prompt: tokens of the needle-in-a-haystack "
+                                     "demo prompt (RULER niah_single_2: a number hidden in essays)")
 _CHAT = flags.DEFINE_bool("chat", False, "apply the tokenizer's chat template")
 _DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "compute dtype")
 
@@ -30,7 +35,18 @@ def _prompts() -> list[str]:
     if _PROMPT_FILE.value:
         with open(_PROMPT_FILE.value) as f:
             prompts += [line.rstrip("\n") for line in f if line.strip()]
-    return prompts or ["The capital of France is"]
+    return prompts
+
+
+def _demo(model):
+    """A long prompt where sampled attention matters: find a number hidden in ~4k tokens of essays."""
+    from pigjax.eval import ruler
+
+    sample = ruler.make_sample(model.tokenizer, "niah_single_2", _DEMO_CONTEXT.value, 0)
+    question = sample.input[sample.input.rfind("What"):].strip() if "What" in sample.input else sample.input[-200:]
+    print(f"[demo] {sample.length}-token prompt (RULER niah_single_2): essays with a hidden number; the question:\n"
+          f"{question}\n[demo] expected: {sample.outputs}\n{sample.answer_prefix.strip()}", end="", flush=True)
+    return sample.prompt_ids
 
 
 def main(argv):
@@ -46,12 +62,18 @@ def main(argv):
     try:
         model = pigjax.load(_CHECKPOINT.value or assets.default_checkpoint(),
                             dtype=jnp.bfloat16 if _DTYPE.value == "bfloat16" else None)
-        attention = {"dense": pigjax.Dense()}[_ATTENTION.value]
+        from pigjax.eval.harness import FRACTION_BACKENDS, make_backend
+
+        attention = make_backend(_ATTENTION.value, _FRACTION.value if _ATTENTION.value in FRACTION_BACKENDS else None)
+        demo = not prompts
+        if demo:
+            prompts = [_demo(model)]
         kwargs = dict(max_new_tokens=_MAX_NEW.value, temperature=_TEMPERATURE.value, top_k=_TOP_K.value,
                       top_p=_TOP_P.value, seed=_SEED.value, stop=_STOP.value, attention=attention, chat=_CHAT.value)
         if len(prompts) == 1:
             shown = []
-            print(prompts[0], end="", flush=True)
+            if not demo:
+                print(prompts[0], end="", flush=True)
 
             def stream(row, tokens):  # print the text that the new tokens complete
                 before = model.tokenizer.decode(shown, skip_special_tokens=True)
@@ -74,6 +96,10 @@ def main(argv):
             ("prefill tok/s", f"{s['prefill_tokens_per_second']:.1f}"),
             ("decode tok/s", f"{s['decode_tokens_per_second']:.1f}"),
             ("compile s", f"{s['compile_seconds']:.2f}"), ("attention", s["attention"])]
+    if s.get("fraction_read") is not None:
+        rows.append(("keys read", f"{100 * s['fraction_read']:.2f}% of the middle (sparse layers)"))
+    rows.append(("cache B/tok/lyr", f"model side {s['cache_bytes_per_token_per_layer']:.0f}, "
+                                    f"host {s['host_bytes_per_token_per_layer']:.0f}"))
     print("\n".join(f"{k:>14} | {v}" for k, v in rows))
     return 0
 

@@ -152,3 +152,17 @@ def test_list_of_backends_shares_the_prefill(tiny):
         assert pigjax.generate(tiny, prompts, max_new_tokens=12, attention=backend).tokens == gen.tokens
     with pytest.raises(pigjax.PigjaxError, match="single attention back-end"):
         pigjax.generate(tiny, prompts, max_new_tokens=2, attention=backends, stream=lambda r, t: None)
+
+
+def test_attention_level_error(tiny):
+    """Same q, k, v for every back-end: exact ones give 0; MagicPIG's estimate errs on sparse layers only."""
+    from pigjax.eval.attention_error import layer_errors
+
+    toks = _tokens(240, rows=1, seed=4)
+    res = layer_errors(tiny, toks, 200, {"dense": pigjax.Dense(), "topk1": pigjax.TopK(1.0),
+                                         "pig": pigjax.MagicPIG(K=8, L=40)})
+    assert max(res["dense"]["relative_l2"]) == 0.0 and max(res["topk1"]["relative_l2"]) < 1e-5
+    pig = res["pig"]["relative_l2"]
+    assert pig[0] == 0.0 and pig[2] == 0.0  # dense layers 0 and n // 2
+    assert 0.0 < pig[1] < 1.0 and 0.0 < pig[3] < 1.0
+    assert 0 < res["pig"]["fraction_read"] < 1

@@ -1,0 +1,115 @@
+"""Decode-mode quality of attention back-ends on long Wikipedia text (hotpotqa paragraphs):
+
+  python scripts/eval_decode_quality.py            # 8k tokens: prefill 2k, teacher-forced decode of 6k
+
+1. Perplexity in decode mode: prefill `--prefill` tokens densely, then feed the rest one token per
+   step through the back-end (pigjax.eval.perplexity.teacher_forced).
+2. Attention-level error: each layer's attention output vs exact attention on the same q, k, v
+   (those of a dense forward) at `--error_steps` decode positions after `--error_prefill` tokens
+   (pigjax.eval.attention_error).
+topk/quest/oracle run at the fraction of middle keys the reference MagicPIG back-end (the first in
+--attention) measured in the same run. Writes JSON and a Markdown table.
+"""
+
+import json
+import os
+import time
+
+from absl import app, flags
+
+_ATTENTION = flags.DEFINE_list("attention", "dense,magicpig_k10l150,magicpig_k10l170,magicpig_k8l75,topk,quest",
+                               "back-end names (see pigjax.eval.harness.BACKENDS)")
+_TOKENS = flags.DEFINE_integer("tokens", 8192, "text length for perplexity")
+_PREFILL = flags.DEFINE_integer("prefill", 2048, "dense prefill before teacher-forced decoding")
+_ERROR_PREFILL = flags.DEFINE_integer("error_prefill", 4032, "prefill of the attention-error run")
+_ERROR_STEPS = flags.DEFINE_integer("error_steps", 64, "decode positions of the attention-error run")
+_SEED = flags.DEFINE_integer("seed", 0, "text seed")
+_SKIP_PPL = flags.DEFINE_bool("skip_perplexity", False, "only the attention-level error")
+_OUT = flags.DEFINE_string("out", "docs/results/decode_quality", "output prefix (.json, .md)")
+
+
+def run_with_fraction(names, run_one):
+    """run_one(name, backend) for each name; topk/quest/oracle get the reference MagicPIG's fraction."""
+    from pigjax.eval.harness import FRACTION_BACKENDS, make_backend
+
+    results, fraction = {}, None
+    reference = next((n for n in names if n.startswith("magicpig")), None)
+    for name in [n for n in names if n not in FRACTION_BACKENDS] + [n for n in names if n in FRACTION_BACKENDS]:
+        backend = make_backend(name, fraction if name in FRACTION_BACKENDS else None)
+        results[name] = run_one(name, backend)
+        if name == reference:
+            fraction = results[name]["fraction_read"]
+        print(f"  {name}: {results[name]}"[:300], flush=True)
+    return results
+
+
+def main(_):
+    import numpy as np
+
+    import pigjax
+    import pigjax.assets
+    from pigjax.eval.attention_error import layer_errors
+    from pigjax.eval.harness import check_backends
+    from pigjax.eval.perplexity import perplexity, teacher_forced
+    from pigjax.eval.text import long_text
+    from pigjax.machine import describe
+
+    names = _ATTENTION.value
+    check_backends(names, "auto")
+    model = pigjax.load(pigjax.assets.default_checkpoint())
+    text = long_text(model.tokenizer, max(_TOKENS.value, _ERROR_PREFILL.value + _ERROR_STEPS.value), seed=_SEED.value)
+    result = {"machine": describe(), "model": "SmolLM2-135M-Instruct", "text": "hotpotqa paragraphs",
+              "perplexity": {"tokens": _TOKENS.value, "prefill": _PREFILL.value},
+              "attention_error": {"prefill": _ERROR_PREFILL.value, "steps": _ERROR_STEPS.value}}
+
+    print("attention-level error ...", flush=True)
+    err_tokens = text[None, : _ERROR_PREFILL.value + _ERROR_STEPS.value]
+    result["attention_error"]["backends"] = run_with_fraction(
+        names, lambda name, b: layer_errors(model, err_tokens, _ERROR_PREFILL.value, {name: b})[name])
+
+    if not _SKIP_PPL.value:
+        print("decode-mode perplexity ...", flush=True)
+
+        def ppl(name, backend):
+            start = time.perf_counter()
+            out = teacher_forced(model, text[None, : _TOKENS.value], _PREFILL.value, backend)
+            return {"perplexity": perplexity(out["logp"]), "fraction_read": out["stats"].get("fraction_read"),
+                    "seconds": time.perf_counter() - start,
+                    "cache_bytes_per_token_per_layer": out["stats"]["cache_bytes_per_token_per_layer"],
+                    "host_bytes_per_token_per_layer": out["stats"]["host_bytes_per_token_per_layer"]}
+
+        result["perplexity"]["backends"] = run_with_fraction(names, ppl)
+
+    lines = ["# Decode-mode quality", "",
+             f"SmolLM2-135M-Instruct on hotpotqa Wikipedia paragraphs; machine: {result['machine']['cpu']}, "
+             f"{result['machine']['cores']} cores.", ""]
+    errs = result["attention_error"]["backends"]
+    lines += [f"Attention-level error: relative L2 of each layer's attention output vs exact attention (same q, k, v), "
+              f"mean over {_ERROR_STEPS.value} decode positions after a {_ERROR_PREFILL.value}-token prefill.", "",
+              "| back-end | fraction read | mean rel. L2 (sparse layers) | max over layers |", "|---|---:|---:|---:|"]
+    for name, e in errs.items():
+        sparse = [x for x in e["relative_l2"] if x > 0] or [0.0]
+        fr = "–" if e["fraction_read"] is None else f"{e['fraction_read']:.4f}"
+        lines.append(f"| {name} | {fr} | {np.mean(sparse):.4f} | {max(e['relative_l2']):.4f} |")
+    if "backends" in result["perplexity"]:
+        p = result["perplexity"]
+        dense = p["backends"].get("dense", {}).get("perplexity")
+        lines += ["", f"Decode-mode perplexity: {p['tokens']} tokens, dense prefill of {p['prefill']}, teacher-forced "
+                  "decode of the rest.", "",
+                  "| back-end | fraction read | perplexity | vs dense | model-side bytes/token/layer | "
+                  "host bytes/token/layer | seconds |", "|---|---:|---:|---:|---:|---:|---:|"]
+        for name, r in p["backends"].items():
+            fr = "–" if r["fraction_read"] is None else f"{r['fraction_read']:.4f}"
+            rel = f"{100 * (r['perplexity'] / dense - 1):+.2f}%" if dense else "–"
+            lines.append(f"| {name} | {fr} | {r['perplexity']:.3f} | {rel} | {r['cache_bytes_per_token_per_layer']:.0f} "
+                         f"| {r['host_bytes_per_token_per_layer']:.0f} | {r['seconds']:.0f} |")
+    md = "\n".join(lines) + "\n"
+    print(md)
+    os.makedirs(os.path.dirname(_OUT.value) or ".", exist_ok=True)
+    json.dump(result, open(_OUT.value + ".json", "w"), indent=1)
+    open(_OUT.value + ".md", "w").write(md)
+    print(f"wrote {_OUT.value}.json/.md")
+
+
+if __name__ == "__main__":
+    app.run(main)
