@@ -24,7 +24,9 @@ from pigjax.attention import Dense
 from pigjax.attention.base import Cache
 from pigjax.errors import PigjaxError
 from pigjax.model import Model
+from pigjax import mosaics
 from pigjax.models import llama
+from pigjax.mosaics.config import MosaicsConfig
 from pigjax.sampling import Sampler
 
 FINISH_REASONS = ("running", "eos", "stop", "length")  # index = DecodeState.finish code
@@ -94,13 +96,33 @@ def _prefill(params, tokens, lengths, live, keys, stops, *, config, sampler, out
     dtype = jax.tree.leaves(params)[0].dtype
     cache = Dense().init_cache(config, b, tokens.shape[1], 0, dtype)
     logits, cache = llama.step(params, config, tokens, cache, lengths, fresh=True)
+    return (cache.layers, *_first_tokens(logits, lengths, live, keys, stops, sampler, out_len))
+
+
+def _first_tokens(logits, lengths, live, keys, stops, sampler, out_len):
+    """(out, count, finish) after sampling each row's first token from its last prompt logits."""
+    b = logits.shape[0]
     last = logits[jnp.arange(b), lengths - 1]
     first = sampler(last, _row_keys(keys, jnp.zeros((b,), jnp.int32)))
     out = jnp.zeros((b, out_len), jnp.int32).at[:, 0].set(first)
     count = jnp.ones((b,), jnp.int32)
     padding_done = jnp.where(live, 0, FINISH_REASONS.index("length")).astype(jnp.int32)
-    finish = _finish_codes(out, count, padding_done, stops)
-    return cache.layers, out, count, finish
+    return out, count, _finish_codes(out, count, padding_done, stops)
+
+
+@partial(jax.jit, static_argnames=("config", "sampler", "capacity", "out_len"))
+def _prefill_mosaics(params, tokens, lengths, live, keys, stops, *, config, sampler, capacity, out_len):
+    """Memory Mosaics: the recurrent form over the padded prompts; its state is the cache."""
+    dtype = jax.tree.leaves(params)[0].dtype
+    state = mosaics.init_state(config, tokens.shape[0], capacity, dtype)
+    logits, state = mosaics.step(params, config, tokens, state, lengths)
+    return (state, *_first_tokens(logits, lengths, live, keys, stops, sampler, out_len))
+
+
+def _model_step(params, config, tokens, cache, num_new, backend):
+    if isinstance(config, MosaicsConfig):
+        return mosaics.step(params, config, tokens, cache, num_new)
+    return llama.step(params, config, tokens, cache, num_new, backend)
 
 
 @partial(jax.jit, static_argnames=("config", "backend", "capacity", "out_len"))
@@ -121,7 +143,7 @@ def _decode(state: DecodeState, params, stops, limit, *, config, backend, sample
     def body(s: DecodeState):
         running = s.finish == 0
         last = s.out[rows, s.count - 1]
-        logits, cache = llama.step(params, config, last[:, None], s.cache, running.astype(jnp.int32), backend)
+        logits, cache = _model_step(params, config, last[:, None], s.cache, running.astype(jnp.int32), backend)
         token = sampler(logits[:, 0], _row_keys(s.keys, s.count))
         slot = jnp.where(running, s.count, s.out.shape[1])  # finished rows write nothing (dropped)
         out = s.out.at[rows, slot].set(token, mode="drop")
@@ -271,6 +293,9 @@ def _generate(model, ids, lengths, max_new_tokens, sampler, backends, seed, stop
     base = jax.random.key(seed)
     keys = jax.vmap(lambda i: jax.random.fold_in(base, i))(jnp.arange(b))
     stops = Stops(jnp.asarray(eos or [-1], jnp.int32), jnp.asarray(stop_table), jnp.asarray(max_new_tokens, jnp.int32))
+    if isinstance(config, MosaicsConfig):
+        return [_generate_mosaics(model, backends, tokens, row_lengths, n_rows, keys, stops, sampler, capacity,
+                                  out_len, lengths, max_new_tokens, stop_strings, stream)]
     with _compile_timer() as compile_prefill:
         start = time.perf_counter()
         params = llama.unstack_layers(model.params)
@@ -295,6 +320,38 @@ def _generate(model, ids, lengths, max_new_tokens, sampler, backends, seed, stop
                                     stop_strings, stream, dict(shape, fork_seconds=fork_seconds,
                                                                fork_compile=compile_fork[0])))
     return gens
+
+
+def _generate_mosaics(model, backends, tokens, row_lengths, n_rows, keys, stops, sampler, capacity, out_len, lengths,
+                      max_new_tokens, stop_strings, stream) -> Generation:
+    if len(backends) != 1 or not isinstance(backends[0], Dense):
+        raise PigjaxError("Memory Mosaics models decode with exact retrieval only (attention=None or Dense()); "
+                          "sampled (MagicPIG) retrieval for Memory Mosaics is not implemented")
+    b, t = tokens.shape
+    with _compile_timer() as compile_prefill:
+        start = time.perf_counter()
+        state = _prefill_mosaics(model.params, tokens, row_lengths, np.arange(b) < n_rows, keys, stops,
+                                 config=model.config, sampler=sampler, capacity=capacity, out_len=out_len)
+        jax.block_until_ready(state)
+        prefill_seconds = time.perf_counter() - start - compile_prefill[0]
+    state = DecodeState(*state, keys, jnp.zeros((), jnp.int32))
+    shape = dict(b=b, t=t, capacity=capacity, out_len=out_len, prefill_seconds=prefill_seconds,
+                 prefill_compile=compile_prefill[0], fork_seconds=0.0, fork_compile=0.0)
+    return _decode_all(model, model.params, state, stops, sampler, MosaicsExact(), None, lengths, max_new_tokens,
+                       stop_strings, stream, shape)
+
+
+@dataclasses.dataclass(frozen=True)
+class MosaicsExact:
+    """Exact kernel-regression retrieval over the whole contextual memory (a Memory Mosaics model)."""
+
+    name = "exact-memory"
+
+    def stats(self, config, cache_dtype, cache=None, runtime=None) -> dict:
+        itemsize = jnp.dtype(cache_dtype).itemsize
+        return {"attention": self.name, "fraction_read": 1.0,
+                "cache_bytes_per_token_per_layer": 2 * config.hidden_size * itemsize,
+                "host_bytes_per_token_per_layer": 0.0}
 
 
 def _decode_all(model, params, state, stops, sampler, backend, runtime, lengths, max_new_tokens, stop_strings,
