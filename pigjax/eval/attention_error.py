@@ -84,6 +84,7 @@ def layer_errors(model, tokens, prefill: int, backends) -> dict:
     for name, backend in backends.items():
         with backend.resources(config, tokens.shape[0], prefill) as runtime:
             outs, cache = _decode_outputs(qkv, runtime.arrays, config=config, backend=backend, prefill=prefill)
+            jax.block_until_ready((outs, cache))  # before the engine store is freed
             stats = backend.stats(config, model.dtype, cache, runtime)
         err = np.linalg.norm(np.asarray(outs) - exact, axis=-1) / np.maximum(norm, 1e-30)
         results[name] = {"relative_l2": err.mean(axis=(0, 2, 3)).tolist(), "fraction_read": stats.get("fraction_read")}

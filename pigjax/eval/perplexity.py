@@ -58,6 +58,7 @@ def teacher_forced(model, tokens, prefill: int, attention=None, return_logits: b
     with backend.resources(model.config, b, prefill) as runtime:
         logp, logits, cache = _run(params, tokens, runtime.arrays, config=model.config, backend=backend,
                                    p=prefill, return_logits=return_logits)
+        jax.block_until_ready((logp, logits, cache))  # before the engine store is freed
         stats = backend.stats(model.config, model.dtype, cache, runtime)
     return {"logp": np.asarray(logp), "logits": None if logits is None else np.asarray(logits), "stats": stats}
 

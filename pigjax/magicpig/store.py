@@ -46,6 +46,9 @@ class Store:
         self._finalizer = weakref.finalize(self, _free_quietly, self.handle)
 
     def close(self):
+        if getattr(self, "_pending", None) is not None:
+            jax.block_until_ready(self._pending)
+            self._pending = None
         self._finalizer()
 
     @property
@@ -68,14 +71,22 @@ class Store:
         return jnp.asarray(self.handle, jnp.int32)
 
     def prefill(self, slots, keys, values, codes, lengths, *, sink: int, local: int):
-        return prefill(self.handle_array, slots, keys, values, codes, lengths, sink=sink, local=local,
-                       path=self.path)
+        return self._track(prefill(self.handle_array, slots, keys, values, codes, lengths, sink=sink, local=local,
+                                   path=self.path))
 
     def append(self, slots, keys, values, codes, counts, dep):
-        return append(self.handle_array, slots, keys, values, codes, counts, dep, path=self.path)
+        return self._track(append(self.handle_array, slots, keys, values, codes, counts, dep, path=self.path))
 
     def query(self, slots, q, q_codes, dep):
-        return query(self.handle_array, slots, q, q_codes, dep, path=self.path)
+        return self._track(query(self.handle_array, slots, q, q_codes, dep, path=self.path))
+
+    def _track(self, result):
+        """JAX dispatches asynchronously: keep the newest result so that `close()` waits for the
+        calls in flight instead of freeing the store under them (they would fail: unknown handle).
+        Jitted code that uses `handle_array` must block on its results before the store closes."""
+        if not isinstance(jax.tree.leaves(result)[0], jax.core.Tracer):
+            self._pending = result
+        return result
 
 
 def default_path() -> str:
