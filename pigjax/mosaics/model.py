@@ -24,8 +24,9 @@ The pair (k_t, v_t) needs x_{t+1}, so decoding stores keys as soon as they are c
 one step late: at step T the value of slot T-1 is finished with x_T, then k_T queries slots < T.
 Normalisation is x / max(‖x‖, 1e-12) (torch's F.normalize), with a gradient that stays finite at 0.
 
-Dropout (rate `config.dropout`, off when deterministic), at nanoGPT's places, which the paper's
-recipe follows: the embeddings, the retrieval weights of both memories, and each residual branch.
+Dropout (rate `config.dropout`, off when deterministic) at nanoGPT's places, the code base the
+paper's recipe comes from, with contextual memory in attention's role and persistent memory in the
+MLP's: the embeddings, the contextual retrieval weights, and each residual branch (after c_proj).
 """
 
 from __future__ import annotations
@@ -243,7 +244,6 @@ class PersistentMemory(nn.Module):
         # on XLA:CPU than with B and T as separate einsum axes).
         q = k.transpose(1, 0, 2, 3).reshape(heads, b * t, hs)
         weights = jax.nn.softmax(jnp.einsum("hnd,hpd->hnp", q, mk), axis=-1)
-        weights = nn.Dropout(c.dropout, deterministic=self.deterministic)(weights)
         y = jnp.einsum("hnp,hpd->hnd", weights, mv) * jnp.exp(10.0 * r)[:, None, None]
         y = y.reshape(heads, b, t, hs).transpose(1, 2, 0, 3).reshape(b, t, c.hidden_size)
         out = _linear(c.hidden_size, c.hidden_size, "c_proj", 1.0 / math.sqrt(c.num_hidden_layers))
