@@ -8,29 +8,20 @@ separated by blank lines, and the text is tokenized without special tokens and c
 
 from __future__ import annotations
 
-import json
 import random
 from functools import lru_cache
 
 import numpy as np
 
-from pigjax import assets
 from pigjax.errors import PigjaxError
 
 
 @lru_cache(maxsize=1)
 def wikipedia_paragraphs() -> tuple[str, ...]:
-    """The distinct paragraphs of hotpotqa.json, in file order."""
-    with open(assets.eval_data_path("hotpotqa.json")) as f:
-        questions = json.load(f)
-    seen, paragraphs = set(), []
-    for q in questions:
-        for _title, sentences in q["context"]:
-            text = "".join(sentences).strip()
-            if text and text not in seen:
-                seen.add(text)
-                paragraphs.append(text)
-    return tuple(paragraphs)
+    """The distinct paragraphs of hotpotqa.json, in file order (read once per process)."""
+    from pigjax.data import hotpotqa_paragraphs
+
+    return tuple(hotpotqa_paragraphs())
 
 
 def long_text(tokenizer, n_tokens: int, seed: int = 0) -> np.ndarray:
