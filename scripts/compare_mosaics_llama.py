@@ -1,6 +1,6 @@
 """Compare a Memory Mosaics run with a Llama run (work directories of scripts/train_mosaics.py).
 
-  python scripts/compare_mosaics_llama.py --mosaics runs/mosaics --llama runs/llama
+  python scripts/compare_mosaics_llama.py --mosaics checkpoints/runs/mosaics --llama checkpoints/runs/llama
 
 writes docs/results/mosaics_vs_llama.{json,md,png}: validation losses and their ratio, loss
 curves, and per-position validation loss (the paper's Fig. 8).
@@ -10,8 +10,8 @@ import sys
 
 from absl import app, flags
 
-_MOSAICS = flags.DEFINE_string("mosaics", "runs/mosaics", "Memory Mosaics run directory")
-_LLAMA = flags.DEFINE_string("llama", "runs/llama", "Llama run directory")
+_MOSAICS = flags.DEFINE_string("mosaics", "checkpoints/runs/mosaics", "Memory Mosaics run directory")
+_LLAMA = flags.DEFINE_string("llama", "checkpoints/runs/llama", "Llama run directory")
 _OUT = flags.DEFINE_string("out", "docs/results/mosaics_vs_llama", "output path without extension")
 
 

@@ -1,14 +1,21 @@
 """Train Memory Mosaics (or a Llama of the same size) on Wikipedia paragraphs, resumably.
 
-  python scripts/train_mosaics.py --model mosaics --workdir runs/mosaics --tokens 2500000
-  python scripts/train_mosaics.py --model llama   --workdir runs/llama   --tokens 2500000
-  python scripts/train_mosaics.py --model mosaics --workdir runs/mosaics --tokens 2500000   # again: resumes
-  python scripts/train_mosaics.py --model llama --sizes_only          # print both parameter counts
+The Mosaics vs Llama comparison (d 256, 4 layers, 4 heads, 5.2M parameters each, 750 steps of
+16 x 256 tokens; each about 20-30 minutes on 2 cores), then the report:
+
+  python scripts/train_mosaics.py --model mosaics --workdir checkpoints/runs/mosaics --tokens 3072000 --lr 1e-2 --dropout 0
+  python scripts/train_mosaics.py --model llama   --workdir checkpoints/runs/llama   --tokens 3072000 --lr 3e-3
+  python scripts/compare_mosaics_llama.py --mosaics checkpoints/runs/mosaics --llama checkpoints/runs/llama
+
+Running the same command again resumes from the last checkpoint (every --save_every steps, and
+when --minutes or --until_step stops a run early). The learning rates are the better of two
+probed per model (Mosaics divides its logits by sqrt(d) and wants a larger step); dropout is off
+because pigjax's Llama has none and neither model sees a whole epoch. `--sizes_only` prints both
+parameter counts.
 
 The first run trains the BPE tokenizer and tokenizes the data once (checkpoints/data/). Each run
 writes metrics.json, final_eval.json (per-position loss), loss_curve.png and model/ (a pigjax
-checkpoint) into --workdir; see pigjax/mosaics/train.py. Compare two runs with
-scripts/compare_mosaics_llama.py.
+checkpoint) into --workdir; see pigjax/mosaics/train.py.
 """
 
 import sys

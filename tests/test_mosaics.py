@@ -50,6 +50,16 @@ def randomized(params, seed):
     return jax.tree.map(lambda p: jnp.asarray(p, jnp.float32), jax.tree_util.tree_map_with_path(move, params))
 
 
+@pytest.fixture(scope="module", autouse=True)
+def torch_one_thread():
+    """The reference's many tiny ops: with two threads, torch spin-waits against XLA's threads
+    (3.5 s instead of 20 ms for a forward and backward here). Restored for other modules."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module", params=sorted(CONFIGS))
 def case(request):
     config, length = CONFIGS[request.param]
@@ -155,7 +165,7 @@ def test_forward_save_load_round_trip(tmp_path):
     tokens = np.random.default_rng(0).integers(0, config.vocab_size, (2, 9))
     logits = np.asarray(pigjax.forward(model, tokens, lengths=[9, 4]))
     assert np.all(logits[1, 4:] == 0) and np.abs(logits[1, :4]).max() > 0
-    np.testing.assert_allclose(logits[1, :4], np.asarray(mosaics.apply(model.params, config, tokens[1:, :4]))[0],
+    np.testing.assert_allclose(logits[1, :4], np.asarray(APPLY(model.params, config, tokens[1:, :4]))[0],
                                atol=1e-6)
     path = pigjax.save(model, tmp_path / "mosaics")
     meta = pigjax.checkpoint.read_meta(path)

@@ -98,7 +98,7 @@ def compare(runs: dict[str, str], out_prefix) -> dict:
     ax1.set_ylabel("cross-entropy (nats/token)")
     ax1.set_title("loss curves")
     ax2.set_xscale("log")
-    ax2.set_xlabel("position in the window (tokens of context + 1)")
+    ax2.set_xlabel("tokens of context (position in the window + 1)")
     ax2.set_ylabel("validation loss")
     ax2.set_title("per-position validation loss")
     for ax in (ax1, ax2):
