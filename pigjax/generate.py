@@ -125,7 +125,6 @@ def _model_step(params, config, tokens, cache, num_new, backend):
     return llama.step(params, config, tokens, cache, num_new, backend)
 
 
-@partial(jax.jit, static_argnames=("config", "backend", "capacity", "out_len"))
 def _fork(prefix, lengths, runtime, *, config, backend, capacity, out_len):
     """The back-end's cache from the shared dense prefill (e.g. MagicPIG builds its tables here)."""
     dtype = prefix[0].k.dtype

@@ -70,10 +70,12 @@ def build_cache(backend, config, kv, n, batch, capacity, window, runtime):
 
     from pigjax.attention.base import KV
 
-    prefix = tuple(KV(tiled(k, n, batch), tiled(v, n, batch)) for k, v in kv)
+    class Tiled(tuple):  # tiles each layer's K/V only when from_prefill reaches it (memory)
+        def __iter__(self):
+            return (KV(tiled(k, n, batch), tiled(v, n, batch)) for k, v in kv)
+
     lengths = jnp.full((batch,), n, jnp.int32)
-    build = jax.jit(backend.from_prefill, static_argnums=(0, 3, 4, 5))
-    cache = build(config, prefix, lengths, capacity, window, jnp.float32, runtime.arrays)
+    cache = backend.from_prefill(config, Tiled(kv), lengths, capacity, window, jnp.float32, runtime.arrays)
     return jax.block_until_ready(cache)
 
 

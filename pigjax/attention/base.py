@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+from functools import partial
 from typing import Any
 
 import jax
@@ -115,14 +116,38 @@ class Backend:
     def from_prefill(self, config, prefix: tuple, lengths, capacity: int, window: int, dtype, runtime=None) -> Cache:
         """The cache this back-end's own prefill would leave, from a dense prefill's per-layer K/V
         (`prefix`: KV [B, Hkv, t, d] per layer, rows of `lengths` tokens). One dense prefill can so
-        serve several back-ends (generate with a list of back-ends)."""
+        serve several back-ends (generate with a list of back-ends). Runs layer by layer (one
+        jitted call each), so that the temporaries of one layer (e.g. MagicPIG's centered keys
+        and codes) are freed before the next: at 32k tokens x 4 rows they are GBs per layer."""
         b = lengths.shape[0]
-        cache = self.init_cache(config, b, capacity, window, dtype, runtime)
-        layers = tuple(self.ingest_layer(config, i, state, cache.shared, kv, lengths)
+        cache = _init(self, config, b, capacity, window, jnp.dtype(dtype), runtime)
+        layers = tuple(_ingest(self, config, state, cache.shared, kv, lengths, self.layer_slots(config, i, b))
                        for i, (state, kv) in enumerate(zip(cache.layers, prefix)))
-        ctx = StepContext(jnp.zeros((b, 1), jnp.int32), jnp.zeros((b,), jnp.int32), lengths, True, len(layers))
-        return Cache(layers, lengths, self.finish_step(cache.shared, ctx, [None] * len(layers)))
+        lengths, shared = _finish_prefill(self, config, cache.shared, lengths)
+        return Cache(layers, lengths, shared)
 
-    def ingest_layer(self, config, layer: int, state, shared, kv: KV, lengths):
+    def layer_slots(self, config, layer: int, batch: int):
+        """Engine slots of a layer's rows (None: the layer has none)."""
+        return None
+
+    def ingest_layer(self, config, state, shared, kv: KV, lengths, slots):
         t = kv.k.shape[2]
         return KV(state.k.at[:, :, :t].set(kv.k.astype(state.k.dtype)), state.v.at[:, :, :t].set(kv.v.astype(state.v.dtype)))
+
+
+@partial(jax.jit, static_argnums=(0, 1, 2, 3, 4, 5))
+def _init(backend, config, batch, capacity, window, dtype, runtime):
+    return backend.init_cache(config, batch, capacity, window, dtype, runtime)
+
+
+@partial(jax.jit, static_argnums=(0, 1))
+def _ingest(backend, config, state, shared, kv, lengths, slots):
+    return backend.ingest_layer(config, state, shared, kv, lengths, slots)
+
+
+@partial(jax.jit, static_argnums=(0, 1))
+def _finish_prefill(backend, config, shared, lengths):
+    b = lengths.shape[0]
+    ctx = StepContext(jnp.zeros((b, 1), jnp.int32), jnp.zeros((b,), jnp.int32), lengths, True,
+                      config.num_hidden_layers)
+    return lengths + 0, backend.finish_step(shared, ctx, [None] * config.num_hidden_layers)

@@ -138,10 +138,14 @@ class MagicPIG(SparseBackend):
         out = attend(q, kt, vt, ctx.positions, fresh=True)
         return out, self.ingest(state, rt, slots, kt, vt, ctx.num_new), None
 
-    def ingest_layer(self, config, layer, state, shared, kv: KV, lengths):
+    def layer_slots(self, config, layer: int, batch: int):
+        if layer in self.dense_set(config):
+            return None
+        return self.slots(layer, config.num_hidden_layers, batch)
+
+    def ingest_layer(self, config, state, shared, kv: KV, lengths, slots):
         if isinstance(state, KV):
-            return super().ingest_layer(config, layer, state, shared, kv, lengths)
-        slots = self.slots(layer, config.num_hidden_layers, lengths.shape[0])
+            return super().ingest_layer(config, state, shared, kv, lengths, slots)
         return self.ingest(state, shared.extra, slots, kv.k, kv.v, lengths)
 
     def ingest(self, state: Window, rt: EngineShared, slots, kt, vt, lengths) -> Window:
