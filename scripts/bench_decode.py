@@ -127,6 +127,7 @@ def prefill_overhead(model, magic, n):
     import pigjax
     from pigjax.eval.text import long_text
 
+    n = min(n, model.config.max_position_embeddings - 2)  # room for the 2 generated tokens
     prompt = [long_text(model.tokenizer, n, seed=1).tolist()]
     dense, pig = pigjax.generate(model, prompt, max_new_tokens=2, attention=[pigjax.Dense(), magic])
     shared = dense.stats["prefill_seconds"] - dense.stats["cache_build_seconds"]
