@@ -36,7 +36,6 @@ def source_kv(model, n):
 
     import pigjax
     from pigjax.eval.text import long_text
-    from pigjax.models import llama
 
     tokens = long_text(model.tokenizer, n, seed=0)[None]
     cache = pigjax.Dense().init_cache(model.config, 1, n, 0, jnp.float32)

@@ -64,23 +64,29 @@ def write_rows(buf: jax.Array, new: jax.Array, starts: jax.Array) -> jax.Array:
     return buf.at[rows, :, slots].set(new.astype(buf.dtype), mode="drop")
 
 
-def partial_softmax(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, scale: float | None = None):
-    """(o, lse) of the softmax of one query per head over the masked slots, in float32.
-
-    q [B, Hq, d]; k, v [B, Hkv, S, d]; mask broadcastable to [B, Hkv, Hq/Hkv, S]. lse is −inf and o
-    is 0 where a head sees no slot, so that `merge` ignores it.
-    """
+def group_scores(q: jax.Array, k: jax.Array) -> jax.Array:
+    """[B, Hkv, G, S] float32 scores q·k/√d of one query per head, q [B, Hq, d], k [B, Hkv, S, d]."""
     b, hq, d = q.shape
     hkv = k.shape[1]
-    f32 = jnp.float32
-    qg = q.reshape(b, hkv, hq // hkv, d).astype(f32)
-    scale = d ** -0.5 if scale is None else scale
+    qg = q.reshape(b, hkv, hq // hkv, d).astype(jnp.float32)
     # multiply + reduce (not a dot) lets XLA fuse the cast of a bf16 cache into the reduction.
-    scores = jnp.sum(qg[:, :, :, None, :] * k.astype(f32)[:, :, None], axis=-1) * scale
+    return jnp.sum(qg[:, :, :, None, :] * k.astype(jnp.float32)[:, :, None], axis=-1) * d ** -0.5
+
+
+def softmax_part(scores: jax.Array, mask: jax.Array, v: jax.Array):
+    """(o [B, Hkv, G, d], lse [B, Hkv, G]) of the softmax of `scores` [B, Hkv, G, S] over the masked
+    slots, in float32. lse is −inf and o is 0 where a head sees no slot, so that `merge` ignores it."""
     scores = jnp.where(mask, scores, -jnp.inf)
     lse = jax.nn.logsumexp(scores, axis=-1)
     probs = jnp.exp(scores - jnp.where(jnp.isfinite(lse), lse, 0.0)[..., None])
-    out = jnp.sum(probs[..., None] * v.astype(f32)[:, :, None], axis=-2)
+    return jnp.sum(probs[..., None] * v.astype(jnp.float32)[:, :, None], axis=-2), lse
+
+
+def partial_softmax(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array):
+    """(o [B, Hq, d], lse [B, Hq]) of one query per head over k, v [B, Hkv, S, d] where `mask`
+    (broadcastable to [B, Hkv, Hq/Hkv, S]) holds."""
+    b, hq, d = q.shape
+    out, lse = softmax_part(group_scores(q, k), mask, v)
     return out.reshape(b, hq, d), lse.reshape(b, hq)
 
 

@@ -18,8 +18,9 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
-from pigjax.attention.base import KV, Backend, Cache, StepContext, init_kv, merge, partial_softmax, write_rows
-from pigjax.attention.dense import Dense, attend
+from pigjax.attention.base import (KV, Backend, Cache, StepContext, group_scores, init_kv, merge, softmax_part,
+                                   write_rows)
+from pigjax.attention.dense import attend
 from pigjax.errors import ConfigError, PigjaxError
 
 
@@ -133,14 +134,6 @@ class _FullCacheBaseline(SparseBackend):
         return {**self.base_stats(config, cache_dtype, cache), "fraction": self.fraction}
 
 
-def _scores(q, k):
-    """[B, Hkv, G, S] float32 scores of q [B, Hq, d] against k [B, Hkv, S, d]."""
-    b, hq, d = q.shape
-    hkv = k.shape[1]
-    qg = q.reshape(b, hkv, hq // hkv, d).astype(jnp.float32)
-    return jnp.sum(qg[:, :, :, None, :] * k.astype(jnp.float32)[:, :, None], axis=-1) * d ** -0.5
-
-
 def _kth_largest(values, m, k_static: int):
     """The m-th largest of `values` [..., S] along the last axis (m [B] >= 1, <= k_static)."""
     top = jax.lax.top_k(values, k_static)[0]
@@ -149,9 +142,7 @@ def _kth_largest(values, m, k_static: int):
 
 
 def _softmax_out(scores, mask, v):
-    scores = jnp.where(mask, scores, -jnp.inf)
-    probs = jax.nn.softmax(scores, axis=-1)
-    out = jnp.sum(probs[..., None] * v.astype(jnp.float32)[:, :, None], axis=-2)
+    out, _ = softmax_part(scores, mask, v)
     b, hkv, g, d = out.shape
     return out.reshape(b, hkv * g, d)
 
@@ -163,7 +154,7 @@ class TopK(_FullCacheBaseline):
     name = "topk"
 
     def sparse_attend(self, layer, q, state, visible, middle, n_middle, ctx):
-        scores = _scores(q, state.k)
+        scores = group_scores(q, state.k)
         m = jnp.maximum(jnp.ceil(self.fraction * n_middle).astype(jnp.int32), 1)
         k_static = max(1, min(scores.shape[-1], math.ceil(self.fraction * scores.shape[-1])))
         mid = middle[:, None, None]
@@ -201,7 +192,7 @@ class Quest(_FullCacheBaseline):
         threshold = _kth_largest(bound, m, k_static)
         chosen_page = page_has_mid & (bound >= threshold) & jnp.isfinite(bound)
         chosen = jnp.repeat(chosen_page, self.page, axis=-1)[..., :s] & middle[:, None, None]
-        scores = _scores(q, state.k)
+        scores = group_scores(q, state.k)
         mask = visible[:, None, None] & (~middle[:, None, None] | chosen)
         read = jnp.sum(chosen, axis=(1, 2, 3)).astype(jnp.float32)
         return _softmax_out(scores, mask, state.v), read
@@ -218,10 +209,10 @@ class Oracle(_FullCacheBaseline):
 
     def sparse_attend(self, layer, q, state, visible, middle, n_middle, ctx):
         b, hkv, s, d = state.k.shape
-        scores = _scores(q, state.k)  # [B, Hkv, G, S]
+        scores = group_scores(q, state.k)  # [B, Hkv, G, S]
         mid = middle[:, None, None]
         window = visible[:, None, None] & ~mid
-        out_g, lse_g = _partial(scores, window, state.v)
+        out_g, lse_g = softmax_part(scores, window, state.v)
         mid_scores = jnp.where(mid, scores, -jnp.inf)
         lse_m = jax.nn.logsumexp(mid_scores, axis=-1)
         k_static = max(1, min(s, math.ceil(self.fraction * s)))
@@ -247,10 +238,3 @@ class Oracle(_FullCacheBaseline):
         read = jnp.sum(hit & mid, axis=(1, 2, 3)).astype(jnp.float32)
         return out.reshape(b, -1, d), read
 
-
-def _partial(scores, mask, v):
-    """(o, lse) per head from precomputed scores [B, Hkv, G, S] under mask."""
-    scores = jnp.where(mask, scores, -jnp.inf)
-    lse = jax.nn.logsumexp(scores, axis=-1)
-    probs = jnp.exp(scores - jnp.where(jnp.isfinite(lse), lse, 0.0)[..., None])
-    return jnp.sum(probs[..., None] * v.astype(jnp.float32)[:, :, None], axis=-2), lse

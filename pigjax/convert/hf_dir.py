@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import numpy as np
 
 from pigjax.config import LlamaConfig
 from pigjax.convert.hf_names import TensorSource

@@ -136,7 +136,6 @@ def run_ruler(model, *, tasks: Sequence[str] = ruler.TASKS, contexts: Sequence[i
 
     order = [n for n in attention if n not in FRACTION_BACKENDS] + [n for n in attention if n in FRACTION_BACKENDS]
     reference = next((n for n in attention if n.startswith("magicpig")), None)
-    measured: dict[tuple, float] = {}
     results = {
         "config": {
             "tasks": list(tasks), "contexts": [int(c) for c in contexts], "samples": samples, "seed": seed,

@@ -15,6 +15,7 @@ import numpy as np
 
 from pigjax import native
 from pigjax.attention.base import merge as merge_lse
+from pigjax.attention.base import partial_softmax
 from pigjax.errors import PigjaxError
 from pigjax.magicpig.store import Store
 
@@ -35,17 +36,10 @@ def center(k, lengths, sink: int, local: int):
 
 def exact_part(q, k, v, lengths, sink: int, local: int):
     """Partial softmax (o_G, lse_G) of q [B, Hq, d] over each row's sink and local positions."""
-    b, hq, d = q.shape
-    hkv, n = k.shape[1], k.shape[2]
+    n = k.shape[2]
     p = jnp.arange(n)[None, :]
     visible = (p < lengths[:, None]) & ~middle_mask(n, lengths, sink, local)
-    qg = q.reshape(b, hkv, hq // hkv, d)
-    scores = jnp.einsum("bkgd,bknd->bkgn", qg, k, precision="highest") / np.sqrt(d)
-    scores = jnp.where(visible[:, None, None], scores, -jnp.inf)
-    lse = jax.nn.logsumexp(scores, axis=-1)
-    probs = jnp.exp(scores - jnp.where(jnp.isfinite(lse), lse, 0.0)[..., None])
-    out = jnp.einsum("bkgn,bknd->bkgd", probs, v, precision="highest")
-    return out.reshape(b, hq, d), lse.reshape(b, hq)
+    return partial_softmax(q, k, v, visible[:, None, None])
 
 
 def merge(out_a, lse_a, out_b, lse_b):
