@@ -6,7 +6,9 @@
 The cache holds real keys and values: SmolLM2's own K/V of `--source_tokens` tokens of Wikipedia
 text (hotpotqa), each row rotated by a different offset and tiled to the context length. (A real
 32k prefill of 4 rows would take hours on 2 cores, and SmolLM2 was trained to 8k: quality beyond
-8k does not matter for timing.) Both back-ends then run the same jitted greedy decode loop for
+8k does not matter for timing.) `--weights random` uses random weights of SmolLM2-135M's shapes and random tokens instead (no
+checkpoint needed, e.g. on a GPU machine without the model package; the sampled fraction then
+differs from real text's). Both back-ends then run the same jitted greedy decode loop for
 `--steps` steps; tokens/s = batch x steps / seconds. The prefill overhead of MagicPIG (centering,
 hashing, table build) is measured separately on a real `--prefill_tokens` prefill through
 `pigjax.generate` with both back-ends (one shared dense prefill, then each back-end's cache build). Prints a table and writes JSON.
@@ -27,17 +29,48 @@ _SOURCE = flags.DEFINE_integer("source_tokens", 4096, "tokens of real text whose
 _PREFILL = flags.DEFINE_integer("prefill_tokens", 8192, "prompt length of the prefill-overhead run (0: skip)")
 _K = flags.DEFINE_integer("K", 10, "MagicPIG bits per table")
 _L = flags.DEFINE_integer("L", 150, "MagicPIG tables")
+_WEIGHTS = flags.DEFINE_enum("weights", "smollm2", ["smollm2", "random"],
+                              "the embedded SmolLM2-135M-Instruct, or random weights of its shapes")
 _OUT = flags.DEFINE_string("out", "docs/results/bench_decode.json", "JSON output")
 
 
-def source_kv(model, n):
-    """SmolLM2's K/V per layer ([1, Hkv, n, d] each) for n tokens of real text."""
+# SmolLM2-135M's shapes (its checkpoint's pigjax.json), for --weights random.
+SMOLLM2_135M = dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+                    num_attention_heads=9, num_key_value_heads=3, head_dim=64, max_position_embeddings=8192,
+                    tie_word_embeddings=True)
+
+
+def random_model():
+    import jax
     import jax.numpy as jnp
 
     import pigjax
+    from pigjax.config import LlamaConfig, RopeConfig
+    from pigjax.models import llama
+
+    config = LlamaConfig(**SMOLLM2_135M, rope=RopeConfig(theta=100000.0))
+    params = llama.LlamaModel(config).init(jax.random.key(0), jnp.zeros((1, 4), jnp.int32))["params"]
+    return pigjax.Model(config, params)
+
+
+def text_tokens(model, n, seed):
+    """n tokens of Wikipedia text, or random ids for a model without a tokenizer."""
+    import numpy as np
+
+    if model.tokenizer is None:
+        return np.random.default_rng(seed).integers(0, model.config.vocab_size, n).astype(np.int32)
     from pigjax.eval.text import long_text
 
-    tokens = long_text(model.tokenizer, n, seed=0)[None]
+    return long_text(model.tokenizer, n, seed=seed)
+
+
+def source_kv(model, n):
+    """The model's K/V per layer ([1, Hkv, n, d] each) for n tokens of text."""
+    import jax.numpy as jnp
+
+    import pigjax
+
+    tokens = text_tokens(model, n, seed=0)[None]
     cache = pigjax.Dense().init_cache(model.config, 1, n, 0, jnp.float32)
     step = jax_jit_step(model.config)
     _, cache = step(model.params, jnp.asarray(tokens), cache)
@@ -124,10 +157,9 @@ def bench_context(model, params, backend, kv, n, batch, steps):
 def prefill_overhead(model, magic, n):
     """A real n-token prefill: the shared dense part, then each back-end's cache build."""
     import pigjax
-    from pigjax.eval.text import long_text
 
     n = min(n, model.config.max_position_embeddings - 2)  # room for the 2 generated tokens
-    prompt = [long_text(model.tokenizer, n, seed=1).tolist()]
+    prompt = [text_tokens(model, n, seed=1).tolist()]
     dense, pig = pigjax.generate(model, prompt, max_new_tokens=2, attention=[pigjax.Dense(), magic])
     shared = dense.stats["prefill_seconds"] - dense.stats["cache_build_seconds"]
     return {"tokens": n, "dense_prefill_seconds": shared,
@@ -144,13 +176,13 @@ def main(_):
 
     contexts = [int(c) for c in _CONTEXTS.value]
     batch, steps = _BATCH.value, _STEPS.value
-    base = pigjax.load(pigjax.assets.default_checkpoint())
+    base = random_model() if _WEIGHTS.value == "random" else pigjax.load(pigjax.assets.default_checkpoint())
     # RoPE extends past the trained 8k; only timing is measured beyond it.
     config = dataclasses.replace(base.config, max_position_embeddings=max(contexts) + steps + 64)
     model = dataclasses.replace(base, config=config)
     params = llama.unstack_layers(model.params)
     magic = pigjax.MagicPIG(K=_K.value, L=_L.value)
-    print(f"real K/V of {_SOURCE.value} tokens ...", flush=True)
+    print(f"K/V of {_SOURCE.value} source tokens ...", flush=True)
     kv, _ = source_kv(model, _SOURCE.value)
     rows = []
     for n in contexts:
@@ -161,7 +193,7 @@ def main(_):
         row["speedup"] = row["magicpig"]["tokens_per_second"] / row["dense"]["tokens_per_second"]
         rows.append(row)
     prefill = prefill_overhead(base, magic, _PREFILL.value) if _PREFILL.value else None
-    result = {"machine": describe(), "model": "SmolLM2-135M-Instruct (f32)", "magicpig": {"K": _K.value, "L": _L.value},
+    result = {"machine": describe(), "model": "SmolLM2-135M-Instruct (f32)" if _WEIGHTS.value == "smollm2" else "random weights, SmolLM2-135M shapes (f32)", "magicpig": {"K": _K.value, "L": _L.value},
               "rows": rows, "prefill": prefill}
     print(f"\n{'context':>8} {'batch':>5} {'dense tok/s':>11} {'magicpig tok/s':>14} {'speedup':>7} "
           f"{'dense ms/step':>13} {'pig ms/step':>11} {'read':>6}")

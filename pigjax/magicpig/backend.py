@@ -115,10 +115,7 @@ class MagicPIG(SparseBackend):
         return Cache(tuple(layers), jnp.zeros((batch,), jnp.int32), shared)
 
     def _codes(self, x, proj):
-        x = x.astype(jnp.float32)
-        if self._path() == "ffi":
-            return native.simhash_codes(x, proj, self.K)
-        return native.simhash_codes_reference(x, proj, self.K)
+        return engine.simhash_codes(x.astype(jnp.float32), proj, self.K, self._path())
 
     def _path(self):
         return self.path or engine.default_path()

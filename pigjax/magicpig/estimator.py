@@ -17,7 +17,7 @@ from pigjax import native
 from pigjax.attention.base import merge as merge_lse
 from pigjax.attention.base import partial_softmax
 from pigjax.errors import PigjaxError
-from pigjax.magicpig.store import Store
+from pigjax.magicpig.store import Store, simhash_codes
 
 
 def middle_mask(n: int, lengths, sink: int, local: int):
@@ -47,10 +47,10 @@ def merge(out_a, lse_a, out_b, lse_b):
     return merge_lse(out_a, lse_a, out_b, lse_b)[0]
 
 
-@partial(jax.jit, static_argnames=("K", "sink", "local"))
-def _prepare(q, k, lengths, proj, *, K, sink, local):
+@partial(jax.jit, static_argnames=("K", "sink", "local", "path"))
+def _prepare(q, k, lengths, proj, *, K, sink, local, path=None):
     kc = center(k, lengths, sink, local)
-    return kc, native.simhash_codes(kc, proj, K), native.simhash_codes(q, proj, K)
+    return kc, simhash_codes(kc, proj, K, path), simhash_codes(q, proj, K, path)
 
 
 @partial(jax.jit, static_argnames=("sink", "local"))
@@ -90,7 +90,7 @@ def lsh_attention(q, k, v, proj, *, K: int, L: int, sink: int = 4, local: int = 
         else np.asarray(lengths, np.int32)
     _validate(q, k, v, proj, K, L, sink, local, lengths)
     b, hkv, n, d = k.shape
-    kc, k_codes, q_codes = _prepare(q, k, lengths, proj, K=K, sink=sink, local=local)
+    kc, k_codes, q_codes = _prepare(q, k, lengths, proj, K=K, sink=sink, local=local, path=path)
     slots = jnp.arange(b, dtype=jnp.int32)
     with Store(b, hkv, d, max(n, 1), K, L, eps, storage, path) as store:
         counts = store.prefill(slots, kc, v, k_codes, jnp.asarray(lengths), sink=sink, local=local)

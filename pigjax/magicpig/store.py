@@ -93,6 +93,14 @@ def default_path() -> str:
     return "ffi" if jax.default_backend() == "cpu" else "callback"
 
 
+def simhash_codes(x, proj, K: int, path: str | None = None):
+    """SimHash codes of x [..., d] (see `pigjax.native`): the C++ kernel on the "ffi" path, the
+    same function in jnp elsewhere (the FFI target exists for the CPU backend only)."""
+    if (path or default_path()) == "ffi":
+        return native.simhash_codes(x, proj, K)
+    return native.simhash_codes_reference(x, proj, K)
+
+
 def prefill(handle, slots, keys, values, codes, lengths, *, sink: int, local: int, path: str = "ffi"):
     """Fill `slots` [B] of store `handle` (rank-0 int32) with centered keys, values [B, Hkv, n, d]
     f32 and their codes [B, Hkv, n, L] int32; positions [sink, length − local) are stored.
