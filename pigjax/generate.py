@@ -24,7 +24,7 @@ from pigjax.attention import Dense
 from pigjax.attention.base import Cache
 from pigjax.errors import PigjaxError
 from pigjax.model import Model
-from pigjax import mosaics
+from pigjax.mosaics import retrieval as mosaics_retrieval
 from pigjax.models import llama
 from pigjax.mosaics.config import MosaicsConfig
 from pigjax.sampling import Sampler
@@ -110,18 +110,19 @@ def _first_tokens(logits, lengths, live, keys, stops, sampler, out_len):
     return out, count, _finish_codes(out, count, padding_done, stops)
 
 
-@partial(jax.jit, static_argnames=("config", "sampler", "capacity", "out_len"))
-def _prefill_mosaics(params, tokens, lengths, live, keys, stops, *, config, sampler, capacity, out_len):
+@partial(jax.jit, static_argnames=("config", "backend", "sampler", "capacity", "out_len"))
+def _prefill_mosaics(params, tokens, lengths, live, keys, stops, runtime, *, config, backend, sampler, capacity,
+                     out_len):
     """Memory Mosaics: the recurrent form over the padded prompts; its state is the cache."""
     dtype = jax.tree.leaves(params)[0].dtype
-    state = mosaics.init_state(config, tokens.shape[0], capacity, dtype)
-    logits, state = mosaics.step(params, config, tokens, state, lengths)
+    state = backend.init_state(config, tokens.shape[0], capacity, dtype, runtime)
+    logits, state = backend.step(params, config, tokens, state, lengths, fresh=True)
     return (state, *_first_tokens(logits, lengths, live, keys, stops, sampler, out_len))
 
 
 def _model_step(params, config, tokens, cache, num_new, backend):
     if isinstance(config, MosaicsConfig):
-        return mosaics.step(params, config, tokens, cache, num_new)
+        return backend.step(params, config, tokens, cache, num_new)  # a pigjax.mosaics.retrieval back-end
     return llama.step(params, config, tokens, cache, num_new, backend)
 
 
@@ -264,6 +265,8 @@ def generate(
     eos = sorted(set(config.eos_token_ids) | ({model.tokenizer.eos_token_id} if model.tokenizer is not None
                                                and model.tokenizer.eos_token_id is not None else set()))
     n_rows = len(ids)
+    if isinstance(config, MosaicsConfig):  # the Memory Mosaics form of each back-end (checks them too)
+        backends = [mosaics_retrieval.for_attention(backend) for backend in backends]
     if max_new_tokens == 0:
         gens = [Generation(["" for _ in ids] if model.tokenizer else None, [[] for _ in ids],
                            ["length"] * n_rows, {"prefill_seconds": 0.0, "decode_tokens_per_second": 0.0,
@@ -293,8 +296,8 @@ def _generate(model, ids, lengths, max_new_tokens, sampler, backends, seed, stop
     keys = jax.vmap(lambda i: jax.random.fold_in(base, i))(jnp.arange(b))
     stops = Stops(jnp.asarray(eos or [-1], jnp.int32), jnp.asarray(stop_table), jnp.asarray(max_new_tokens, jnp.int32))
     if isinstance(config, MosaicsConfig):
-        return [_generate_mosaics(model, backends, tokens, row_lengths, n_rows, keys, stops, sampler, capacity,
-                                  out_len, lengths, max_new_tokens, stop_strings, stream)]
+        return [_generate_mosaics(model, backend, tokens, row_lengths, n_rows, keys, stops, sampler, capacity,
+                                  out_len, lengths, max_new_tokens, stop_strings, stream) for backend in backends]
     with _compile_timer() as compile_prefill:
         start = time.perf_counter()
         params = llama.unstack_layers(model.params)
@@ -321,36 +324,23 @@ def _generate(model, ids, lengths, max_new_tokens, sampler, backends, seed, stop
     return gens
 
 
-def _generate_mosaics(model, backends, tokens, row_lengths, n_rows, keys, stops, sampler, capacity, out_len, lengths,
-                      max_new_tokens, stop_strings, stream) -> Generation:
-    if len(backends) != 1 or not isinstance(backends[0], Dense):
-        raise PigjaxError("Memory Mosaics models decode with exact retrieval only (attention=None or Dense()); "
-                          "sampled (MagicPIG) retrieval for Memory Mosaics is not implemented")
+def _generate_mosaics(model, backend, tokens, row_lengths, n_rows, keys, stops, sampler, capacity, out_len,
+                      lengths, max_new_tokens, stop_strings, stream) -> Generation:
+    """Each back-end runs its own prefill (exact and sampled retrieval keep different states)."""
     b, t = tokens.shape
-    with _compile_timer() as compile_prefill:
-        start = time.perf_counter()
-        state = _prefill_mosaics(model.params, tokens, row_lengths, np.arange(b) < n_rows, keys, stops,
-                                 config=model.config, sampler=sampler, capacity=capacity, out_len=out_len)
-        jax.block_until_ready(state)
-        prefill_seconds = time.perf_counter() - start - compile_prefill[0]
-    state = DecodeState(*state, keys, jnp.zeros((), jnp.int32))
-    shape = dict(b=b, t=t, capacity=capacity, out_len=out_len, prefill_seconds=prefill_seconds,
-                 prefill_compile=compile_prefill[0], fork_seconds=0.0, fork_compile=0.0)
-    return _decode_all(model, model.params, state, stops, sampler, MosaicsExact(), None, lengths, max_new_tokens,
-                       stop_strings, stream, shape)
-
-
-@dataclasses.dataclass(frozen=True)
-class MosaicsExact:
-    """Exact kernel-regression retrieval over the whole contextual memory (a Memory Mosaics model)."""
-
-    name = "exact-memory"
-
-    def stats(self, config, cache_dtype, cache=None, runtime=None) -> dict:
-        itemsize = jnp.dtype(cache_dtype).itemsize
-        return {"attention": self.name, "fraction_read": 1.0,
-                "cache_bytes_per_token_per_layer": 2 * config.hidden_size * itemsize,
-                "host_bytes_per_token_per_layer": 0.0}
+    with backend.resources(model.config, b, capacity) as runtime:
+        with _compile_timer() as compile_prefill:
+            start = time.perf_counter()
+            state = _prefill_mosaics(model.params, tokens, row_lengths, np.arange(b) < n_rows, keys, stops,
+                                     runtime.arrays, config=model.config, backend=backend, sampler=sampler,
+                                     capacity=capacity, out_len=out_len)
+            jax.block_until_ready(state)
+            prefill_seconds = time.perf_counter() - start - compile_prefill[0]
+        state = DecodeState(*state, jnp.copy(keys), jnp.zeros((), jnp.int32))
+        shape = dict(b=b, t=t, capacity=capacity, out_len=out_len, prefill_seconds=prefill_seconds,
+                     prefill_compile=compile_prefill[0], fork_seconds=0.0, fork_compile=0.0)
+        return _decode_all(model, model.params, state, stops, sampler, backend, runtime, lengths, max_new_tokens,
+                           stop_strings, stream, shape)
 
 
 def _decode_all(model, params, state, stops, sampler, backend, runtime, lengths, max_new_tokens, stop_strings,

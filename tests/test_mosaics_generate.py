@@ -22,8 +22,3 @@ def test_greedy_tokens_are_forward_argmax(model):
         assert len(new) == 20
         logits = np.asarray(pigjax.forward(model, np.array([prompt + new])))
         assert logits[0, len(prompt) - 1: -1].argmax(-1).tolist() == new
-
-
-def test_sampled_retrieval_is_refused_clearly(model):
-    with pytest.raises(pigjax.PigjaxError, match="exact retrieval only"):
-        pigjax.generate(model, [[1, 2, 3]], max_new_tokens=4, attention=pigjax.MagicPIG())

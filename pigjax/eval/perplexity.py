@@ -3,7 +3,8 @@ forcing) through a back-end's decode path, as generation would see it.
 
 `teacher_forced` returns each target token's log-probability (and, for small vocabularies, the
 logits); `perplexity` summarises it. With a sparse back-end, every decode step after the prefill
-is sparse, so this measures what sampling/selection costs in quality on real text.
+is sparse, so this measures what sampling/selection costs in quality on real text. A Memory
+Mosaics model runs its recurrent form with exact or sampled retrieval (pigjax.mosaics.retrieval).
 """
 
 from __future__ import annotations
@@ -18,18 +19,25 @@ import numpy as np
 from pigjax.attention import Dense
 from pigjax.errors import PigjaxError
 from pigjax.models import llama
+from pigjax.mosaics import retrieval as mosaics_retrieval
+from pigjax.mosaics.config import MosaicsConfig
 
 
 @partial(jax.jit, static_argnames=("config", "backend", "p", "return_logits"))
 def _run(params, tokens, runtime, *, config, backend, p, return_logits):
     b, t = tokens.shape
     dtype = jax.tree.leaves(params)[0].dtype
-    cache = backend.init_cache(config, b, t, t - p, dtype, runtime)
-    logits, cache = llama.step(params, config, tokens[:, :p], cache, None, backend, fresh=True)
+    if isinstance(config, MosaicsConfig):
+        cache = backend.init_state(config, b, t, dtype, runtime)
+        step = lambda tok, cache, fresh=False: backend.step(params, config, tok, cache, None, fresh)
+    else:
+        cache = backend.init_cache(config, b, t, t - p, dtype, runtime)
+        step = lambda tok, cache, fresh=False: llama.step(params, config, tok, cache, None, backend, fresh=fresh)
+    logits, cache = step(tokens[:, :p], cache, fresh=True)
     first = logits[:, -1]
 
     def body(cache, tok):
-        logits, cache = llama.step(params, config, tok[:, None], cache, None, backend)
+        logits, cache = step(tok[:, None], cache)
         return cache, logits[:, 0]
 
     cache, rest = jax.lax.scan(body, cache, tokens[:, p:-1].T)
@@ -42,7 +50,8 @@ def _run(params, tokens, runtime, *, config, backend, p, return_logits):
 
 def teacher_forced(model, tokens, prefill: int, attention=None, return_logits: bool = False):
     """tokens [B, T] int (all rows full length). Prefill tokens[:, :prefill] densely, then decode
-    tokens prefill..T-1 one per step with `attention` (default Dense()).
+    tokens prefill..T-1 one per step with `attention` (default Dense(); MagicPIG(...) gives a
+    Memory Mosaics model sampled retrieval).
 
     -> dict(logp [B, T - prefill]: log p(tokens[:, i] | tokens[:, :i]) for i >= prefill,
             logits [B, T - prefill, V] or None, stats: the back-end's stats).
@@ -54,8 +63,11 @@ def teacher_forced(model, tokens, prefill: int, attention=None, return_logits: b
     b, t = tokens.shape
     if t > model.config.max_position_embeddings:
         raise PigjaxError(f"teacher_forced: {t} tokens exceed the model's context ({model.config.max_position_embeddings})")
-    params = llama.unstack_layers(model.params)
-    with backend.resources(model.config, b, prefill) as runtime:
+    if isinstance(model.config, MosaicsConfig):
+        backend, params, capacity = mosaics_retrieval.for_attention(attention), model.params, t  # pairs: up to t
+    else:
+        params, capacity = llama.unstack_layers(model.params), prefill
+    with backend.resources(model.config, b, capacity) as runtime:
         logp, logits, cache = _run(params, tokens, runtime.arrays, config=model.config, backend=backend,
                                    p=prefill, return_logits=return_logits)
         jax.block_until_ready((logp, logits, cache))  # before the engine store is freed

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import math
 from functools import partial
+from typing import Callable
 
 import flax.linen as nn
 import jax
@@ -174,10 +175,30 @@ class LeakyKeys(nn.Module):
         return k, kbar
 
 
+def exact_memory(state: LayerState, k, vals, count):
+    """The recurrent form's contextual memory: write keys k [B, H, T, hs] to slots count..count+T-1
+    and values vals (of slots count-1..count+T-2) to the buffers, then retrieve over every earlier
+    slot. -> (y [B, H, T, hs], the new buffer fields). `ContextMemory.memory` may replace it (e.g.
+    sampled retrieval, pigjax.mosaics.retrieval) with another function of the same signature."""
+    b, _, t, _ = k.shape
+    rows, span = jnp.arange(b)[:, None], jnp.arange(t)[None, :]
+    capacity = state.keys.shape[2]
+    key_slots = count[:, None] + span
+    value_slots = key_slots - 1
+    value_slots = jnp.where(value_slots < 0, capacity, value_slots)  # no slot -1: dropped
+    # (the scatter's update is laid out [B, T, H, hs]: indexed axes first)
+    keys = state.keys.at[rows, :, key_slots].set(k.transpose(0, 2, 1, 3).astype(state.keys.dtype), mode="drop")
+    values = state.values.at[rows, :, value_slots].set(vals.transpose(0, 2, 1, 3).astype(state.values.dtype),
+                                                      mode="drop")
+    visible = jnp.arange(capacity)[None, None, :] < key_slots[:, :, None]
+    return retrieve(k, keys, values, visible), dict(keys=keys, values=values)
+
+
 class ContextMemory(nn.Module):
     config: MosaicsConfig
     deterministic: bool
     recurrent: bool
+    memory: Callable | None = None  # recurrent form: the store + retrieval (default exact_memory)
 
     @nn.compact
     def __call__(self, h, state: LayerState | None, count, num_new):
@@ -202,24 +223,12 @@ class ContextMemory(nn.Module):
             # Slots count-1 .. count+t-2 get their values now (the first one from the pending
             # projection, finished by this chunk's first token); slots count .. count+t-1 their keys.
             prev = jnp.concatenate([state.pending_value[:, :, None], vx], axis=2)
-            rows, span = jnp.arange(b)[:, None], jnp.arange(t)[None, :]
-            capacity = state.keys.shape[2]
-            key_slots = count[:, None] + span
-            value_slots = key_slots - 1
-            value_slots = jnp.where(value_slots < 0, capacity, value_slots)  # no slot -1: dropped
-            # (the scatter's update is laid out [B, T, H, hs]: indexed axes first)
-            keys = state.keys.at[rows, :, key_slots].set(k.transpose(0, 2, 1, 3).astype(state.keys.dtype),
-                                                         mode="drop")
-            vals = values(prev[:, :, :-1], prev[:, :, 1:]).transpose(0, 2, 1, 3).astype(state.values.dtype)
-            vals = state.values.at[rows, :, value_slots].set(vals, mode="drop")
-            visible = jnp.arange(capacity)[None, None, :] < key_slots[:, :, None]
-            y = retrieve(k, keys, vals, visible)
+            y, stored = (self.memory or exact_memory)(state, k, values(prev[:, :, :-1], prev[:, :, 1:]), count)
             last, has_new = jnp.maximum(num_new - 1, 0), (num_new > 0)[:, None, None]
             new_state = dict(
                 ctx_leak=jnp.where(has_new, _at(kbar, last), state.ctx_leak),
                 pending_value=jnp.where(has_new, _at(vx, last), state.pending_value),
-                keys=keys,
-                values=vals,
+                **stored,
             )
         out = _linear(c.hidden_size, c.hidden_size, "c_proj", 1.0 / math.sqrt(c.num_hidden_layers))
         return out(_merge_heads(y)), new_state
@@ -264,16 +273,17 @@ class Block(nn.Module):
     config: MosaicsConfig
     deterministic: bool
     recurrent: bool
+    memory: Callable | None = None  # see ContextMemory
 
     @nn.compact
     def __call__(self, x, state, count, num_new):
         c, det, rec = self.config, self.deterministic, self.recurrent
         resid_dropout = nn.Dropout(c.dropout, deterministic=det)
-        y, ctx = ContextMemory(c, det, rec, name="ctx")(_layer_norm(c, "ln_1")(x), state, count, num_new)
+        y, ctx = ContextMemory(c, det, rec, self.memory, name="ctx")(_layer_norm(c, "ln_1")(x), state, count, num_new)
         x = x + resid_dropout(y)
         y, pmem = PersistentMemory(c, det, rec, name="pmem")(_layer_norm(c, "ln_2")(x), state, num_new)
         x = x + resid_dropout(y)
-        return x, (LayerState(**ctx, **pmem) if rec else None)
+        return x, (state.replace(**ctx, **pmem) if rec else None)  # (any state type with these fields)
 
 
 class MosaicsModel(nn.Module):
