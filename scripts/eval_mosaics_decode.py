@@ -99,9 +99,10 @@ def main(_):
              f"{result['machine']['cores']} cores.", "",
              "Sampled: MagicPIG K/L on the contextual memory, sink 4 and the 64 most recent pairs exact, older pairs "
              "in the engine (prompt pairs at prefill, later ones appended as they leave the window); `_all`: every "
-             "layer sampled (else layers 0 and 2 stay exact); `_f32`: f32 engine storage (else bf16). "
+             "layer sampled (else layers 0 and 2 stay exact); `_c`: centered keys (else raw); `_f32`: f32 engine "
+             "storage (else bf16). "
              "Fraction read: engine pairs sampled / engine pairs (sampled layers); with window: counting the exact "
-             "window as read.", "",
+             "window as read. Seconds: wall time on a shared machine (other jobs ran), not a benchmark.", "",
              "| context | prefill | retrieval | perplexity | vs exact | fraction read | with window | seconds |",
              "|---:|---:|---|---:|---:|---:|---:|---:|"]
     for context, entry in result["contexts"].items():
