@@ -10,6 +10,7 @@ import pytest
 from pigjax.errors import PigjaxError
 from pigjax.magicpig import Store, estimator, lsh_attention
 from pigjax.magicpig import reference as ref
+from pigjax.magicpig import store as engine_store
 
 
 def make_inputs(seed, b=2, hq=6, hkv=2, n=700, d=32, K=6, L=40, offset=3.0):
@@ -182,7 +183,10 @@ def test_two_stores_alternately_and_in_two_threads():
         assert not errors, errors
 
 
-def test_bad_input_raises_clear_errors():
+@pytest.mark.parametrize("path", ["ffi", "callback"])
+def test_bad_input_raises_clear_errors(path):
+    """Each engine error is raised with its own message, and later calls still work (on a GPU a
+    raising host callback poisons or crashes JAX's runtime: the callback path must not raise)."""
     with pytest.raises(PigjaxError, match="K"):
         Store(1, 1, 8, 10, 17, 4)
     with pytest.raises(PigjaxError, match="L"):
@@ -199,7 +203,7 @@ def test_bad_input_raises_clear_errors():
     with pytest.raises(PigjaxError, match="q .* does not fit"):
         lsh_attention(q[:, :5], k, v, proj, K=6, L=40)
 
-    store = Store(2, 2, 32, 50, 6, 40, storage="f32")
+    store = Store(2, 2, 32, 50, 6, 40, storage="f32", path=path)
     slots = jnp.zeros((2,), jnp.int32)
     kk, vv = jnp.asarray(k), jnp.asarray(v)
     codes = jnp.zeros((2, 2, 100, 40), jnp.int32)
@@ -225,8 +229,24 @@ def test_bad_input_raises_clear_errors():
         jax.block_until_ready(store.prefill(slots + jnp.asarray([0, 1]), kk[:, :, :40], vv[:, :, :40],
                                             codes[:, :, :40], jnp.full((2,), 40, jnp.int32), sink=0, local=1))
     # The process lives on and a new store works.
-    out, sampled = lsh_attention(q, k, v, proj, K=6, L=40)
+    out, sampled = lsh_attention(q, k, v, proj, K=6, L=40, path=path)
     assert np.isfinite(np.asarray(out)).all()
+
+
+def test_callback_errors_inside_jit_surface_at_close():
+    """A jitted callback-path call that fails returns NaN / -1 and its Store raises the engine's
+    message when checked (here: at close)."""
+    q, k, v, proj = make_inputs(0, n=100)
+    store = Store(2, 2, 32, 50, 6, 40, storage="f32", path="callback")
+    call = jax.jit(lambda h, k_, v_: engine_store.prefill(h, jnp.zeros((2,), jnp.int32), k_, v_,
+                                                          jnp.zeros((2, 2, 100, 40), jnp.int32),
+                                                          jnp.full((2,), 100, jnp.int32), sink=0, local=1,
+                                                          path="callback"))
+    counts = np.asarray(call(store.handle_array, jnp.asarray(k), jnp.asarray(v)))
+    assert (counts == -1).all()
+    with pytest.raises(PigjaxError, match="capacity"):
+        store.close()
+    store.check()  # reported once
 
 
 # ---- append mode (beyond the paper): tokens added after the prefill are sampled like the middle ----

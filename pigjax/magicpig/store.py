@@ -8,13 +8,17 @@ as an input (`append` returns the totals, which the next call takes). Two paths 
 - "ffi" (JAX's CPU backend): XLA FFI custom calls with `has_side_effect=True`, so XLA never hoists
   or drops them; about 0.2 µs of overhead per call.
 - "callback" (any backend, e.g. a GPU): `io_callback` into the engine's NumPy entry points; JAX
-  copies the inputs to the host and the results back (tens of µs plus the copies).
+  copies the inputs to the host and the results back (tens of µs plus the copies). An engine
+  error there does not raise inside the callback (see `_CallbackErrors`): the call returns NaN
+  and -1 results and the error is raised by the `Store` that made the call (eagerly, or at
+  `check()` / `close()`), or by `raise_callback_error(handle)` for module-function callers.
 
 The default is "ffi" when JAX's default backend is the CPU, else "callback".
 """
 
 from __future__ import annotations
 
+import threading
 import weakref
 
 import jax
@@ -47,9 +51,18 @@ class Store:
 
     def close(self):
         if getattr(self, "_pending", None) is not None:
-            jax.block_until_ready(self._pending)
+            try:
+                jax.block_until_ready(self._pending)
+            except jax.errors.JaxRuntimeError:
+                pass  # a failed ffi call: its result raises for whoever reads it
             self._pending = None
         self._finalizer()
+        self.check()
+
+    def check(self):
+        """Raise PigjaxError for an engine error of a callback-path call (none on the ffi path,
+        whose errors JAX raises itself)."""
+        raise_callback_error(self.handle)
 
     @property
     def closed(self) -> bool:
@@ -58,8 +71,12 @@ class Store:
     def __enter__(self):
         return self
 
-    def __exit__(self, *exc):
-        self.close()
+    def __exit__(self, exc_type, *_):
+        try:
+            self.close()
+        except PigjaxError:
+            if exc_type is None:  # don't hide the exception already in flight
+                raise
 
     def info(self) -> dict:
         return _engine.store_info(self.handle)
@@ -86,7 +103,53 @@ class Store:
         Jitted code that uses `handle_array` must block on its results before the store closes."""
         if not isinstance(jax.tree.leaves(result)[0], jax.core.Tracer):
             self._pending = result
+            if self.path == "callback":
+                jax.block_until_ready(result)
+                self.check()
         return result
+
+
+class _CallbackErrors:
+    """Engine errors of callback-path calls, by store handle.
+
+    A host callback must not raise on a GPU backend: with ordered effects JAX re-raises the first
+    error from every later effectful call of the process; unordered, the process crashed (both seen
+    with jax 0.11.2 on an H100). So the host function records the message here and returns NaN / -1
+    results; the Python side raises it. The one piece of mutable state in this module, behind a lock
+    because callbacks run on XLA's threads."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._errors: dict[int, str] = {}
+
+    def record(self, handle: int, message: str):
+        with self._lock:
+            self._errors.setdefault(handle, message)  # the first error is the cause
+
+    def take(self, handle: int) -> str | None:
+        with self._lock:
+            return self._errors.pop(handle, None)
+
+
+_callback_errors = _CallbackErrors()
+
+
+def raise_callback_error(handle: int):
+    """Raise PigjaxError if a callback-path call on `handle` failed since the last check."""
+    message = _callback_errors.take(int(handle))
+    if message is not None:
+        raise PigjaxError(message)
+
+
+def _host(fn, shapes):
+    """fn(handle, *numpy args) for io_callback: engine errors become NaN / -1 results (see above)."""
+    def call(handle, *args):
+        try:
+            return fn(int(handle), *map(np.asarray, args))
+        except Exception as e:  # noqa: BLE001 -- nothing may escape into XLA (see above)
+            _callback_errors.record(int(handle), str(e))
+            return jax.tree.map(lambda s: np.full(s.shape, np.nan if s.dtype == jnp.float32 else -1, s.dtype), shapes)
+    return call
 
 
 def default_path() -> str:
@@ -109,7 +172,7 @@ def prefill(handle, slots, keys, values, codes, lengths, *, sink: int, local: in
            values=(values, jnp.float32, 4), codes=(codes, jnp.int32, 4), lengths=(lengths, jnp.int32, 1))
     result = jax.ShapeDtypeStruct(slots.shape, jnp.int32)
     if path == "callback":
-        host = lambda h, *a: _engine.store_prefill_np(int(h), *map(np.asarray, a), sink, local)
+        host = _host(lambda h, *a: _engine.store_prefill_np(h, *a, sink, local), result)
         return io_callback(host, result, handle, slots, keys, values, codes, lengths, ordered=True)
     call = jax.ffi.ffi_call("pigjax_lsh_prefill", result, has_side_effect=True)
     return call(handle, slots, keys, values, codes, lengths, sink=np.int32(sink), local=np.int32(local))
@@ -126,8 +189,7 @@ def append(handle, slots, keys, values, codes, counts, dep, *, path: str = "ffi"
            dep=(dep, jnp.int32, 1))
     result = jax.ShapeDtypeStruct(slots.shape, jnp.int32)
     if path == "callback":
-        host = lambda h, s_, k_, v_, c_, n_, _dep: _engine.store_append_np(
-            int(h), *map(np.asarray, (s_, k_, v_, c_, n_)))
+        host = _host(lambda h, *a: _engine.store_append_np(h, *a[:-1]), result)  # a[-1]: dep
         return io_callback(host, result, handle, slots, keys, values, codes, counts, dep, ordered=True)
     call = jax.ffi.ffi_call("pigjax_lsh_append", result, has_side_effect=True)
     return call(handle, slots, keys, values, codes, counts, dep)
@@ -143,7 +205,7 @@ def query(handle, slots, q, q_codes, dep, *, path: str = "ffi"):
     shapes = (jax.ShapeDtypeStruct((b, hq, d), jnp.float32), jax.ShapeDtypeStruct((b, hq), jnp.float32),
               jax.ShapeDtypeStruct((b, hq), jnp.int32))
     if path == "callback":
-        host = lambda h, s_, q_, c_, _dep: _engine.store_query_np(int(h), *map(np.asarray, (s_, q_, c_)))
+        host = _host(lambda h, *a: _engine.store_query_np(h, *a[:-1]), shapes)  # a[-1]: dep
         return io_callback(host, shapes, handle, slots, q, q_codes, dep, ordered=True)
     call = jax.ffi.ffi_call("pigjax_lsh_query", shapes, has_side_effect=True)
     return call(handle, slots, q, q_codes, dep)
