@@ -68,9 +68,11 @@ def test_generation_past_the_window_with_ragged_rows(model):
     assert [len(t) for t in approx.tokens] == [40, 40, 40]
     assert approx.tokens == exact.tokens
     assert approx.stats["fraction_read"] == pytest.approx(1.0, abs=1e-3)
-    # greedy, the default K10L150: runs and stays close to exact retrieval
-    gen = pigjax.generate(model, prompts, max_new_tokens=40, attention=pigjax.MagicPIG(sink=2, local=8))
+    # greedy, K10L150 (default dense layers (0, 1) would leave this 2-layer model nothing to sample)
+    gen = pigjax.generate(model, prompts, max_new_tokens=40,
+                          attention=pigjax.MagicPIG(sink=2, local=8, dense_layers=()))
     assert [len(t) for t in gen.tokens] == [40, 40, 40] and gen.finish_reasons == ["length"] * 3
+    assert 0.0 < gen.stats["fraction_read"] <= 1.0
 
 
 def test_bad_configurations_fail_clearly(model, tokens):
@@ -93,5 +95,6 @@ def test_bf16_model_decodes_close_to_f32(model, tokens, exact):
         out = teacher_forced(half, tokens, 30, attention)
         assert np.all(np.isfinite(out["logp"]))
         assert np.max(np.abs(out["logp"] - exact["logp"])) < 0.1
-    gen = pigjax.generate(half, [[5, 17, 33] * 5], max_new_tokens=12, attention=pigjax.MagicPIG(sink=2, local=4))
-    assert len(gen.tokens[0]) == 12
+    gen = pigjax.generate(half, [[5, 17, 33] * 5], max_new_tokens=12,
+                          attention=pigjax.MagicPIG(sink=2, local=4, dense_layers=()))
+    assert len(gen.tokens[0]) == 12 and 0.0 < gen.stats["fraction_read"] <= 1.0
