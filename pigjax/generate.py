@@ -243,7 +243,9 @@ def generate(
     text afterwards (texts are cut before the first occurrence). `stream(row, new_tokens)` is
     called as tokens arrive (every STREAM_CHUNK steps). `attention`: the back-end (Dense()), or a
     list of back-ends to compare: they share one dense prefill (prefill is dense for every
-    back-end) and the call returns one Generation per back-end, in order.
+    back-end) and the call returns one Generation per back-end, in order. A Memory Mosaics model
+    takes Dense() (exact retrieval) or MagicPIG(...) (sampled retrieval, pigjax.mosaics.retrieval)
+    and runs one (exact) prefill per back-end.
     """
     if not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 0:
         raise PigjaxError(f"max_new_tokens must be a non-negative integer, got {max_new_tokens!r}")
