@@ -189,7 +189,7 @@ void parallel_for(int64_t n, const std::function<void(int64_t)>& fn) { pool().ru
 
 namespace {
 
-// Allocator of the per-slot arrays a query reads at random (K/V rows, table indices and
+// Allocator of the per-slot arrays a query reads at random (K/V rows, norms, table indices and
 // offsets): allocations of >= 2 MiB are 2 MiB-aligned and marked MADV_HUGEPAGE, so with
 // transparent huge pages in "madvise" mode (a common default) they get 2 MiB pages. With 4 KiB
 // pages nearly every sampled row costs a TLB miss and a page walk. Only a hint: without THP
@@ -375,9 +375,9 @@ bool store_info(int64_t handle, StoreInfo* info, std::string* err) {
 }
 
 // ----------------------------------------------------------------------------------------
-// Kernels over stored rows (T = float or uint16_t bf16) and a group of G <= kGroupChunk query
-// heads (q rows contiguous, stride d; acc rows stride d): dot products of one row, and the
-// probability-weighted sum of a batch of value rows.
+// Kernels over stored rows (T = float or uint16_t bf16): dot products of one row with G query
+// heads (q rows contiguous, stride d; the query uses G = 1, one call per sampling head), and
+// one head's probability-weighted sum of value rows.
 // ----------------------------------------------------------------------------------------
 
 namespace {
