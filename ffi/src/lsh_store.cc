@@ -4,16 +4,22 @@
 #include <atomic>
 #include <cmath>
 #include <condition_variable>
+#include <cstdlib>
 #include <cstring>
 #include <deque>
 #include <exception>
 #include <limits>
 #include <mutex>
+#include <new>
 #include <shared_mutex>
 #include <sstream>
 #include <thread>
 #include <type_traits>
 #include <unordered_map>
+
+#if defined(__linux__)
+#include <sys/mman.h>
+#endif
 
 #include "cpu.h"
 
@@ -183,14 +189,49 @@ void parallel_for(int64_t n, const std::function<void(int64_t)>& fn) { pool().ru
 
 namespace {
 
+// Allocator of the per-slot arrays a query reads at random (K/V rows, norms, table indices and
+// offsets): allocations of >= 2 MiB are 2 MiB-aligned and marked MADV_HUGEPAGE, so with
+// transparent huge pages in "madvise" mode (a common default) they get 2 MiB pages. With 4 KiB
+// pages nearly every sampled row costs a TLB miss and a page walk. Only a hint: without THP
+// the memory is ordinary.
+template <typename T>
+struct HugePageAllocator {
+  using value_type = T;
+  static constexpr size_t kHuge = size_t{1} << 21;
+  HugePageAllocator() = default;
+  template <typename U>
+  HugePageAllocator(const HugePageAllocator<U>&) {}
+  static size_t rounded(size_t n) { return (n * sizeof(T) + kHuge - 1) / kHuge * kHuge; }
+  T* allocate(size_t n) {
+    if (n > std::numeric_limits<size_t>::max() / sizeof(T) - kHuge) throw std::bad_alloc();
+    if (n * sizeof(T) < kHuge) return static_cast<T*>(::operator new(n * sizeof(T)));
+    void* p = std::aligned_alloc(kHuge, rounded(n));
+    if (p == nullptr) throw std::bad_alloc();
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+    madvise(p, rounded(n), MADV_HUGEPAGE);
+#endif
+    return static_cast<T*>(p);
+  }
+  void deallocate(T* p, size_t n) {
+    if (n * sizeof(T) < kHuge) ::operator delete(p);
+    else std::free(p);
+  }
+  template <typename U>
+  bool operator==(const HugePageAllocator<U>&) const { return true; }
+  template <typename U>
+  bool operator!=(const HugePageAllocator<U>&) const { return false; }
+};
+template <typename T>
+using HugeVector = std::vector<T, HugePageAllocator<T>>;
+
 struct SlotData {
   bool prefilled = false;
   int64_t n = 0;                   // middle tokens
-  std::vector<uint16_t> k16, v16;  // bf16 storage: [Hkv][n][d]
-  std::vector<float> k32, v32;     // f32 storage:  [Hkv][n][d]
-  std::vector<float> norms;        // [Hkv][n]
-  std::vector<int32_t> offsets;    // [Hkv][nblocks][L][2^K + 1], relative to the block
-  std::vector<uint16_t> indices;   // [Hkv][nblocks][L][block_len], index within the block
+  HugeVector<uint16_t> k16, v16;   // bf16 storage: [Hkv][n][d]
+  HugeVector<float> k32, v32;      // f32 storage:  [Hkv][n][d]
+  HugeVector<float> norms;         // [Hkv][n]
+  HugeVector<int32_t> offsets;     // [Hkv][nblocks][L][2^K + 1], relative to the block
+  HugeVector<uint16_t> indices;    // [Hkv][nblocks][L][block_len], index within the block
   // Append buffer: token t of a head is token n + t of the slot (same count for every head).
   struct Appended {
     std::vector<uint16_t> k16, v16;  // [na][d]
@@ -334,8 +375,9 @@ bool store_info(int64_t handle, StoreInfo* info, std::string* err) {
 }
 
 // ----------------------------------------------------------------------------------------
-// Dot-product / axpy kernels over one stored row (T = float or uint16_t bf16) and a group of
-// G <= kGroupChunk query heads (q rows contiguous, stride d; acc rows stride d).
+// Kernels over stored rows (T = float or uint16_t bf16): dot products of one row with G query
+// heads (q rows contiguous, stride d; the query uses G = 1, one call per sampling head), and
+// one head's probability-weighted sum of value rows.
 // ----------------------------------------------------------------------------------------
 
 namespace {
@@ -355,14 +397,11 @@ void dots_scalar(const T* k, const float* q, int64_t d, float* out) {
   for (int j = 0; j < G; ++j) out[j] = acc[j];
 }
 
-template <typename T, int G>
-void axpy_scalar(const T* v, const float* p, int64_t d, float* o) {
-  for (int j = 0; j < G; ++j) {
-    if (p[j] == 0.0f) continue;
-    const float pj = p[j];
-    float* oj = o + j * d;
-    for (int64_t i = 0; i < d; ++i) oj[i] += pj * ld(v, i);
-  }
+// acc[:] += sum_k p[k] * rows[k][:] for one query head over nb rows.
+template <typename T>
+void vsum_scalar(const T* const* rows, const float* p, int nb, int64_t d, float* acc) {
+  for (int k = 0; k < nb; ++k)
+    for (int64_t i = 0; i < d; ++i) acc[i] += p[k] * ld(rows[k], i);
 }
 
 #if PIGJAX_X86
@@ -397,22 +436,28 @@ PIGJAX_TARGET_AVX2 void dots_avx2(const T* k, const float* q, int64_t d, float* 
   for (int j = 0; j < G; ++j) out[j] = hsum8(acc[j]) + tail[j];
 }
 
-template <typename T, int G>
-PIGJAX_TARGET_AVX2 void axpy_avx2(const T* v, const float* p, int64_t d, float* o) {
+// Up to 8 column vectors of acc stay in registers over the rows (independent FMA chains).
+template <typename T>
+PIGJAX_TARGET_AVX2 void vsum_avx2(const T* const* rows, const float* p, int nb, int64_t d, float* acc) {
   int64_t i = 0;
-  for (; i + 8 <= d; i += 8) {
-    const __m256 vv = load8(v + i);
-    for (int j = 0; j < G; ++j) {
-      if (p[j] == 0.0f) continue;
-      float* oj = o + j * d + i;
-      _mm256_storeu_ps(oj, _mm256_fmadd_ps(_mm256_set1_ps(p[j]), vv, _mm256_loadu_ps(oj)));
+  for (; i + 8 <= d; i += 64) {
+    const int nv = static_cast<int>(std::min<int64_t>(8, (d - i) / 8));
+    __m256 a[8];
+    for (int c = 0; c < 8; ++c) a[c] = c < nv ? _mm256_loadu_ps(acc + i + 8 * c) : _mm256_setzero_ps();
+    for (int k = 0; k < nb; ++k) {
+      const __m256 pk = _mm256_broadcast_ss(p + k);
+      const T* v = rows[k] + i;
+      if (nv == 8) {
+        for (int c = 0; c < 8; ++c) a[c] = _mm256_fmadd_ps(pk, load8(v + 8 * c), a[c]);
+      } else {
+        for (int c = 0; c < nv; ++c) a[c] = _mm256_fmadd_ps(pk, load8(v + 8 * c), a[c]);
+      }
     }
+    for (int c = 0; c < nv; ++c) _mm256_storeu_ps(acc + i + 8 * c, a[c]);
+    if (nv < 8) { i += 8 * nv; break; }
   }
-  for (; i < d; ++i) {
-    const float vv = ld(v, i);
-    for (int j = 0; j < G; ++j)
-      if (p[j] != 0.0f) o[j * d + i] += p[j] * vv;
-  }
+  for (; i < d; ++i)
+    for (int k = 0; k < nb; ++k) acc[i] += p[k] * ld(rows[k], i);
 }
 
 PIGJAX_TARGET_AVX512 static inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
@@ -438,22 +483,28 @@ PIGJAX_TARGET_AVX512 void dots_avx512(const T* k, const float* q, int64_t d, flo
   for (int j = 0; j < G; ++j) out[j] = _mm512_reduce_add_ps(acc[j]) + tail[j];
 }
 
-template <typename T, int G>
-PIGJAX_TARGET_AVX512 void axpy_avx512(const T* v, const float* p, int64_t d, float* o) {
+template <typename T>
+PIGJAX_TARGET_AVX512 void vsum_avx512(const T* const* rows, const float* p, int nb, int64_t d,
+                                      float* acc) {
   int64_t i = 0;
-  for (; i + 16 <= d; i += 16) {
-    const __m512 vv = load16(v + i);
-    for (int j = 0; j < G; ++j) {
-      if (p[j] == 0.0f) continue;
-      float* oj = o + j * d + i;
-      _mm512_storeu_ps(oj, _mm512_fmadd_ps(_mm512_set1_ps(p[j]), vv, _mm512_loadu_ps(oj)));
+  for (; i + 16 <= d; i += 128) {
+    const int nv = static_cast<int>(std::min<int64_t>(8, (d - i) / 16));
+    __m512 a[8];
+    for (int c = 0; c < 8; ++c) a[c] = c < nv ? _mm512_loadu_ps(acc + i + 16 * c) : _mm512_setzero_ps();
+    for (int k = 0; k < nb; ++k) {
+      const __m512 pk = _mm512_set1_ps(p[k]);
+      const T* v = rows[k] + i;
+      if (nv == 8) {
+        for (int c = 0; c < 8; ++c) a[c] = _mm512_fmadd_ps(pk, load16(v + 16 * c), a[c]);
+      } else {
+        for (int c = 0; c < nv; ++c) a[c] = _mm512_fmadd_ps(pk, load16(v + 16 * c), a[c]);
+      }
     }
+    for (int c = 0; c < nv; ++c) _mm512_storeu_ps(acc + i + 16 * c, a[c]);
+    if (nv < 8) { i += 16 * nv; break; }
   }
-  for (; i < d; ++i) {
-    const float vv = ld(v, i);
-    for (int j = 0; j < G; ++j)
-      if (p[j] != 0.0f) o[j * d + i] += p[j] * vv;
-  }
+  for (; i < d; ++i)
+    for (int k = 0; k < nb; ++k) acc[i] += p[k] * ld(rows[k], i);
 }
 
 // AVX512_BF16 score pass for bf16 keys: vdpbf16ps needs bf16 on both sides, so each query
@@ -503,48 +554,31 @@ PIGJAX_TARGET_AVX512BF16 void dots_avx512bf16(const uint16_t* k, const float* qp
 
 #endif  // PIGJAX_X86
 
+// Per level: the dot product of one key row with one query head, and vsum.
 template <typename T>
 struct RowKernels {
   using DotFn = void (*)(const T*, const float*, int64_t, float*);
-  using AxpyFn = void (*)(const T*, const float*, int64_t, float*);
-  // Optional: rewrites a chunk's query rows q[gc][d] into buf (2 * gc * d uint16); dot then
-  // receives that buffer (as const float*) instead of the f32 query rows.
+  using VsumFn = void (*)(const T* const*, const float*, int, int64_t, float*);
+  // Optional: rewrites a chunk's query rows q[gc][d] into buf (2 * gc * d uint16, head j at
+  // float offset j * d like the f32 rows); dot then receives that buffer.
   using PrepFn = void (*)(const float*, int, int64_t, uint16_t*);
-  DotFn dot[kGroupChunk + 1] = {};
-  AxpyFn axpy[kGroupChunk + 1] = {};
+  DotFn dot = nullptr;
+  VsumFn vsum = nullptr;
   PrepFn prep = nullptr;
 };
 
-#define PIGJAX_KERNEL_SET(NAME)                                                            \
-  template <typename T>                                                                    \
-  RowKernels<T> kernels_##NAME() {                                                         \
-    RowKernels<T> k;                                                                       \
-    k.dot[1] = dots_##NAME<T, 1>; k.dot[2] = dots_##NAME<T, 2>; k.dot[3] = dots_##NAME<T, 3>; \
-    k.dot[4] = dots_##NAME<T, 4>; k.dot[5] = dots_##NAME<T, 5>; k.dot[6] = dots_##NAME<T, 6>; \
-    k.dot[7] = dots_##NAME<T, 7>; k.dot[8] = dots_##NAME<T, 8>;                            \
-    k.axpy[1] = axpy_##NAME<T, 1>; k.axpy[2] = axpy_##NAME<T, 2>;                          \
-    k.axpy[3] = axpy_##NAME<T, 3>; k.axpy[4] = axpy_##NAME<T, 4>;                          \
-    k.axpy[5] = axpy_##NAME<T, 5>; k.axpy[6] = axpy_##NAME<T, 6>;                          \
-    k.axpy[7] = axpy_##NAME<T, 7>; k.axpy[8] = axpy_##NAME<T, 8>;                          \
-    return k;                                                                              \
-  }
-
-PIGJAX_KERNEL_SET(scalar)
+template <typename T>
+RowKernels<T> kernels_scalar() { return {dots_scalar<T, 1>, vsum_scalar<T>, nullptr}; }
 #if PIGJAX_X86
-PIGJAX_KERNEL_SET(avx2)
-PIGJAX_KERNEL_SET(avx512)
-
+template <typename T>
+RowKernels<T> kernels_avx2() { return {dots_avx2<T, 1>, vsum_avx2<T>, nullptr}; }
+template <typename T>
+RowKernels<T> kernels_avx512() { return {dots_avx512<T, 1>, vsum_avx512<T>, nullptr}; }
 // avx512 kernels with the AVX512_BF16 score pass (bf16 storage only).
 RowKernels<uint16_t> kernels_avx512bf16() {
-  RowKernels<uint16_t> k = kernels_avx512<uint16_t>();
-  k.dot[1] = dots_avx512bf16<1>; k.dot[2] = dots_avx512bf16<2>; k.dot[3] = dots_avx512bf16<3>;
-  k.dot[4] = dots_avx512bf16<4>; k.dot[5] = dots_avx512bf16<5>; k.dot[6] = dots_avx512bf16<6>;
-  k.dot[7] = dots_avx512bf16<7>; k.dot[8] = dots_avx512bf16<8>;
-  k.prep = prep_q_bf16x2;
-  return k;
+  return {dots_avx512bf16<1>, vsum_avx512<uint16_t>, prep_q_bf16x2};
 }
 #endif
-#undef PIGJAX_KERNEL_SET
 
 template <typename T>
 const RowKernels<T>& row_kernels(SimdLevel level) {
@@ -579,37 +613,39 @@ double log_weight_at(double theta, int K, int L, double eps) {
   return -std::log(u + eps);
 }
 
-inline double angle(double dot, double qnorm, double knorm) {
+}  // namespace
+
+// The formula costs six transcendental calls per (sampled key, query head), a third of a query;
+// it depends on the angle alone, so tabulate it and interpolate linearly. The table is over
+// cos(theta) in [-1, 1] rather than theta, which saves the acos per (key, head). Intervals where
+// interpolation misses the formula by more than kMaxTableError at the midpoint or quarter points
+// (steep spots, e.g. near cos = +-1 where d theta / d cos is unbounded, for small K or L) evaluate
+// the formula instead, so the table never costs accuracy.
+LogWeightTable::LogWeightTable(int K, int L, double eps)
+    : K_(K), L_(L), eps_(eps), f_(kIntervals + 1), exact_(kIntervals) {
+  const double h = 2.0 / kIntervals;
+  auto at = [&](double c) { return log_weight_at(std::acos(std::min(1.0, std::max(-1.0, c))), K, L, eps); };
+  for (int i = 0; i <= kIntervals; ++i) f_[i] = at(-1.0 + i * h);
+  for (int i = 0; i < kIntervals; ++i) {
+    bool ok = true;
+    for (double t : {0.25, 0.5, 0.75}) {
+      const double interp = f_[i] + t * (f_[i + 1] - f_[i]);
+      ok = ok && std::abs(interp - at(-1.0 + (i + t) * h)) <= kMaxTableError;
+    }
+    exact_[i] = !ok;
+  }
+}
+
+double LogWeightTable::operator()(double dot, double qnorm, double knorm) const {
   double c = 0.0;
   if (qnorm > 0.0 && knorm > 0.0) c = dot / (qnorm * knorm);
   if (c > 1.0) c = 1.0;
   if (c < -1.0) c = -1.0;
   if (std::isnan(c)) c = 0.0;
-  return std::acos(c);
-}
-
-}  // namespace
-
-// The formula costs six transcendental calls per (sampled key, query head), a third of a query;
-// it depends on the angle alone, so tabulate it on [0, pi] and interpolate linearly. Intervals
-// whose midpoint misses the formula by more than kMaxTableError (steep spots, e.g. K = 1 near
-// theta = pi) evaluate the formula instead, so the table never costs accuracy.
-LogWeightTable::LogWeightTable(int K, int L, double eps)
-    : K_(K), L_(L), eps_(eps), f_(kIntervals + 1), exact_(kIntervals) {
-  const double h = 3.14159265358979323846 / kIntervals;
-  for (int i = 0; i <= kIntervals; ++i) f_[i] = log_weight_at(i * h, K, L, eps);
-  for (int i = 0; i < kIntervals; ++i) {
-    const double mid = log_weight_at((i + 0.5) * h, K, L, eps);
-    exact_[i] = !(std::abs(0.5 * (f_[i] + f_[i + 1]) - mid) <= kMaxTableError);
-  }
-}
-
-double LogWeightTable::operator()(double dot, double qnorm, double knorm) const {
-  const double theta = angle(dot, qnorm, knorm);
-  const double x = theta * (kIntervals / 3.14159265358979323846);
+  const double x = (c + 1.0) * (kIntervals / 2.0);
   int i = static_cast<int>(x);
   if (i >= kIntervals) i = kIntervals - 1;
-  if (exact_[i]) return log_weight_at(theta, K_, L_, eps_);
+  if (exact_[i]) return log_weight_at(std::acos(c), K_, L_, eps_);
   const double t = x - i;
   return f_[i] + t * (f_[i + 1] - f_[i]);
 }
@@ -618,26 +654,42 @@ namespace {
 
 // Per-thread query scratch. Collision counting uses two bitmaps (>= 1 and >= 2 collisions,
 // n/4 bytes together: 32 KiB at n = 128K, i.e. L1/L2-resident), cleared per query head by
-// memset; this saturating count is exact for any K and L since only ">= 2" matters.
-// Candidates of the (up to 8) query heads of a chunk go into a byte mask per token (bit jj:
-// sampled for head jj); a word-wise scan then lists the union in token order and clears it.
-// Invariant between uses: mask[] is all zero.
+// memset; this saturating count is exact for any K and L since only ">= 2" matters. Each query
+// head of a chunk (up to 8) keeps its ">= 2" bitmap (n/8 bytes per head); the union is listed
+// in token order from the OR of the chunk's bitmaps, a word at a time.
 struct QueryScratch {
-  std::vector<uint64_t> seen1, seen2;  // bit i: token i collided >= 1 / >= 2 times
-  std::vector<uint64_t> mask;          // byte i: head mask of token i (n bytes, 8 per word)
+  std::vector<uint64_t> seen1;         // bit i: token i collided >= 1 times
+  std::vector<uint64_t> heads;         // [kGroupChunk][words]: bit i: >= 2 collisions
   struct Range { const uint16_t* ids; int32_t beg, end, base; };
   std::vector<Range> ranges;           // bucket ranges of one query head (L * nblocks)
   struct Entry { int32_t i; uint32_t mask; };
   std::vector<Entry> uni;              // union of the chunk's candidate sets
-  std::vector<float> scores;           // [uni.size()][kGroupChunk]
   std::vector<float> acc;              // [kGroupChunk][d]
   void ensure(int64_t n) {
     const size_t words = static_cast<size_t>((n + 63) / 64);
-    if (seen1.size() < words) { seen1.resize(words); seen2.resize(words); }
-    const size_t mwords = static_cast<size_t>((n + 7) / 8);
-    if (mask.size() < mwords) mask.resize(mwords, 0);
+    if (seen1.size() < words) seen1.resize(words);
+    if (heads.size() < kGroupChunk * words) heads.resize(kGroupChunk * words);
   }
 };
+
+// Appends to out the union of the gc candidate bitmaps bm[jj] over words [w0, w1), in token
+// order, with bit jj of an entry's mask set iff head jj samples it. out needs room for the
+// sum of the bitmaps' counts; returns the number of entries written.
+size_t bitmap_union(const uint64_t* const* bm, int gc, int64_t w0, int64_t w1,
+                    QueryScratch::Entry* out) {
+  size_t nu = 0;
+  for (int64_t w = w0; w < w1; ++w) {
+    uint64_t b[kGroupChunk], any = 0;
+    for (int jj = 0; jj < gc; ++jj) { b[jj] = bm[jj][w]; any |= b[jj]; }
+    for (; any; any &= any - 1) {
+      const int bit = __builtin_ctzll(any);
+      uint32_t m = 0;
+      for (int jj = 0; jj < gc; ++jj) m |= static_cast<uint32_t>(b[jj] >> bit & 1u) << jj;
+      out[nu++] = {static_cast<int32_t>(w * 64 + bit), m};
+    }
+  }
+  return nu;
+}
 
 QueryScratch& query_scratch() {
   thread_local QueryScratch s;
@@ -686,7 +738,8 @@ struct HeadRows {
   int64_t total() const { return n + na; }
   const T* key(int64_t i) const { return i < n ? keys + i * d : akeys + (i - n) * d; }
   const T* val(int64_t i) const { return i < n ? vals + i * d : avals + (i - n) * d; }
-  float norm(int64_t i) const { return i < n ? norms[i] : anorms[i - n]; }
+  float norm(int64_t i) const { return *norm_ptr(i); }
+  const float* norm_ptr(int64_t i) const { return i < n ? norms + i : anorms + (i - n); }
 };
 
 template <typename T>
@@ -766,13 +819,18 @@ int64_t collect_head(const HeadRows<T>& R, const int32_t* qc, QueryScratch& sc, 
 // Partial softmax of gc <= kGroupChunk query heads (qg[gc][d], norms qnorm) over the entries
 // uni[0..nu) (bit jj of an entry's mask: head jj samples it): per head the max score mx, the
 // sum of exp(score - mx) and acc[jj][d] = sum of exp(score - mx) v (acc zeroed by the caller).
-// Each key and value row is read once for the whole chunk.
+// Each key and value row is read once for the whole chunk; dot products and value sums are
+// done only for the heads that sample the row (about one per row at K = 10, L = 150). Batches
+// of kBatch entries: a key pass (scores), an online-softmax rescale of a head's acc and sum if
+// the batch raised its max, then a value pass. Each pass prefetches its rows kAhead entries
+// ahead (one array per pass keeps the misses in flight; interleaving K and V rows was slower).
 template <typename T>
 void softmax_part(const HeadRows<T>& R, const LogWeightTable& weights, const RowKernels<T>& kern,
                   const QueryScratch::Entry* uni, size_t nu, const float* qg, const double* qnorm,
-                  int gc, std::vector<float>& score_buf, float* mx, double* sums, float* acc) {
+                  int gc, float* mx, double* sums, float* acc) {
+  constexpr size_t kBatch = 256, kAhead = 12;
   const int64_t d = R.d;
-  const float* qdot = qg;  // what the dot kernels read: the f32 rows or the prepared buffer
+  const float* qdot = qg;  // what the dot kernel reads: the f32 rows or the prepared buffer
   if (kern.prep != nullptr) {
     thread_local std::vector<uint16_t> qprep;
     qprep.resize(static_cast<size_t>(2 * gc * d) + 2);  // never empty, so data() is non-null
@@ -780,42 +838,57 @@ void softmax_part(const HeadRows<T>& R, const LogWeightTable& weights, const Row
     qdot = reinterpret_cast<const float*>(qprep.data());
   }
   const double inv_sqrt_d = 1.0 / std::sqrt(static_cast<double>(d));
-  score_buf.resize(nu * kGroupChunk);
-  float* scores = score_buf.data();
-  std::fill(mx, mx + gc, -std::numeric_limits<float>::infinity());
-  float dots[kGroupChunk];
-  for (size_t e = 0; e < nu; ++e) {
-    const int32_t i = uni[e].i;
-    if (e + 8 < nu) {
-      const T* nk = R.key(uni[e + 8].i);
-      for (int64_t b = 0; b < d * int64_t(sizeof(T)); b += 64)
-        __builtin_prefetch(reinterpret_cast<const char*>(nk) + b);
-    }
-    kern.dot[gc](R.key(i), qdot, d, dots);
-    const float kn = R.norm(i);
-    const uint32_t mask = uni[e].mask;
-    for (int jj = 0; jj < gc; ++jj) {
-      if (!(mask >> jj & 1u)) continue;
-      const float sc_ = static_cast<float>(dots[jj] * inv_sqrt_d + weights(dots[jj], qnorm[jj], kn));
-      scores[e * kGroupChunk + jj] = sc_;
-      if (sc_ > mx[jj]) mx[jj] = sc_;
-    }
-  }
+  const float ninf = -std::numeric_limits<float>::infinity();
+  std::fill(mx, mx + gc, ninf);
   std::fill(sums, sums + gc, 0.0);
-  float p[kGroupChunk];
-  for (size_t e = 0; e < nu; ++e) {
-    const int32_t i = uni[e].i;
-    if (e + 8 < nu) {
-      const T* nv = R.val(uni[e + 8].i);
-      for (int64_t b = 0; b < d * int64_t(sizeof(T)); b += 64)
-        __builtin_prefetch(reinterpret_cast<const char*>(nv) + b);
+  const int64_t row_bytes = d * int64_t(sizeof(T));
+  auto prefetch_row = [&](const T* row) {
+    const char* r = reinterpret_cast<const char*>(row);
+    for (int64_t b = 0; b < row_bytes; b += 64) __builtin_prefetch(r + b);
+  };
+  float score[kBatch][kGroupChunk];
+  for (size_t e0 = 0; e0 < nu; e0 += kBatch) {
+    const size_t e1 = std::min(nu, e0 + kBatch);
+    float bmx[kGroupChunk];
+    std::fill(bmx, bmx + gc, ninf);
+    for (size_t e = e0; e < std::min(e1, e0 + kAhead); ++e) prefetch_row(R.key(uni[e].i));
+    for (size_t e = e0; e < e1; ++e) {
+      if (e + kAhead < e1) {
+        prefetch_row(R.key(uni[e + kAhead].i));
+        __builtin_prefetch(R.norm_ptr(uni[e + kAhead].i));
+      }
+      const int32_t i = uni[e].i;
+      const T* key = R.key(i);
+      const float kn = R.norm(i);
+      for (uint32_t m = uni[e].mask; m; m &= m - 1) {
+        const int jj = __builtin_ctz(m);
+        float dot;
+        kern.dot(key, qdot + jj * d, d, &dot);
+        const float sc_ = static_cast<float>(dot * inv_sqrt_d + weights(dot, qnorm[jj], kn));
+        score[e - e0][jj] = sc_;
+        if (sc_ > bmx[jj]) bmx[jj] = sc_;
+      }
     }
-    const uint32_t mask = uni[e].mask;
     for (int jj = 0; jj < gc; ++jj) {
-      p[jj] = (mask >> jj & 1u) ? std::exp(scores[e * kGroupChunk + jj] - mx[jj]) : 0.0f;
-      sums[jj] += p[jj];
+      if (!(bmx[jj] > mx[jj])) continue;
+      if (mx[jj] != ninf) {  // else acc and sums are still 0
+        const float f = std::exp(mx[jj] - bmx[jj]);
+        sums[jj] *= f;
+        for (int64_t c = 0; c < d; ++c) acc[jj * d + c] *= f;
+      }
+      mx[jj] = bmx[jj];
     }
-    kern.axpy[gc](R.val(i), p, d, acc);
+    for (size_t e = e0; e < std::min(e1, e0 + kAhead); ++e) prefetch_row(R.val(uni[e].i));
+    for (size_t e = e0; e < e1; ++e) {
+      if (e + kAhead < e1) prefetch_row(R.val(uni[e + kAhead].i));
+      const T* val = R.val(uni[e].i);
+      for (uint32_t m = uni[e].mask; m; m &= m - 1) {
+        const int jj = __builtin_ctz(m);
+        const float pj = std::exp(score[e - e0][jj] - mx[jj]);
+        sums[jj] += pj;
+        kern.vsum(&val, &pj, 1, d, acc + jj * d);
+      }
+    }
   }
 }
 
@@ -846,37 +919,22 @@ void query_group(const StoreConfig& c, const LogWeightTable& weights, const Slot
 
   QueryScratch& sc = query_scratch();
   sc.ensure(total);
-  uint8_t* mask = reinterpret_cast<uint8_t*>(sc.mask.data());
-  const size_t words = static_cast<size_t>((total + 63) / 64);
-  uint64_t* seen2 = sc.seen2.data();
+  const int64_t words = (total + 63) / 64;
 
   for (int64_t j0 = 0; j0 < G; j0 += kGroupChunk) {
     const int gc = static_cast<int>(std::min<int64_t>(kGroupChunk, G - j0));
-    sc.uni.clear();
     int64_t counts[kGroupChunk] = {};
+    const uint64_t* bm[kGroupChunk];
     // 1. Candidates per head (>= 2 collisions), merged into one union with head masks.
+    int64_t bound = 0;
     for (int jj = 0; jj < gc; ++jj) {
-      counts[jj] = collect_head(R, qcodes + (j0 + jj) * L, sc, seen2);
-      const uint8_t bit = static_cast<uint8_t>(1u << jj);
-      for (size_t w = 0; w < words; ++w)
-        for (uint64_t x = seen2[w]; x; x &= x - 1) {
-          const int64_t i = static_cast<int64_t>(w) * 64 + __builtin_ctzll(x);
-          mask[i] = static_cast<uint8_t>(mask[i] | bit);
-        }
+      uint64_t* hb = sc.heads.data() + jj * words;
+      counts[jj] = collect_head(R, qcodes + (j0 + jj) * L, sc, hb);
+      bm[jj] = hb;
+      bound += counts[jj];
     }
-    // Union in token order; clears the mask.
-    {
-      uint64_t* mw = sc.mask.data();
-      const int64_t nw = (total + 7) / 8;
-      for (int64_t w = 0; w < nw; ++w) {
-        uint64_t x = mw[w];
-        if (x == 0) continue;
-        mw[w] = 0;
-        for (int k = 0; k < 8; ++k, x >>= 8)
-          if (x & 0xffu) sc.uni.push_back({static_cast<int32_t>(w * 8 + k), uint32_t(x & 0xffu)});
-      }
-    }
-
+    sc.uni.resize(static_cast<size_t>(bound));
+    const size_t nu = bitmap_union(bm, gc, 0, words, sc.uni.data());
     // 2.-3. Scores and softmax-weighted values.
     const float* qg = q + j0 * d;
     double qnorm[kGroupChunk];
@@ -884,7 +942,7 @@ void query_group(const StoreConfig& c, const LogWeightTable& weights, const Slot
     sc.acc.assign(static_cast<size_t>(gc * d), 0.0f);
     float mx[kGroupChunk];
     double sums[kGroupChunk];
-    softmax_part(R, weights, kern, sc.uni.data(), sc.uni.size(), qg, qnorm, gc, sc.scores, mx,
+    softmax_part(R, weights, kern, sc.uni.data(), nu, qg, qnorm, gc, mx,
                  sums, sc.acc.data());
     const float* acc = sc.acc.data();
     for (int jj = 0; jj < gc; ++jj) {
@@ -1270,22 +1328,15 @@ void query_split(const Store& st, const QueryIO& io, int64_t B, int64_t Hq, cons
     const uint64_t* bm[kGroupChunk];
     for (int jj = 0; jj < gc; ++jj) bm[jj] = bitmaps.data() + bm_off[h0 + jj];
     QueryScratch& sc = query_scratch();
-    sc.uni.clear();
-    for (int64_t w = w0; w < w1; ++w) {
-      uint64_t any = 0;
-      for (int jj = 0; jj < gc; ++jj) any |= bm[jj][w];
-      for (; any; any &= any - 1) {
-        const int bit = __builtin_ctzll(any);
-        uint32_t m = 0;
-        for (int jj = 0; jj < gc; ++jj) m |= static_cast<uint32_t>(bm[jj][w] >> bit & 1u) << jj;
-        sc.uni.push_back({static_cast<int32_t>(w * 64 + bit), m});
-      }
-    }
-    if (sc.uni.empty()) return;
+    int64_t bound = 0;
+    for (int jj = 0; jj < gc; ++jj) bound += counts[h0 + jj];
+    sc.uni.resize(static_cast<size_t>(bound));
+    const size_t nu = bitmap_union(bm, gc, w0, w1, sc.uni.data());
+    if (nu == 0) return;
     const float* qg = io.q + h0 * d;
     double qnorm[kGroupChunk];
     query_norms(qg, gc, d, qnorm);
-    softmax_part(R, st.weights, kern, sc.uni.data(), sc.uni.size(), qg, qnorm, gc, sc.scores, out.mx,
+    softmax_part(R, st.weights, kern, sc.uni.data(), nu, qg, qnorm, gc, out.mx,
                  out.sums, acc.data() + pi * kGroupChunk * d);
   });
   // Phase 3: merge.

@@ -84,7 +84,7 @@ class LogWeightTable {
  private:
   int K_, L_;
   double eps_;
-  std::vector<double> f_;        // values at theta = i * pi / kIntervals
+  std::vector<double> f_;        // values at cos(theta) = -1 + 2 i / kIntervals
   std::vector<uint8_t> exact_;   // interval i evaluates the formula instead of interpolating
 };
 
