@@ -11,8 +11,6 @@ topk/quest/oracle run at the fraction of middle keys the reference MagicPIG back
 --attention) measured in the same run. Writes JSON and a Markdown table.
 """
 
-import json
-import os
 import time
 
 from absl import app, flags
@@ -50,6 +48,7 @@ def main(_):
     import pigjax.assets
     from pigjax.eval.attention_error import layer_errors
     from pigjax.eval.harness import check_backends
+    from pigjax.eval.output import write_json_and_markdown
     from pigjax.eval.perplexity import perplexity, teacher_forced
     from pigjax.eval.text import long_text
     from pigjax.machine import describe
@@ -103,12 +102,7 @@ def main(_):
             rel = f"{100 * (r['perplexity'] / dense - 1):+.2f}%" if dense else "–"
             lines.append(f"| {name} | {fr} | {r['perplexity']:.3f} | {rel} | {r['cache_bytes_per_token_per_layer']:.0f} "
                          f"| {r['host_bytes_per_token_per_layer']:.0f} | {r['seconds']:.0f} |")
-    md = "\n".join(lines) + "\n"
-    print(md)
-    os.makedirs(os.path.dirname(_OUT.value) or ".", exist_ok=True)
-    json.dump(result, open(_OUT.value + ".json", "w"), indent=1)
-    open(_OUT.value + ".md", "w").write(md)
-    print(f"wrote {_OUT.value}.json/.md")
+    write_json_and_markdown(_OUT.value, result, "\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":

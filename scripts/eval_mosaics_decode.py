@@ -12,7 +12,6 @@ config's context is raised to the sequence length). Writes JSON and a Markdown t
 
 import dataclasses
 import json
-import os
 import time
 
 from absl import app, flags
@@ -61,6 +60,7 @@ def main(_):
 
     import pigjax
     from pigjax import data as data_lib
+    from pigjax.eval.output import write_json_and_markdown
     from pigjax.eval.perplexity import perplexity, teacher_forced
     from pigjax.machine import describe
 
@@ -116,12 +116,7 @@ def main(_):
     lines += ["", "Command: `python scripts/eval_mosaics_decode.py " +
               f"--contexts {','.join(map(str, contexts))} --sequences {_SEQUENCES.value} "
               f"--attention {','.join(names)}`"]
-    md = "\n".join(lines) + "\n"
-    print(md)
-    os.makedirs(os.path.dirname(_OUT.value) or ".", exist_ok=True)
-    json.dump(result, open(_OUT.value + ".json", "w"), indent=1)
-    open(_OUT.value + ".md", "w").write(md)
-    print(f"wrote {_OUT.value}.json/.md")
+    write_json_and_markdown(_OUT.value, result, "\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":
