@@ -21,7 +21,7 @@ import numpy as np
 from flax import struct
 
 from pigjax.attention import Dense
-from pigjax.attention.base import Cache
+from pigjax.attention.base import Backend, Cache
 from pigjax.errors import PigjaxError
 from pigjax.model import Model
 from pigjax.mosaics import retrieval as mosaics_retrieval
@@ -243,9 +243,12 @@ def generate(
     text afterwards (texts are cut before the first occurrence). `stream(row, new_tokens)` is
     called as tokens arrive (every STREAM_CHUNK steps). `attention`: the back-end (Dense()), or a
     list of back-ends to compare: they share one dense prefill (prefill is dense for every
-    back-end) and the call returns one Generation per back-end, in order. A Memory Mosaics model
-    takes Dense() (exact retrieval) or MagicPIG(...) (sampled retrieval, pigjax.mosaics.retrieval)
-    and runs one (exact) prefill per back-end.
+    back-end) and the call returns one Generation per back-end, in order. An entry of the list may
+    be a function of the Generations before it that returns a back-end: it is called once those
+    have run, so that e.g. `lambda gens: TopK(gens[0].stats["fraction_read"])` decodes at the
+    fraction a MagicPIG back-end measured, on the same prefill. A Memory Mosaics model takes
+    Dense() (exact retrieval) or MagicPIG(...) (sampled retrieval, pigjax.mosaics.retrieval) and
+    runs one (exact) prefill per back-end.
     """
     if not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 0:
         raise PigjaxError(f"max_new_tokens must be a non-negative integer, got {max_new_tokens!r}")
@@ -254,6 +257,9 @@ def generate(
     backends = list(attention) if several else [attention if attention is not None else Dense()]
     if not backends:
         raise PigjaxError("attention: an empty list of back-ends")
+    for entry in backends:  # fail before the prefill; deferred entries are checked when called
+        if not _deferred(entry):
+            _resolve(entry, [])
     if several and stream is not None:
         raise PigjaxError("stream needs a single attention back-end, not a list")
     config = model.config
@@ -268,16 +274,32 @@ def generate(
                                                and model.tokenizer.eos_token_id is not None else set()))
     n_rows = len(ids)
     if isinstance(config, MosaicsConfig):  # the Memory Mosaics form of each back-end (checks them too)
+        if any(_deferred(backend) for backend in backends):
+            raise PigjaxError("a back-end given as a function of earlier Generations needs a Llama-family model")
         backends = [mosaics_retrieval.for_attention(backend) for backend in backends]
     if max_new_tokens == 0:
-        gens = [Generation(["" for _ in ids] if model.tokenizer else None, [[] for _ in ids],
-                           ["length"] * n_rows, {"prefill_seconds": 0.0, "decode_tokens_per_second": 0.0,
-                                                 "compile_seconds": 0.0, **backend.stats(config, model.dtype)})
-                for backend in backends]
+        gens = []
+        for entry in backends:
+            backend = _resolve(entry, gens)
+            gens.append(Generation(["" for _ in ids] if model.tokenizer else None, [[] for _ in ids],
+                                   ["length"] * n_rows, {"prefill_seconds": 0.0, "decode_tokens_per_second": 0.0,
+                                                         "compile_seconds": 0.0, **backend.stats(config, model.dtype)}))
     else:
         gens = _generate(model, ids, lengths, max_new_tokens, sampler, backends, seed, stop_table, stop_strings,
                          eos, stream)
     return gens if several else gens[0]
+
+
+def _deferred(entry) -> bool:
+    return callable(entry) and not isinstance(entry, Backend)
+
+
+def _resolve(entry, gens: list[Generation]):
+    """The back-end of an attention-list entry: itself, or a deferred entry called on the Generations so far."""
+    backend = entry(list(gens)) if _deferred(entry) else entry
+    if not isinstance(backend, Backend):
+        raise PigjaxError(f"attention: expected a back-end (e.g. pigjax.Dense()), got {backend!r}")
+    return backend
 
 
 def _generate(model, ids, lengths, max_new_tokens, sampler, backends, seed, stop_table, stop_strings,
@@ -310,7 +332,8 @@ def _generate(model, ids, lengths, max_new_tokens, sampler, backends, seed, stop
     shape = dict(b=b, t=t, capacity=capacity, out_len=out_len, prefill_seconds=prefill_seconds,
                  prefill_compile=compile_prefill[0])
     gens = []
-    for backend in backends:
+    for entry in backends:
+        backend = _resolve(entry, gens)
         with backend.resources(config, b, t) as runtime:
             with _compile_timer() as compile_fork:
                 start = time.perf_counter()

@@ -128,6 +128,25 @@ def test_streaming_delivers_every_token(tiny):
     assert gen.tokens == pigjax.generate(model, PROMPTS, max_new_tokens=30).tokens
 
 
+def test_deferred_backend_sees_earlier_generations(tiny):
+    """An attention-list entry may be a function of the Generations before it (one shared prefill)."""
+    _, model = tiny
+    seen = []
+
+    def pick(gens):
+        seen.append([g.tokens for g in gens])
+        return pigjax.TopK(fraction=1.0)
+
+    dense, topk = pigjax.generate(model, PROMPTS, max_new_tokens=6, attention=[pigjax.Dense(), pick])
+    assert seen == [[dense.tokens]] and topk.tokens == dense.tokens
+    with pytest.raises(pigjax.PigjaxError, match="expected a back-end.*'dense'"):
+        pigjax.generate(model, PROMPTS, max_new_tokens=6, attention=[pigjax.Dense(), "dense"])
+    with pytest.raises(pigjax.PigjaxError, match="expected a back-end.*None"):
+        pigjax.generate(model, PROMPTS, max_new_tokens=6, attention=[pigjax.Dense(), lambda gens: None])
+    zero = pigjax.generate(model, PROMPTS, max_new_tokens=0, attention=[pigjax.Dense(), pick])
+    assert len(zero) == 2 and zero[1].stats["attention"] == "topk"
+
+
 def test_bad_input(tiny, smollm2):
     _, model = tiny
     with pytest.raises(pigjax.PigjaxError, match="prompt 1 is empty"):

@@ -14,7 +14,8 @@ Back-end names map to objects of the top-level `pigjax` package:
 For topk/quest/oracle, `f` is a given number, or with fraction="auto" the
 `Generation.stats["fraction_read"]` that the first MagicPIG back-end of the list measured on the
 same batch of prompts: those back-ends then run after it, at equal measured fraction. Each batch
-is prefilled once per group of back-ends (`pigjax.generate` with a list: prefill is dense for all).
+is prefilled once for all back-ends (`pigjax.generate` with a list: prefill is dense for all; the
+fraction back-ends are deferred entries of that list).
 Decoding is greedy; each generate call's stats are recorded.
 """
 
@@ -169,42 +170,40 @@ def run_ruler(model, *, tasks: Sequence[str] = ruler.TASKS, contexts: Sequence[i
 
 
 def _run_cell(pigjax, model, names, reference, fraction, task, ctx, samples, batch, advance) -> list[dict]:
-    """All back-ends on one (task, context) cell. Each batch of prompts is prefilled once for the
-    back-ends without a fraction and once for topk/quest/oracle, which run at the fraction the
-    reference MagicPIG back-end measured on that batch (or the given one)."""
+    """All back-ends on one (task, context) cell, each batch of prompts prefilled once for all of
+    them. topk/quest/oracle come last, deferred: they run at the fraction that the reference
+    MagicPIG back-end measured on that batch (or at the given one)."""
     spec = ruler.TASK_SPECS[task]
     order = sorted(range(len(samples)), key=lambda i: samples[i].length)  # similar lengths share a batch
     plain = [n for n in names if n not in FRACTION_BACKENDS]
     by_fraction = [n for n in names if n in FRACTION_BACKENDS]
     acc = {n: {"texts": {}, "reasons": {}, "calls": [], "seconds": 0.0, "fractions": []} for n in names}
 
-    def run(group, backends, rows):
+    def fraction_of(gens) -> float:
+        if fraction != "auto":
+            return round(float(fraction), 6)
+        f = gens[plain.index(reference)].stats.get("fraction_read")
+        if f is None:
+            raise PigjaxError(f"{reference} reported no fraction_read in its stats; give --fraction")
+        return round(float(f), 6)
+
+    for lo in range(0, len(order), batch):
+        rows = order[lo: lo + batch]
+        backends = [make_backend(n) for n in plain] + [
+            (lambda gens, n=n: make_backend(n, fraction_of(gens))) for n in by_fraction]
         start = time.perf_counter()
         gens = pigjax.generate(model, [samples[i].prompt_ids for i in rows], max_new_tokens=spec.tokens_to_generate,
                                temperature=0.0, attention=backends)
-        shared = (time.perf_counter() - start) / len(group)  # the shared prefill, split evenly
-        for name, gen in zip(group, gens):
+        shared = (time.perf_counter() - start) / len(gens)  # the shared prefill, split evenly
+        for name, gen in zip(plain + by_fraction, gens):
             a = acc[name]
             for r, i in enumerate(rows):
                 a["texts"][i], a["reasons"][i] = gen.texts[r], gen.finish_reasons[r]
             a["calls"].append({"rows": [samples[i].index for i in rows], **_jsonable(gen.stats)})
             a["seconds"] += shared
+            if name in by_fraction:
+                a["fractions"].append((len(rows), fraction_of(gens)))
             advance(len(rows))
-        return gens
-
-    for lo in range(0, len(order), batch):
-        rows = order[lo: lo + batch]
-        gens = run(plain, [make_backend(n) for n in plain], rows) if plain else []
-        if by_fraction:
-            f = fraction
-            if fraction == "auto":
-                f = gens[plain.index(reference)].stats.get("fraction_read")
-                if f is None:
-                    raise PigjaxError(f"{reference} reported no fraction_read in its stats; give --fraction")
-            f = round(float(f), 6)
-            run(by_fraction, [make_backend(n, f) for n in by_fraction], rows)
-            for n in by_fraction:
-                acc[n]["fractions"].append((len(rows), f))
     return [_cell(name, acc[name], task, ctx, samples) for name in names]
 
 
