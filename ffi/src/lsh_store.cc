@@ -1,4 +1,5 @@
 #include "lsh_store.h"
+#include "shape_text.h"
 
 #include <algorithm>
 #include <atomic>
@@ -12,7 +13,6 @@
 #include <mutex>
 #include <new>
 #include <shared_mutex>
-#include <sstream>
 #include <thread>
 #include <type_traits>
 #include <unordered_map>
@@ -268,14 +268,6 @@ std::shared_ptr<Store> lookup(int64_t handle, std::string* err) {
     return nullptr;
   }
   return it->second;
-}
-
-std::string dims_str(const std::vector<int64_t>& dims) {
-  std::ostringstream os;
-  os << "[";
-  for (size_t i = 0; i < dims.size(); ++i) os << (i ? ", " : "") << dims[i];
-  os << "]";
-  return os.str();
 }
 
 int64_t num_blocks(int64_t n) { return (n + kBlockTokens - 1) / kBlockTokens; }
@@ -997,26 +989,26 @@ std::string store_prefill(int64_t handle, const PrefillIO& io) {
   if (!st) return err;
   const StoreConfig& c = st->cfg;
   const int64_t Hkv = c.kv_heads, d = c.head_dim, L = c.L;
-  if (io.slots_dims.size() != 1) return "slots must have shape [B], got " + dims_str(io.slots_dims);
+  if (io.slots_dims.size() != 1) return "slots must have shape [B], got " + shape_text(io.slots_dims);
   const int64_t B = io.slots_dims[0];
   if (io.keys_dims.size() != 4 || io.keys_dims[0] != B || io.keys_dims[1] != Hkv ||
       io.keys_dims[3] != d)
     return "keys must have shape [B=" + std::to_string(B) + ", Hkv=" + std::to_string(Hkv) +
-           ", n, d=" + std::to_string(d) + "], got " + dims_str(io.keys_dims);
+           ", n, d=" + std::to_string(d) + "], got " + shape_text(io.keys_dims);
   const int64_t n = io.keys_dims[2];
   if (io.values_dims != io.keys_dims)
-    return "values must have the shape of keys " + dims_str(io.keys_dims) + ", got " +
-           dims_str(io.values_dims);
+    return "values must have the shape of keys " + shape_text(io.keys_dims) + ", got " +
+           shape_text(io.values_dims);
   const std::vector<int64_t> want_codes = {B, Hkv, n, L};
   if (io.codes_dims != want_codes)
-    return "codes must have shape [B, Hkv, n, L] = " + dims_str(want_codes) + ", got " +
-           dims_str(io.codes_dims);
+    return "codes must have shape [B, Hkv, n, L] = " + shape_text(want_codes) + ", got " +
+           shape_text(io.codes_dims);
   if (io.lengths_dims != std::vector<int64_t>{B})
     return "lengths must have shape [B] = [" + std::to_string(B) + "], got " +
-           dims_str(io.lengths_dims);
+           shape_text(io.lengths_dims);
   if (io.middle_counts_dims != std::vector<int64_t>{B})
     return "middle_counts must have shape [B] = [" + std::to_string(B) + "], got " +
-           dims_str(io.middle_counts_dims);
+           shape_text(io.middle_counts_dims);
   if (io.sink < 0 || io.local < 0)
     return "sink and local must be >= 0, got sink=" + std::to_string(io.sink) +
            " local=" + std::to_string(io.local);
@@ -1164,26 +1156,26 @@ std::string store_append(int64_t handle, const AppendIO& io) {
   if (!st) return err;
   const StoreConfig& c = st->cfg;
   const int64_t Hkv = c.kv_heads, d = c.head_dim, L = c.L;
-  if (io.slots_dims.size() != 1) return "slots must have shape [B], got " + dims_str(io.slots_dims);
+  if (io.slots_dims.size() != 1) return "slots must have shape [B], got " + shape_text(io.slots_dims);
   const int64_t B = io.slots_dims[0];
   if (io.keys_dims.size() != 4 || io.keys_dims[0] != B || io.keys_dims[1] != Hkv ||
       io.keys_dims[3] != d)
     return "keys must have shape [B=" + std::to_string(B) + ", Hkv=" + std::to_string(Hkv) +
-           ", T, d=" + std::to_string(d) + "], got " + dims_str(io.keys_dims);
+           ", T, d=" + std::to_string(d) + "], got " + shape_text(io.keys_dims);
   const int64_t T = io.keys_dims[2];
   if (io.values_dims != io.keys_dims)
-    return "values must have the shape of keys " + dims_str(io.keys_dims) + ", got " +
-           dims_str(io.values_dims);
+    return "values must have the shape of keys " + shape_text(io.keys_dims) + ", got " +
+           shape_text(io.values_dims);
   const std::vector<int64_t> want_codes = {B, Hkv, T, L};
   if (io.codes_dims != want_codes)
-    return "codes must have shape [B, Hkv, T, L] = " + dims_str(want_codes) + ", got " +
-           dims_str(io.codes_dims);
+    return "codes must have shape [B, Hkv, T, L] = " + shape_text(want_codes) + ", got " +
+           shape_text(io.codes_dims);
   if (io.counts_dims != std::vector<int64_t>{B})
     return "counts must have shape [B] = [" + std::to_string(B) + "], got " +
-           dims_str(io.counts_dims);
+           shape_text(io.counts_dims);
   if (io.totals_dims != std::vector<int64_t>{B})
     return "totals must have shape [B] = [" + std::to_string(B) + "], got " +
-           dims_str(io.totals_dims);
+           shape_text(io.totals_dims);
   std::vector<char> seen(static_cast<size_t>(c.slots), 0);
   for (int64_t b = 0; b < B; ++b) {
     const int64_t slot = io.slots[b];
@@ -1384,24 +1376,24 @@ std::string store_query(int64_t handle, const QueryIO& io) {
   if (!st) return err;
   const StoreConfig& c = st->cfg;
   const int64_t Hkv = c.kv_heads, d = c.head_dim, L = c.L;
-  if (io.slots_dims.size() != 1) return "slots must have shape [B], got " + dims_str(io.slots_dims);
+  if (io.slots_dims.size() != 1) return "slots must have shape [B], got " + shape_text(io.slots_dims);
   const int64_t B = io.slots_dims[0];
   if (io.q_dims.size() != 3 || io.q_dims[0] != B || io.q_dims[2] != d)
     return "q must have shape [B=" + std::to_string(B) + ", Hq, d=" + std::to_string(d) +
-           "], got " + dims_str(io.q_dims);
+           "], got " + shape_text(io.q_dims);
   const int64_t Hq = io.q_dims[1];
   if (Hq <= 0 || Hq % Hkv != 0)
     return "the number of query heads (" + std::to_string(Hq) +
            ") must be a positive multiple of kv_heads (" + std::to_string(Hkv) + ")";
   if (io.q_codes_dims != std::vector<int64_t>{B, Hq, L})
-    return "q_codes must have shape [B, Hq, L] = " + dims_str({B, Hq, L}) + ", got " +
-           dims_str(io.q_codes_dims);
+    return "q_codes must have shape [B, Hq, L] = " + shape_text({B, Hq, L}) + ", got " +
+           shape_text(io.q_codes_dims);
   if (io.out_dims != io.q_dims)
-    return "out must have shape " + dims_str(io.q_dims) + ", got " + dims_str(io.out_dims);
+    return "out must have shape " + shape_text(io.q_dims) + ", got " + shape_text(io.out_dims);
   if (io.lse_dims != std::vector<int64_t>{B, Hq})
-    return "lse must have shape " + dims_str({B, Hq}) + ", got " + dims_str(io.lse_dims);
+    return "lse must have shape " + shape_text({B, Hq}) + ", got " + shape_text(io.lse_dims);
   if (io.sampled_dims != std::vector<int64_t>{B, Hq})
-    return "sampled must have shape " + dims_str({B, Hq}) + ", got " + dims_str(io.sampled_dims);
+    return "sampled must have shape " + shape_text({B, Hq}) + ", got " + shape_text(io.sampled_dims);
   for (int64_t b = 0; b < B; ++b)
     if (io.slots[b] < 0 || io.slots[b] >= c.slots)
       return "slots[" + std::to_string(b) + "] = " + std::to_string(io.slots[b]) +

@@ -1,7 +1,9 @@
 #include "simhash.h"
 
 #include <algorithm>
-#include <sstream>
+#include <string>
+
+#include "shape_text.h"
 
 #if defined(__x86_64__) || defined(__i386__)
 #define PIGJAX_X86 1
@@ -164,14 +166,6 @@ void simhash_avx512(const float* x, int64_t n, int64_t d, const float* proj, int
 
 #endif  // PIGJAX_X86
 
-std::string shape_str(const std::vector<int64_t>& dims) {
-  std::ostringstream s;
-  s << '[';
-  for (size_t i = 0; i < dims.size(); ++i) s << (i ? ", " : "") << dims[i];
-  s << ']';
-  return s.str();
-}
-
 }  // namespace
 
 void simhash_codes_at(SimdLevel level, const float* x, int64_t n, int64_t d, const float* proj,
@@ -193,39 +187,32 @@ void simhash_codes(const float* x, int64_t n, int64_t d, const float* proj, int 
 
 std::string plan_simhash(const std::vector<int64_t>& x_dims, const std::vector<int64_t>& proj_dims,
                          const std::vector<int64_t>& out_dims, int64_t K, SimhashPlan* plan) {
-  std::ostringstream e;
   const size_t prank = proj_dims.size(), xrank = x_dims.size();
   if (prank < 2) {
-    e << "proj must have shape [d, K*L] (rank 2), got rank " << prank << " shape "
-      << shape_str(proj_dims);
-    return e.str();
+    return "proj must have shape [d, K*L] (rank 2), got rank " + std::to_string(prank) + " shape " +
+           shape_text(proj_dims);
   }
   if (xrank < 1) return "x must have shape [..., d] (rank >= 1), got a scalar";
   const size_t pb = prank - 2;  // proj batch dims (only produced by jax.vmap)
   const int64_t d = proj_dims[pb], M = proj_dims[pb + 1];
   if (x_dims.back() != d) {
-    e << "x's last dim (" << x_dims.back() << ") must equal proj's row count d (" << d
-      << "); x " << shape_str(x_dims) << ", proj " << shape_str(proj_dims);
-    return e.str();
+    return "x's last dim (" + std::to_string(x_dims.back()) + ") must equal proj's row count d (" +
+           std::to_string(d) + "); x " + shape_text(x_dims) + ", proj " + shape_text(proj_dims);
   }
   if (K < 1 || K > kMaxSimhashBits) {
-    e << "K must be in [1, " << kMaxSimhashBits << "], got " << K;
-    return e.str();
+    return "K must be in [1, " + std::to_string(kMaxSimhashBits) + "], got " + std::to_string(K);
   }
   if (M % K != 0) {
-    e << "proj has " << M << " columns, which is not a multiple of K=" << K;
-    return e.str();
+    return "proj has " + std::to_string(M) + " columns, which is not a multiple of K=" + std::to_string(K);
   }
   const int64_t L = M / K;
   if (pb > xrank - 1) {
-    e << "proj " << shape_str(proj_dims) << " has " << pb << " batch dim(s) but x "
-      << shape_str(x_dims) << " has only " << (xrank - 1) << " leading dim(s)";
-    return e.str();
+    return "proj " + shape_text(proj_dims) + " has " + std::to_string(pb) + " batch dim(s) but x " +
+           shape_text(x_dims) + " has only " + std::to_string(xrank - 1) + " leading dim(s)";
   }
   if (out_dims.size() != xrank || out_dims.back() != L) {
-    e << "output shape " << shape_str(out_dims) << " does not match x " << shape_str(x_dims)
-      << " with L=" << L << " (expected x's leading dims followed by L)";
-    return e.str();
+    return "output shape " + shape_text(out_dims) + " does not match x " + shape_text(x_dims) + " with L=" +
+           std::to_string(L) + " (expected x's leading dims followed by L)";
   }
   SimhashPlan p;
   p.d = d;
@@ -239,9 +226,8 @@ std::string plan_simhash(const std::vector<int64_t>& x_dims, const std::vector<i
     const int64_t xi = x_dims[i], pi = proj_dims[i], b = out_dims[i];
     const int64_t want = xi == 1 ? pi : xi;
     if ((xi != 1 && pi != 1 && xi != pi) || b != want) {
-      e << "batch dim " << i << " does not broadcast: x " << shape_str(x_dims) << ", proj "
-        << shape_str(proj_dims) << ", output " << shape_str(out_dims);
-      return e.str();
+      return "batch dim " + std::to_string(i) + " does not broadcast: x " + shape_text(x_dims) + ", proj " +
+             shape_text(proj_dims) + ", output " + shape_text(out_dims);
     }
     p.batch_shape.push_back(b);
     p.x_batch_stride.push_back(xi == 1 ? 0 : xs[i]);
@@ -251,9 +237,8 @@ std::string plan_simhash(const std::vector<int64_t>& x_dims, const std::vector<i
   p.rows = 1;
   for (size_t i = pb; i + 1 < xrank; ++i) {
     if (out_dims[i] != x_dims[i]) {
-      e << "output shape " << shape_str(out_dims) << " does not match x " << shape_str(x_dims)
-        << " with L=" << L << " (expected x's leading dims followed by L)";
-      return e.str();
+      return "output shape " + shape_text(out_dims) + " does not match x " + shape_text(x_dims) +
+             " with L=" + std::to_string(L) + " (expected x's leading dims followed by L)";
     }
     p.rows *= x_dims[i];
   }
