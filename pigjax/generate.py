@@ -257,9 +257,6 @@ def generate(
     backends = list(attention) if several else [attention if attention is not None else Dense()]
     if not backends:
         raise PigjaxError("attention: an empty list of back-ends")
-    for entry in backends:  # fail before the prefill; deferred entries are checked when called
-        if not _deferred(entry):
-            _resolve(entry, [])
     if several and stream is not None:
         raise PigjaxError("stream needs a single attention back-end, not a list")
     config = model.config
@@ -277,6 +274,10 @@ def generate(
         if any(_deferred(backend) for backend in backends):
             raise PigjaxError("a back-end given as a function of earlier Generations needs a Llama-family model")
         backends = [mosaics_retrieval.for_attention(backend) for backend in backends]
+    else:  # fail before the prefill; deferred entries are checked when called
+        for entry in backends:
+            if not _deferred(entry):
+                _check_backend(entry)
     if max_new_tokens == 0:
         gens = []
         for entry in backends:
@@ -294,11 +295,17 @@ def _deferred(entry) -> bool:
     return callable(entry) and not isinstance(entry, Backend)
 
 
-def _resolve(entry, gens: list[Generation]):
-    """The back-end of an attention-list entry: itself, or a deferred entry called on the Generations so far."""
-    backend = entry(list(gens)) if _deferred(entry) else entry
+def _check_backend(backend):
     if not isinstance(backend, Backend):
         raise PigjaxError(f"attention: expected a back-end (e.g. pigjax.Dense()), got {backend!r}")
+
+
+def _resolve(entry, gens: list[Generation]):
+    """The back-end of an attention-list entry: itself, or a deferred entry called on the Generations so far."""
+    if not _deferred(entry):
+        return entry
+    backend = entry(list(gens))
+    _check_backend(backend)
     return backend
 
 
