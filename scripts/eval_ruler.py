@@ -29,6 +29,8 @@ _FORMAT = flags.DEFINE_enum("format", "chat", ["chat", "base"], "chat template w
 _OUT = flags.DEFINE_string("out", "docs/results/ruler", "output directory for ruler.json and ruler.md")
 _DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "compute dtype")
 _PROGRESS = flags.DEFINE_bool("progress", True, "show a progress bar")
+_RESUME = flags.DEFINE_bool("resume", False, "keep the complete cells of <out>/ruler.json (same samples, seed, "
+                            "batch, format) and run only the others")
 
 
 def main(argv):
@@ -49,7 +51,7 @@ def main(argv):
         results = harness.run_ruler(
             model, tasks=_TASKS.value, contexts=contexts, samples=_SAMPLES.value, attention=_ATTENTION.value,
             fraction=fraction, seed=_SEED.value, batch=_BATCH.value, format=_FORMAT.value, out_dir=_OUT.value,
-            progress=_PROGRESS.value, config={"checkpoint": str(checkpoint), "dtype": _DTYPE.value},
+            progress=_PROGRESS.value, resume=_RESUME.value, config={"checkpoint": str(checkpoint), "dtype": _DTYPE.value},
             log=lambda s: print(s, file=sys.stderr))
     except ValueError as e:  # PigjaxError is a ValueError; so is a bad --contexts/--fraction number
         print(f"eval_ruler: error: {e}", file=sys.stderr)

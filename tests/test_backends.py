@@ -113,6 +113,33 @@ def test_switching_backends_does_not_recompile_dense(tiny):
     assert compiles == [] and again.stats["compile_seconds"] == 0.0 and pig_again.stats["compile_seconds"] == 0.0
 
 
+def test_baseline_fraction_is_data_not_a_recompile(tiny):
+    """TopK/Quest at fractions under one power-of-two cap share compiled programs (the fraction is
+    passed as data) and each still reads its own fraction; crossing the cap compiles anew."""
+    compiles = []
+
+    def listener(event, seconds, **_):
+        if event == "/jax/core/compile/backend_compile_duration":
+            compiles.append(event)
+
+    prompt = [_tokens(400, 1, 3)[0].tolist()]
+    read = {}
+    for f in (0.2, 0.13, 0.24):  # all under the cap 0.25
+        gens = pigjax.generate(tiny, prompt, max_new_tokens=12, attention=[pigjax.TopK(f), pigjax.Quest(fraction=f)])
+        read[f] = [g.stats["fraction_read"] for g in gens]
+        if f == 0.2:
+            jax.monitoring.register_event_duration_secs_listener(listener)
+    try:
+        assert compiles == []
+        for f, (topk, quest) in read.items():
+            assert f <= topk <= f + 0.02 and f - 0.02 <= quest <= f + 0.1, (f, topk, quest)
+        assert pigjax.TopK(0.2) == pigjax.TopK(0.13) != pigjax.TopK(0.3)
+        pigjax.generate(tiny, prompt, max_new_tokens=12, attention=pigjax.TopK(0.3))
+        assert compiles != []
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listener)
+
+
 def test_memory_stats(tiny):
     toks = _tokens(600, rows=1)
     pig = teacher_forced(tiny, toks, 500, pigjax.MagicPIG(K=10, L=150))["stats"]

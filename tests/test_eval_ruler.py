@@ -253,3 +253,21 @@ def test_auto_fraction_follows_magicpig(tiny_with_tokenizer, monkeypatch, tmp_pa
     assert cells["magicpig_k8l75"]["fraction_read"] == 0.25
     assert cells["topk"]["fraction_used"] == 0.25 and "fraction=0.25" in cells["topk"]["backend"]
     assert (tmp_path / "ruler.md").read_text().count("0.2500") >= 2
+
+
+@pytest.mark.slow
+def test_resume_keeps_complete_cells(tiny_with_tokenizer, monkeypatch, tmp_path):
+    model = pigjax.load(tiny_with_tokenizer)
+    run = dict(contexts=[512], samples=2, batch=2, attention=["dense"], out_dir=tmp_path, progress=False,
+               log=lambda s: None)
+    first = harness.run_ruler(model, tasks=["niah_single_1"], **run)
+    calls = []
+    real = pigjax.generate
+    monkeypatch.setattr(pigjax, "generate", lambda *a, **k: calls.append(1) or real(*a, **k))
+    both = harness.run_ruler(model, tasks=["niah_single_1", "fwe"], resume=True, **run)
+    assert len(calls) == 1  # fwe's one batch; niah_single_1 was kept
+    assert both["cells"][0] == json.loads(json.dumps(first["cells"][0]))
+    assert [c["task"] for c in both["cells"]] == ["niah_single_1", "fwe"]
+    assert "resumed_from" in both["config"]
+    with pytest.raises(pigjax.PigjaxError, match="cannot resume"):
+        harness.run_ruler(model, tasks=["fwe"], resume=True, **{**run, "samples": 3})

@@ -10,6 +10,7 @@ compare selection rules at equal measured fraction of middle keys read, not to s
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 from typing import Any
@@ -18,8 +19,8 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
-from pigjax.attention.base import (KV, Backend, Cache, StepContext, group_scores, init_kv, merge, softmax_part,
-                                   write_rows)
+from pigjax.attention.base import (KV, Backend, Cache, Runtime, StepContext, group_scores, init_kv, merge,
+                                   softmax_part, write_rows)
 from pigjax.attention.dense import attend
 from pigjax.errors import ConfigError, PigjaxError
 
@@ -98,22 +99,44 @@ class SparseBackend(Backend):
         }
 
 
+def fraction_cap(fraction: float) -> float:
+    """The smallest power of two >= fraction: it sizes the static top-k of a baseline's program."""
+    return 2.0 ** -math.floor(-math.log2(fraction))
+
+
 @dataclasses.dataclass(frozen=True)
 class _FullCacheBaseline(SparseBackend):
-    """A baseline that keeps the full cache and masks the middle keys it does not select."""
+    """A baseline that keeps the full cache and masks the middle keys it does not select.
 
-    fraction: float = 0.02
+    The fraction reaches the jitted code as data (the Runtime's array, kept in `SparseShared.extra`),
+    not as a constant: back-ends that differ only in fraction compare equal below the same power-of-
+    two cap and so share compiled programs (jit keys on the back-end). Evaluations that set the
+    fraction per batch (RULER at MagicPIG's measured fraction) compiled and kept a program per batch."""
+
+    fraction: float = dataclasses.field(default=0.02, compare=False)
+    cap: float = dataclasses.field(init=False, repr=False)
 
     def __post_init__(self):
         super().__post_init__()
-        if not 0.0 < float(self.fraction) <= 1.0:
+        try:
+            ok = 0.0 < float(self.fraction) <= 1.0
+        except (TypeError, ValueError):
+            ok = False
+        if not ok:
             raise ConfigError(f"{self.name}: fraction must lie in (0, 1], got {self.fraction!r}")
+        object.__setattr__(self, "cap", fraction_cap(float(self.fraction)))
+
+    def resources(self, config, batch: int, capacity: int):
+        return contextlib.nullcontext(Runtime(jnp.float32(self.fraction)))
 
     def init_cache(self, config, batch, capacity, window, dtype, runtime=None) -> Cache:
+        if runtime is None:
+            raise ConfigError(f"{self.name}: init_cache needs the runtime of `resources(...)` (the fraction)")
         self.dense_set(config)
         layers = tuple(init_kv(batch, config.num_key_value_heads, capacity, config.head_dim, dtype)
                        for _ in range(config.num_hidden_layers))
-        return Cache(layers, jnp.zeros((batch,), jnp.int32), SparseShared(jnp.zeros((batch,), jnp.int32), jnp.zeros(()), jnp.zeros(())))
+        shared = SparseShared(jnp.zeros((batch,), jnp.int32), jnp.zeros(()), jnp.zeros(()), jnp.asarray(runtime, jnp.float32))
+        return Cache(layers, jnp.zeros((batch,), jnp.int32), shared)
 
     def attend_layer(self, layer, state: KV, shared: SparseShared, q, k, v, ctx: StepContext):
         self.check_step(ctx, q.shape[1])
@@ -127,7 +150,7 @@ class _FullCacheBaseline(SparseBackend):
         visible = slot <= ctx.positions[:, :1]
         middle = (slot >= lo) & (slot < hi[:, None])
         n_middle = hi - lo
-        out, read = self.sparse_attend(layer, q[:, 0], state, visible, middle, n_middle, ctx)
+        out, read = self.sparse_attend(layer, q[:, 0], state, visible, middle, n_middle, shared.extra, ctx)
         return out[:, None].astype(q.dtype), state, count_reads(read, n_middle, ctx.num_new, hq)
 
     def stats(self, config, cache_dtype, cache=None, resources=None) -> dict:
@@ -153,10 +176,10 @@ class TopK(_FullCacheBaseline):
 
     name = "topk"
 
-    def sparse_attend(self, layer, q, state, visible, middle, n_middle, ctx):
+    def sparse_attend(self, layer, q, state, visible, middle, n_middle, fraction, ctx):
         scores = group_scores(q, state.k)
-        m = jnp.maximum(jnp.ceil(self.fraction * n_middle).astype(jnp.int32), 1)
-        k_static = max(1, min(scores.shape[-1], math.ceil(self.fraction * scores.shape[-1])))
+        m = jnp.maximum(jnp.ceil(fraction * n_middle).astype(jnp.int32), 1)
+        k_static = max(1, min(scores.shape[-1], math.ceil(self.cap * scores.shape[-1])))
         mid = middle[:, None, None]
         threshold = _kth_largest(jnp.where(mid, scores, -jnp.inf), m, k_static)
         chosen = mid & (scores >= threshold)
@@ -173,7 +196,7 @@ class Quest(_FullCacheBaseline):
     page: int = 16
     name = "quest"
 
-    def sparse_attend(self, layer, q, state, visible, middle, n_middle, ctx):
+    def sparse_attend(self, layer, q, state, visible, middle, n_middle, fraction, ctx):
         b, hkv, s, d = state.k.shape
         pad = -s % self.page  # the last page may be partial
         pages = (s + pad) // self.page
@@ -187,8 +210,8 @@ class Quest(_FullCacheBaseline):
         bound = jnp.sum(jnp.maximum(qg * kmax[:, :, None], qg * kmin[:, :, None]), axis=-1)  # [B,Hkv,G,P]
         page_has_mid = jnp.any(mid_pages, axis=-1)[:, None, None]
         bound = jnp.where(page_has_mid & jnp.isfinite(bound), bound, -jnp.inf)
-        m = jnp.maximum(jnp.ceil(self.fraction * n_middle / self.page).astype(jnp.int32), 1)
-        k_static = max(1, min(pages, math.ceil(self.fraction * s / self.page) + 1))
+        m = jnp.maximum(jnp.ceil(fraction * n_middle / self.page).astype(jnp.int32), 1)
+        k_static = max(1, min(pages, math.ceil(self.cap * s / self.page) + 1))
         threshold = _kth_largest(bound, m, k_static)
         chosen_page = page_has_mid & (bound >= threshold) & jnp.isfinite(bound)
         chosen = jnp.repeat(chosen_page, self.page, axis=-1)[..., :s] & middle[:, None, None]
@@ -207,7 +230,7 @@ class Oracle(_FullCacheBaseline):
     seed: int = 0
     name = "oracle"
 
-    def sparse_attend(self, layer, q, state, visible, middle, n_middle, ctx):
+    def sparse_attend(self, layer, q, state, visible, middle, n_middle, fraction, ctx):
         b, hkv, s, d = state.k.shape
         scores = group_scores(q, state.k)  # [B, Hkv, G, S]
         mid = middle[:, None, None]
@@ -215,8 +238,8 @@ class Oracle(_FullCacheBaseline):
         out_g, lse_g = softmax_part(scores, window, state.v)
         mid_scores = jnp.where(mid, scores, -jnp.inf)
         lse_m = jax.nn.logsumexp(mid_scores, axis=-1)
-        k_static = max(1, min(s, math.ceil(self.fraction * s)))
-        m = jnp.maximum(jnp.ceil(self.fraction * n_middle).astype(jnp.int32), 1)
+        k_static = max(1, min(s, math.ceil(self.cap * s)))
+        m = jnp.maximum(jnp.ceil(fraction * n_middle).astype(jnp.int32), 1)
         key = jax.random.fold_in(jax.random.fold_in(jax.random.key(self.seed), layer), ctx.starts[0])
         # Inverse-CDF draws (cheaper than Gumbel noise over every key for every draw).
         probs = jnp.exp(mid_scores - jnp.where(jnp.isfinite(lse_m), lse_m, 0.0)[..., None])

@@ -107,10 +107,12 @@ def _jsonable(x):
 
 def run_ruler(model, *, tasks: Sequence[str] = ruler.TASKS, contexts: Sequence[int] = (2048, 4096, 8192),
               samples: int = 20, attention: Sequence[str] = ("dense",), fraction="auto", seed: int = ruler.DEFAULT_SEED,
-              batch: int = 4, format: str = "chat", out_dir=None, progress: bool = True,
+              batch: int = 4, format: str = "chat", out_dir=None, progress: bool = True, resume: bool = False,
               config: dict | None = None, log: Callable[[str], None] = print) -> dict:
     """Generate and score every (back-end, task, context) cell; write ruler.json/ruler.md to out_dir
-    after each cell (so partial runs keep what they did). Returns the results dict."""
+    after each cell (so partial runs keep what they did). With `resume`, the (task, context) cells
+    of out_dir/ruler.json that have every back-end, made with the same samples, seed, batch and
+    format, are kept and not run again. Returns the results dict."""
     import pigjax
 
     if model.tokenizer is None:
@@ -149,13 +151,20 @@ def run_ruler(model, *, tasks: Sequence[str] = ruler.TASKS, contexts: Sequence[i
         "cells": [],
     }
 
+    done = _resumable(out_dir, results["config"], order) if resume else {}
+    if done:
+        results["config"]["resumed_from"] = done.pop("config")
+        results["cells"] = [c for t, c_ in cells for c in done.get((t, c_), [])]
+        log(f"resuming: {len(results['cells']) // len(order)} cells kept from {out_dir}/ruler.json")
     bar = None
     if progress:
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=len(order) * len(cells) * samples, unit="sample", desc="ruler")
+        bar = tqdm(total=len(order) * (len(cells) - len(done)) * samples, unit="sample", desc="ruler")
     try:
         for task, ctx in cells:
+            if (task, ctx) in done:
+                continue
             if bar is not None:
                 bar.set_postfix_str(f"{task} {ctx}")
             cell_results = _run_cell(pigjax, model, order, reference, fraction, task, ctx, data[(task, ctx)], batch,
@@ -167,6 +176,28 @@ def run_ruler(model, *, tasks: Sequence[str] = ruler.TASKS, contexts: Sequence[i
         if bar is not None:
             bar.close()
     return results
+
+
+def _resumable(out_dir, config: dict, names) -> dict:
+    """{(task, context): cells of every back-end in `names`} from out_dir/ruler.json, plus "config"
+    (its commit and date), where that run used the same samples, seed, batch and format."""
+    path = Path(out_dir) / "ruler.json" if out_dir is not None else None
+    if path is None or not path.exists():
+        return {}
+    try:
+        old = json.loads(path.read_text())
+        same = all(old["config"].get(k) == config[k] for k in ("samples", "seed", "batch", "format"))
+    except (ValueError, KeyError, TypeError) as e:
+        raise PigjaxError(f"cannot resume from {path}: {e}") from None
+    if not same:
+        raise PigjaxError(f"cannot resume from {path}: it was made with other samples/seed/batch/format")
+    by = {}
+    for c in old["cells"]:
+        by.setdefault((c["task"], c["context"]), {})[c["attention"]] = c
+    done = {key: [found[n] for n in names] for key, found in by.items() if all(n in found for n in names)}
+    if done:
+        done["config"] = {k: old["config"].get(k) for k in ("commit", "date")}
+    return done
 
 
 def _run_cell(pigjax, model, names, reference, fraction, task, ctx, samples, batch, advance) -> list[dict]:
