@@ -99,22 +99,16 @@ class SparseBackend(Backend):
         }
 
 
-def fraction_cap(fraction: float) -> float:
-    """The smallest power of two >= fraction: it sizes the static top-k of a baseline's program."""
-    return 2.0 ** -math.floor(-math.log2(fraction))
-
-
 @dataclasses.dataclass(frozen=True)
 class _FullCacheBaseline(SparseBackend):
     """A baseline that keeps the full cache and masks the middle keys it does not select.
 
     The fraction reaches the jitted code as data (the Runtime's array, kept in `SparseShared.extra`),
-    not as a constant: back-ends that differ only in fraction compare equal below the same power-of-
-    two cap and so share compiled programs (jit keys on the back-end). Evaluations that set the
-    fraction per batch (RULER at MagicPIG's measured fraction) compiled and kept a program per batch."""
+    not as a constant: back-ends that differ only in fraction compare equal and so share compiled
+    programs (jit keys on the back-end). Evaluations that set the fraction per batch (RULER at
+    MagicPIG's measured fraction) compiled, and kept, a program per batch."""
 
     fraction: float = dataclasses.field(default=0.02, compare=False)
-    cap: float = dataclasses.field(init=False, repr=False)
 
     def __post_init__(self):
         super().__post_init__()
@@ -124,7 +118,6 @@ class _FullCacheBaseline(SparseBackend):
             ok = False
         if not ok:
             raise ConfigError(f"{self.name}: fraction must lie in (0, 1], got {self.fraction!r}")
-        object.__setattr__(self, "cap", fraction_cap(float(self.fraction)))
 
     def resources(self, config, batch: int, capacity: int):
         return contextlib.nullcontext(Runtime(jnp.float32(self.fraction)))
@@ -157,11 +150,21 @@ class _FullCacheBaseline(SparseBackend):
         return {**self.base_stats(config, cache_dtype, cache), "fraction": self.fraction}
 
 
-def _kth_largest(values, m, k_static: int):
-    """The m-th largest of `values` [..., S] along the last axis (m [B] >= 1, <= k_static)."""
-    top = jax.lax.top_k(values, k_static)[0]
-    idx = jnp.clip(m - 1, 0, k_static - 1)[:, None, None, None]
-    return jnp.take_along_axis(top, idx, axis=-1)
+def _kth_largest(values, m):
+    """The m-th largest of `values` [B, ..., S] f32 along the last axis (m [B], 1 <= m <= S), exactly:
+    32 counting passes that fix the bits of its order-preserving uint32 key from the top. On the
+    CPU this is ~15x faster than lax.top_k at S = 8k, k = 256 (2.7 vs 38 ms for 36 rows)."""
+    i = jax.lax.bitcast_convert_type(values, jnp.int32)
+    u = jax.lax.bitcast_convert_type(jnp.where(i >= 0, i, i ^ 0x7FFFFFFF), jnp.uint32) ^ jnp.uint32(0x80000000)
+    m = m.reshape(m.shape + (1,) * (values.ndim - 2))
+
+    def fix_bit(j, t):
+        cand = t | (jnp.uint32(1) << (31 - j).astype(jnp.uint32))
+        return jnp.where(jnp.sum(u >= cand[..., None], axis=-1) >= m, cand, t)
+
+    t = jax.lax.fori_loop(0, 32, fix_bit, jnp.zeros(values.shape[:-1], jnp.uint32))
+    key = jax.lax.bitcast_convert_type(t ^ jnp.uint32(0x80000000), jnp.int32)
+    return jax.lax.bitcast_convert_type(jnp.where(key >= 0, key, key ^ 0x7FFFFFFF), jnp.float32)[..., None]
 
 
 def _softmax_out(scores, mask, v):
@@ -179,9 +182,8 @@ class TopK(_FullCacheBaseline):
     def sparse_attend(self, layer, q, state, visible, middle, n_middle, fraction, ctx):
         scores = group_scores(q, state.k)
         m = jnp.maximum(jnp.ceil(fraction * n_middle).astype(jnp.int32), 1)
-        k_static = max(1, min(scores.shape[-1], math.ceil(self.cap * scores.shape[-1])))
         mid = middle[:, None, None]
-        threshold = _kth_largest(jnp.where(mid, scores, -jnp.inf), m, k_static)
+        threshold = _kth_largest(jnp.where(mid, scores, -jnp.inf), m)
         chosen = mid & (scores >= threshold)
         mask = visible[:, None, None] & (~mid | chosen)
         read = jnp.sum(chosen, axis=(1, 2, 3)).astype(jnp.float32)
@@ -211,8 +213,7 @@ class Quest(_FullCacheBaseline):
         page_has_mid = jnp.any(mid_pages, axis=-1)[:, None, None]
         bound = jnp.where(page_has_mid & jnp.isfinite(bound), bound, -jnp.inf)
         m = jnp.maximum(jnp.ceil(fraction * n_middle / self.page).astype(jnp.int32), 1)
-        k_static = max(1, min(pages, math.ceil(self.cap * s / self.page) + 1))
-        threshold = _kth_largest(bound, m, k_static)
+        threshold = _kth_largest(bound, m)
         chosen_page = page_has_mid & (bound >= threshold) & jnp.isfinite(bound)
         chosen = jnp.repeat(chosen_page, self.page, axis=-1)[..., :s] & middle[:, None, None]
         scores = group_scores(q, state.k)
@@ -228,7 +229,12 @@ class Oracle(_FullCacheBaseline):
     value; the middle's exact normaliser and the window are used as they are."""
 
     seed: int = 0
+    cap: float = dataclasses.field(init=False, repr=False)  # static: the number of draws
     name = "oracle"
+
+    def __post_init__(self):
+        super().__post_init__()  # the smallest power of two >= fraction: fractions below it share a program
+        object.__setattr__(self, "cap", 2.0 ** -math.floor(-math.log2(float(self.fraction))))
 
     def sparse_attend(self, layer, q, state, visible, middle, n_middle, fraction, ctx):
         b, hkv, s, d = state.k.shape
