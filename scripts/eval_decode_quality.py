@@ -8,7 +8,8 @@
    (those of a dense forward) at `--error_steps` decode positions after `--error_prefill` tokens
    (pigjax.eval.attention_error).
 topk/quest/oracle run at the fraction of middle keys the reference MagicPIG back-end (the first in
---attention) measured in the same run. Writes JSON and a Markdown table.
+--attention) measured in the same run, or at --fraction (e.g. that measured by an earlier run).
+Writes JSON and a Markdown table.
 """
 
 import time
@@ -22,20 +23,23 @@ _PREFILL = flags.DEFINE_integer("prefill", 2048, "dense prefill before teacher-f
 _ERROR_PREFILL = flags.DEFINE_integer("error_prefill", 4032, "prefill of the attention-error run")
 _ERROR_STEPS = flags.DEFINE_integer("error_steps", 64, "decode positions of the attention-error run")
 _SEED = flags.DEFINE_integer("seed", 0, "text seed")
+_FRACTION = flags.DEFINE_float("fraction", None, "fraction for topk/quest/oracle (default: the first MagicPIG's, "
+                                "measured in this run; each part of the run uses its own measurement)")
 _SKIP_PPL = flags.DEFINE_bool("skip_perplexity", False, "only the attention-level error")
 _OUT = flags.DEFINE_string("out", "docs/results/decode_quality", "output prefix (.json, .md)")
 
 
-def run_with_fraction(names, run_one):
-    """run_one(name, backend) for each name; topk/quest/oracle get the reference MagicPIG's fraction."""
+def run_with_fraction(names, run_one, fraction=None):
+    """run_one(name, backend) for each name; topk/quest/oracle get `fraction`, else the reference
+    MagicPIG's measured fraction."""
     from pigjax.eval.harness import FRACTION_BACKENDS, make_backend
 
-    results, fraction = {}, None
+    results = {}
     reference = next((n for n in names if n.startswith("magicpig")), None)
     for name in [n for n in names if n not in FRACTION_BACKENDS] + [n for n in names if n in FRACTION_BACKENDS]:
         backend = make_backend(name, fraction if name in FRACTION_BACKENDS else None)
         results[name] = run_one(name, backend)
-        if name == reference:
+        if name == reference and fraction is None:
             fraction = results[name]["fraction_read"]
         print(f"  {name}: {results[name]}"[:300], flush=True)
     return results
@@ -54,7 +58,7 @@ def main(_):
     from pigjax.machine import describe
 
     names = _ATTENTION.value
-    check_backends(names, "auto")
+    check_backends(names, "auto" if _FRACTION.value is None else _FRACTION.value)
     model = pigjax.load(pigjax.assets.default_checkpoint())
     text = long_text(model.tokenizer, max(_TOKENS.value, _ERROR_PREFILL.value + _ERROR_STEPS.value), seed=_SEED.value)
     result = {"machine": describe(), "model": "SmolLM2-135M-Instruct", "text": "hotpotqa paragraphs",
@@ -64,7 +68,7 @@ def main(_):
     print("attention-level error ...", flush=True)
     err_tokens = text[None, : _ERROR_PREFILL.value + _ERROR_STEPS.value]
     result["attention_error"]["backends"] = run_with_fraction(
-        names, lambda name, b: layer_errors(model, err_tokens, _ERROR_PREFILL.value, {name: b})[name])
+        names, lambda name, b: layer_errors(model, err_tokens, _ERROR_PREFILL.value, {name: b})[name], _FRACTION.value)
 
     if not _SKIP_PPL.value:
         print("decode-mode perplexity ...", flush=True)
@@ -77,7 +81,7 @@ def main(_):
                     "cache_bytes_per_token_per_layer": out["stats"]["cache_bytes_per_token_per_layer"],
                     "host_bytes_per_token_per_layer": out["stats"]["host_bytes_per_token_per_layer"]}
 
-        result["perplexity"]["backends"] = run_with_fraction(names, ppl)
+        result["perplexity"]["backends"] = run_with_fraction(names, ppl, _FRACTION.value)
 
     lines = ["# Decode-mode quality", "",
              f"SmolLM2-135M-Instruct on hotpotqa Wikipedia paragraphs; machine: {result['machine']['cpu']}, "
