@@ -1,6 +1,7 @@
 """Decode-mode quality of attention back-ends on long Wikipedia text (hotpotqa paragraphs):
 
   python scripts/eval_decode_quality.py            # 8k tokens: prefill 2k, teacher-forced decode of 6k
+  python scripts/eval_decode_quality.py --merge a.json,b.json --out c   # one table from several runs
 
 1. Perplexity in decode mode: prefill `--prefill` tokens densely, then feed the rest one token per
    step through the back-end (pigjax.eval.perplexity.teacher_forced).
@@ -12,7 +13,9 @@ topk/quest/oracle run at the fraction of middle keys the reference MagicPIG back
 Writes JSON and a Markdown table.
 """
 
+import json
 import time
+from pathlib import Path
 
 from absl import app, flags
 
@@ -25,6 +28,8 @@ _ERROR_STEPS = flags.DEFINE_integer("error_steps", 64, "decode positions of the 
 _SEED = flags.DEFINE_integer("seed", 0, "text seed")
 _FRACTION = flags.DEFINE_float("fraction", None, "fraction for topk/quest/oracle (default: the first MagicPIG's, "
                                 "measured in this run; each part of the run uses its own measurement)")
+_MERGE = flags.DEFINE_list("merge", None, "instead of running: merge these JSON results of this script (same "
+                           "settings) into --out, e.g. a run of the baselines added to an earlier one")
 _SKIP_PPL = flags.DEFINE_bool("skip_perplexity", False, "only the attention-level error")
 _OUT = flags.DEFINE_string("out", "docs/results/decode_quality", "output prefix (.json, .md)")
 
@@ -45,6 +50,54 @@ def run_with_fraction(names, run_one, fraction=None):
     return results
 
 
+def markdown(result: dict) -> str:
+    """Tables of attention-level error and decode-mode perplexity (vs dense when dense is there)."""
+    import numpy as np
+
+    lines = ["# Decode-mode quality", "",
+             f"SmolLM2-135M-Instruct on hotpotqa Wikipedia paragraphs; machine: {result['machine']['cpu']}, "
+             f"{result['machine']['cores']} cores.", ""]
+    errs = result["attention_error"]["backends"]
+    lines += [f"Attention-level error: relative L2 of each layer's attention output vs exact attention (same q, k, v), "
+              f"mean over {result['attention_error']['steps']} decode positions after a "
+              f"{result['attention_error']['prefill']}-token prefill.", "",
+              "| back-end | fraction read | mean rel. L2 (sparse layers) | max over layers |", "|---|---:|---:|---:|"]
+    for name, e in errs.items():
+        sparse = [x for x in e["relative_l2"] if x > 0] or [0.0]
+        fr = "–" if e["fraction_read"] is None else f"{e['fraction_read']:.4f}"
+        lines.append(f"| {name} | {fr} | {np.mean(sparse):.4f} | {max(e['relative_l2']):.4f} |")
+    if "backends" in result["perplexity"]:
+        p = result["perplexity"]
+        dense = p["backends"].get("dense", {}).get("perplexity")
+        lines += ["", f"Decode-mode perplexity: {p['tokens']} tokens, dense prefill of {p['prefill']}, teacher-forced "
+                  "decode of the rest.", "",
+                  "| back-end | fraction read | perplexity | vs dense | model-side bytes/token/layer | "
+                  "host bytes/token/layer | seconds |", "|---|---:|---:|---:|---:|---:|---:|"]
+        for name, r in p["backends"].items():
+            fr = "–" if r["fraction_read"] is None else f"{r['fraction_read']:.4f}"
+            rel = f"{100 * (r['perplexity'] / dense - 1):+.2f}%" if dense else "–"
+            lines.append(f"| {name} | {fr} | {r['perplexity']:.3f} | {rel} | {r['cache_bytes_per_token_per_layer']:.0f} "
+                         f"| {r['host_bytes_per_token_per_layer']:.0f} | {r['seconds']:.0f} |")
+    return "\n".join(lines) + "\n"
+
+
+def merge(paths) -> dict:
+    """One result from several runs of this script with the same settings (back-ends in order)."""
+    runs = [json.loads(Path(p).read_text()) for p in paths]
+    out = {**runs[0], "merged_from": list(paths)}
+    for part in ("perplexity", "attention_error"):
+        settings = {k: v for k, v in runs[0][part].items() if k != "backends"}
+        out[part] = {**settings, "backends": {}}
+        for path, run in zip(paths, runs):
+            if {k: v for k, v in run[part].items() if k != "backends"} != settings:
+                raise SystemExit(f"eval_decode_quality: {path} was run with other {part} settings than {paths[0]}")
+            for name, r in run[part].get("backends", {}).items():
+                if name in out[part]["backends"]:
+                    raise SystemExit(f"eval_decode_quality: back-end {name} appears in more than one of {paths}")
+                out[part]["backends"][name] = r
+    return out
+
+
 def main(_):
     import numpy as np
 
@@ -57,6 +110,10 @@ def main(_):
     from pigjax.eval.text import long_text
     from pigjax.machine import describe
 
+    if _MERGE.value:
+        result = merge(_MERGE.value)
+        write_json_and_markdown(_OUT.value, result, markdown(result))
+        return
     names = _ATTENTION.value
     check_backends(names, "auto" if _FRACTION.value is None else _FRACTION.value)
     model = pigjax.load(pigjax.assets.default_checkpoint())
@@ -83,30 +140,7 @@ def main(_):
 
         result["perplexity"]["backends"] = run_with_fraction(names, ppl, _FRACTION.value)
 
-    lines = ["# Decode-mode quality", "",
-             f"SmolLM2-135M-Instruct on hotpotqa Wikipedia paragraphs; machine: {result['machine']['cpu']}, "
-             f"{result['machine']['cores']} cores.", ""]
-    errs = result["attention_error"]["backends"]
-    lines += [f"Attention-level error: relative L2 of each layer's attention output vs exact attention (same q, k, v), "
-              f"mean over {_ERROR_STEPS.value} decode positions after a {_ERROR_PREFILL.value}-token prefill.", "",
-              "| back-end | fraction read | mean rel. L2 (sparse layers) | max over layers |", "|---|---:|---:|---:|"]
-    for name, e in errs.items():
-        sparse = [x for x in e["relative_l2"] if x > 0] or [0.0]
-        fr = "–" if e["fraction_read"] is None else f"{e['fraction_read']:.4f}"
-        lines.append(f"| {name} | {fr} | {np.mean(sparse):.4f} | {max(e['relative_l2']):.4f} |")
-    if "backends" in result["perplexity"]:
-        p = result["perplexity"]
-        dense = p["backends"].get("dense", {}).get("perplexity")
-        lines += ["", f"Decode-mode perplexity: {p['tokens']} tokens, dense prefill of {p['prefill']}, teacher-forced "
-                  "decode of the rest.", "",
-                  "| back-end | fraction read | perplexity | vs dense | model-side bytes/token/layer | "
-                  "host bytes/token/layer | seconds |", "|---|---:|---:|---:|---:|---:|---:|"]
-        for name, r in p["backends"].items():
-            fr = "–" if r["fraction_read"] is None else f"{r['fraction_read']:.4f}"
-            rel = f"{100 * (r['perplexity'] / dense - 1):+.2f}%" if dense else "–"
-            lines.append(f"| {name} | {fr} | {r['perplexity']:.3f} | {rel} | {r['cache_bytes_per_token_per_layer']:.0f} "
-                         f"| {r['host_bytes_per_token_per_layer']:.0f} | {r['seconds']:.0f} |")
-    write_json_and_markdown(_OUT.value, result, "\n".join(lines) + "\n")
+    write_json_and_markdown(_OUT.value, result, markdown(result))
 
 
 if __name__ == "__main__":

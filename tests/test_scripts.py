@@ -48,3 +48,29 @@ def test_generate_cli_default_model(smollm2_dir):
                 "--max_new_tokens=6")
     assert batch.returncode == 0, batch.stderr
     assert batch.stdout.count("--- ") == 2 and "prompts | 2" in batch.stdout
+
+
+def test_decode_quality_merge(tmp_path):
+    """eval_decode_quality.py --merge: one table from runs with the same settings; others refused."""
+    import json
+
+    def part(names, tokens=8192):
+        row = {"perplexity": 10.0, "fraction_read": 0.5, "seconds": 1.0, "cache_bytes_per_token_per_layer": 1,
+               "host_bytes_per_token_per_layer": 0}
+        return {"machine": {"cpu": "x", "cores": 2}, "model": "m", "text": "t",
+                "perplexity": {"tokens": tokens, "prefill": 2048, "backends": {n: dict(row) for n in names}},
+                "attention_error": {"prefill": 4032, "steps": 8,
+                                    "backends": {n: {"relative_l2": [0.0, 0.1], "fraction_read": 0.5} for n in names}}}
+
+    paths = []
+    for i, (names, tokens) in enumerate([(["dense"], 8192), (["topk", "quest"], 8192), (["topk"], 4096)]):
+        paths.append(tmp_path / f"{i}.json")
+        paths[-1].write_text(json.dumps(part(names, tokens)))
+    out = tmp_path / "merged"
+    result = run("scripts/eval_decode_quality.py", f"--merge={paths[0]},{paths[1]}", f"--out={out}")
+    assert result.returncode == 0, result.stderr
+    merged = json.loads((tmp_path / "merged.json").read_text())
+    assert list(merged["perplexity"]["backends"]) == ["dense", "topk", "quest"]
+    assert "| quest | 0.5000 | 10.000 | +0.00% |" in (tmp_path / "merged.md").read_text()
+    bad = run("scripts/eval_decode_quality.py", f"--merge={paths[0]},{paths[2]}", f"--out={out}")
+    assert bad.returncode != 0 and "other perplexity settings" in bad.stderr
