@@ -10,7 +10,7 @@ import os
 from absl import app, flags
 
 _RULER = flags.DEFINE_string("ruler", "docs/results/ruler/ruler.json", "eval_ruler.py output")
-_QUALITY = flags.DEFINE_string("quality", "docs/results/decode_quality.json", "eval_decode_quality.py output")
+_QUALITY = flags.DEFINE_string("quality", "docs/results/decode_quality_8k.json", "eval_decode_quality.py output")
 _OUT = flags.DEFINE_string("out", "docs/results/quality_vs_fraction.png", "PNG")
 
 DENSE_FLOOR = 20.0
