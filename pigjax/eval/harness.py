@@ -151,9 +151,9 @@ def run_ruler(model, *, tasks: Sequence[str] = ruler.TASKS, contexts: Sequence[i
         "cells": [],
     }
 
-    done = _resumable(out_dir, results["config"], order) if resume else {}
+    done, origin = _resumable(out_dir, results["config"], order) if resume else ({}, None)
     if done:
-        results["config"]["resumed_from"] = done.pop("config")
+        results["config"]["resumed_from"] = origin
         results["cells"] = [c for t, c_ in cells for c in done.get((t, c_), [])]
         log(f"resuming: {len(results['cells']) // len(order)} cells kept from {out_dir}/ruler.json")
     bar = None
@@ -178,12 +178,12 @@ def run_ruler(model, *, tasks: Sequence[str] = ruler.TASKS, contexts: Sequence[i
     return results
 
 
-def _resumable(out_dir, config: dict, names) -> dict:
-    """{(task, context): cells of every back-end in `names`} from out_dir/ruler.json, plus "config"
-    (its commit and date), where that run used the same samples, seed, batch and format."""
+def _resumable(out_dir, config: dict, names) -> tuple[dict, dict | None]:
+    """({(task, context): cells of every back-end in `names`}, that run's commit and date) from
+    out_dir/ruler.json, which must have used the same samples, seed, batch and format."""
     path = Path(out_dir) / "ruler.json" if out_dir is not None else None
     if path is None or not path.exists():
-        return {}
+        return {}, None
     try:
         old = json.loads(path.read_text())
         same = all(old["config"].get(k) == config[k] for k in ("samples", "seed", "batch", "format"))
@@ -195,9 +195,7 @@ def _resumable(out_dir, config: dict, names) -> dict:
     for c in old["cells"]:
         by.setdefault((c["task"], c["context"]), {})[c["attention"]] = c
     done = {key: [found[n] for n in names] for key, found in by.items() if all(n in found for n in names)}
-    if done:
-        done["config"] = {k: old["config"].get(k) for k in ("commit", "date")}
-    return done
+    return done, {k: old["config"].get(k) for k in ("commit", "date")}
 
 
 def _run_cell(pigjax, model, names, reference, fraction, task, ctx, samples, batch, advance) -> list[dict]:
@@ -226,6 +224,7 @@ def _run_cell(pigjax, model, names, reference, fraction, task, ctx, samples, bat
         gens = pigjax.generate(model, [samples[i].prompt_ids for i in rows], max_new_tokens=spec.tokens_to_generate,
                                temperature=0.0, attention=backends)
         shared = (time.perf_counter() - start) / len(gens)  # the shared prefill, split evenly
+        used = fraction_of(gens) if by_fraction else None
         for name, gen in zip(plain + by_fraction, gens):
             a = acc[name]
             for r, i in enumerate(rows):
@@ -233,7 +232,7 @@ def _run_cell(pigjax, model, names, reference, fraction, task, ctx, samples, bat
             a["calls"].append({"rows": [samples[i].index for i in rows], **_jsonable(gen.stats)})
             a["seconds"] += shared
             if name in by_fraction:
-                a["fractions"].append((len(rows), fraction_of(gens)))
+                a["fractions"].append((len(rows), used))
             advance(len(rows))
     return [_cell(name, acc[name], task, ctx, samples) for name in names]
 
