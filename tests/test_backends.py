@@ -209,3 +209,49 @@ def test_kth_largest_matches_top_k():
                                  (m - 1)[:, None, None]]
     np.testing.assert_array_equal(got, want)
     assert np.isneginf(np.asarray(_kth_largest(jnp.asarray(x), jnp.asarray([250, 1, 1], jnp.int32)))[0]).all()
+
+
+def test_coverage_expectation_matches_simhash_draws():
+    """LSH coverage is an expectation over projections: it matches counting >= 2 collisions of
+    simhash codes over many projection draws; TopK at the same budget bounds every scheme."""
+    from pigjax.eval.coverage import _layer_coverage
+    from pigjax.magicpig.reference import simhash_codes
+
+    rng = np.random.default_rng(0)
+    d, n, sink, K, L = 16, 300, 4, 3, 12
+    k = rng.normal(size=(1, sink + n + 8, d))
+    q = k[:, sink + 7] + 0.5 * rng.normal(size=(1, d))  # [P=1, Hq=1, d]: one key stands out
+    q = q[None]
+    got = _layer_coverage(q, k, n, sink, K, L)
+    km = k[0, sink:sink + n]
+    kc = km - km.mean(0)
+    s = q[0, 0] @ km.T / np.sqrt(d)
+    a = np.exp(s - s.max())
+    a /= a.sum()
+    hits = []
+    for _ in range(400):
+        proj = rng.normal(size=(d, K * L))
+        same = simhash_codes(kc, proj, K) == simhash_codes(q[0], proj, K)  # [n, L]
+        hits.append(same.sum(-1) >= 2)
+    r = np.mean(hits, axis=0)
+    assert abs(got["fraction"] - r.mean()) < 0.02
+    assert abs(got["lsh"] - (a * r).sum()) < 0.03
+    assert got["top1_u"] == pytest.approx(r[a.argmax()], abs=0.06)
+    assert got["topk"] >= got["oracle"] - 1e-12 and got["topk"] >= got["lsh"] - 0.02
+    assert 0 < got["lsh"] < 1 and got["top1_weight"] == pytest.approx(a.max())
+
+
+def test_coverage_fraction_matches_magicpig_reads(tiny):
+    """On a model's own q/k, the expected fraction equals what the MagicPIG back-end reads."""
+    from pigjax.eval.attention_error import layer_errors
+    from pigjax.eval.coverage import coverage
+
+    toks = _tokens(240, rows=1, seed=4)
+    backend = pigjax.MagicPIG(K=8, L=40)
+    read = layer_errors(tiny, toks, 200, {"pig": backend})["pig"]["fraction_read"]
+    sparse = [i for i in range(tiny.config.num_hidden_layers) if i not in backend.dense_set(tiny.config)]
+    got = coverage(tiny, toks[0], 200, configs=[(8, 40)], sink=4, local=64, sparse_layers=sparse)[(8, 40)]
+    expected = np.mean([x["fraction"] for x in got])
+    assert expected == pytest.approx(read, rel=0.1)
+    with pytest.raises(ValueError, match="prefill"):
+        coverage(tiny, toks[0], 60, configs=[(8, 40)], sink=4, local=64, sparse_layers=sparse)

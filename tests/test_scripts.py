@@ -74,3 +74,11 @@ def test_decode_quality_merge(tmp_path):
     assert "| quest | 0.5000 | 10.000 | +0.00% |" in (tmp_path / "merged.md").read_text()
     bad = run("scripts/eval_decode_quality.py", f"--merge={paths[0]},{paths[2]}", f"--out={out}")
     assert bad.returncode != 0 and "other perplexity settings" in bad.stderr
+
+
+def test_eval_coverage_rejects_bad_configs_and_tokenizerless_checkpoints(converted):
+    _, out = converted
+    bad = run("scripts/eval_coverage.py", f"--checkpoint={out}", "--configs=10y150")
+    assert bad.returncode == 1 and "KxL" in bad.stderr
+    result = run("scripts/eval_coverage.py", f"--checkpoint={out}", "--configs=4x8")
+    assert result.returncode == 1 and "tokenizer" in result.stderr
