@@ -70,8 +70,7 @@ def main(argv):
         model = pigjax.load(_CHECKPOINT.value or assets.default_checkpoint())
         if model.tokenizer is None:
             raise ValueError("eval_coverage needs the checkpoint's tokenizer; this checkpoint has none")
-        sparse = [i for i in range(model.config.num_hidden_layers)
-                  if i not in pigjax.MagicPIG().dense_set(model.config)]
+        sparse = pigjax.MagicPIG().sparse_layers(model.config.num_hidden_layers)
         rows = []
         for task in _TASKS.value:
             for context in contexts:
@@ -91,7 +90,7 @@ def main(argv):
         print(f"eval_coverage: error: {e}", file=sys.stderr)
         return 1
     result = {"machine": describe(), "commit": _git_commit(), "samples": _SAMPLES.value, "sink": _SINK.value,
-              "local": _LOCAL.value, "sparse_layers": sparse, "rows": rows}
+              "local": _LOCAL.value, "sparse_layers": list(sparse), "rows": rows}
     write_json_and_markdown(_OUT.value, result, markdown(result))
     return 0
 

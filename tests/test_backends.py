@@ -222,7 +222,7 @@ def test_coverage_expectation_matches_simhash_draws():
     k = rng.normal(size=(1, sink + n + 8, d))
     q = k[:, sink + 7] + 0.5 * rng.normal(size=(1, d))  # [P=1, Hq=1, d]: one key stands out
     q = q[None]
-    got = _layer_coverage(q, k, n, sink, K, L)
+    got = _layer_coverage(q, k[:, sink:sink + n], K, L)
     km = k[0, sink:sink + n]
     kc = km - km.mean(0)
     s = q[0, 0] @ km.T / np.sqrt(d)
@@ -249,7 +249,7 @@ def test_coverage_fraction_matches_magicpig_reads(tiny):
     toks = _tokens(240, rows=1, seed=4)
     backend = pigjax.MagicPIG(K=8, L=40)
     read = layer_errors(tiny, toks, 200, {"pig": backend})["pig"]["fraction_read"]
-    sparse = [i for i in range(tiny.config.num_hidden_layers) if i not in backend.dense_set(tiny.config)]
+    sparse = backend.sparse_layers(tiny.config.num_hidden_layers)
     got = coverage(tiny, toks[0], 200, configs=[(8, 40)], sink=4, local=64, sparse_layers=sparse)[(8, 40)]
     expected = np.mean([x["fraction"] for x in got])
     assert expected == pytest.approx(read, rel=0.1)

@@ -16,14 +16,13 @@ from __future__ import annotations
 import numpy as np
 
 from pigjax.eval.attention_error import record_qkv
-from pigjax.magicpig.reference import sampling_probability
+from pigjax.magicpig.reference import sampling_probability, split
 from pigjax.models import llama
 
 
-def _layer_coverage(q, k, n_middle: int, sink: int, K: int, L: int) -> dict:
-    """q [P, Hq, d] (decode queries), k [Hkv, T, d] (float64); middle = k[:, sink:sink+n_middle]."""
-    hq, hkv, d = q.shape[1], k.shape[0], q.shape[2]
-    km = k[:, sink:sink + n_middle]
+def _layer_coverage(q, km, K: int, L: int) -> dict:
+    """q [P, Hq, d] (decode queries), km [Hkv, n, d] (the middle's keys), float64."""
+    hq, (hkv, n_middle, d) = q.shape[1], km.shape
     kc = km - km.mean(axis=1, keepdims=True)
     g = np.repeat(np.arange(hkv), hq // hkv)  # KV head of each query head
     s = np.einsum("phd,hnd->phn", q, km[g]) / np.sqrt(d)
@@ -38,16 +37,15 @@ def _layer_coverage(q, k, n_middle: int, sink: int, K: int, L: int) -> dict:
     top1 = np.take_along_axis(u, a.argmax(-1)[..., None], -1)[..., 0]
     return {"fraction": f, "lsh": float((a * u).sum(-1).mean()), "topk": float(top.sum(-1).mean()),
             "oracle": float((a * (1.0 - (1.0 - a) ** m)).sum(-1).mean()),
-            "top1_weight": float(a.max(-1).mean()), "top1_u": float(top1.mean()),
-            "top1_missed": float((1.0 - top1).mean())}
+            "top1_weight": float(a.max(-1).mean()), "top1_u": float(top1.mean())}
 
 
 def coverage(model, tokens: np.ndarray, prefill: int, *, configs, sink: int, local: int,
              sparse_layers) -> dict:
     """{(K, L): per sparse layer, the coverage of decode positions prefill..T-1} of one sequence
     `tokens` [T] whose first `prefill` tokens were prefilled (middle = [sink, prefill - local))."""
-    n_middle = prefill - local - sink
-    if n_middle < 1 or prefill >= len(tokens):
+    _, middle = split(prefill, sink, local)
+    if len(middle) == 0 or prefill >= len(tokens):
         raise ValueError(f"coverage: need sink + local < prefill < {len(tokens)} tokens, got prefill {prefill}")
     params = llama.unstack_layers(model.params)
     # Causal: padding after the last token leaves q/k of the real positions unchanged, and lengths
@@ -60,7 +58,7 @@ def coverage(model, tokens: np.ndarray, prefill: int, *, configs, sink: int, loc
     for layer in sparse_layers:
         q, k, _ = qkv[layer]
         q = np.asarray(q[0, prefill:t], np.float64)
-        k = np.asarray(k[0], np.float64)
+        km = np.asarray(k[0][:, middle], np.float64)
         for K, L in out:
-            out[(K, L)].append({"layer": int(layer), **_layer_coverage(q, k, n_middle, sink, K, L)})
+            out[(K, L)].append({"layer": int(layer), **_layer_coverage(q, km, K, L)})
     return out
