@@ -1,16 +1,18 @@
-"""pigjax: MagicPIG LSH-sampled attention and Memory Mosaics in JAX/Flax."""
+"""pigjax: MagicPIG LSH-sampled attention and Memory Mosaics in JAX/Flax (see docs/architecture.md)."""
 
-from pigjax import mosaics
-from pigjax.attention import Dense, Oracle, Quest, TopK
+from pigjax.attention import Backend, Dense, MagicPIG, Oracle, Quest, TopK
 from pigjax.checkpoint import load, save
-from pigjax.config import LlamaConfig, RopeConfig
+from pigjax.convert import default_checkpoint
 from pigjax.errors import CheckpointError, ConfigError, ConversionError, PigjaxError
 from pigjax.generate import Generation, generate
-from pigjax.magicpig import MagicPIG
-from pigjax.model import Model, forward
-from pigjax.mosaics import MosaicsConfig
+from pigjax.inference import forward
+from pigjax.model import Model
+from pigjax.models import mosaics
+from pigjax.models.llama_config import LlamaConfig, RopeConfig
+from pigjax.models.mosaics_config import MosaicsConfig
 
 __all__ = [
-    "CheckpointError", "ConfigError", "ConversionError", "Dense", "Generation", "LlamaConfig", "MagicPIG", "Model",
-    "MosaicsConfig", "Oracle", "PigjaxError", "Quest", "TopK", "RopeConfig", "forward", "generate", "load", "mosaics", "save",
+    "Backend", "CheckpointError", "ConfigError", "ConversionError", "Dense", "Generation", "LlamaConfig", "MagicPIG",
+    "Model", "MosaicsConfig", "Oracle", "PigjaxError", "Quest", "RopeConfig", "TopK", "default_checkpoint", "forward",
+    "generate", "load", "mosaics", "save",
 ]

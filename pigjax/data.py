@@ -1,6 +1,6 @@
 """Training text for language-model runs: paragraphs, a byte-level BPE tokenizer, fixed windows.
 
-- Paragraphs come from RULER's hotpotqa.json (Wikipedia paragraphs, CC BY-SA 4.0, SPEC §5) or a
+- Paragraphs come from RULER's hotpotqa.json (Wikipedia paragraphs, CC BY-SA 4.0, docs/algorithm.md §5) or a
   plain text file (paragraphs separated by blank lines).
 - `split` puts a paragraph in validation iff a hash of its text says so (about `val_fraction`),
   so the split does not depend on order and never changes when paragraphs are added.
@@ -16,13 +16,11 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import numpy as np
 
+from pigjax.atomic import atomic_directory
 from pigjax.errors import PigjaxError
 
 EOS = "<|endoftext|>"
@@ -175,21 +173,13 @@ def prepare(source: str = "hotpotqa", cache_dir=None, *, vocab_size: int = 8192,
     parts = {"train": Tokenized.encode(tokenizer, train), "val": Tokenized.encode(tokenizer, val)}
     log(f"data: {len(parts['train'].tokens):,} training and {len(parts['val'].tokens):,} validation tokens; "
         f"cached in {cache_dir}")
-    cache_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{cache_dir.name}.partial-", dir=cache_dir.parent))
-    try:
+    with atomic_directory(cache_dir) as tmp:
         tokenizer.save_pretrained(str(tmp / "tokenizer"))
         for name, part in parts.items():
             np.savez(tmp / f"{name}.npz", tokens=part.tokens, offsets=part.offsets)
         counts = {name: {"paragraphs": part.num_paragraphs, "tokens": int(len(part.tokens))}
                   for name, part in parts.items()}
         (tmp / "data.json").write_text(json.dumps({"key": key, **counts}, indent=2))
-        if cache_dir.exists():
-            shutil.rmtree(cache_dir)
-        os.replace(tmp, cache_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return Corpus(tokenizer, parts["train"], parts["val"], str(src_file))
 
 

@@ -20,13 +20,11 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
-from pigjax.attention import Dense
-from pigjax.attention.base import Backend, Cache
+from pigjax.attention.backend import Backend, Cache
+from pigjax.attention.dense import Dense
 from pigjax.errors import PigjaxError
+from pigjax.families import Family, family_of
 from pigjax.model import Model
-from pigjax.mosaics import retrieval as mosaics_retrieval
-from pigjax.models import llama
-from pigjax.mosaics.config import MosaicsConfig
 from pigjax.sampling import Sampler
 
 FINISH_REASONS = ("running", "eos", "stop", "length")  # index = DecodeState.finish code
@@ -45,7 +43,7 @@ class Generation:
 
 @struct.dataclass
 class DecodeState:
-    cache: Cache  # the back-end's layout
+    cache: Cache  # the back-end's layout (a Memory Mosaics model: its decode state)
     out: jax.Array  # [B, N] generated tokens
     count: jax.Array  # [B] tokens generated so far per row
     finish: jax.Array  # [B] index into FINISH_REASONS; 0 while running
@@ -93,9 +91,10 @@ def _row_keys(keys, index):
 def _prefill(params, tokens, lengths, live, keys, stops, *, config, sampler, out_len):
     """Dense prefill of the padded prompts: -> (per-layer K/V of the prompts, first tokens state)."""
     b = tokens.shape[0]
+    family = family_of(config)
     dtype = jax.tree.leaves(params)[0].dtype
-    cache = Dense().init_cache(config, b, tokens.shape[1], 0, dtype)
-    logits, cache = llama.step(params, config, tokens, cache, lengths, fresh=True)
+    cache = family.init_cache(Dense(), config, b, tokens.shape[1], 0, dtype, None)
+    logits, cache = family.step(params, config, tokens, cache, lengths, Dense(), True)
     return (cache.layers, *_first_tokens(logits, lengths, live, keys, stops, sampler, out_len))
 
 
@@ -111,19 +110,14 @@ def _first_tokens(logits, lengths, live, keys, stops, sampler, out_len):
 
 
 @partial(jax.jit, static_argnames=("config", "backend", "sampler", "capacity", "out_len"))
-def _prefill_mosaics(params, tokens, lengths, live, keys, stops, runtime, *, config, backend, sampler, capacity,
-                     out_len):
-    """Memory Mosaics: the recurrent form over the padded prompts; its state is the cache."""
+def _prefill_own(params, tokens, lengths, live, keys, stops, runtime, *, config, backend, sampler, capacity,
+                 out_len):
+    """A back-end's own prefill of the padded prompts (families that share no prefill)."""
+    family = family_of(config)
     dtype = jax.tree.leaves(params)[0].dtype
-    state = backend.init_state(config, tokens.shape[0], capacity, dtype, runtime)
-    logits, state = backend.step(params, config, tokens, state, lengths, fresh=True)
-    return (state, *_first_tokens(logits, lengths, live, keys, stops, sampler, out_len))
-
-
-def _model_step(params, config, tokens, cache, num_new, backend):
-    if isinstance(config, MosaicsConfig):
-        return backend.step(params, config, tokens, cache, num_new)  # a pigjax.mosaics.retrieval back-end
-    return llama.step(params, config, tokens, cache, num_new, backend)
+    cache = family.init_cache(backend, config, tokens.shape[0], capacity, out_len, dtype, runtime)
+    logits, cache = family.step(params, config, tokens, cache, lengths, backend, True)
+    return (cache, *_first_tokens(logits, lengths, live, keys, stops, sampler, out_len))
 
 
 def _fork(prefix, lengths, runtime, *, config, backend, capacity, out_len):
@@ -143,7 +137,8 @@ def _decode(state: DecodeState, params, stops, limit, *, config, backend, sample
     def body(s: DecodeState):
         running = s.finish == 0
         last = s.out[rows, s.count - 1]
-        logits, cache = _model_step(params, config, last[:, None], s.cache, running.astype(jnp.int32), backend)
+        logits, cache = family_of(config).step(params, config, last[:, None], s.cache, running.astype(jnp.int32),
+                                               backend, False)
         token = sampler(logits[:, 0], _row_keys(s.keys, s.count))
         slot = jnp.where(running, s.count, s.out.shape[1])  # finished rows write nothing (dropped)
         out = s.out.at[rows, slot].set(token, mode="drop")
@@ -247,8 +242,8 @@ def generate(
     be a function of the Generations before it that returns a back-end: it is called once those
     have run, so that e.g. `lambda gens: TopK(gens[0].stats["fraction_read"])` decodes at the
     fraction a MagicPIG back-end measured, on the same prefill. A Memory Mosaics model takes
-    Dense() (exact retrieval) or MagicPIG(...) (sampled retrieval, pigjax.mosaics.retrieval) and
-    runs one (exact) prefill per back-end.
+    Dense() (exact retrieval) or MagicPIG(...) (sampled retrieval, pigjax.models.mosaics_memory) and
+    runs one (exact) prefill per back-end (its family shares no prefill: `pigjax.families`).
     """
     if not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 0:
         raise PigjaxError(f"max_new_tokens must be a non-negative integer, got {max_new_tokens!r}")
@@ -270,18 +265,16 @@ def generate(
     eos = sorted(set(config.eos_token_ids) | ({model.tokenizer.eos_token_id} if model.tokenizer is not None
                                                and model.tokenizer.eos_token_id is not None else set()))
     n_rows = len(ids)
-    if isinstance(config, MosaicsConfig):  # the Memory Mosaics form of each back-end (checks them too)
-        if any(_deferred(backend) for backend in backends):
-            raise PigjaxError("a back-end given as a function of earlier Generations needs a Llama-family model")
-        backends = [mosaics_retrieval.for_attention(backend) for backend in backends]
-    else:  # fail before the prefill; deferred entries are checked when called
-        for entry in backends:
-            if not _deferred(entry):
-                _check_backend(entry)
+    family = family_of(config)
+    if not family.shares_prefill and any(_deferred(entry) for entry in backends):
+        raise PigjaxError("a back-end given as a function of earlier Generations needs a model family that shares "
+                          "one prefill among back-ends (Llama)")
+    # The family's decode back-end of each entry, checked before the prefill; deferred entries when called.
+    backends = [entry if _deferred(entry) else family.decoder(entry) for entry in backends]
     if max_new_tokens == 0:
         gens = []
         for entry in backends:
-            backend = _resolve(entry, gens)
+            backend = _resolve(entry, gens, family)
             gens.append(Generation(["" for _ in ids] if model.tokenizer else None, [[] for _ in ids],
                                    ["length"] * n_rows, {"prefill_seconds": 0.0, "decode_tokens_per_second": 0.0,
                                                          "compile_seconds": 0.0, **backend.stats(config, model.dtype)}))
@@ -295,18 +288,14 @@ def _deferred(entry) -> bool:
     return callable(entry) and not isinstance(entry, Backend)
 
 
-def _check_backend(backend):
-    if not isinstance(backend, Backend):
-        raise PigjaxError(f"attention: expected a back-end (e.g. pigjax.Dense()), got {backend!r}")
-
-
-def _resolve(entry, gens: list[Generation]):
+def _resolve(entry, gens: list[Generation], family: Family):
     """The back-end of an attention-list entry: itself, or a deferred entry called on the Generations so far."""
     if not _deferred(entry):
         return entry
     backend = entry(list(gens))
-    _check_backend(backend)
-    return backend
+    if backend is None:  # None means Dense() only as `attention` itself, not from a deferred entry
+        raise PigjaxError(f"attention: expected a back-end (e.g. pigjax.Dense()) from {entry!r}, got None")
+    return family.decoder(backend)
 
 
 def _generate(model, ids, lengths, max_new_tokens, sampler, backends, seed, stop_table, stop_strings,
@@ -326,12 +315,13 @@ def _generate(model, ids, lengths, max_new_tokens, sampler, backends, seed, stop
     base = jax.random.key(seed)
     keys = jax.vmap(lambda i: jax.random.fold_in(base, i))(jnp.arange(b))
     stops = Stops(jnp.asarray(eos or [-1], jnp.int32), jnp.asarray(stop_table), jnp.asarray(max_new_tokens, jnp.int32))
-    if isinstance(config, MosaicsConfig):
-        return [_generate_mosaics(model, backend, tokens, row_lengths, n_rows, keys, stops, sampler, capacity,
-                                  out_len, lengths, max_new_tokens, stop_strings, stream) for backend in backends]
+    family = family_of(config)
+    if not family.shares_prefill:
+        return [_generate_own_prefill(model, backend, tokens, row_lengths, n_rows, keys, stops, sampler, capacity,
+                                      out_len, lengths, max_new_tokens, stop_strings, stream) for backend in backends]
     with _compile_timer() as compile_prefill:
         start = time.perf_counter()
-        params = llama.unstack_layers(model.params)
+        params = family.decode_params(model.params)
         prefix, out, count, finish = _prefill(params, tokens, row_lengths, np.arange(b) < n_rows, keys, stops,
                                               config=config, sampler=sampler, out_len=out_len)
         jax.block_until_ready(prefix)
@@ -340,8 +330,8 @@ def _generate(model, ids, lengths, max_new_tokens, sampler, backends, seed, stop
                  prefill_compile=compile_prefill[0])
     gens = []
     for entry in backends:
-        backend = _resolve(entry, gens)
-        with backend.resources(config, b, t) as runtime:
+        backend = _resolve(entry, gens, family)
+        with backend.resources(config, b, family.engine_capacity(t, capacity)) as runtime:
             with _compile_timer() as compile_fork:
                 start = time.perf_counter()
                 cache = _fork(prefix, jnp.asarray(row_lengths), runtime.arrays, config=config, backend=backend,
@@ -356,22 +346,24 @@ def _generate(model, ids, lengths, max_new_tokens, sampler, backends, seed, stop
     return gens
 
 
-def _generate_mosaics(model, backend, tokens, row_lengths, n_rows, keys, stops, sampler, capacity, out_len,
-                      lengths, max_new_tokens, stop_strings, stream) -> Generation:
-    """Each back-end runs its own prefill (exact and sampled retrieval keep different states)."""
+def _generate_own_prefill(model, backend, tokens, row_lengths, n_rows, keys, stops, sampler, capacity, out_len,
+                          lengths, max_new_tokens, stop_strings, stream) -> Generation:
+    """One back-end with its own prefill (Memory Mosaics: exact and sampled retrieval keep different states)."""
     b, t = tokens.shape
-    with backend.resources(model.config, b, capacity) as runtime:
+    family = family_of(model.config)
+    params = family.decode_params(model.params)
+    with backend.resources(model.config, b, family.engine_capacity(t, capacity)) as runtime:
         with _compile_timer() as compile_prefill:
             start = time.perf_counter()
-            state = _prefill_mosaics(model.params, tokens, row_lengths, np.arange(b) < n_rows, keys, stops,
-                                     runtime.arrays, config=model.config, backend=backend, sampler=sampler,
-                                     capacity=capacity, out_len=out_len)
+            state = _prefill_own(params, tokens, row_lengths, np.arange(b) < n_rows, keys, stops,
+                                 runtime.arrays, config=model.config, backend=backend, sampler=sampler,
+                                 capacity=capacity, out_len=out_len)
             jax.block_until_ready(state)
             prefill_seconds = time.perf_counter() - start - compile_prefill[0]
         state = DecodeState(*state, jnp.copy(keys), jnp.zeros((), jnp.int32))
         shape = dict(b=b, t=t, capacity=capacity, out_len=out_len, prefill_seconds=prefill_seconds,
                      prefill_compile=compile_prefill[0], fork_seconds=0.0, fork_compile=0.0)
-        return _decode_all(model, model.params, state, stops, sampler, backend, runtime, lengths, max_new_tokens,
+        return _decode_all(model, params, state, stops, sampler, backend, runtime, lengths, max_new_tokens,
                            stop_strings, stream, shape)
 
 

@@ -9,7 +9,7 @@ import platform
 def describe() -> dict:
     import jax
 
-    from pigjax import native
+    from pigjax.engine import native
 
     cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
                platform.processor())

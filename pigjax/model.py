@@ -1,28 +1,21 @@
-"""The user-facing model object and `forward`: a thin, validated shell over the pure step function."""
+"""`Model`: a model's config, parameters and tokenizer (a leaf module: it imports no model code)."""
 
 from __future__ import annotations
 
 import dataclasses
-from functools import partial
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pigjax.attention import Dense
-from pigjax.config import LlamaConfig
-from pigjax.errors import PigjaxError
-from pigjax.models import llama
-from pigjax.mosaics import model as mosaics
-from pigjax.mosaics.config import MosaicsConfig
-
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class Model:
-    """Config (static), params (a plain pytree of arrays) and the tokenizer (None if none was saved)."""
+    """Config (static: a LlamaConfig or MosaicsConfig), params (a plain pytree of arrays) and the
+    tokenizer (None if none was saved). `pigjax.families.family_of(model.config)` says how to run it."""
 
-    config: LlamaConfig | MosaicsConfig
+    config: Any
     params: Any
     tokenizer: Any = None
 
@@ -36,51 +29,6 @@ class Model:
         return dataclasses.replace(self, params=params)
 
 
-def check_tokens(config: LlamaConfig | MosaicsConfig, tokens, lengths=None) -> tuple[np.ndarray, np.ndarray]:
-    """Validate a [B, T] token batch and its row lengths; returns them as int32 arrays."""
-    tokens = np.asarray(tokens)
-    if tokens.ndim != 2 or not np.issubdtype(tokens.dtype, np.integer):
-        raise PigjaxError(f"tokens must be a 2-D integer array [batch, time], got {tokens.dtype} {tokens.shape}")
-    b, t = tokens.shape
-    if b == 0 or t == 0:
-        raise PigjaxError(f"tokens must be non-empty, got shape {tokens.shape}")
-    if t > config.max_position_embeddings:
-        raise PigjaxError(
-            f"sequence of {t} tokens is longer than the model's context ({config.max_position_embeddings})"
-        )
-    lengths = np.full((b,), t, np.int32) if lengths is None else np.asarray(lengths)
-    if lengths.shape != (b,) or not np.issubdtype(lengths.dtype, np.integer):
-        raise PigjaxError(f"lengths must be {b} integers (one per row), got {lengths.dtype} {lengths.shape}")
-    if lengths.min() < 1 or lengths.max() > t:
-        raise PigjaxError(f"lengths must lie in [1, {t}], got {lengths.tolist()}")
-    valid = np.arange(t)[None, :] < lengths[:, None]
-    bad = valid & ((tokens < 0) | (tokens >= config.vocab_size))
-    if bad.any():
-        row, col = map(int, np.argwhere(bad)[0])
-        raise PigjaxError(
-            f"token id {int(tokens[row, col])} at [{row}, {col}] is outside the vocabulary [0, {config.vocab_size})"
-        )
-    return np.where(valid, tokens, 0).astype(np.int32), lengths.astype(np.int32)
-
-
-@partial(jax.jit, static_argnums=1)
-def _forward(params, config: LlamaConfig | MosaicsConfig, tokens, lengths):
-    b, t = tokens.shape
-    if isinstance(config, MosaicsConfig):
-        logits = mosaics.apply(params, config, tokens)  # causal: padding never reaches valid positions
-    else:
-        cache_dtype = jax.tree.leaves(params)[0].dtype
-        cache = Dense().init_cache(config, b, t, 0, cache_dtype)
-        logits, _ = llama.step(params, config, tokens, cache, lengths, fresh=True)
-    valid = jnp.arange(t)[None, :] < lengths[:, None]
-    return jnp.where(valid[..., None], logits, 0.0)
-
-
-def forward(model: Model, tokens, lengths=None) -> jax.Array:
-    """Logits [B, T, vocab] float32 for tokens [B, T] int32.
-
-    `lengths` [B] marks right-padded rows: row b's tokens at t >= lengths[b] are ignored and their
-    logits are 0. Valid positions do not depend on the padding (attention is causal).
-    """
-    tokens, lengths = check_tokens(model.config, tokens, lengths)
-    return _forward(model.params, model.config, tokens, lengths)
+def param_count(params) -> int:
+    """Number of parameters in a tree of arrays (or of ShapeDtypeStructs)."""
+    return int(sum(np.prod(p.shape) for p in jax.tree.leaves(params)))

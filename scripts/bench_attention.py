@@ -12,7 +12,6 @@ not a real model's attention. Prints a table and writes JSON.
 
 import json
 import os
-import platform
 import time
 
 from absl import app, flags, logging
@@ -51,9 +50,9 @@ def bench_one(hkv, hq, d, n, K, L, storage, repeats):
     import jax.numpy as jnp
     import numpy as np
 
-    from pigjax import native
+    from pigjax.engine import native
     from pigjax.attention.dense import attend
-    from pigjax.magicpig import Store
+    from pigjax.engine import Store
 
     rng = np.random.default_rng(0)
     offset = rng.normal(size=(1, 1, 1, d)).astype(np.float32)
@@ -63,7 +62,7 @@ def bench_one(hkv, hq, d, n, K, L, storage, repeats):
     proj = jnp.asarray(rng.standard_normal((d, K * L), np.float32))
     lengths = jnp.asarray([n], jnp.int32)
     sink, local = 4, 64
-    from pigjax.magicpig.estimator import center
+    from pigjax.attention.magicpig import center
 
     kc = jax.jit(center, static_argnums=(2, 3))(keys, lengths, sink, local)
     k_codes = jax.jit(native.simhash_codes, static_argnums=2)(kc, proj, K)
@@ -107,14 +106,9 @@ def bench_one(hkv, hq, d, n, K, L, storage, repeats):
 def main(argv):
     del argv
     logging.set_verbosity(logging.WARNING)
-    import jax
+    from pigjax.machine import describe
 
-    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
-               platform.processor())
-    from pigjax import native
-
-    machine = {"cpu": cpu, "cores": os.cpu_count(), "simd": native.simd_level(), "engine_threads": native.num_threads(),
-               "jax": jax.__version__, "copy_gbs": copy_bandwidth_gbs()}
+    machine = {**describe(), "copy_gbs": copy_bandwidth_gbs()}
     print(f"machine: {machine}")
     rows = []
     for shape in _SHAPES.value:

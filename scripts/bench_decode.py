@@ -45,7 +45,7 @@ def random_model():
     import jax.numpy as jnp
 
     import pigjax
-    from pigjax.config import LlamaConfig, RopeConfig
+    from pigjax.models.llama_config import LlamaConfig, RopeConfig
     from pigjax.models import llama
 
     config = LlamaConfig(**SMOLLM2_135M, rope=RopeConfig(theta=100000.0))
@@ -100,7 +100,7 @@ def build_cache(backend, config, kv, n, batch, capacity, window, runtime):
     import jax
     import jax.numpy as jnp
 
-    from pigjax.attention.base import KV
+    from pigjax.attention.backend import KV
 
     class Tiled(tuple):  # tiles each layer's K/V only when from_prefill reaches it (memory)
         def __iter__(self):
@@ -176,7 +176,7 @@ def main(_):
 
     contexts = [int(c) for c in _CONTEXTS.value]
     batch, steps = _BATCH.value, _STEPS.value
-    base = random_model() if _WEIGHTS.value == "random" else pigjax.load(pigjax.assets.default_checkpoint())
+    base = random_model() if _WEIGHTS.value == "random" else pigjax.load(pigjax.default_checkpoint())
     # RoPE extends past the trained 8k; only timing is measured beyond it.
     config = dataclasses.replace(base.config, max_position_embeddings=max(contexts) + steps + 64)
     model = dataclasses.replace(base, config=config)

@@ -10,7 +10,6 @@ with pigjax/transformers ratios and writes JSON.
 
 import json
 import os
-import platform
 import time
 
 from absl import app, flags, logging
@@ -23,13 +22,12 @@ _OUT = flags.DEFINE_string("out", "docs/results/bench_generate.json", "JSON outp
 
 
 def machine() -> dict:
-    model = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
-                 platform.processor())
-    import jax
+    """pigjax's machine description (CPU, cores, SIMD level...) plus torch's version and threads."""
     import torch
 
-    return {"cpu": model, "cores": os.cpu_count(), "jax": jax.__version__, "torch": torch.__version__,
-            "torch_threads": torch.get_num_threads()}
+    from pigjax.machine import describe
+
+    return {**describe(), "torch": torch.__version__, "torch_threads": torch.get_num_threads()}
 
 
 def bench_pigjax(model, prompts, new_tokens):
@@ -72,7 +70,7 @@ def main(argv):
     from pigjax import assets
 
     torch.set_num_threads(_THREADS.value)
-    model = pigjax.load(assets.default_checkpoint(), tokenizer=False)
+    model = pigjax.load(pigjax.default_checkpoint(), tokenizer=False)
     model = dataclasses.replace(model, config=dataclasses.replace(model.config, eos_token_ids=()))
     gguf = assets.default_gguf_path()
     hf = transformers.AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name,

@@ -18,7 +18,7 @@ _OUT = flags.DEFINE_string("out", "docs/results/mosaics_vs_llama", "output path 
 def main(argv):
     del argv
     from pigjax.errors import PigjaxError
-    from pigjax.mosaics.report import compare
+    from pigjax.eval.lm_compare import compare
 
     try:
         summary = compare({"mosaics": _MOSAICS.value, "llama": _LLAMA.value}, _OUT.value)

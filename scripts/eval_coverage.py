@@ -57,7 +57,6 @@ def main(argv):
     del argv
     logging.set_verbosity(logging.WARNING)
     import pigjax
-    from pigjax import assets
     from pigjax.eval import ruler
     from pigjax.eval.coverage import coverage
     from pigjax.eval.harness import _git_commit
@@ -67,7 +66,7 @@ def main(argv):
     try:
         configs = [_parse(c) for c in _CONFIGS.value]
         contexts = [int(c) for c in _CONTEXTS.value]
-        model = pigjax.load(_CHECKPOINT.value or assets.default_checkpoint())
+        model = pigjax.load(_CHECKPOINT.value or pigjax.default_checkpoint())
         if model.tokenizer is None:
             raise ValueError("eval_coverage needs the checkpoint's tokenizer; this checkpoint has none")
         sparse = pigjax.MagicPIG().sparse_layers(model.config.num_hidden_layers)

@@ -99,7 +99,6 @@ def merge(paths) -> dict:
 
 
 def main(_):
-    import numpy as np
 
     import pigjax
     import pigjax.assets
@@ -116,7 +115,7 @@ def main(_):
         return
     names = _ATTENTION.value
     check_backends(names, "auto" if _FRACTION.value is None else _FRACTION.value)
-    model = pigjax.load(pigjax.assets.default_checkpoint())
+    model = pigjax.load(pigjax.default_checkpoint())
     text = long_text(model.tokenizer, max(_TOKENS.value, _ERROR_PREFILL.value + _ERROR_STEPS.value), seed=_SEED.value)
     result = {"machine": describe(), "model": "SmolLM2-135M-Instruct", "text": "hotpotqa paragraphs",
               "perplexity": {"tokens": _TOKENS.value, "prefill": _PREFILL.value},

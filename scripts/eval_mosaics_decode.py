@@ -31,7 +31,7 @@ def make_attention(name: str):
     import re
 
     import pigjax
-    from pigjax.mosaics.retrieval import MosaicsSampled
+    from pigjax.models.mosaics_memory import MosaicsSampled
 
     if name == "exact":
         return None

@@ -39,14 +39,13 @@ def main(argv):
     import jax.numpy as jnp
 
     import pigjax
-    from pigjax import assets
     from pigjax.eval import harness
 
     try:
         contexts = [int(c) for c in _CONTEXTS.value]
         fraction = _FRACTION.value if _FRACTION.value == "auto" else float(_FRACTION.value)
         harness.check_backends(_ATTENTION.value, fraction)  # before the (slow) model load
-        checkpoint = _CHECKPOINT.value or assets.default_checkpoint()
+        checkpoint = _CHECKPOINT.value or pigjax.default_checkpoint()
         model = pigjax.load(checkpoint, dtype=jnp.bfloat16 if _DTYPE.value == "bfloat16" else None)
         results = harness.run_ruler(
             model, tasks=_TASKS.value, contexts=contexts, samples=_SAMPLES.value, attention=_ATTENTION.value,

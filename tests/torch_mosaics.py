@@ -1,4 +1,4 @@
-"""Memory Mosaics v1 in plain PyTorch, written from SPEC §3 as the reference for pigjax.mosaics.
+"""Memory Mosaics v1 in plain PyTorch, written from docs/algorithm.md §3 as the reference for pigjax.models.mosaics.
 
 Deliberately the obvious way: the leaky averages are the recursion k̄_T = W_k x_T + e^{-β} k̄_{T-1}
 run token by token, and contextual memory is a loop over query positions, each a softmax over the

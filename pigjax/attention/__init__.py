@@ -1,7 +1,11 @@
-"""Attention back-ends: `Dense` (exact), and the model-side sparse baselines TopK, Quest, Oracle.
-MagicPIG lives in `pigjax.magicpig` (it needs the C++ engine)."""
+"""Attention back-ends, all following the `Backend` contract (pigjax.attention.backend):
+`Dense` (exact), `MagicPIG` (LSH sampling in the C++ engine), and the model-side baselines
+`TopK`, `Quest` and `Oracle`; `lsh_attention` is MagicPIG's estimator in one call, for analysis."""
 
-from pigjax.attention.dense import Dense, attend
-from pigjax.attention.sparse import Oracle, Quest, TopK
+from pigjax.attention.backend import Backend
+from pigjax.attention.baselines import Oracle, Quest, TopK
+from pigjax.attention.dense import Dense
+from pigjax.attention.lsh_estimator import lsh_attention
+from pigjax.attention.magicpig import MagicPIG
 
-__all__ = ["Dense", "Oracle", "Quest", "TopK", "attend"]
+__all__ = ["Backend", "Dense", "MagicPIG", "Oracle", "Quest", "TopK", "lsh_attention"]

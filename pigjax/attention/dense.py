@@ -5,7 +5,7 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-from pigjax.attention.base import KV, Backend, Cache, StepContext, init_kv, write_rows
+from pigjax.attention.backend import KV, Backend, Cache, StepContext, init_kv, write_kv
 
 
 REDUCE_MIN_BATCH = 2  # decode batches from this size use the fused multiply+reduce form
@@ -60,17 +60,7 @@ def _attend_block(q, k, v, positions):
 
 @dataclasses.dataclass(frozen=True)
 class Dense(Backend):
-    """Exact attention over the whole model-side KV cache: the default back-end.
-
-    The contract every back-end follows (all are frozen dataclasses, static under jit):
-    - `resources(config, batch, capacity)`: a context manager yielding runtime arrays (e.g. an
-      engine store's handle) that live as long as one generation; Dense needs none.
-    - `init_cache(config, batch, capacity, window, dtype, runtime) -> Cache`: `capacity` slots for
-      prompt + generated tokens, `window` for generated tokens alone.
-    - `attend_layer(layer, state, shared, q, k, v, ctx) -> (out, state, reads)`: write the step's
-      keys/values into the layer's state and attend; `reads` (or None) counts middle keys read.
-    - `finish_step(shared, ctx, reads) -> shared` after all layers; `stats(...)` for Generation.
-    """
+    """Exact attention over the whole model-side KV cache: the default back-end."""
 
     name = "dense"
 
@@ -80,11 +70,8 @@ class Dense(Backend):
         return Cache(layers, jnp.zeros((batch,), jnp.int32), None)
 
     def attend_layer(self, layer, state: KV, shared, q, k, v, ctx: StepContext):
-        state = KV(write_rows(state.k, k, ctx.starts), write_rows(state.v, v, ctx.starts))
+        state = write_kv(state, k, v, ctx.starts)
         return attend(q, state.k, state.v, ctx.positions, ctx.fresh), state, None
-
-    def finish_step(self, shared, ctx, reads):
-        return shared
 
     def stats(self, config, cache_dtype, cache=None, resources=None) -> dict:
         itemsize = jnp.dtype(cache_dtype).itemsize

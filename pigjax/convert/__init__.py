@@ -7,14 +7,14 @@ from pathlib import Path
 import numpy as np
 
 from pigjax import assets
-from pigjax.checkpoint import save
+from pigjax.checkpoint import META_FILE, save
 from pigjax.convert.gguf_file import read_gguf, read_gguf_tokenizer
 from pigjax.convert.hf_dir import read_config, read_tensors, read_tokenizer
 from pigjax.convert.hf_names import hf_to_params
 from pigjax.errors import ConversionError
 from pigjax.model import Model
 
-__all__ = ["convert", "convert_to_model"]
+__all__ = ["convert", "convert_to_model", "default_checkpoint"]
 
 
 def convert_to_model(src, *, dtype=np.float32, progress: bool = True) -> tuple[Model, str]:
@@ -43,3 +43,11 @@ def convert(src, out=None, *, dtype=np.float32, overwrite: bool = False, progres
     model, name = convert_to_model(src, dtype=dtype, progress=progress)
     out = Path(out) if out is not None else assets.checkpoints_dir() / name
     return save(model, out, overwrite=overwrite, source=str(src))
+
+
+def default_checkpoint(convert_if_missing: bool = True) -> Path:
+    """Path of the converted embedded default model, converting it on first use."""
+    path = assets.checkpoints_dir() / assets.DEFAULT_MODEL_NAME
+    if not (path / META_FILE).is_file() and convert_if_missing:
+        convert("default", path)
+    return path

@@ -1,7 +1,7 @@
 """Read a llama.cpp GGUF file as HF-named float32 tensors plus a HF-style config dict.
 
 Quantized tensors are dequantized with the `gguf` package. llama.cpp stores the rows of Q and K in
-an interleaved RoPE order; `_unpermute` restores transformers' split-halves order (SPEC §5).
+an interleaved RoPE order; `_unpermute` restores transformers' split-halves order (docs/algorithm.md §5).
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pigjax.config import LlamaConfig
+from pigjax.models.llama_config import LlamaConfig
 from pigjax.convert.hf_names import TensorSource
 from pigjax.errors import ConfigError, ConversionError
 

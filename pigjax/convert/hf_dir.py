@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 
 
-from pigjax.config import LlamaConfig
+from pigjax.models.llama_config import LlamaConfig
 from pigjax.convert.hf_names import TensorSource
 from pigjax.errors import ConfigError, ConversionError
 

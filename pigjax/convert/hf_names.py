@@ -14,7 +14,7 @@ from typing import Callable, Mapping
 import numpy as np
 from tqdm.auto import tqdm
 
-from pigjax.config import LlamaConfig
+from pigjax.models.llama_config import LlamaConfig
 from pigjax.errors import ConversionError
 
 # pigjax path inside params["layers"] -> (HF name after "model.layers.{i}.", HF shape, HF -> pigjax)

@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from pigjax.attention import Dense
-from pigjax.attention.base import KV, StepContext
+from pigjax.attention.backend import KV, StepContext
 from pigjax.models import llama
 
 

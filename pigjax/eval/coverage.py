@@ -3,7 +3,7 @@
 For a decode query the middle (the keys MagicPIG hashes) carries attention weights a_i (softmax
 over the middle alone). A scheme that reads key i with probability r_i covers Σ a_i r_i of that
 mass in expectation. At one budget (the expected fraction f of the middle read):
-  LSH       r_i = u_i, MagicPIG's sampling probability (SPEC §2.5: q vs the centred key, >= 2
+  LSH       r_i = u_i, MagicPIG's sampling probability (docs/algorithm.md §2.5: q vs the centred key, >= 2
             of L tables of K bits collide), in expectation over the random projections;
   TopK      r_i = 1 for the round(f·n) largest a_i;
   oracle    r_i = 1 - (1 - a_i)^m, m = round(f·n) draws from a (pigjax.Oracle).
@@ -16,7 +16,7 @@ from __future__ import annotations
 import numpy as np
 
 from pigjax.eval.attention_error import record_qkv
-from pigjax.magicpig.reference import sampling_probability, split
+from pigjax.attention.reference import sampling_probability, split
 from pigjax.models import llama
 
 

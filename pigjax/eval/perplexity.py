@@ -4,7 +4,7 @@ forcing) through a back-end's decode path, as generation would see it.
 `teacher_forced` returns each target token's log-probability (and, for small vocabularies, the
 logits); `perplexity` summarises it. With a sparse back-end, every decode step after the prefill
 is sparse, so this measures what sampling/selection costs in quality on real text. A Memory
-Mosaics model runs its recurrent form with exact or sampled retrieval (pigjax.mosaics.retrieval).
+Mosaics model runs its recurrent form with exact or sampled retrieval (pigjax.models.mosaics_memory).
 """
 
 from __future__ import annotations
@@ -16,23 +16,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pigjax.attention import Dense
 from pigjax.errors import PigjaxError
-from pigjax.models import llama
-from pigjax.mosaics import retrieval as mosaics_retrieval
-from pigjax.mosaics.config import MosaicsConfig
+from pigjax.families import family_of
 
 
 @partial(jax.jit, static_argnames=("config", "backend", "p", "return_logits"))
 def _run(params, tokens, runtime, *, config, backend, p, return_logits):
     b, t = tokens.shape
-    dtype = jax.tree.leaves(params)[0].dtype
-    if isinstance(config, MosaicsConfig):
-        cache = backend.init_state(config, b, t, dtype, runtime)
-        step = lambda tok, cache, fresh=False: backend.step(params, config, tok, cache, None, fresh)
-    else:
-        cache = backend.init_cache(config, b, t, t - p, dtype, runtime)
-        step = lambda tok, cache, fresh=False: llama.step(params, config, tok, cache, None, backend, fresh=fresh)
+    family = family_of(config)
+    cache = family.init_cache(backend, config, b, t, t - p, jax.tree.leaves(params)[0].dtype, runtime)
+    step = lambda tok, cache, fresh=False: family.step(params, config, tok, cache, None, backend, fresh)
     logits, cache = step(tokens[:, :p], cache, fresh=True)
     first = logits[:, -1]
 
@@ -56,18 +49,15 @@ def teacher_forced(model, tokens, prefill: int, attention=None, return_logits: b
     -> dict(logp [B, T - prefill]: log p(tokens[:, i] | tokens[:, :i]) for i >= prefill,
             logits [B, T - prefill, V] or None, stats: the back-end's stats).
     """
-    backend = attention if attention is not None else Dense()
     tokens = np.asarray(tokens, np.int32)
     if tokens.ndim != 2 or not 1 <= prefill < tokens.shape[1]:
         raise PigjaxError(f"teacher_forced: need tokens [B, T] and 1 <= prefill < T, got {tokens.shape}, {prefill}")
     b, t = tokens.shape
     if t > model.config.max_position_embeddings:
         raise PigjaxError(f"teacher_forced: {t} tokens exceed the model's context ({model.config.max_position_embeddings})")
-    if isinstance(model.config, MosaicsConfig):
-        backend, params, capacity = mosaics_retrieval.for_attention(attention), model.params, t  # pairs: up to t
-    else:
-        params, capacity = llama.unstack_layers(model.params), prefill
-    with backend.resources(model.config, b, capacity) as runtime:
+    family = family_of(model.config)
+    backend, params = family.decoder(attention), family.decode_params(model.params)
+    with backend.resources(model.config, b, family.engine_capacity(prefill, t)) as runtime:
         logp, logits, cache = _run(params, tokens, runtime.arrays, config=model.config, backend=backend,
                                    p=prefill, return_logits=return_logits)
         jax.block_until_ready((logp, logits, cache))  # before the engine store is freed

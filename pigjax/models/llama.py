@@ -1,24 +1,25 @@
-"""Llama-family decoder in Flax Linen, matching transformers' LlamaForCausalLM (SPEC §4).
+"""Llama-family decoder in Flax Linen, matching transformers' LlamaForCausalLM (docs/algorithm.md §4).
 
-One code path serves prefill, decode and `pigjax.forward`: a step hands each layer's new keys and
-values to the attention back-end, which writes them into that layer's cache state at each row's
-own offset and attends. Parameters of layer i live at index i of each leaf of `params["layers"]`
-(stacked by `nn.scan` at init, the checkpoint layout); `unstack_layers` splits them for decoding.
+One code path serves prefill, decode and `pigjax.forward`: `step` runs the layers one by one; each
+layer projects q, k, v (`Attention.qkv`), hands them to the attention back-end
+(`Backend.attend_layer`, which writes k, v into that layer's cache state at each row's own offset
+and attends), then applies o_proj and the MLP. The Flax modules define the parameter tree:
+parameters of layer i live at index i of each leaf of `params["layers"]` (stacked by `nn.scan` at
+init, the checkpoint layout); `unstack_layers` splits them for decoding.
 """
 
 from __future__ import annotations
 
 from functools import partial
-from typing import Callable
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from pigjax.attention import Dense
-from pigjax.attention.base import Cache, StepContext
+from pigjax.attention.backend import Backend, Cache, StepContext
+from pigjax.attention.dense import Dense
 from pigjax.attention.dense import attend as dense_attend
-from pigjax.config import LlamaConfig, rope_inv_freq
+from pigjax.models.llama_config import LlamaConfig, rope_inv_freq
 
 
 class RMSNorm(nn.Module):
@@ -49,22 +50,31 @@ def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
 
 
 class Attention(nn.Module):
-    """Projections and RoPE; the attention itself is `attend(q, k, v) -> (out, aux)`, supplied by
-    the caller (the back-end's step for one layer, or causal self-attention at init)."""
+    """The attention projections: `qkv` (with RoPE) before the back-end attends, `out` after."""
 
     config: LlamaConfig
-    attend: Callable
 
-    @nn.compact
-    def __call__(self, x, rope):
+    def setup(self):
         c = self.config
-        proj = partial(nn.DenseGeneral, use_bias=False, dtype=x.dtype)
-        q = proj((c.num_attention_heads, c.head_dim), name="q_proj")(x)
-        k = proj((c.num_key_value_heads, c.head_dim), name="k_proj")(x)
-        v = proj((c.num_key_value_heads, c.head_dim), name="v_proj")(x)
-        q, k = apply_rope(q, *rope), apply_rope(k, *rope)
-        out, aux = self.attend(q, k, v)
-        return proj(c.hidden_size, axis=(-2, -1), name="o_proj")(out), aux
+        proj = partial(nn.DenseGeneral, use_bias=False)
+        self.q_proj = proj((c.num_attention_heads, c.head_dim))
+        self.k_proj = proj((c.num_key_value_heads, c.head_dim))
+        self.v_proj = proj((c.num_key_value_heads, c.head_dim))
+        self.o_proj = proj(c.hidden_size, axis=(-2, -1))
+
+    def qkv(self, x, rope):
+        """q [B, T, H, d], k, v [B, T, Hkv, d] of x [B, T, hidden]."""
+        return apply_rope(self.q_proj(x), *rope), apply_rope(self.k_proj(x), *rope), self.v_proj(x)
+
+    def out(self, attended):
+        return self.o_proj(attended)
+
+    def __call__(self, x, rope):
+        """Causal self-attention of whole sequences (no cache): defines the parameters at init."""
+        q, k, v = self.qkv(x, rope)
+        b, t = q.shape[:2]
+        positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+        return self.out(dense_attend(q, k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3), positions, fresh=True))
 
 
 class MLP(nn.Module):
@@ -80,23 +90,16 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
+    """One decoder layer, cacheless: defines the layer's parameters (`step` applies its parts)."""
+
     config: LlamaConfig
-    attend: Callable
 
     @nn.compact
     def __call__(self, x, rope):
         eps = self.config.rms_norm_eps
-        h, aux = Attention(self.config, self.attend, name="attn")(RMSNorm(eps, name="input_norm")(x), rope)
-        x = x + h
+        x = x + Attention(self.config, name="attn")(RMSNorm(eps, name="input_norm")(x), rope)
         x = x + MLP(self.config, name="mlp")(RMSNorm(eps, name="post_attn_norm")(x))
-        return x, aux
-
-
-def _self_attention(q, k, v):
-    """Causal attention of a whole sequence over itself (no cache): the init-time attention."""
-    b, t = q.shape[:2]
-    positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
-    return dense_attend(q, k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3), positions, fresh=True), None
+        return x, None
 
 
 class LlamaModel(nn.Module):
@@ -113,7 +116,7 @@ class LlamaModel(nn.Module):
         positions = jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)
         layers = nn.scan(Block, variable_axes={"params": 0}, split_rngs={"params": True},
                          in_axes=(nn.broadcast,), length=c.num_hidden_layers)
-        x, _ = layers(c, _self_attention, name="layers")(x, rope_tables(c, positions))
+        x, _ = layers(c, name="layers")(x, rope_tables(c, positions))
         x = RMSNorm(c.rms_norm_eps, name="norm")(x)
         if c.tie_word_embeddings:
             return embed.attend(x)
@@ -150,7 +153,19 @@ def unstack_layers(params):
     return {**params, "layers": tuple(jax.tree.map(lambda p: p[i], params["layers"]) for i in range(n))}
 
 
-def step(params, config: LlamaConfig, tokens: jax.Array, cache: Cache, num_new=None, backend=Dense(),
+def layer_step(p, config: LlamaConfig, layer: int, x, rope, cache: Cache, backend: Backend, ctx: StepContext):
+    """Decoder layer `layer` (parameters `p`) on x [B, T, hidden] -> (x, layer state, reads)."""
+    eps = config.rms_norm_eps
+    attn = Attention(config)
+    q, k, v = attn.apply({"params": p["attn"]}, RMSNorm(eps).apply({"params": p["input_norm"]}, x), rope,
+                         method="qkv")
+    out, state, reads = backend.attend_layer(layer, cache.layers[layer], cache.shared, q, k, v, ctx)
+    x = x + attn.apply({"params": p["attn"]}, out, method="out")
+    h = RMSNorm(eps).apply({"params": p["post_attn_norm"]}, x)
+    return x + MLP(config).apply({"params": p["mlp"]}, h), state, reads
+
+
+def step(params, config: LlamaConfig, tokens: jax.Array, cache: Cache, num_new=None, backend: Backend = Dense(),
          fresh: bool = False):
     """Run tokens [B, T] after each row's cached prefix: -> (logits [B, T, V] f32, cache).
 
@@ -171,15 +186,17 @@ def step(params, config: LlamaConfig, tokens: jax.Array, cache: Cache, num_new=N
     x = _embed(params, config, tokens)
     states, reads = [], []
     for i in range(config.num_hidden_layers):
-        def attend(q, k, v, i=i):
-            out, state, read = backend.attend_layer(i, cache.layers[i], cache.shared, q, k, v, ctx)
-            return out, (state, read)
-
-        x, (state, read) = Block(config, attend).apply({"params": layer_params(params, i)}, x, rope)
+        x, state, read = layer_step(layer_params(params, i), config, i, x, rope, cache, backend, ctx)
         states.append(state)
         reads.append(read)
     shared = backend.finish_step(cache.shared, ctx, reads)
     return _logits(params, config, x), Cache(tuple(states), cache.lengths + num_new, shared)
+
+
+@partial(jax.jit, static_argnums=0)
+def init_params(config: LlamaConfig, seed: int = 0):
+    """flax's default initialisation (kernels N(0, 1/fan_in), norms 1)."""
+    return LlamaModel(config).init(jax.random.key(seed), jnp.zeros((1, 2), jnp.int32))["params"]
 
 
 def param_shapes(config: LlamaConfig, dtype=jnp.float32):

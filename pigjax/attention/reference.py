@@ -1,0 +1,104 @@
+"""MagicPIG's sampled-attention estimator in plain NumPy (float64): slow and obvious, for tests.
+
+Follows docs/algorithm.md §2 step by step; the C++ engine and `lsh_attention` must agree with it.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from pigjax.attention.split import middle_bounds
+
+
+def simhash_codes(x: np.ndarray, proj: np.ndarray, K: int) -> np.ndarray:
+    """x [..., d], proj [d, K·L] -> int32 codes [..., L]; bit j of table l = x·proj[:, l·K+j] > 0."""
+    bits = (np.asarray(x, np.float64) @ np.asarray(proj, np.float64)) > 0
+    bits = bits.reshape(bits.shape[:-1] + (-1, K))
+    return (bits * (1 << np.arange(K))).sum(-1).astype(np.int32)
+
+
+def sampling_probability(cos: np.ndarray, K: int, L: int) -> np.ndarray:
+    """u = P(>= 2 of L tables collide) when one table collides with P = (1 - θ/π)^K."""
+    theta = np.arccos(np.clip(cos, -1.0, 1.0))
+    P = (1.0 - theta / np.pi) ** K
+    u = 1.0 - (1.0 - P) ** L - L * P * (1.0 - P) ** (L - 1)
+    return np.clip(u, 0.0, 1.0)
+
+
+def sampled_attention(q, k, v, k_codes, q_codes, K: int, L: int, eps: float = 1e-4):
+    """The sampled part for one sequence: q [Hq, d]; centered middle keys k, values v [Hkv, n, d];
+    k_codes [Hkv, n, L]; q_codes [Hq, L]. -> out [Hq, d], lse [Hq] (−inf if S is empty),
+    sampled [Hq] (|S|), mask [Hq, n] (S)."""
+    q, k, v = (np.asarray(a, np.float64) for a in (q, k, v))
+    hq, d = q.shape
+    hkv, n = k.shape[:2]
+    group = hq // hkv
+    out, lse = np.zeros((hq, d)), np.full(hq, -np.inf)
+    mask = np.zeros((hq, n), bool)
+    for h in range(hq):
+        kh, vh = k[h // group], v[h // group]
+        collisions = (k_codes[h // group] == q_codes[h][None, :]).sum(-1)
+        mask[h] = collisions >= 2
+        if not mask[h].any():
+            continue
+        ks, vs = kh[mask[h]], vh[mask[h]]
+        norms = np.linalg.norm(ks, axis=-1) * np.linalg.norm(q[h])
+        cos = np.where(norms > 0, ks @ q[h] / np.where(norms > 0, norms, 1), 0.0)
+        u = sampling_probability(cos, K, L)
+        scores = ks @ q[h] / np.sqrt(d) + np.log(1.0 / (u + eps))
+        m = scores.max()
+        weights = np.exp(scores - m)
+        lse[h] = m + np.log(weights.sum())
+        out[h] = weights @ vs / weights.sum()
+    return out, lse, mask.sum(-1), mask
+
+
+def exact_attention(q, k, v, positions):
+    """Exact partial softmax of q [Hq, d] over the listed positions of k, v [Hkv, n, d]."""
+    q, k, v = (np.asarray(a, np.float64) for a in (q, k, v))
+    hq, d = q.shape
+    group = hq // k.shape[0]
+    out, lse = np.zeros((hq, d)), np.full(hq, -np.inf)
+    if len(positions) == 0:
+        return out, lse
+    for h in range(hq):
+        scores = k[h // group][positions] @ q[h] / np.sqrt(d)
+        m = scores.max()
+        w = np.exp(scores - m)
+        lse[h], out[h] = m + np.log(w.sum()), w @ v[h // group][positions] / w.sum()
+    return out, lse
+
+
+def merge(out_a, lse_a, out_b, lse_b):
+    """Combine two partial softmaxes (output, log-sum-exp) into one; −inf parts contribute nothing."""
+    m = np.maximum(lse_a, lse_b)
+    a = np.where(np.isfinite(lse_a), np.exp(lse_a - m), 0.0)
+    b = np.where(np.isfinite(lse_b), np.exp(lse_b - m), 0.0)
+    return (a[..., None] * out_a + b[..., None] * out_b) / (a + b)[..., None]
+
+
+def split(n: int, sink: int, local: int):
+    """Exact positions (sink + local window) and the hashed middle [sink, n − local) of n tokens."""
+    start, stop = (int(x) for x in middle_bounds(n, sink, local))
+    exact = np.concatenate([np.arange(start), np.arange(stop, n)]).astype(np.int64)
+    return exact, np.arange(start, stop)
+
+
+def lsh_attention(q, k, v, proj, K: int, L: int, sink: int = 4, local: int = 64, eps: float = 1e-4,
+                  lengths=None):
+    """Whole estimator (docs/algorithm.md §2) for q [B, Hq, d], k, v [B, Hkv, n, d] -> (out [B, Hq, d], sampled [B, Hq])."""
+    q, k, v = (np.asarray(a, np.float64) for a in (q, k, v))
+    b, hq, d = q.shape
+    n = k.shape[2]
+    lengths = np.full(b, n) if lengths is None else np.asarray(lengths)
+    out, sampled = np.zeros((b, hq, d)), np.zeros((b, hq), np.int64)
+    for r in range(b):
+        exact, middle = split(int(lengths[r]), sink, local)
+        mu = k[r][:, middle].mean(axis=1, keepdims=True) if len(middle) else np.zeros((k.shape[1], 1, d))
+        kc = k[r] - mu  # centering shifts every score of a head by the same q·μ: softmax unchanged
+        o_g, lse_g = exact_attention(q[r], kc, v[r], exact)
+        o_s, lse_s, sampled[r], _ = sampled_attention(
+            q[r], kc[:, middle], v[r][:, middle], simhash_codes(kc[:, middle], proj, K),
+            simhash_codes(q[r], proj, K), K, L, eps)
+        out[r] = merge(o_g, lse_g, o_s, lse_s)
+    return out, sampled

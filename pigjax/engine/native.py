@@ -1,0 +1,136 @@
+"""JAX bindings for the C++ CPU engine (``pigjax._engine``).
+
+Importing this module registers every XLA FFI handler the engine exports with
+``jax.ffi.register_ffi_target(name, capsule, platform="cpu")`` (once per process).
+
+SimHash codes (docs/algorithm.md §2.3): for ``x [..., d]`` and ``proj [d, K*L]``, table ``l``
+uses columns ``[l*K, (l+1)*K)``; bit ``j`` is ``x @ proj[:, l*K+j] > 0``; the code is
+``sum_j bit_j << j`` (LSB first), an int32 in ``[0, 2**K)``.
+
+* :func:`simhash_codes` calls the C++ kernel through ``jax.ffi.ffi_call``. It is
+  jittable, works in ``lax.scan`` and under ``jax.vmap`` (``vmap_method="expand_dims"``;
+  the handler broadcasts batch dims, so a shared ``proj`` is never copied), and runs on
+  the **CPU backend only** (the target is registered for ``platform="cpu"``).
+* :func:`simhash_codes_reference` is the same function in plain ``jnp``; use it on
+  other backends, or when differentiating through code that calls it.
+
+The two agree except where a dot product is within float32 rounding of 0 (the kernels
+accumulate in a different order / with FMA); exactly-zero and NaN dot products give 0 bits
+in both.
+"""
+
+from __future__ import annotations
+
+import operator
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from pigjax import _engine
+
+__all__ = [
+    "MAX_K",
+    "simhash_codes",
+    "simhash_codes_reference",
+    "simd_level",
+    "hardware_simd_level",
+    "set_simd_level",
+    "cpu_features",
+    "num_threads",
+]
+
+MAX_K = 16
+SIMHASH_TARGET = "pigjax_simhash_codes"
+
+simd_level = _engine.simd_level
+hardware_simd_level = _engine.hardware_simd_level
+set_simd_level = _engine.set_simd_level
+cpu_features = _engine.cpu_features
+num_threads = _engine.num_threads
+
+
+def _register_targets() -> None:
+    for name, capsule in _engine.registrations().items():
+        jax.ffi.register_ffi_target(name, capsule, platform="cpu")
+
+
+_register_targets()  # module import runs once per process
+
+
+def _static_k(K) -> int:
+    if isinstance(K, (bool, np.bool_)):
+        raise ValueError(f"simhash: K must be an int in [1, {MAX_K}], got {K!r}")
+    try:
+        k = operator.index(K)
+    except TypeError:
+        raise ValueError(
+            f"simhash: K must be a static Python int in [1, {MAX_K}], got {type(K).__name__} "
+            f"{K!r} (a traced K is not supported; mark it static under jit)") from None
+    if not 1 <= k <= MAX_K:
+        raise ValueError(f"simhash: K must be in [1, {MAX_K}], got {k}")
+    return k
+
+
+def _check_shapes(x, proj, k: int) -> int:
+    """Checks ranks and sizes; returns L."""
+    if x.ndim < 1:
+        raise ValueError(f"simhash: x must have shape [..., d], got a scalar (shape {x.shape})")
+    if proj.ndim != 2:
+        raise ValueError(f"simhash: proj must have shape [d, K*L] (rank 2), got shape {proj.shape}")
+    d, m = proj.shape
+    if x.shape[-1] != d:
+        raise ValueError(
+            f"simhash: x's last dim ({x.shape[-1]}) must equal proj's row count d ({d}); "
+            f"x {x.shape}, proj {proj.shape}")
+    if m % k != 0:
+        raise ValueError(f"simhash: proj has {m} columns, which is not a multiple of K={k}")
+    return m // k
+
+
+def _as_array(a):
+    if not hasattr(a, "dtype") or not hasattr(a, "shape"):
+        a = jnp.asarray(a)
+    return a
+
+
+def simhash_codes(x, proj, K) -> jax.Array:
+    """SimHash codes via the C++ FFI kernel (CPU backend).
+
+    Args:
+      x: float32 ``[..., d]`` (any leading dims).
+      proj: float32 ``[d, K*L]``.
+      K: static int in ``[1, 16]``, bits per table.
+
+    Returns:
+      int32 ``[..., L]``.
+    """
+    k = _static_k(K)
+    x = _as_array(x)
+    proj = _as_array(proj)
+    for name, a in (("x", x), ("proj", proj)):
+        if a.dtype != np.float32:
+            raise ValueError(
+                f"simhash: {name} must be float32, got {a.dtype} (cast with .astype(jnp.float32))")
+    L = _check_shapes(x, proj, k)
+    call = jax.ffi.ffi_call(
+        SIMHASH_TARGET,
+        jax.ShapeDtypeStruct(tuple(x.shape[:-1]) + (L,), jnp.int32),
+        vmap_method="expand_dims",
+    )
+    return call(x, proj, K=np.int32(k))
+
+
+def simhash_codes_reference(x, proj, K) -> jax.Array:
+    """Pure-``jnp`` SimHash codes; same contract as :func:`simhash_codes`, any float dtype."""
+    k = _static_k(K)
+    x = _as_array(x)
+    proj = _as_array(proj)
+    for name, a in (("x", x), ("proj", proj)):
+        if not jnp.issubdtype(a.dtype, jnp.floating):
+            raise ValueError(f"simhash: {name} must be a floating dtype, got {a.dtype}")
+    L = _check_shapes(x, proj, k)
+    dots = jnp.matmul(x, proj, precision=jax.lax.Precision.HIGHEST)
+    bits = (dots > 0).reshape(tuple(x.shape[:-1]) + (L, k)).astype(jnp.int32)
+    weights = jnp.left_shift(jnp.int32(1), jnp.arange(k, dtype=jnp.int32))
+    return jnp.sum(bits * weights, axis=-1, dtype=jnp.int32)
