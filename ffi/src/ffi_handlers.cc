@@ -1,11 +1,16 @@
+// See ffi_handlers.h. Each handler turns its buffers into the views of store_args.h (or the
+// simhash plan's shapes), runs the kernel layer's call, and maps a validation message to
+// INVALID_ARGUMENT and a C++ exception to INTERNAL, both prefixed with the target's name.
 #include "ffi_handlers.h"
 
 #include <exception>
 #include <string>
 #include <vector>
 
-#include "lsh_store.h"
+#include "query.h"
 #include "simhash.h"
+#include "store.h"
+#include "store_args.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
@@ -16,6 +21,30 @@ namespace {
 template <typename Dims>
 std::vector<int64_t> to_vec(const Dims& dims) {
   return std::vector<int64_t>(dims.begin(), dims.end());
+}
+
+// Views of an operand and of a result buffer.
+template <ffi::DataType T>
+ArrayView<const ffi::NativeType<T>> view(const ffi::Buffer<T>& b) {
+  return {b.typed_data(), to_vec(b.dimensions())};
+}
+template <ffi::DataType T>
+ArrayView<ffi::NativeType<T>> view(ffi::ResultBuffer<T>& b) {
+  return {b->typed_data(), to_vec(b->dimensions())};
+}
+
+// Runs call() (which returns "" or a validation message) for the target `name`.
+template <typename Call>
+ffi::Error run(const char* name, Call&& call) {
+  try {
+    const std::string err = call();
+    if (!err.empty()) return ffi::Error::InvalidArgument(std::string(name) + ": " + err);
+    return ffi::Error::Success();
+  } catch (const std::exception& e) {
+    return ffi::Error::Internal(std::string(name) + ": " + e.what());
+  } catch (...) {
+    return ffi::Error::Internal(std::string(name) + ": unknown C++ exception");
+  }
 }
 
 // The store handle travels as a rank-0 s32 operand (not an attribute) so that one compiled
@@ -33,122 +62,82 @@ bool read_handle(const ffi::Buffer<ffi::S32>& h, int64_t* handle, std::string* e
 // vmap_method="expand_dims"); attr K; out: s32 [..., L].
 ffi::Error SimhashCodesImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> proj, int32_t K,
                             ffi::ResultBuffer<ffi::S32> out) {
-  try {
+  return run("pigjax_simhash_codes", [&] {
     SimhashPlan plan;
     const std::string err = plan_simhash(to_vec(x.dimensions()), to_vec(proj.dimensions()),
                                          to_vec(out->dimensions()), K, &plan);
-    if (!err.empty()) return ffi::Error::InvalidArgument("pigjax_simhash_codes: " + err);
-    simhash_codes_planned(plan, x.typed_data(), proj.typed_data(), out->typed_data());
-    return ffi::Error::Success();
-  } catch (const std::exception& e) {
-    return ffi::Error::Internal(std::string("pigjax_simhash_codes: ") + e.what());
-  } catch (...) {
-    return ffi::Error::Internal("pigjax_simhash_codes: unknown C++ exception");
-  }
+    if (err.empty())
+      simhash_codes_planned(plan, x.typed_data(), proj.typed_data(), out->typed_data());
+    return err;
+  });
 }
 
-// LSH store prefill: see lsh_store.h. Slots s32[B], keys/values f32[B,Hkv,n,d],
+// LSH store prefill: see store.h. Slots s32[B], keys/values f32[B,Hkv,n,d],
 // codes s32[B,Hkv,n,L], lengths s32[B] -> middle_counts s32[B].
 ffi::Error LshPrefillImpl(ffi::Buffer<ffi::S32> handle_arg, int32_t sink, int32_t local,
                           ffi::Buffer<ffi::S32> slots, ffi::Buffer<ffi::F32> keys,
                           ffi::Buffer<ffi::F32> values, ffi::Buffer<ffi::S32> codes,
                           ffi::Buffer<ffi::S32> lengths,
                           ffi::ResultBuffer<ffi::S32> middle_counts) {
-  try {
+  return run("pigjax_lsh_prefill", [&] {
     int64_t handle;
-    std::string herr;
-    if (!read_handle(handle_arg, &handle, &herr)) return ffi::Error::InvalidArgument("pigjax_lsh_prefill: " + herr);
-    PrefillIO io;
-    io.slots = slots.typed_data();
-    io.slots_dims = to_vec(slots.dimensions());
-    io.keys = keys.typed_data();
-    io.keys_dims = to_vec(keys.dimensions());
-    io.values = values.typed_data();
-    io.values_dims = to_vec(values.dimensions());
-    io.codes = codes.typed_data();
-    io.codes_dims = to_vec(codes.dimensions());
-    io.lengths = lengths.typed_data();
-    io.lengths_dims = to_vec(lengths.dimensions());
-    io.middle_counts = middle_counts->typed_data();
-    io.middle_counts_dims = to_vec(middle_counts->dimensions());
-    io.sink = sink;
-    io.local = local;
-    const std::string err = store_prefill(handle, io);
-    if (!err.empty()) return ffi::Error::InvalidArgument("pigjax_lsh_prefill: " + err);
-    return ffi::Error::Success();
-  } catch (const std::exception& e) {
-    return ffi::Error::Internal(std::string("pigjax_lsh_prefill: ") + e.what());
-  } catch (...) {
-    return ffi::Error::Internal("pigjax_lsh_prefill: unknown C++ exception");
-  }
+    std::string err;
+    if (!read_handle(handle_arg, &handle, &err)) return err;
+    PrefillArgs a;
+    a.slots = view(slots);
+    a.keys = view(keys);
+    a.values = view(values);
+    a.codes = view(codes);
+    a.lengths = view(lengths);
+    a.middle_counts = view(middle_counts);
+    a.sink = sink;
+    a.local = local;
+    return store_prefill(handle, a);
+  });
 }
 
 // LSH store query: slots s32[B], q f32[B,Hq,d], q_codes s32[B,Hq,L], dep (any s32, unused:
 // orders the call after a prefill by data dependence) -> out f32[B,Hq,d], lse f32[B,Hq],
 // sampled s32[B,Hq].
-ffi::Error LshQueryImpl(ffi::Buffer<ffi::S32> handle_arg, ffi::Buffer<ffi::S32> slots, ffi::Buffer<ffi::F32> q,
-                        ffi::Buffer<ffi::S32> q_codes, ffi::Buffer<ffi::S32> /*dep*/,
-                        ffi::ResultBuffer<ffi::F32> out, ffi::ResultBuffer<ffi::F32> lse,
-                        ffi::ResultBuffer<ffi::S32> sampled) {
-  try {
+ffi::Error LshQueryImpl(ffi::Buffer<ffi::S32> handle_arg, ffi::Buffer<ffi::S32> slots,
+                        ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::S32> q_codes,
+                        ffi::Buffer<ffi::S32> /*dep*/, ffi::ResultBuffer<ffi::F32> out,
+                        ffi::ResultBuffer<ffi::F32> lse, ffi::ResultBuffer<ffi::S32> sampled) {
+  return run("pigjax_lsh_query", [&] {
     int64_t handle;
-    std::string herr;
-    if (!read_handle(handle_arg, &handle, &herr)) return ffi::Error::InvalidArgument("pigjax_lsh_query: " + herr);
-    QueryIO io;
-    io.slots = slots.typed_data();
-    io.slots_dims = to_vec(slots.dimensions());
-    io.q = q.typed_data();
-    io.q_dims = to_vec(q.dimensions());
-    io.q_codes = q_codes.typed_data();
-    io.q_codes_dims = to_vec(q_codes.dimensions());
-    io.out = out->typed_data();
-    io.out_dims = to_vec(out->dimensions());
-    io.lse = lse->typed_data();
-    io.lse_dims = to_vec(lse->dimensions());
-    io.sampled = sampled->typed_data();
-    io.sampled_dims = to_vec(sampled->dimensions());
-    const std::string err = store_query(handle, io);
-    if (!err.empty()) return ffi::Error::InvalidArgument("pigjax_lsh_query: " + err);
-    return ffi::Error::Success();
-  } catch (const std::exception& e) {
-    return ffi::Error::Internal(std::string("pigjax_lsh_query: ") + e.what());
-  } catch (...) {
-    return ffi::Error::Internal("pigjax_lsh_query: unknown C++ exception");
-  }
+    std::string err;
+    if (!read_handle(handle_arg, &handle, &err)) return err;
+    QueryArgs a;
+    a.slots = view(slots);
+    a.q = view(q);
+    a.q_codes = view(q_codes);
+    a.out = view(out);
+    a.lse = view(lse);
+    a.sampled = view(sampled);
+    return store_query(handle, a);
+  });
 }
 
 // LSH store append: slots s32[B], keys/values f32[B,Hkv,T,d], codes s32[B,Hkv,T,L],
 // counts s32[B], dep (any s32, unused: orders the call after a prefill or another append)
 // -> totals s32[B] (middle + appended tokens per row).
-ffi::Error LshAppendImpl(ffi::Buffer<ffi::S32> handle_arg, ffi::Buffer<ffi::S32> slots, ffi::Buffer<ffi::F32> keys,
-                         ffi::Buffer<ffi::F32> values, ffi::Buffer<ffi::S32> codes,
-                         ffi::Buffer<ffi::S32> counts, ffi::Buffer<ffi::S32> /*dep*/,
-                         ffi::ResultBuffer<ffi::S32> totals) {
-  try {
+ffi::Error LshAppendImpl(ffi::Buffer<ffi::S32> handle_arg, ffi::Buffer<ffi::S32> slots,
+                         ffi::Buffer<ffi::F32> keys, ffi::Buffer<ffi::F32> values,
+                         ffi::Buffer<ffi::S32> codes, ffi::Buffer<ffi::S32> counts,
+                         ffi::Buffer<ffi::S32> /*dep*/, ffi::ResultBuffer<ffi::S32> totals) {
+  return run("pigjax_lsh_append", [&] {
     int64_t handle;
-    std::string herr;
-    if (!read_handle(handle_arg, &handle, &herr)) return ffi::Error::InvalidArgument("pigjax_lsh_append: " + herr);
-    AppendIO io;
-    io.slots = slots.typed_data();
-    io.slots_dims = to_vec(slots.dimensions());
-    io.keys = keys.typed_data();
-    io.keys_dims = to_vec(keys.dimensions());
-    io.values = values.typed_data();
-    io.values_dims = to_vec(values.dimensions());
-    io.codes = codes.typed_data();
-    io.codes_dims = to_vec(codes.dimensions());
-    io.counts = counts.typed_data();
-    io.counts_dims = to_vec(counts.dimensions());
-    io.totals = totals->typed_data();
-    io.totals_dims = to_vec(totals->dimensions());
-    const std::string err = store_append(handle, io);
-    if (!err.empty()) return ffi::Error::InvalidArgument("pigjax_lsh_append: " + err);
-    return ffi::Error::Success();
-  } catch (const std::exception& e) {
-    return ffi::Error::Internal(std::string("pigjax_lsh_append: ") + e.what());
-  } catch (...) {
-    return ffi::Error::Internal("pigjax_lsh_append: unknown C++ exception");
-  }
+    std::string err;
+    if (!read_handle(handle_arg, &handle, &err)) return err;
+    AppendArgs a;
+    a.slots = view(slots);
+    a.keys = view(keys);
+    a.values = view(values);
+    a.codes = view(codes);
+    a.counts = view(counts);
+    a.totals = view(totals);
+    return store_append(handle, a);
+  });
 }
 
 }  // namespace

@@ -9,9 +9,12 @@
 #include <tuple>
 #include <vector>
 
-#include "cpu.h"
 #include "ffi_handlers.h"
-#include "lsh_store.h"
+#include "query.h"
+#include "simd.h"
+#include "store.h"
+#include "store_args.h"
+#include "thread_pool.h"
 
 namespace nb = nanobind;
 
@@ -27,15 +30,33 @@ std::vector<int64_t> shape_of(const CArray<T>& a) {
   return s;
 }
 
-// A new C-contiguous NumPy array owning a heap buffer.
 template <typename T>
-nb::ndarray<nb::numpy, T> new_array(const std::vector<int64_t>& shape, T** data) {
+pigjax::ArrayView<const T> view(const CArray<T>& a) {
+  return {a.data(), shape_of(a)};
+}
+
+// Runs call() (which returns "" or a validation message) without the GIL; a message becomes a
+// ValueError prefixed with the function's name.
+template <typename Call>
+void run(const char* name, Call&& call) {
+  std::string err;
+  {
+    nb::gil_scoped_release release;
+    err = call();
+  }
+  if (!err.empty()) throw nb::value_error((std::string(name) + ": " + err).c_str());
+}
+
+// A new C-contiguous NumPy array owning a heap buffer; *out views it.
+template <typename T>
+nb::ndarray<nb::numpy, T> new_array(const std::vector<int64_t>& shape,
+                                    pigjax::ArrayView<T>* out) {
   size_t count = 1;
   std::vector<size_t> shp;
   for (int64_t d : shape) { count *= static_cast<size_t>(d); shp.push_back(static_cast<size_t>(d)); }
   T* buf = new T[count > 0 ? count : 1]();
   nb::capsule owner(buf, [](void* p) noexcept { delete[] static_cast<T*>(p); });
-  *data = buf;
+  *out = {buf, shape};
   return nb::ndarray<nb::numpy, T>(buf, shp.size(), shp.data(), owner);
 }
 
@@ -84,7 +105,7 @@ NB_MODULE(_engine, m) {
   m.def("num_threads", [] { return pigjax::default_num_threads(); },
         "Default worker count: PIGJAX_NUM_THREADS, else hardware_concurrency().");
 
-  // ---- LSH KV store (lsh_store.h) ----
+  // ---- LSH KV store (store.h, query.h) and its thread pool (thread_pool.h) ----
   m.def("set_num_threads", [](int n) {
     if (n < 1) throw nb::value_error("set_num_threads: n must be >= 1");
     pigjax::set_num_threads(n);
@@ -150,27 +171,22 @@ NB_MODULE(_engine, m) {
   }, nb::arg("handle"), "Dict: config, bytes_per_token per structure, middle and appended "
      "counts per slot.");
 
+  // The outputs are allocated from the inputs' shapes when those have the right rank; otherwise
+  // they stay empty views and the validation reports the input's shape.
   m.def("store_prefill_np", [](int64_t handle, CArray<int32_t> slots, CArray<float> keys,
                                CArray<float> values, CArray<int32_t> codes,
                                CArray<int32_t> lengths, int64_t sink, int64_t local) {
-    pigjax::PrefillIO io;
-    io.slots = slots.data(); io.slots_dims = shape_of(slots);
-    io.keys = keys.data(); io.keys_dims = shape_of(keys);
-    io.values = values.data(); io.values_dims = shape_of(values);
-    io.codes = codes.data(); io.codes_dims = shape_of(codes);
-    io.lengths = lengths.data(); io.lengths_dims = shape_of(lengths);
-    io.sink = sink; io.local = local;
-    if (io.slots_dims.size() != 1)
-      throw nb::value_error("store_prefill_np: slots must have shape [B]");
-    int32_t* mc = nullptr;
-    auto middle = new_array<int32_t>({io.slots_dims[0]}, &mc);
-    io.middle_counts = mc; io.middle_counts_dims = {io.slots_dims[0]};
-    std::string err;
-    {
-      nb::gil_scoped_release release;
-      err = pigjax::store_prefill(handle, io);
-    }
-    if (!err.empty()) throw nb::value_error(("store_prefill_np: " + err).c_str());
+    pigjax::PrefillArgs a;
+    a.slots = view(slots);
+    a.keys = view(keys);
+    a.values = view(values);
+    a.codes = view(codes);
+    a.lengths = view(lengths);
+    a.sink = sink;
+    a.local = local;
+    nb::ndarray<nb::numpy, int32_t> middle;
+    if (a.slots.dims.size() == 1) middle = new_array<int32_t>({a.slots.dims[0]}, &a.middle_counts);
+    run("store_prefill_np", [&] { return pigjax::store_prefill(handle, a); });
     return middle;
   }, nb::arg("handle"), nb::arg("slots"), nb::arg("keys"), nb::arg("values"), nb::arg("codes"),
      nb::arg("lengths"), nb::arg("sink"), nb::arg("local"),
@@ -179,23 +195,15 @@ NB_MODULE(_engine, m) {
 
   m.def("store_append_np", [](int64_t handle, CArray<int32_t> slots, CArray<float> keys,
                               CArray<float> values, CArray<int32_t> codes, CArray<int32_t> counts) {
-    pigjax::AppendIO io;
-    io.slots = slots.data(); io.slots_dims = shape_of(slots);
-    io.keys = keys.data(); io.keys_dims = shape_of(keys);
-    io.values = values.data(); io.values_dims = shape_of(values);
-    io.codes = codes.data(); io.codes_dims = shape_of(codes);
-    io.counts = counts.data(); io.counts_dims = shape_of(counts);
-    if (io.slots_dims.size() != 1)
-      throw nb::value_error("store_append_np: slots must have shape [B]");
-    int32_t* tp = nullptr;
-    auto totals = new_array<int32_t>({io.slots_dims[0]}, &tp);
-    io.totals = tp; io.totals_dims = {io.slots_dims[0]};
-    std::string err;
-    {
-      nb::gil_scoped_release release;
-      err = pigjax::store_append(handle, io);
-    }
-    if (!err.empty()) throw nb::value_error(("store_append_np: " + err).c_str());
+    pigjax::AppendArgs a;
+    a.slots = view(slots);
+    a.keys = view(keys);
+    a.values = view(values);
+    a.codes = view(codes);
+    a.counts = view(counts);
+    nb::ndarray<nb::numpy, int32_t> totals;
+    if (a.slots.dims.size() == 1) totals = new_array<int32_t>({a.slots.dims[0]}, &a.totals);
+    run("store_append_np", [&] { return pigjax::store_append(handle, a); });
     return totals;
   }, nb::arg("handle"), nb::arg("slots"), nb::arg("keys"), nb::arg("values"), nb::arg("codes"),
      nb::arg("counts"),
@@ -205,27 +213,20 @@ NB_MODULE(_engine, m) {
 
   m.def("store_query_np", [](int64_t handle, CArray<int32_t> slots, CArray<float> q,
                              CArray<int32_t> q_codes) {
-    pigjax::QueryIO io;
-    io.slots = slots.data(); io.slots_dims = shape_of(slots);
-    io.q = q.data(); io.q_dims = shape_of(q);
-    io.q_codes = q_codes.data(); io.q_codes_dims = shape_of(q_codes);
-    if (io.q_dims.size() != 3)
-      throw nb::value_error("store_query_np: q must have shape [B, Hq, d]");
-    const int64_t B = io.q_dims[0], Hq = io.q_dims[1];
-    float* out_p = nullptr; float* lse_p = nullptr; int32_t* smp_p = nullptr;
-    auto out = new_array<float>(io.q_dims, &out_p);
-    auto lse = new_array<float>({B, Hq}, &lse_p);
-    auto smp = new_array<int32_t>({B, Hq}, &smp_p);
-    io.out = out_p; io.out_dims = io.q_dims;
-    io.lse = lse_p; io.lse_dims = {B, Hq};
-    io.sampled = smp_p; io.sampled_dims = {B, Hq};
-    std::string err;
-    {
-      nb::gil_scoped_release release;
-      err = pigjax::store_query(handle, io);
+    pigjax::QueryArgs a;
+    a.slots = view(slots);
+    a.q = view(q);
+    a.q_codes = view(q_codes);
+    nb::ndarray<nb::numpy, float> out, lse;
+    nb::ndarray<nb::numpy, int32_t> sampled;
+    if (a.q.dims.size() == 3) {
+      const int64_t B = a.q.dims[0], Hq = a.q.dims[1];
+      out = new_array<float>(a.q.dims, &a.out);
+      lse = new_array<float>({B, Hq}, &a.lse);
+      sampled = new_array<int32_t>({B, Hq}, &a.sampled);
     }
-    if (!err.empty()) throw nb::value_error(("store_query_np: " + err).c_str());
-    return std::make_tuple(out, lse, smp);
+    run("store_query_np", [&] { return pigjax::store_query(handle, a); });
+    return std::make_tuple(out, lse, sampled);
   }, nb::arg("handle"), nb::arg("slots"), nb::arg("q"), nb::arg("q_codes"),
      "Direct (non-XLA) query with NumPy arrays; returns (out f32[B,Hq,d], lse f32[B,Hq], "
      "sampled i32[B,Hq]). Same C++ code as the pigjax_lsh_query FFI handler.");

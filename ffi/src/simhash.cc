@@ -1,17 +1,15 @@
+// simhash_codes: scalar / AVX2 / AVX-512 kernels (dispatched on simd_level()) and the batched
+// shape plan of the FFI handler. See simhash.h.
 #include "simhash.h"
 
 #include <algorithm>
 #include <string>
 
 #include "shape_text.h"
+#include "simd.h"
 
-#if defined(__x86_64__) || defined(__i386__)
-#define PIGJAX_X86 1
+#if PIGJAX_X86
 #include <immintrin.h>
-#define PIGJAX_TARGET_AVX2 __attribute__((target("avx2,fma")))
-#define PIGJAX_TARGET_AVX512 __attribute__((target("avx2,fma,avx512f,avx512bw,avx512vl")))
-#else
-#define PIGJAX_X86 0
 #endif
 
 namespace pigjax {

@@ -1,4 +1,4 @@
-// SimHash bucket codes (MagicPIG, SPEC §2 step 3). Pure C++: no XLA, no Python.
+// SimHash bucket codes (MagicPIG, docs/algorithm.md §2.3). Pure C++: no XLA, no Python.
 //
 // For row r of x [n, d] and table l (0 <= l < L), with proj [d, K*L] row-major:
 //   bit j   = dot(x[r, :], proj[:, l*K + j]) > 0      (j = 0..K-1, LSB first)
@@ -15,7 +15,7 @@
 #include <string>
 #include <vector>
 
-#include "cpu.h"
+#include "simd.h"
 
 namespace pigjax {
 

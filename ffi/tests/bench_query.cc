@@ -2,8 +2,9 @@
 //   bench_query [B Hkv Hq d n reps threads]   (default: 1 8 32 128 131072 30 2)
 // Prints the median query time, |S|/n, a checksum of the outputs and the caller's CPU time.
 // Repeats one query, so rows stay cached as far as the L3 holds them. Build (no Python needed):
-//   g++ -O3 -std=c++17 -Iffi/src ffi/src/{cpu,simhash,lsh_store}.cc ffi/tests/bench_query.cc \
-//       -lpthread -o bench_query
+//   g++ -O3 -std=c++17 -Iffi/src \
+//       ffi/src/{simd,thread_pool,simhash,row_kernels,weight_table,store_args,store,query}.cc \
+//       ffi/tests/bench_query.cc -lpthread -o bench_query
 #include <algorithm>
 #include <chrono>
 #include <ctime>
@@ -14,8 +15,11 @@
 #include <string>
 #include <vector>
 
-#include "lsh_store.h"
+#include "query.h"
 #include "simhash.h"
+#include "store.h"
+#include "store_args.h"
+#include "thread_pool.h"
 
 using namespace pigjax;
 
@@ -45,24 +49,24 @@ int main(int argc, char** argv) {
   const int64_t h = store_create(cfg, &err);
   std::vector<int32_t> slots(B), lengths(B, static_cast<int32_t>(n)), mc(B);
   for (int64_t b = 0; b < B; ++b) slots[b] = static_cast<int32_t>(b);
-  PrefillIO pio;
-  pio.slots = slots.data(); pio.slots_dims = {B};
-  pio.keys = keys.data(); pio.keys_dims = {B, Hkv, n, d};
-  pio.values = vals.data(); pio.values_dims = {B, Hkv, n, d};
-  pio.codes = codes.data(); pio.codes_dims = {B, Hkv, n, L};
-  pio.lengths = lengths.data(); pio.lengths_dims = {B};
-  pio.middle_counts = mc.data(); pio.middle_counts_dims = {B};
+  PrefillArgs pio;
+  pio.slots.data = slots.data(); pio.slots.dims = {B};
+  pio.keys.data = keys.data(); pio.keys.dims = {B, Hkv, n, d};
+  pio.values.data = vals.data(); pio.values.dims = {B, Hkv, n, d};
+  pio.codes.data = codes.data(); pio.codes.dims = {B, Hkv, n, L};
+  pio.lengths.data = lengths.data(); pio.lengths.dims = {B};
+  pio.middle_counts.data = mc.data(); pio.middle_counts.dims = {B};
   err = store_prefill(h, pio);
   if (!err.empty()) { std::fprintf(stderr, "%s\n", err.c_str()); return 1; }
   std::vector<float> out(B * Hq * d), lse(B * Hq);
   std::vector<int32_t> sampled(B * Hq);
-  QueryIO qio;
-  qio.slots = slots.data(); qio.slots_dims = {B};
-  qio.q = q.data(); qio.q_dims = {B, Hq, d};
-  qio.q_codes = qcodes.data(); qio.q_codes_dims = {B, Hq, L};
-  qio.out = out.data(); qio.out_dims = {B, Hq, d};
-  qio.lse = lse.data(); qio.lse_dims = {B, Hq};
-  qio.sampled = sampled.data(); qio.sampled_dims = {B, Hq};
+  QueryArgs qio;
+  qio.slots.data = slots.data(); qio.slots.dims = {B};
+  qio.q.data = q.data(); qio.q.dims = {B, Hq, d};
+  qio.q_codes.data = qcodes.data(); qio.q_codes.dims = {B, Hq, L};
+  qio.out.data = out.data(); qio.out.dims = {B, Hq, d};
+  qio.lse.data = lse.data(); qio.lse.dims = {B, Hq};
+  qio.sampled.data = sampled.data(); qio.sampled.dims = {B, Hq};
   std::vector<double> t, tc;
   auto cpu_ms = [] {
     timespec ts;

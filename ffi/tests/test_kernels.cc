@@ -9,8 +9,9 @@
 #include <string>
 #include <vector>
 
-#include "cpu.h"
+#include "simd.h"
 #include "simhash.h"
+#include "thread_pool.h"
 
 using namespace pigjax;
 

@@ -1,7 +1,8 @@
-// Standalone tests of the LSH KV store (lsh_store.h): a naive double-precision reference
-// versus the store on random data (f32/bf16, GQA, ragged lengths, several blocks, every SIMD
-// level), empty sample sets, error handling (bad handles, shapes, ranges), and two stores used
-// from two threads at once. Built and run by scripts/sanitize_ffi.sh (ASan+UBSan, or TSan).
+// Standalone tests of the LSH KV store (store.h, query.h, store_args.h; also thread_pool.h and
+// bf16.h): a naive double-precision reference versus the store on random data (f32/bf16, GQA,
+// ragged lengths, several blocks, every SIMD level), empty sample sets, error handling (bad
+// handles, shapes, ranges), and two stores used from two threads at once. Built and run by
+// scripts/sanitize_ffi.sh (ASan+UBSan, or TSan).
 #include <algorithm>
 #include <cmath>
 #include <cstdio>
@@ -13,8 +14,12 @@
 #include <thread>
 #include <vector>
 
-#include "cpu.h"
-#include "lsh_store.h"
+#include "bf16.h"
+#include "query.h"
+#include "simd.h"
+#include "store.h"
+#include "store_args.h"
+#include "thread_pool.h"
 
 using namespace pigjax;
 
@@ -162,15 +167,15 @@ static RefOut reference(const Case& c, const Data& D, double eps) {
 
 // ---- calls -----------------------------------------------------------------------------------
 
-static PrefillIO prefill_io(const Case& c, const Data& D, std::vector<int32_t>* mc) {
-  PrefillIO io;
+static PrefillArgs prefill_io(const Case& c, const Data& D, std::vector<int32_t>* mc) {
+  PrefillArgs io;
   mc->assign(c.B, -1);
-  io.slots = D.slots.data(); io.slots_dims = {c.B};
-  io.keys = D.keys.data(); io.keys_dims = {c.B, c.Hkv, c.n, c.d};
-  io.values = D.values.data(); io.values_dims = io.keys_dims;
-  io.codes = D.codes.data(); io.codes_dims = {c.B, c.Hkv, c.n, int64_t(c.L)};
-  io.lengths = D.lengths.data(); io.lengths_dims = {c.B};
-  io.middle_counts = mc->data(); io.middle_counts_dims = {c.B};
+  io.slots.data = D.slots.data(); io.slots.dims = {c.B};
+  io.keys.data = D.keys.data(); io.keys.dims = {c.B, c.Hkv, c.n, c.d};
+  io.values.data = D.values.data(); io.values.dims = io.keys.dims;
+  io.codes.data = D.codes.data(); io.codes.dims = {c.B, c.Hkv, c.n, int64_t(c.L)};
+  io.lengths.data = D.lengths.data(); io.lengths.dims = {c.B};
+  io.middle_counts.data = mc->data(); io.middle_counts.dims = {c.B};
   io.sink = c.sink; io.local = c.local;
   return io;
 }
@@ -180,18 +185,18 @@ struct QueryOut {
   std::vector<int32_t> sampled;
 };
 
-static QueryIO query_io(const Case& c, const Data& D, QueryOut* o) {
+static QueryArgs query_io(const Case& c, const Data& D, QueryOut* o) {
   const int64_t Hq = c.Hkv * c.G;
   o->out.assign(c.B * Hq * c.d, -7.0f);
   o->lse.assign(c.B * Hq, -7.0f);
   o->sampled.assign(c.B * Hq, -7);
-  QueryIO io;
-  io.slots = D.slots.data(); io.slots_dims = {c.B};
-  io.q = D.q.data(); io.q_dims = {c.B, Hq, c.d};
-  io.q_codes = D.q_codes.data(); io.q_codes_dims = {c.B, Hq, int64_t(c.L)};
-  io.out = o->out.data(); io.out_dims = io.q_dims;
-  io.lse = o->lse.data(); io.lse_dims = {c.B, Hq};
-  io.sampled = o->sampled.data(); io.sampled_dims = {c.B, Hq};
+  QueryArgs io;
+  io.slots.data = D.slots.data(); io.slots.dims = {c.B};
+  io.q.data = D.q.data(); io.q.dims = {c.B, Hq, c.d};
+  io.q_codes.data = D.q_codes.data(); io.q_codes.dims = {c.B, Hq, int64_t(c.L)};
+  io.out.data = o->out.data(); io.out.dims = io.q.dims;
+  io.lse.data = o->lse.data(); io.lse.dims = {c.B, Hq};
+  io.sampled.data = o->sampled.data(); io.sampled.dims = {c.B, Hq};
   return io;
 }
 
@@ -389,31 +394,31 @@ static void test_errors() {
   CHECK(!store_info(h2, &info, &err), "info on freed handle");
 
   // Prefill argument errors (the store must stay unchanged).
-  struct BadPrefill { std::function<void(PrefillIO&, Data&)> f; const char* needle; };
+  struct BadPrefill { std::function<void(PrefillArgs&, Data&)> f; const char* needle; };
   std::vector<int32_t> bad_codes = D.codes, neg_len = {-1, 3}, long_len = {21, 3};
   std::vector<int32_t> dup = {1, 1}, oor = {0, 2};
   const BadPrefill bp[] = {
-      {[&](PrefillIO& io, Data&) { io.slots = dup.data(); }, "appears more than once"},
-      {[&](PrefillIO& io, Data&) { io.slots = oor.data(); }, "out of range [0, 2)"},
-      {[&](PrefillIO& io, Data&) { io.lengths = neg_len.data(); }, "outside [0, n=20]"},
-      {[&](PrefillIO& io, Data&) { io.lengths = long_len.data(); }, "outside [0, n=20]"},
-      {[&](PrefillIO& io, Data&) { io.keys_dims = {2, 3, 20, 4}; }, "keys must have shape"},
-      {[&](PrefillIO& io, Data&) { io.keys_dims = {2, 2, 20, 5}; }, "keys must have shape"},
-      {[&](PrefillIO& io, Data&) { io.keys_dims = {2, 2, 80}; }, "keys must have shape"},
-      {[&](PrefillIO& io, Data&) { io.values_dims = {2, 2, 19, 4}; }, "values must have"},
-      {[&](PrefillIO& io, Data&) { io.codes_dims = {2, 2, 20, 5}; }, "codes must have shape"},
-      {[&](PrefillIO& io, Data&) { io.lengths_dims = {3}; }, "lengths must have shape"},
-      {[&](PrefillIO& io, Data&) { io.slots_dims = {2, 1}; }, "slots must have shape"},
-      {[&](PrefillIO& io, Data&) { io.middle_counts_dims = {1}; }, "middle_counts must"},
-      {[&](PrefillIO& io, Data&) { io.sink = -1; }, "sink and local must be >= 0"},
-      {[&](PrefillIO& io, Data&) { io.sink = 0; io.local = 0; }, "exceeds the store capacity"},
-      {[&](PrefillIO& io, Data&) {
+      {[&](PrefillArgs& io, Data&) { io.slots.data = dup.data(); }, "appears more than once"},
+      {[&](PrefillArgs& io, Data&) { io.slots.data = oor.data(); }, "out of range [0, 2)"},
+      {[&](PrefillArgs& io, Data&) { io.lengths.data = neg_len.data(); }, "outside [0, n=20]"},
+      {[&](PrefillArgs& io, Data&) { io.lengths.data = long_len.data(); }, "outside [0, n=20]"},
+      {[&](PrefillArgs& io, Data&) { io.keys.dims = {2, 3, 20, 4}; }, "keys must have shape"},
+      {[&](PrefillArgs& io, Data&) { io.keys.dims = {2, 2, 20, 5}; }, "keys must have shape"},
+      {[&](PrefillArgs& io, Data&) { io.keys.dims = {2, 2, 80}; }, "keys must have shape"},
+      {[&](PrefillArgs& io, Data&) { io.values.dims = {2, 2, 19, 4}; }, "values must have"},
+      {[&](PrefillArgs& io, Data&) { io.codes.dims = {2, 2, 20, 5}; }, "codes must have shape"},
+      {[&](PrefillArgs& io, Data&) { io.lengths.dims = {3}; }, "lengths must have shape"},
+      {[&](PrefillArgs& io, Data&) { io.slots.dims = {2, 1}; }, "slots must have shape"},
+      {[&](PrefillArgs& io, Data&) { io.middle_counts.dims = {1}; }, "middle_counts must"},
+      {[&](PrefillArgs& io, Data&) { io.sink = -1; }, "sink and local must be >= 0"},
+      {[&](PrefillArgs& io, Data&) { io.sink = 0; io.local = 0; }, "exceeds the store capacity"},
+      {[&](PrefillArgs& io, Data&) {
          bad_codes[((1 * 2 + 1) * 20 + 5) * 4 + 2] = 8;
-         io.codes = bad_codes.data();
+         io.codes.data = bad_codes.data();
        }, "codes[1, 1, 5, 2] = 8 is outside [0, 2^K=8)"},
   };
   for (const BadPrefill& b : bp) {
-    PrefillIO io = prefill_io(c, D, &mc);
+    PrefillArgs io = prefill_io(c, D, &mc);
     b.f(io, D);
     err = store_prefill(h, io);
     CHECK(contains(err, b.needle), "prefill error: want '%s', got '%s'", b.needle, err.c_str());
@@ -423,34 +428,34 @@ static void test_errors() {
   // A negative code outside the middle is ignored (never read); inside it is an error.
   std::vector<int32_t> codes2 = D.codes;
   codes2[0] = -5;  // row 0, head 0, position 0 (< sink = 2)
-  PrefillIO ok = prefill_io(c, D, &mc);
-  ok.codes = codes2.data();
+  PrefillArgs ok = prefill_io(c, D, &mc);
+  ok.codes.data = codes2.data();
   err = store_prefill(h, ok);
   CHECK(err.empty(), "codes outside the middle are not read: %s", err.c_str());
 
   // Query argument errors.
-  struct BadQuery { std::function<void(QueryIO&)> f; const char* needle; };
+  struct BadQuery { std::function<void(QueryArgs&)> f; const char* needle; };
   std::vector<int32_t> bad_qc = D.q_codes;
   bad_qc[5] = -1;
   const BadQuery bq[] = {
-      {[&](QueryIO& io) { io.q_dims = {2, 3, 4}; io.out_dims = io.q_dims; }, "multiple of kv_heads"},
-      {[&](QueryIO& io) { io.q_dims = {2, 4, 5}; }, "q must have shape"},
-      {[&](QueryIO& io) { io.q_codes_dims = {2, 4, 3}; }, "q_codes must have shape"},
-      {[&](QueryIO& io) { io.out_dims = {2, 4, 3}; }, "out must have shape"},
-      {[&](QueryIO& io) { io.lse_dims = {2}; }, "lse must have shape"},
-      {[&](QueryIO& io) { io.sampled_dims = {4, 2}; }, "sampled must have shape"},
-      {[&](QueryIO& io) { io.slots = oor.data(); }, "out of range"},
-      {[&](QueryIO& io) { io.q_codes = bad_qc.data(); }, "q_codes[0, 1, 1] = -1 is outside"},
+      {[&](QueryArgs& io) { io.q.dims = {2, 3, 4}; io.out.dims = io.q.dims; }, "multiple of kv_heads"},
+      {[&](QueryArgs& io) { io.q.dims = {2, 4, 5}; }, "q must have shape"},
+      {[&](QueryArgs& io) { io.q_codes.dims = {2, 4, 3}; }, "q_codes must have shape"},
+      {[&](QueryArgs& io) { io.out.dims = {2, 4, 3}; }, "out must have shape"},
+      {[&](QueryArgs& io) { io.lse.dims = {2}; }, "lse must have shape"},
+      {[&](QueryArgs& io) { io.sampled.dims = {4, 2}; }, "sampled must have shape"},
+      {[&](QueryArgs& io) { io.slots.data = oor.data(); }, "out of range"},
+      {[&](QueryArgs& io) { io.q_codes.data = bad_qc.data(); }, "q_codes[0, 1, 1] = -1 is outside"},
   };
   for (const BadQuery& b : bq) {
-    QueryIO io = query_io(c, D, &Q);
+    QueryArgs io = query_io(c, D, &Q);
     b.f(io);
     err = store_query(h, io);
     CHECK(contains(err, b.needle), "query error: want '%s', got '%s'", b.needle, err.c_str());
   }
   // Duplicated slots are fine for queries.
-  QueryIO qio = query_io(c, D, &Q);
-  qio.slots = dup.data();
+  QueryArgs qio = query_io(c, D, &Q);
+  qio.slots.data = dup.data();
   CHECK(store_query(h, qio).empty(), "query with repeated slots");
   store_free(h, &err);
 }
@@ -530,14 +535,14 @@ static void append_rows(const Case& c, const Data& D, const std::vector<int64_t>
         std::copy(D.codes.begin() + src * c.L, D.codes.begin() + (src + 1) * c.L, codes.begin() + dst * c.L);
       }
   }
-  AppendIO io;
+  AppendArgs io;
   totals->assign(c.B, -1);
-  io.slots = D.slots.data(); io.slots_dims = {c.B};
-  io.keys = k.data(); io.keys_dims = {c.B, c.Hkv, T, c.d};
-  io.values = v.data(); io.values_dims = io.keys_dims;
-  io.codes = codes.data(); io.codes_dims = {c.B, c.Hkv, T, int64_t(c.L)};
-  io.counts = counts.data(); io.counts_dims = {c.B};
-  io.totals = totals->data(); io.totals_dims = {c.B};
+  io.slots.data = D.slots.data(); io.slots.dims = {c.B};
+  io.keys.data = k.data(); io.keys.dims = {c.B, c.Hkv, T, c.d};
+  io.values.data = v.data(); io.values.dims = io.keys.dims;
+  io.codes.data = codes.data(); io.codes.dims = {c.B, c.Hkv, T, int64_t(c.L)};
+  io.counts.data = counts.data(); io.counts.dims = {c.B};
+  io.totals.data = totals->data(); io.totals.dims = {c.B};
   *err = store_append(h, io);
 }
 

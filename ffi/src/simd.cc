@@ -1,11 +1,11 @@
-#include "cpu.h"
+// See simd.h.
+#include "simd.h"
 
 #include <algorithm>
 #include <atomic>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
-#include <thread>
 
 namespace pigjax {
 
@@ -84,19 +84,6 @@ bool parse_simd_level(const char* name, SimdLevel* out) {
   if (std::strcmp(name, "avx2") == 0) { *out = SimdLevel::kAvx2; return true; }
   if (std::strcmp(name, "avx512") == 0) { *out = SimdLevel::kAvx512; return true; }
   return false;
-}
-
-int default_num_threads() {
-  const char* env = std::getenv("PIGJAX_NUM_THREADS");
-  if (env != nullptr && env[0] != '\0') {
-    char* end = nullptr;
-    long v = std::strtol(env, &end, 10);
-    if (end != env && *end == '\0' && v > 0 && v <= 4096) return static_cast<int>(v);
-    std::fprintf(stderr, "pigjax: ignoring PIGJAX_NUM_THREADS=%s (expected a positive integer)\n",
-                 env);
-  }
-  unsigned hc = std::thread::hardware_concurrency();
-  return hc == 0 ? 1 : static_cast<int>(hc);
 }
 
 }  // namespace pigjax

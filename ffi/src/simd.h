@@ -1,8 +1,25 @@
-// CPU feature detection, SIMD level selection and thread-count defaults.
-// Pure C++: no XLA, no Python.
+// SIMD support shared by every kernel file: CPU feature detection, the runtime dispatch level
+// (PIGJAX_SIMD / set_simd_level) and the function-level ISA target macros. Kept in one place so
+// simhash.cc and row_kernels.cc dispatch the same way and compile their AVX2 / AVX-512 paths
+// with the same target attributes (no file is compiled with ISA flags; see BUILD.md, "SIMD
+// policy"). Pure C++: no XLA, no Python.
 #pragma once
 
 #include <cstdint>
+
+// PIGJAX_X86: 1 where the AVX2 / AVX-512 paths are built (x86), else 0 (scalar only).
+// PIGJAX_TARGET_*: put on a function to compile it for that ISA; call it only when
+// simd_level() (or cpu_features(), for AVX512_BF16) says the CPU has it. A file that uses
+// intrinsics includes <immintrin.h> itself under `#if PIGJAX_X86`.
+#if defined(__x86_64__) || defined(__i386__)
+#define PIGJAX_X86 1
+#define PIGJAX_TARGET_AVX2 __attribute__((target("avx2,fma")))
+#define PIGJAX_TARGET_AVX512 __attribute__((target("avx2,fma,avx512f,avx512bw,avx512vl")))
+#define PIGJAX_TARGET_AVX512BF16 \
+  __attribute__((target("avx2,fma,avx512f,avx512bw,avx512vl,avx512bf16")))
+#else
+#define PIGJAX_X86 0
+#endif
 
 namespace pigjax {
 
@@ -36,9 +53,5 @@ SimdLevel set_simd_level(SimdLevel requested);
 const char* simd_level_name(SimdLevel level);
 // Parses "scalar" / "avx2" / "avx512"; returns false on anything else.
 bool parse_simd_level(const char* name, SimdLevel* out);
-
-// Default worker count: PIGJAX_NUM_THREADS if it is a positive integer, else
-// std::thread::hardware_concurrency() (at least 1).
-int default_num_threads();
 
 }  // namespace pigjax

@@ -1,0 +1,349 @@
+// The LSH store: the registry of handles, create / free / info, and the two calls that write a
+// store: prefill (copies the middle's rows, builds the tables by counting sort) and append
+// (fills the append buffer). The query, which only reads, is in query.cc; the memory layout is
+// in store_layout.h. See store.h for the semantics.
+#include "store.h"
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <limits>
+#include <mutex>
+#include <shared_mutex>
+#include <unordered_map>
+
+#include "bf16.h"
+#include "store_layout.h"
+#include "thread_pool.h"
+
+namespace pigjax {
+
+// ----------------------------------------------------------------------------------------
+// Registry, config, create / free / info
+// ----------------------------------------------------------------------------------------
+
+namespace {
+
+std::mutex g_registry_mu;
+std::unordered_map<int64_t, std::shared_ptr<Store>>& registry() {
+  static auto* r = new std::unordered_map<int64_t, std::shared_ptr<Store>>();
+  return *r;
+}
+int64_t g_next_handle = 1;
+
+}  // namespace
+
+std::shared_ptr<Store> lookup_store(int64_t handle, std::string* err) {
+  std::lock_guard<std::mutex> lock(g_registry_mu);
+  auto& r = registry();
+  auto it = r.find(handle);
+  if (it == r.end()) {
+    *err = "unknown or freed store handle " + std::to_string(handle);
+    return nullptr;
+  }
+  return it->second;
+}
+
+bool parse_store_storage(const std::string& name, StoreStorage* out) {
+  if (name == "f32" || name == "float32") { *out = StoreStorage::kF32; return true; }
+  if (name == "bf16" || name == "bfloat16") { *out = StoreStorage::kBF16; return true; }
+  return false;
+}
+
+const char* store_storage_name(StoreStorage s) {
+  return s == StoreStorage::kF32 ? "f32" : "bf16";
+}
+
+std::string validate_store_config(const StoreConfig& c) {
+  if (c.slots <= 0) return "slots must be positive, got " + std::to_string(c.slots);
+  if (c.kv_heads <= 0) return "kv_heads must be positive, got " + std::to_string(c.kv_heads);
+  if (c.head_dim <= 0) return "head_dim must be positive, got " + std::to_string(c.head_dim);
+  if (c.capacity <= 0) return "capacity must be positive, got " + std::to_string(c.capacity);
+  if (c.K < 1 || c.K > kLshMaxK)
+    return "K must be in [1, " + std::to_string(kLshMaxK) + "], got " + std::to_string(c.K);
+  if (c.L < 2) return "L must be >= 2, got " + std::to_string(c.L);
+  if (!(c.eps >= 0) || !std::isfinite(c.eps))
+    return "eps must be a finite number >= 0, got " + std::to_string(c.eps);
+  if (c.storage != StoreStorage::kF32 && c.storage != StoreStorage::kBF16)
+    return "storage must be 'f32' or 'bf16'";
+  // Per-slot, per-head element counts must stay well inside int64 and our int32 indices.
+  if (c.capacity > std::numeric_limits<int32_t>::max())
+    return "capacity must be < 2^31, got " + std::to_string(c.capacity);
+  if (c.slots > (int64_t{1} << 24) || c.kv_heads > 4096 || c.head_dim > 65536 || c.L > 65536)
+    return "slots (<= 2^24), kv_heads (<= 4096), head_dim (<= 65536) or L (<= 65536) too large";
+  return "";
+}
+
+int64_t store_create(const StoreConfig& cfg, std::string* err) {
+  *err = validate_store_config(cfg);
+  if (!err->empty()) return 0;
+  auto store = std::make_shared<Store>(cfg);
+  std::lock_guard<std::mutex> lock(g_registry_mu);
+  const int64_t h = g_next_handle++;
+  registry().emplace(h, std::move(store));
+  return h;
+}
+
+bool store_free(int64_t handle, std::string* err) {
+  std::shared_ptr<Store> victim;  // destroyed outside the registry lock
+  {
+    std::lock_guard<std::mutex> lock(g_registry_mu);
+    auto& r = registry();
+    auto it = r.find(handle);
+    if (it == r.end()) {
+      *err = "unknown or freed store handle " + std::to_string(handle);
+      return false;
+    }
+    victim = std::move(it->second);
+    r.erase(it);
+  }
+  return true;
+}
+
+bool store_info(int64_t handle, StoreInfo* info, std::string* err) {
+  std::shared_ptr<Store> st = lookup_store(handle, err);
+  if (!st) return false;
+  const StoreConfig& c = st->cfg;
+  info->config = c;
+  std::shared_lock<std::shared_mutex> lock(st->mu);
+  info->middle_counts.clear();
+  info->appended_counts.clear();
+  info->prefilled.clear();
+  int64_t bytes = 0;
+  for (const SlotData& s : st->slots) {
+    info->middle_counts.push_back(s.n);
+    info->appended_counts.push_back(s.na);
+    info->prefilled.push_back(s.prefilled);
+    bytes += s.k16.capacity() * 2 + s.v16.capacity() * 2 + s.k32.capacity() * 4 +
+             s.v32.capacity() * 4 + s.norms.capacity() * 4 + s.offsets.capacity() * 4 +
+             s.indices.capacity() * 2;
+    for (const SlotData::Appended& a : s.app)
+      bytes += a.k16.capacity() * 2 + a.v16.capacity() * 2 + a.k32.capacity() * 4 +
+               a.v32.capacity() * 4 + a.norms.capacity() * 4 + a.codes.capacity() * 4;
+  }
+  info->bytes_allocated = bytes;
+  const double elem = c.storage == StoreStorage::kBF16 ? 2.0 : 4.0;
+  info->bytes_per_appended_token = 2.0 * elem * c.head_dim + 4.0 + 4.0 * c.L;
+  const double per_block = 4.0 * c.L * ((int64_t{1} << c.K) + 1);
+  info->bytes_per_token = {
+      {"keys", elem * c.head_dim},
+      {"values", elem * c.head_dim},
+      {"key_norms", 4.0},
+      {"table_indices", 2.0 * c.L},
+      {"table_offsets", per_block / kBlockTokens},
+      {"table_offsets_per_block", per_block},
+  };
+  return true;
+}
+
+// ----------------------------------------------------------------------------------------
+// Writing rows and tables
+// ----------------------------------------------------------------------------------------
+
+namespace {
+
+struct BuildScratch {
+  std::vector<uint16_t> codes;   // [16 tables][block tokens]
+  std::vector<int32_t> cursor;   // [2^K]
+};
+BuildScratch& build_scratch() {
+  thread_local BuildScratch s;
+  return s;
+}
+
+// Copies/rounds one (row, KV head)'s middle keys and values and computes the key norms.
+template <typename T>
+void store_rows(const float* src, int64_t m, int64_t d, T* dst);
+template <>
+void store_rows<float>(const float* src, int64_t m, int64_t d, float* dst) {
+  if (m > 0) std::memcpy(dst, src, sizeof(float) * m * d);
+}
+template <>
+void store_rows<uint16_t>(const float* src, int64_t m, int64_t d, uint16_t* dst) {
+  for (int64_t i = 0; i < m * d; ++i) dst[i] = f32_to_bf16(src[i]);
+}
+
+template <typename T>
+void key_norms(const T* k, int64_t m, int64_t d, float* norms) {
+  for (int64_t r = 0; r < m; ++r) {
+    double ss = 0;
+    for (int64_t i = 0; i < d; ++i) {
+      const double x = ld(k + r * d, i);
+      ss += x * x;
+    }
+    norms[r] = static_cast<float>(std::sqrt(ss));
+  }
+}
+
+}  // namespace
+
+// ----------------------------------------------------------------------------------------
+// prefill
+// ----------------------------------------------------------------------------------------
+
+std::string store_prefill(int64_t handle, const PrefillArgs& io) {
+  std::string err;
+  std::shared_ptr<Store> st = lookup_store(handle, &err);
+  if (!st) return err;
+  const StoreConfig& c = st->cfg;
+  const int64_t Hkv = c.kv_heads, d = c.head_dim, L = c.L;
+  std::vector<int64_t> middle;  // per row
+  err = validate_prefill(c, io, &middle);
+  if (!err.empty()) return err;
+  const int64_t B = io.slots.dims[0], n = io.keys.dims[2], NB = int64_t{1} << c.K;
+
+  std::unique_lock<std::shared_mutex> lock(st->mu);
+  const bool bf16 = c.storage == StoreStorage::kBF16;
+  for (int64_t b = 0; b < B; ++b) {
+    SlotData& s = st->slots[io.slots.data[b]];
+    s.prefilled = false;
+    s.n = 0;
+    s.na = 0;  // a prefill clears the append buffer (keeping its allocation)
+    for (SlotData::Appended& ap : s.app) {
+      ap.k16.clear(); ap.v16.clear(); ap.k32.clear(); ap.v32.clear();
+      ap.norms.clear(); ap.codes.clear();
+    }
+    const int64_t m = middle[b];
+    const size_t kv = static_cast<size_t>(Hkv * m * d);
+    if (bf16) { s.k16.resize(kv); s.v16.resize(kv); } else { s.k32.resize(kv); s.v32.resize(kv); }
+    s.norms.resize(static_cast<size_t>(Hkv * m));
+    s.offsets.resize(static_cast<size_t>(Hkv * num_blocks(m) * L * (NB + 1)));
+    s.indices.resize(static_cast<size_t>(Hkv * m * L));
+  }
+
+  // Keys (rounded), norms of the stored keys, values.
+  parallel_for(B * Hkv, [&](int64_t task) {
+    const int64_t b = task / Hkv, h = task % Hkv, m = middle[b];
+    SlotData& s = st->slots[io.slots.data[b]];
+    const float* ks = io.keys.data + (task * n + io.sink) * d;
+    const float* vs = io.values.data + (task * n + io.sink) * d;
+    if (bf16) {
+      store_rows(ks, m, d, s.k16.data() + h * m * d);
+      store_rows(vs, m, d, s.v16.data() + h * m * d);
+      key_norms(s.k16.data() + h * m * d, m, d, s.norms.data() + h * m);
+    } else {
+      store_rows(ks, m, d, s.k32.data() + h * m * d);
+      store_rows(vs, m, d, s.v32.data() + h * m * d);
+      key_norms(s.k32.data() + h * m * d, m, d, s.norms.data() + h * m);
+    }
+  });
+
+  // Tables: one task per (row, head, block, group of 16 tables); counting sort by bucket.
+  constexpr int64_t kTablesPerTask = 16;
+  const int64_t groups = (L + kTablesPerTask - 1) / kTablesPerTask;
+  struct Task { int64_t b, h, bk, g; };
+  std::vector<Task> tasks;
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t h = 0; h < Hkv; ++h)
+      for (int64_t bk = 0; bk < num_blocks(middle[b]); ++bk)
+        for (int64_t g = 0; g < groups; ++g) tasks.push_back({b, h, bk, g});
+  parallel_for(static_cast<int64_t>(tasks.size()), [&](int64_t ti) {
+    const Task t = tasks[ti];
+    const int64_t m = middle[t.b], nblocks = num_blocks(m);
+    SlotData& s = st->slots[io.slots.data[t.b]];
+    const int64_t blen = std::min(kBlockTokens, m - t.bk * kBlockTokens);
+    const int32_t* cd =
+        io.codes.data + ((t.b * Hkv + t.h) * n + io.sink + t.bk * kBlockTokens) * L;
+    int32_t* off = s.offsets.data() + (t.h * nblocks + t.bk) * L * (NB + 1);
+    uint16_t* idx = s.indices.data() + t.h * m * L + t.bk * kBlockTokens * L;
+    const int64_t l0 = t.g * kTablesPerTask, l1 = std::min(L, l0 + kTablesPerTask);
+    const int64_t nl = l1 - l0;
+    // Transpose this group's codes to [table][token] (uint16: K <= 16), then one counting
+    // sort per table: 2^K counters and 2^K write cursors stay cache-resident.
+    BuildScratch& bs = build_scratch();
+    bs.codes.resize(static_cast<size_t>(nl * blen));
+    bs.cursor.resize(static_cast<size_t>(NB));
+    uint16_t* tc = bs.codes.data();
+    for (int64_t r = 0; r < blen; ++r) {
+      const int32_t* cr = cd + r * L + l0;
+      for (int64_t j = 0; j < nl; ++j) tc[j * blen + r] = static_cast<uint16_t>(cr[j]);
+    }
+    int32_t* cur = bs.cursor.data();
+    for (int64_t l = l0; l < l1; ++l) {
+      const uint16_t* col = tc + (l - l0) * blen;
+      int32_t* o = off + l * (NB + 1);
+      std::fill(o, o + NB + 1, 0);
+      for (int64_t r = 0; r < blen; ++r) ++o[col[r] + 1];
+      for (int64_t c2 = 1; c2 <= NB; ++c2) o[c2] += o[c2 - 1];
+      std::copy(o, o + NB, cur);
+      uint16_t* dst = idx + l * blen;
+      for (int64_t r = 0; r < blen; ++r) dst[cur[col[r]]++] = static_cast<uint16_t>(r);
+    }
+  });
+
+  for (int64_t b = 0; b < B; ++b) {
+    SlotData& s = st->slots[io.slots.data[b]];
+    s.n = middle[b];
+    s.prefilled = true;
+    io.middle_counts.data[b] = static_cast<int32_t>(middle[b]);
+  }
+  return "";
+}
+
+// ----------------------------------------------------------------------------------------
+// append
+// ----------------------------------------------------------------------------------------
+
+std::string store_append(int64_t handle, const AppendArgs& io) {
+  std::string err;
+  std::shared_ptr<Store> st = lookup_store(handle, &err);
+  if (!st) return err;
+  const StoreConfig& c = st->cfg;
+  const int64_t Hkv = c.kv_heads, d = c.head_dim, L = c.L;
+  err = validate_append(c, io);
+  if (!err.empty()) return err;
+  const int64_t B = io.slots.dims[0], T = io.keys.dims[2];
+
+  // Checks that depend on the slots' state, then the writes, under the exclusive lock.
+  std::unique_lock<std::shared_mutex> lock(st->mu);
+  for (int64_t b = 0; b < B; ++b) {
+    const SlotData& s = st->slots[io.slots.data[b]];
+    if (!s.prefilled)
+      return "slot " + std::to_string(io.slots.data[b]) +
+             " was never prefilled: prefill the slot first, then append";
+    const int64_t after = s.n + s.na + io.counts.data[b];
+    if (after > c.capacity)
+      return "row " + std::to_string(b) + ": appending " + std::to_string(io.counts.data[b]) +
+             " tokens to slot " + std::to_string(io.slots.data[b]) + " (" + std::to_string(s.n) +
+             " middle + " + std::to_string(s.na) + " appended) exceeds the store capacity " +
+             std::to_string(c.capacity);
+  }
+  const bool bf16 = c.storage == StoreStorage::kBF16;
+  for (int64_t b = 0; b < B; ++b) {
+    SlotData& s = st->slots[io.slots.data[b]];
+    if (s.app.size() != static_cast<size_t>(Hkv)) s.app.resize(static_cast<size_t>(Hkv));
+  }
+  parallel_for(B * Hkv, [&](int64_t task) {
+    const int64_t b = task / Hkv, h = task % Hkv, cnt = io.counts.data[b];
+    SlotData& s = st->slots[io.slots.data[b]];
+    SlotData::Appended& a = s.app[static_cast<size_t>(h)];
+    const int64_t old = s.na, now = old + cnt;
+    const float* ks = io.keys.data + task * T * d;
+    const float* vs = io.values.data + task * T * d;
+    if (bf16) {
+      a.k16.resize(static_cast<size_t>(now * d));
+      a.v16.resize(static_cast<size_t>(now * d));
+      store_rows(ks, cnt, d, a.k16.data() + old * d);
+      store_rows(vs, cnt, d, a.v16.data() + old * d);
+    } else {
+      a.k32.resize(static_cast<size_t>(now * d));
+      a.v32.resize(static_cast<size_t>(now * d));
+      store_rows(ks, cnt, d, a.k32.data() + old * d);
+      store_rows(vs, cnt, d, a.v32.data() + old * d);
+    }
+    a.norms.resize(static_cast<size_t>(now));
+    if (bf16) key_norms(a.k16.data() + old * d, cnt, d, a.norms.data() + old);
+    else key_norms(a.k32.data() + old * d, cnt, d, a.norms.data() + old);
+    a.codes.resize(static_cast<size_t>(now * L));
+    if (cnt > 0)
+      std::memcpy(a.codes.data() + old * L, io.codes.data + task * T * L, sizeof(int32_t) * cnt * L);
+  });
+  for (int64_t b = 0; b < B; ++b) {
+    SlotData& s = st->slots[io.slots.data[b]];
+    s.na += io.counts.data[b];
+    io.totals.data[b] = static_cast<int32_t>(s.n + s.na);
+  }
+  return "";
+}
+
+}  // namespace pigjax
