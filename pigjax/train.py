@@ -87,8 +87,6 @@ class TrainConfig:
     progress: bool = _setting(True, "show a progress bar")
 
     def __post_init__(self):
-        if not self.workdir:
-            raise TrainError("workdir is required")
         if self.model not in MODELS:
             raise TrainError(f"model must be one of {MODELS}, got {self.model!r}")
         if (self.steps is None) == (self.tokens is None):
@@ -297,6 +295,8 @@ def train(cfg: TrainConfig, log=print) -> dict:
     from tqdm.auto import tqdm
 
 
+    if not cfg.workdir:
+        raise TrainError("workdir is required")
     workdir = Path(cfg.workdir).absolute()
     workdir.mkdir(parents=True, exist_ok=True)
     corpus = data_lib.prepare(cfg.data, cfg.data_cache, vocab_size=cfg.vocab_size, val_fraction=cfg.val_fraction,
