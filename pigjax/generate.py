@@ -175,6 +175,9 @@ def _encode_prompts(model: Model, prompts, chat: bool) -> list[list[int]]:
             if tok is None:
                 raise PigjaxError("string prompts need a tokenizer; this checkpoint has none (pass token ids)")
             if chat:
+                if not getattr(tok, "chat_template", None):
+                    raise PigjaxError("chat=True needs a tokenizer with a chat template; this one has none "
+                                      "(pass chat=False and format the prompt yourself)")
                 ids = tok.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True,
                                               tokenize=True, return_dict=True)["input_ids"]
             else:
@@ -245,8 +248,10 @@ def generate(
     Dense() (exact retrieval) or MagicPIG(...) (sampled retrieval, pigjax.models.mosaics_memory) and
     runs one (exact) prefill per back-end (its family shares no prefill: `pigjax.families`).
     """
-    if not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 0:
+    if not isinstance(max_new_tokens, (int, np.integer)) or isinstance(max_new_tokens, bool) or max_new_tokens < 0:
         raise PigjaxError(f"max_new_tokens must be a non-negative integer, got {max_new_tokens!r}")
+    if not isinstance(seed, (int, np.integer)) or isinstance(seed, bool) or not -2**63 <= seed < 2**63:
+        raise PigjaxError(f"seed must be an integer in [-2**63, 2**63), got {seed!r}")
     sampler = Sampler(temperature, top_k, top_p)
     several = isinstance(attention, (list, tuple))
     backends = list(attention) if several else [attention if attention is not None else Dense()]

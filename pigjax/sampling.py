@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import math
+import numbers
 
 import jax
 import jax.numpy as jnp
@@ -19,12 +21,12 @@ class Sampler:
     top_p: float | None = None
 
     def __post_init__(self):
-        if self.temperature < 0:
-            raise PigjaxError(f"temperature must be >= 0, got {self.temperature}")
-        if self.top_k is not None and self.top_k < 1:
-            raise PigjaxError(f"top_k must be >= 1, got {self.top_k}")
-        if self.top_p is not None and not 0 < self.top_p <= 1:
-            raise PigjaxError(f"top_p must lie in (0, 1], got {self.top_p}")
+        if not _real(self.temperature) or not 0 <= self.temperature < math.inf:
+            raise PigjaxError(f"temperature must be a finite number >= 0, got {self.temperature!r}")
+        if self.top_k is not None and (not _integer(self.top_k) or self.top_k < 1):
+            raise PigjaxError(f"top_k must be None or an integer >= 1, got {self.top_k!r}")
+        if self.top_p is not None and (not _real(self.top_p) or not 0 < self.top_p <= 1):
+            raise PigjaxError(f"top_p must be None or a number in (0, 1], got {self.top_p!r}")
 
     @property
     def greedy(self) -> bool:
@@ -52,3 +54,11 @@ class Sampler:
             return jnp.argmax(logits, axis=-1).astype(jnp.int32)
         filtered = self.filter_logits(logits)
         return jax.vmap(jax.random.categorical)(keys, filtered).astype(jnp.int32)
+
+
+def _real(x) -> bool:
+    return isinstance(x, numbers.Real) and not isinstance(x, bool) and not math.isnan(x)
+
+
+def _integer(x) -> bool:
+    return isinstance(x, numbers.Integral) and not isinstance(x, bool)

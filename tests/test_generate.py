@@ -1,5 +1,6 @@
 """pigjax.generate: equality with transformers, decode == forward, sampling, finishing rules."""
 
+import copy
 import dataclasses
 
 import jax
@@ -165,6 +166,24 @@ def test_bad_input(tiny, smollm2):
         pigjax.generate(model, [[1]], max_new_tokens=4, temperature=1.0, top_p=1.5)
     with pytest.raises(pigjax.PigjaxError, match="prompt 0 is empty"):
         pigjax.generate(smollm2, [""], max_new_tokens=4)
+    with pytest.raises(pigjax.PigjaxError, match="seed must be an integer"):
+        pigjax.generate(model, [[1]], max_new_tokens=4, seed=2**70)
+    no_template = copy.copy(smollm2.tokenizer)
+    no_template.chat_template = None
+    with pytest.raises(pigjax.PigjaxError, match="chat template"):
+        pigjax.generate(dataclasses.replace(smollm2, tokenizer=no_template), ["hi"], max_new_tokens=4, chat=True)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(temperature=float("nan")), "temperature"), (dict(temperature=float("inf")), "temperature"),
+    (dict(temperature=-1.0), "temperature"), (dict(temperature="hot"), "temperature"),
+    (dict(temperature=1.0, top_k=2.5), "top_k"), (dict(temperature=1.0, top_k=True), "top_k"),
+    (dict(temperature=1.0, top_k=0), "top_k"), (dict(temperature=1.0, top_p=float("nan")), "top_p"),
+])
+def test_bad_sampling_settings(tiny, kwargs, match):
+    """temperature=nan used to return token 0s and empty text; top_k=2.5 a raw traceback."""
+    with pytest.raises(pigjax.PigjaxError, match=match):
+        pigjax.generate(tiny[1], [[1, 2]], max_new_tokens=4, **kwargs)
 
 
 def test_no_recompilation_within_a_bucket(tiny):

@@ -17,24 +17,27 @@ from flax import struct
 from pigjax.attention.backend import Cache, Runtime, StepContext, init_kv, write_kv
 from pigjax.attention.dense import attend
 from pigjax.attention.softmax import group_scores, merge, softmax_part
-from pigjax.attention.sparse import SparseBackend, SparseShared, count_reads
+from pigjax.attention.sparse import SparseBackend, SparseShared, check_seed, count_reads
 from pigjax.attention.split import middle_bounds, middle_mask
 from pigjax.errors import ConfigError
 
 
 @struct.dataclass
 class BaselineShared(SparseShared):
-    fraction: jax.Array  # f32: the fraction of each head's middle to read (data: see _FullCacheBaseline)
+    """Per-call settings arrive as data (see _FullCacheBaseline), not as compile-time constants."""
+
+    fraction: jax.Array  # f32: the fraction of each head's middle to read
+    key: jax.Array  # uint32 key data of the baseline's PRNG key (Oracle's draws)
 
 
 @dataclasses.dataclass(frozen=True)
 class _FullCacheBaseline(SparseBackend):
     """A baseline that keeps the full cache and masks the middle keys it does not select.
 
-    The fraction reaches the jitted code as data (the Runtime's array, kept in `BaselineShared.fraction`),
-    not as a constant: back-ends that differ only in fraction compare equal and so share compiled
-    programs (jit keys on the back-end). Evaluations that set the fraction per batch (RULER at
-    MagicPIG's measured fraction) compiled, and kept, a program per batch."""
+    The fraction (and Oracle's seed) reach the jitted code as data (the Runtime's arrays, kept in
+    `BaselineShared`), not as constants: back-ends that differ only in them compare equal and so
+    share compiled programs (jit keys on the back-end). Evaluations that set the fraction per batch
+    (RULER at MagicPIG's measured fraction) compiled, and kept, a program per batch."""
 
     fraction: float = dataclasses.field(default=0.02, compare=False)
 
@@ -48,16 +51,18 @@ class _FullCacheBaseline(SparseBackend):
             raise ConfigError(f"{self.name}: fraction must lie in (0, 1], got {self.fraction!r}")
 
     def resources(self, config, batch: int, capacity: int):
-        return contextlib.nullcontext(Runtime(jnp.float32(self.fraction)))
+        seed = getattr(self, "seed", 0)
+        return contextlib.nullcontext(Runtime((jnp.float32(self.fraction), jax.random.key_data(jax.random.key(seed)))))
 
     def init_cache(self, config, batch, capacity, window, dtype, runtime=None) -> Cache:
         if runtime is None:
-            raise ConfigError(f"{self.name}: init_cache needs the runtime of `resources(...)` (the fraction)")
+            raise ConfigError(f"{self.name}: init_cache needs the runtime of `resources(...)` (fraction and key)")
         self.dense_set(config)
         layers = tuple(init_kv(batch, config.num_key_value_heads, capacity, config.head_dim, dtype)
                        for _ in range(config.num_hidden_layers))
+        fraction, key = runtime
         shared = BaselineShared(jnp.zeros((batch,), jnp.int32), jnp.zeros(()), jnp.zeros(()),
-                                jnp.asarray(runtime, jnp.float32))
+                                jnp.asarray(fraction, jnp.float32), key)
         return Cache(layers, jnp.zeros((batch,), jnp.int32), shared)
 
     def attend_layer(self, layer, state, shared: BaselineShared, q, k, v, ctx: StepContext):
@@ -72,7 +77,7 @@ class _FullCacheBaseline(SparseBackend):
         visible = slot <= ctx.positions[:, :1]
         middle = middle_mask(s, shared.prompt_len, self.sink, self.local)
         n_middle = hi - lo
-        out, read = self.sparse_attend(layer, q[:, 0], state, visible, middle, n_middle, shared.fraction, ctx)
+        out, read = self.sparse_attend(layer, q[:, 0], state, visible, middle, n_middle, shared, ctx)
         return out[:, None].astype(q.dtype), state, count_reads(read, n_middle, ctx.num_new, hq)
 
     def stats(self, config, cache_dtype, cache=None, resources=None) -> dict:
@@ -108,9 +113,9 @@ class TopK(_FullCacheBaseline):
 
     name = "topk"
 
-    def sparse_attend(self, layer, q, state, visible, middle, n_middle, fraction, ctx):
+    def sparse_attend(self, layer, q, state, visible, middle, n_middle, shared, ctx):
         scores = group_scores(q, state.k)
-        m = jnp.maximum(jnp.ceil(fraction * n_middle).astype(jnp.int32), 1)
+        m = jnp.maximum(jnp.ceil(shared.fraction * n_middle).astype(jnp.int32), 1)
         mid = middle[:, None, None]
         threshold = _kth_largest(jnp.where(mid, scores, -jnp.inf), m)
         chosen = mid & (scores >= threshold)
@@ -127,7 +132,7 @@ class Quest(_FullCacheBaseline):
     page: int = 16
     name = "quest"
 
-    def sparse_attend(self, layer, q, state, visible, middle, n_middle, fraction, ctx):
+    def sparse_attend(self, layer, q, state, visible, middle, n_middle, shared, ctx):
         b, hkv, s, d = state.k.shape
         pad = -s % self.page  # the last page may be partial
         pages = (s + pad) // self.page
@@ -141,7 +146,7 @@ class Quest(_FullCacheBaseline):
         bound = jnp.sum(jnp.maximum(qg * kmax[:, :, None], qg * kmin[:, :, None]), axis=-1)  # [B,Hkv,G,P]
         page_has_mid = jnp.any(mid_pages, axis=-1)[:, None, None]
         bound = jnp.where(page_has_mid & jnp.isfinite(bound), bound, -jnp.inf)
-        m = jnp.maximum(jnp.ceil(fraction * n_middle / self.page).astype(jnp.int32), 1)
+        m = jnp.maximum(jnp.ceil(shared.fraction * n_middle / self.page).astype(jnp.int32), 1)
         threshold = _kth_largest(bound, m)
         chosen_page = page_has_mid & (bound >= threshold) & jnp.isfinite(bound)
         chosen = jnp.repeat(chosen_page, self.page, axis=-1)[..., :s] & middle[:, None, None]
@@ -157,15 +162,17 @@ class Oracle(_FullCacheBaseline):
     exact attention distribution over the middle and estimates the middle's output by their mean
     value; the middle's exact normaliser and the window are used as they are."""
 
-    seed: int = 0
+    seed: int = dataclasses.field(default=0, compare=False)  # data (BaselineShared.key): no recompile per seed
     cap: float = dataclasses.field(init=False, repr=False)  # static: the number of draws
     name = "oracle"
 
     def __post_init__(self):
-        super().__post_init__()  # the smallest power of two >= fraction: fractions below it share a program
+        super().__post_init__()
+        check_seed(self.name, self.seed)
+        # The smallest power of two >= fraction: fractions below it share a program.
         object.__setattr__(self, "cap", 2.0 ** -math.floor(-math.log2(float(self.fraction))))
 
-    def sparse_attend(self, layer, q, state, visible, middle, n_middle, fraction, ctx):
+    def sparse_attend(self, layer, q, state, visible, middle, n_middle, shared, ctx):
         b, hkv, s, d = state.k.shape
         scores = group_scores(q, state.k)  # [B, Hkv, G, S]
         mid = middle[:, None, None]
@@ -174,8 +181,8 @@ class Oracle(_FullCacheBaseline):
         mid_scores = jnp.where(mid, scores, -jnp.inf)
         lse_m = jax.nn.logsumexp(mid_scores, axis=-1)
         k_static = max(1, min(s, math.ceil(self.cap * s)))
-        m = jnp.maximum(jnp.ceil(fraction * n_middle).astype(jnp.int32), 1)
-        key = jax.random.fold_in(jax.random.fold_in(jax.random.key(self.seed), layer), ctx.starts[0])
+        m = jnp.maximum(jnp.ceil(shared.fraction * n_middle).astype(jnp.int32), 1)
+        key = jax.random.fold_in(jax.random.fold_in(jax.random.wrap_key_data(shared.key), layer), ctx.starts[0])
         # Inverse-CDF draws (cheaper than Gumbel noise over every key for every draw).
         probs = jnp.exp(mid_scores - jnp.where(jnp.isfinite(lse_m), lse_m, 0.0)[..., None])
         cdf = jnp.cumsum(probs, axis=-1)

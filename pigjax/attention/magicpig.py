@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import math
 
 import jax
 import jax.numpy as jnp
@@ -20,7 +21,7 @@ from flax import struct
 from pigjax.attention.backend import KV, Cache, Runtime, StepContext, init_kv, write_kv, write_rows
 from pigjax.attention.dense import attend
 from pigjax.attention.softmax import merge, partial_softmax
-from pigjax.attention.sparse import SparseBackend, SparseShared, count_reads
+from pigjax.attention.sparse import SparseBackend, SparseShared, check_seed, count_reads
 from pigjax.attention.split import exact_positions, middle_bounds, middle_mask
 from pigjax.engine import native
 from pigjax.engine import store as engine
@@ -66,25 +67,30 @@ class MagicPIG(SparseBackend):
     K: int = 10
     L: int = 150
     eps: float = 1e-4
-    seed: int = 0
+    seed: int = dataclasses.field(default=0, compare=False)  # data (the projection): no recompile per seed
     storage: str = "bf16"  # the engine's K/V precision ("bf16" or "f32")
     path: str | None = None  # "ffi" or "callback" (default: ffi on a CPU backend)
     name = "magicpig"
 
     def __post_init__(self):
         super().__post_init__()
-        if not isinstance(self.K, int) or not 1 <= self.K <= native.MAX_K:
+        if not isinstance(self.K, int) or isinstance(self.K, bool) or not 1 <= self.K <= native.MAX_K:
             raise ConfigError(f"magicpig: K must be an int in [1, {native.MAX_K}], got {self.K!r}")
-        if not isinstance(self.L, int) or self.L < 2:
+        if not isinstance(self.L, int) or isinstance(self.L, bool) or self.L < 2:
             raise ConfigError(f"magicpig: L must be an int >= 2, got {self.L!r}")
         if self.K * self.L > MAX_TABLE_BITS:
             raise ConfigError(f"magicpig: K·L = {self.K * self.L} is too large (at most {MAX_TABLE_BITS})")
-        if not self.eps > 0:
-            raise ConfigError(f"magicpig: eps must be > 0, got {self.eps!r}")
+        if not isinstance(self.eps, (int, float)) or not 0 < self.eps < math.inf:
+            raise ConfigError(f"magicpig: eps must be a finite number > 0, got {self.eps!r}")
+        check_seed(self.name, self.seed)
         if self.storage not in ("bf16", "f32"):
             raise ConfigError(f"magicpig: storage must be 'bf16' or 'f32', got {self.storage!r}")
         if self.path not in (None, "ffi", "callback"):
             raise ConfigError(f"magicpig: path must be None, 'ffi' or 'callback', got {self.path!r}")
+
+    def exact_width(self, prompt_capacity: int) -> int:
+        """Window slots for the exact prompt tokens (sink and local) of prompts up to that length."""
+        return min(self.sink + self.local, prompt_capacity)
 
     def sparse_layers(self, n_layers: int) -> tuple:
         dense = self.dense_layer_set(n_layers)
@@ -107,7 +113,8 @@ class MagicPIG(SparseBackend):
             raise ConfigError("magicpig: init_cache needs the runtime of `resources(...)` (an engine store)")
         dense = self.dense_set(config)
         hkv, d = config.num_key_value_heads, config.head_dim
-        width = self.sink + self.local + window
+        # The exact prompt tokens never outnumber the prompt: size by capacity, not by sink + local alone.
+        width = self.exact_width(capacity) + window
         layers = []
         for i in range(config.num_hidden_layers):
             if i in dense:
@@ -159,7 +166,7 @@ class MagicPIG(SparseBackend):
         mu = (k32 - kc)[:, :, 0]
         counts = engine.prefill(rt.handle, slots, kc, v32, self._codes(kc, rt.proj), lengths,
                                 sink=self.sink, local=self.local, path=self._path())
-        width = self.sink + self.local
+        width = self.exact_width(kt.shape[2])
         pos, valid = exact_positions(lengths, self.sink, self.local, width)
         take = lambda x: jnp.where(valid[:, None, :, None],
                                    jnp.take_along_axis(x, jnp.minimum(pos, x.shape[2] - 1)[:, None, :, None], axis=2), 0)

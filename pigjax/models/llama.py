@@ -16,9 +16,10 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from pigjax.attention.backend import Backend, Cache, StepContext
+from pigjax.attention.backend import KV, Backend, Cache, StepContext
 from pigjax.attention.dense import Dense
 from pigjax.attention.dense import attend as dense_attend
+from pigjax.models.inputs import check_step, embed_checked, mark_overflow
 from pigjax.models.llama_config import LlamaConfig, rope_inv_freq
 
 
@@ -124,7 +125,8 @@ class LlamaModel(nn.Module):
 
 
 def _embed(params, config: LlamaConfig, tokens):
-    return nn.Embed(config.vocab_size, config.hidden_size).apply({"params": params["embed"]}, tokens)
+    embed = nn.Embed(config.vocab_size, config.hidden_size)
+    return embed_checked(lambda ids: embed.apply({"params": params["embed"]}, ids), tokens, config.vocab_size)
 
 
 def _logits(params, config: LlamaConfig, x):
@@ -175,12 +177,16 @@ def step(params, config: LlamaConfig, tokens: jax.Array, cache: Cache, num_new=N
     `fresh` (static): the cache is empty (all lengths 0), which lets prefill skip masked blocks.
     `backend` (static) owns the cache layout (`backend.init_cache`). Layers run one by one (not in
     a scan), each with its own cache buffer and, given `unstack_layers(params)`, its own weights.
+    Tokens that do not fit the vocabulary or the cache raise eagerly and give NaN logits under jit
+    (`pigjax.models.inputs`).
     """
     b, t = tokens.shape
     positions = cache.lengths[:, None] + jnp.arange(t, dtype=jnp.int32)
     if num_new is None:
         num_new = jnp.full((b,), t, jnp.int32)
     num_new = num_new.astype(jnp.int32)
+    capacity = next((layer.k.shape[2] for layer in cache.layers if isinstance(layer, KV)), None)
+    check_step("llama.step", config.vocab_size, tokens, cache.lengths, num_new, capacity)
     ctx = StepContext(positions, cache.lengths, num_new, fresh, config.num_hidden_layers)
     rope = rope_tables(config, positions)
     x = _embed(params, config, tokens)
@@ -190,7 +196,8 @@ def step(params, config: LlamaConfig, tokens: jax.Array, cache: Cache, num_new=N
         states.append(state)
         reads.append(read)
     shared = backend.finish_step(cache.shared, ctx, reads)
-    return _logits(params, config, x), Cache(tuple(states), cache.lengths + num_new, shared)
+    logits = mark_overflow(_logits(params, config, x), cache.lengths, num_new, capacity)
+    return logits, Cache(tuple(states), cache.lengths + num_new, shared)
 
 
 @partial(jax.jit, static_argnums=0)

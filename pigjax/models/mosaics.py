@@ -41,6 +41,7 @@ import jax.numpy as jnp
 from flax import struct
 
 from pigjax.model import Model
+from pigjax.models.inputs import check_step, embed_checked, mark_overflow
 from pigjax.models.mosaics_config import MosaicsConfig
 
 _NORM_EPS = 1e-12
@@ -297,7 +298,7 @@ class MosaicsModel(nn.Module):
         # N(0, 1/d): the init of the tied output projection (fan_in d); a token's own logit starts near 1.
         embed = nn.Embed(c.vocab_size, c.hidden_size, embedding_init=nn.initializers.normal(c.hidden_size**-0.5),
                          name="embed")
-        x = nn.Dropout(c.dropout, deterministic=self.deterministic)(embed(tokens))
+        x = nn.Dropout(c.dropout, deterministic=self.deterministic)(embed_checked(embed, tokens, c.vocab_size))
         layers = nn.scan(
             Block,
             variable_axes={"params": 0},
@@ -322,18 +323,19 @@ def apply(params, config: MosaicsConfig, tokens: jax.Array, *, dropout_rng: jax.
 def step(params, config: MosaicsConfig, tokens: jax.Array, state: State, num_new: jax.Array | None = None):
     """Recurrent form: tokens [B, T] after each row's `state.count` tokens -> (logits [B, T, V], state).
 
-    Pure and jittable (config static); the state has a fixed capacity, and callers keep
-    count + T <= capacity (writes past it are dropped). `num_new` [B] (default T) is how many of
-    each row's tokens are real; the rest are right padding, whose slots later tokens overwrite
-    before any query can see them.
+    Pure and jittable (config static); the state has a fixed capacity. `num_new` [B] (default T)
+    is how many of each row's tokens are real; the rest are right padding, whose slots later tokens
+    overwrite before any query can see them. Tokens that do not fit the vocabulary or the capacity
+    raise eagerly and give NaN logits under jit (`pigjax.models.inputs`).
     """
     if num_new is None:
         num_new = jnp.full_like(state.count, tokens.shape[1])
     num_new = num_new.astype(jnp.int32)
+    check_step("mosaics.step", config.vocab_size, tokens, state.count, num_new, state.capacity)
     logits, layers = MosaicsModel(config, deterministic=True, recurrent=True).apply(
         {"params": params}, tokens, state, num_new
     )
-    return logits, State(layers, state.count + num_new)
+    return mark_overflow(logits, state.count, num_new, state.capacity), State(layers, state.count + num_new)
 
 
 @partial(jax.jit, static_argnums=0)

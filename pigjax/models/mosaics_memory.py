@@ -47,6 +47,7 @@ from pigjax.attention.sparse import count_reads
 from pigjax.engine import store as engine
 from pigjax.errors import ConfigError, PigjaxError
 from pigjax.models import mosaics
+from pigjax.models.inputs import check_step, embed_checked
 from pigjax.models.mosaics_config import MosaicsConfig
 
 
@@ -153,7 +154,7 @@ class MosaicsSampled:
             raise ConfigError("sampled Mosaics retrieval: init_state needs the runtime of `resources(...)`")
         sparse = self.sparse_layers(config)
         h, hs = config.num_attention_heads, config.head_size
-        width = self.magicpig.sink + self.ring
+        width = min(self.magicpig.sink + self.ring, capacity)  # positions never reach past the capacity
         zeros = lambda *shape: jnp.zeros(shape, dtype)
         layers = []
         for i in range(config.num_hidden_layers):
@@ -174,8 +175,9 @@ class MosaicsSampled:
             raise PigjaxError(f"sampled Mosaics retrieval: after the prefill, decode one token per step (got {t})")
         num_new = jnp.full((b,), t, jnp.int32) if num_new is None else num_new.astype(jnp.int32)
         sparse = self.sparse_layers(config)
+        check_step("sampled Mosaics retrieval", config.vocab_size, tokens, state.count, num_new, None)
         embed = nn.Embed(config.vocab_size, config.hidden_size)
-        x = embed.apply({"params": params["embed"]}, tokens)
+        x = embed_checked(lambda ids: embed.apply({"params": params["embed"]}, ids), tokens, config.vocab_size)
         layers = []
         for i, layer in enumerate(state.layers):
             memory = None
