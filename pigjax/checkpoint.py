@@ -1,62 +1,322 @@
-"""pigjax checkpoints: a directory with `pigjax.json` (format, architecture, config), `params/`
-(orbax) and, when the model has one, `tokenizer/` (transformers' save_pretrained files).
+"""pigjax checkpoints: a directory with `pigjax.json` (format, architecture, config, dtype and a
+checksum of every array), `params/` (orbax) and, when the model has one, `tokenizer/`
+(transformers' save_pretrained files).
 
-Writes are atomic (`pigjax.atomic`), so a directory that has `pigjax.json` is always a whole checkpoint.
+Writes are atomic (`pigjax.atomic`): a directory that has `pigjax.json` is always a whole
+checkpoint, and a replace killed at any point leaves the old or the new checkpoint whole (restored
+by the next save or load). `save(..., overwrite=True)` replaces only what is recognisably a pigjax
+checkpoint (`not_a_checkpoint`), never another directory, a file, or a source being read.
 """
 
 from __future__ import annotations
 
 import json
+import logging
+import os
+import re
+import sys
+import threading
+import warnings
+import zlib
 from pathlib import Path
 
 import jax
 import numpy as np
 
-from pigjax.atomic import atomic_directory
+from pigjax import atomic
 from pigjax.errors import CheckpointError
 from pigjax.families import FAMILIES, family_named
 from pigjax.model import Model
 
 FORMAT_VERSION = 1
 META_FILE = "pigjax.json"
+# The entries a checkpoint directory may hold: name -> must be a directory. pigjax.json is required.
+CHECKPOINT_ENTRIES = {META_FILE: False, "params": True, "tokenizer": True}
+CHECKSUM_ALGORITHM = "crc32"
 
 
-def save(model: Model, path, *, overwrite: bool = False, source: str | None = None) -> Path:
-    """Write `model` to directory `path` atomically; returns the absolute path."""
+# --- what may be written where ---------------------------------------------------------------------
+
+def not_a_checkpoint(path) -> str | None:
+    """None if the existing directory `path` is recognisably a pigjax checkpoint (and so may be
+    replaced by `save(..., overwrite=True)`), else the reason it is not.
+
+    A checkpoint directory holds the file pigjax.json, optionally the directories params/ and
+    tokenizer/, and nothing else. Its content (pigjax.json may even be corrupt) is not examined:
+    the layout alone says the directory is pigjax's to replace."""
+    path = Path(path)
+    try:
+        entries = {e.name: e for e in os.scandir(path)}
+    except OSError as e:
+        return f"cannot list it ({e.strerror or e})"
+    if META_FILE not in entries:
+        return f"it has no {META_FILE}"
+    unexpected = sorted(n for n in entries if n not in CHECKPOINT_ENTRIES)
+    if unexpected:
+        shown = ", ".join(unexpected[:5]) + (f" and {len(unexpected) - 5} more" if len(unexpected) > 5 else "")
+        return f"it also holds {shown}"
+    for name, entry in entries.items():
+        is_dir = entry.is_dir(follow_symlinks=False)
+        if is_dir != CHECKPOINT_ENTRIES[name] or entry.is_symlink():
+            return f"{name} is not a {'directory' if CHECKPOINT_ENTRIES[name] else 'regular file'}"
+    return None
+
+
+def check_destination(path, *, overwrite: bool = False, protect=()) -> Path:
+    """Raise CheckpointError unless `save(model, path, overwrite=...)` can write `path`; returns it
+    absolute. Run before expensive work (conversion) so that it fails first.
+
+    `path` may be missing (its parent directories are created), an empty directory (with
+    overwrite), or a pigjax checkpoint (with overwrite). It may not be a file, another directory,
+    one of the `protect` paths (e.g. the source being converted), or a directory containing one.
+    Its nearest existing ancestor must be writable."""
+    path = Path(path).absolute()
+    _recover(path, clean=False)
+    for p in protect:
+        p = Path(p).absolute().resolve()
+        target = path.resolve()
+        if target == p or target in p.parents:
+            raise CheckpointError(
+                f"refusing to write {path}: it {'is' if target == p else 'contains'} the source being read "
+                f"({p}); choose another output directory"
+            )
+    if path.is_symlink() and not path.exists():
+        raise CheckpointError(f"cannot write {path}: it is a broken symbolic link")
+    if path.exists():
+        if not path.is_dir():
+            raise CheckpointError(f"cannot write a checkpoint to {path}: it is a file, not a directory")
+        if not overwrite:
+            raise CheckpointError(f"{path} already exists (pass overwrite=True to replace it)")
+        why = not_a_checkpoint(path)
+        if why is not None and not _is_empty_dir(path):
+            raise CheckpointError(
+                f"refusing to overwrite {path}: it is not a pigjax checkpoint ({why}); overwrite only "
+                f"replaces an empty directory or one holding {META_FILE} and optionally params/ and tokenizer/"
+            )
+    try:
+        atomic.probe_writable(path)
+    except OSError as e:
+        raise CheckpointError(f"cannot write {path}: {_os_reason(e)}") from None
+    return path
+
+
+def _is_empty_dir(path: Path) -> bool:
+    try:
+        return not os.listdir(path)
+    except OSError:
+        return False
+
+
+def _os_reason(e: OSError) -> str:
+    where = f"{e.filename}: " if getattr(e, "filename", None) else ""
+    return f"{where}{e.strerror}" if e.strerror else str(e)
+
+
+def recover_missing(path) -> None:
+    """If checkpoint `path` is missing after a killed `save`, put the whole copy it left back."""
+    path = Path(path).absolute()
+    if not path.exists():
+        _recover(path, clean=False)
+
+
+def _recover(path: Path, *, clean: bool) -> None:
+    """Restore `path` from a killed writer's whole copy if it is missing (pigjax.atomic)."""
+    try:
+        atomic.recover(path, clean=clean)
+    except OSError as e:
+        copy = atomic.restorable(path)
+        where = f"{copy.path}: move it back (mv '{copy.path}' '{path}')" if copy else "(gone now)"
+        raise CheckpointError(
+            f"{path} is missing after an interrupted save, and restoring the whole copy it left failed "
+            f"({_os_reason(e)}); the copy is in {where}"
+        ) from None
+
+
+# --- checksums ---------------------------------------------------------------------------------------
+
+def _array_name(path) -> str:
+    parts = []
+    for k in path:
+        for attr in ("key", "idx", "name"):
+            if hasattr(k, attr):
+                parts.append(str(getattr(k, attr)))
+                break
+        else:
+            parts.append(str(k))
+    return "/".join(parts)
+
+
+def _checksum(a, algorithm: str) -> str:
+    a = np.ascontiguousarray(np.asarray(a))
+    if a.dtype.byteorder == ">":
+        a = a.astype(a.dtype.newbyteorder("<"))
+    data = a.reshape(-1).view(np.uint8)
+    if algorithm == "crc32":
+        return f"{zlib.crc32(data):08x}"
+    if algorithm == "sha256":
+        import hashlib
+
+        return hashlib.sha256(data).hexdigest()
+    raise ValueError(algorithm)
+
+
+def checksums(params, algorithm: str = CHECKSUM_ALGORITHM) -> dict:
+    """{"algorithm", "arrays": {tree path ("layers/attn/q_proj/kernel"): checksum of the array's
+    little-endian C-order bytes}}: what `save` stores in pigjax.json."""
+    return {"algorithm": algorithm,
+            "arrays": {_array_name(p): _checksum(a, algorithm) for p, a in jax.tree.leaves_with_path(params)}}
+
+
+def _verify(params, meta: dict, path: Path) -> None:
+    stored = meta.get("checksums")
+    if stored is None:
+        warnings.warn(f"{path} has no array checksums (written by an older pigjax), so its parameters cannot "
+                      "be verified; save it again to add them", stacklevel=3)
+        return
+    meta_file = path / META_FILE
+    if not isinstance(stored, dict) or not isinstance(stored.get("arrays"), dict):
+        raise CheckpointError(f"{meta_file}: 'checksums' is malformed")
+    algorithm = stored.get("algorithm")
+    if algorithm not in ("crc32", "sha256"):
+        raise CheckpointError(f"{meta_file}: unknown checksum algorithm {algorithm!r} (pigjax knows crc32 and "
+                              "sha256); load with verify=False to skip the check")
+    got = checksums(params, algorithm)["arrays"]
+    want = stored["arrays"]
+    if set(got) != set(want):
+        raise CheckpointError(f"{meta_file}: the checksums name arrays {sorted(set(want) ^ set(got))[:3]} that "
+                              "the parameters do not have (or the reverse)")
+    bad = [name for name in got if got[name] != want[name]]
+    if bad:
+        more = f" and {len(bad) - 5} more" if len(bad) > 5 else ""
+        raise CheckpointError(
+            f"{path / 'params'} is corrupt: {algorithm} checksum mismatch in array{'s' * (len(bad) > 1)} "
+            f"{', '.join(bad[:5])}{more} (read {got[bad[0]]}, {META_FILE} says {want[bad[0]]}); convert or save "
+            "the model again (load(..., verify=False) skips this check)"
+        )
+
+
+# --- orbax's stray asyncio reports -------------------------------------------------------------------
+
+_orbax_state = {"installed": False, "calls": 0, "failed": False}
+_orbax_lock = threading.Lock()
+_TENSORSTORE_STATUS = re.compile(r"^[A-Z_]+: ")  # "OUT_OF_RANGE: Error reading ...", "DATA_LOSS: ..."
+
+
+def _frames(tb):
+    while tb is not None:
+        yield tb.tb_frame.f_code
+        tb = tb.tb_next
+
+
+def _is_closed_loop_callback(unraisable) -> bool:
+    """RuntimeError('Event loop is closed') from loop.call_soon_threadsafe (a tensorstore thread)."""
+    e = unraisable.exc_value
+    return (isinstance(e, RuntimeError) and str(e) == "Event loop is closed"
+            and any(c.co_name == "call_soon_threadsafe" and "asyncio" in c.co_filename
+                    for c in _frames(unraisable.exc_traceback)))
+
+
+class _UnretrievedTensorstoreErrors(logging.Filter):
+    """asyncio's "Task/Future exception was never retrieved" for a tensorstore read nobody awaited
+    (a tensorstore status error, raised in no frame outside asyncio)."""
+
+    def filter(self, record):
+        if not (_orbax_state["calls"] or _orbax_state["failed"]):
+            return True
+        e = record.exc_info[1] if record.exc_info else None
+        return not (
+            str(record.msg).startswith(("Task exception was never retrieved", "Future exception was never retrieved"))
+            and e is not None and _TENSORSTORE_STATUS.match(str(e))
+            and all("asyncio" in c.co_filename for c in _frames(e.__traceback__))
+        )
+
+
+class _OrbaxCall:
+    """Around an orbax save/restore: silence the reports its failure leaves behind.
+
+    orbax runs each call in a fresh asyncio loop (orbax.checkpoint._src.asyncio_utils.run_sync) that
+    it closes as soon as the first tensorstore read or write fails; the others are still in flight.
+    When they finish, tensorstore's threads call `loop.call_soon_threadsafe` on the closed loop
+    (RuntimeError "Event loop is closed", printed as an unraisable exception), and their failed
+    tasks, never awaited, are logged by asyncio ("Task exception was never retrieved") when
+    collected: tracebacks on stderr after the clean CheckpointError, up to process exit. Exactly
+    those reports are dropped while an orbax call runs and, once one has failed, for the rest of
+    the process; every other report goes where it went before."""
+
+    def __enter__(self):
+        with _orbax_lock:
+            if not _orbax_state["installed"]:
+                previous = sys.unraisablehook
+
+                def hook(unraisable):
+                    if (_orbax_state["calls"] or _orbax_state["failed"]) and _is_closed_loop_callback(unraisable):
+                        return
+                    previous(unraisable)
+
+                sys.unraisablehook = hook
+                logging.getLogger("asyncio").addFilter(_UnretrievedTensorstoreErrors())
+                _orbax_state["installed"] = True
+            _orbax_state["calls"] += 1
+
+    def __exit__(self, kind, value, tb):
+        with _orbax_lock:
+            _orbax_state["calls"] -= 1
+            if kind is not None:
+                _orbax_state["failed"] = True
+        return False
+
+
+# --- save / load -------------------------------------------------------------------------------------
+
+def save(model: Model, path, *, overwrite: bool = False, source: str | None = None, protect=()) -> Path:
+    """Write `model` to directory `path` atomically; returns the absolute path.
+
+    With `overwrite`, an existing pigjax checkpoint (see `not_a_checkpoint`) or empty directory is
+    replaced; anything else raises CheckpointError, as do `path` containing one of the `protect`
+    paths and an unwritable destination (`check_destination`). `source` is recorded in pigjax.json."""
     import orbax.checkpoint as ocp
 
-    path = Path(path).absolute()
-    if path.exists() and not overwrite:
-        raise CheckpointError(f"{path} already exists (pass overwrite=True to replace it)")
-    with atomic_directory(path) as tmp:
-        params = jax.tree.map(np.asarray, model.params)
-        checkpointer = ocp.StandardCheckpointer()
-        checkpointer.save(tmp / "params", params)
-        checkpointer.wait_until_finished()
-        if model.tokenizer is not None:
-            model.tokenizer.save_pretrained(str(tmp / "tokenizer"))
-        meta = {
-            "format_version": FORMAT_VERSION,
-            "architecture": model.config.architecture,
-            "dtype": str(model.dtype),
-            "config": model.config.to_dict(),
-            "source": source,
-        }
-        (tmp / META_FILE).write_text(json.dumps(meta, indent=2))
+    path = check_destination(path, overwrite=overwrite, protect=protect)
+    try:
+        with atomic.atomic_directory(path) as tmp:
+            params = jax.tree.map(np.asarray, model.params)
+            with _OrbaxCall():
+                checkpointer = ocp.StandardCheckpointer()
+                checkpointer.save(tmp / "params", params)
+                checkpointer.wait_until_finished()
+            if model.tokenizer is not None:
+                model.tokenizer.save_pretrained(str(tmp / "tokenizer"))
+            meta = {
+                "format_version": FORMAT_VERSION,
+                "architecture": model.config.architecture,
+                "dtype": str(model.dtype),
+                "config": model.config.to_dict(),
+                "source": source,
+                "checksums": checksums(params),
+            }
+            (tmp / META_FILE).write_text(json.dumps(meta, indent=2))
+    except OSError as e:
+        raise CheckpointError(f"cannot write {path}: {_os_reason(e)}") from None
     return path
 
 
 def read_meta(path) -> dict:
     path = Path(path)
     meta_file = path / META_FILE
+    if path.exists() and not path.is_dir():
+        raise CheckpointError(f"{path} is a file, not a checkpoint directory")
     if not path.is_dir():
-        raise CheckpointError(f"checkpoint directory {path} does not exist")
+        raise CheckpointError(f"checkpoint directory {path} does not exist{_in_progress(path)}")
     if not meta_file.is_file():
         raise CheckpointError(f"{path} is not a pigjax checkpoint: {META_FILE} is missing")
     try:
         meta = json.loads(meta_file.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise CheckpointError(f"{meta_file} is corrupt: {e}") from None
+    except OSError as e:
+        raise CheckpointError(f"cannot read {meta_file}: {_os_reason(e)}") from None
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"{meta_file} is corrupt: not a JSON object")
     if meta.get("format_version") != FORMAT_VERSION:
         raise CheckpointError(
             f"{meta_file}: format_version {meta.get('format_version')!r} is not {FORMAT_VERSION}"
@@ -64,26 +324,54 @@ def read_meta(path) -> dict:
     if family_named(meta.get("architecture")) is None:
         raise CheckpointError(f"{meta_file}: unsupported architecture {meta.get('architecture')!r} "
                               f"(pigjax reads {sorted(f.name for f in FAMILIES)})")
+    _param_dtype(meta, meta_file)
     return meta
 
 
-def load(path, *, dtype=None, tokenizer: bool = True) -> Model:
-    """Load a checkpoint written by `save` (or `pigjax.convert`); `dtype` casts the parameters."""
+def _in_progress(path: Path) -> str:
+    live = [l for l in atomic.leftovers(path) if l.kind != "trash" and not l.writer_gone]
+    return f" (a save of it by pid {live[0].pid} is in progress)" if live else ""
+
+
+def _param_dtype(meta: dict, meta_file: Path) -> np.dtype:
+    import jax.numpy as jnp
+
+    name = meta.get("dtype", "float32")
+    try:
+        dtype = jnp.dtype(name) if isinstance(name, str) else None
+    except TypeError:
+        dtype = None
+    if dtype is None or not jnp.issubdtype(dtype, jnp.floating):
+        raise CheckpointError(f"{meta_file}: dtype {name!r} is not a floating-point dtype "
+                              "(e.g. 'float32', 'bfloat16')")
+    return dtype
+
+
+def load(path, *, dtype=None, tokenizer: bool = True, verify: bool = True) -> Model:
+    """Load a checkpoint written by `save` (or `pigjax.convert`); `dtype` casts the parameters.
+
+    `verify` checks every array against its checksum in pigjax.json (CheckpointError naming the
+    array on a mismatch); verify=False skips it. Checkpoints without checksums (older pigjax) load
+    with a warning. A checkpoint missing after a killed `save` is first restored (pigjax.atomic)."""
     import orbax.checkpoint as ocp
 
     path = Path(path).absolute()
+    recover_missing(path)
     meta = read_meta(path)
     family = family_named(meta["architecture"])
     try:
         config = family.config_class.from_dict(meta["config"])
     except (KeyError, TypeError, ValueError) as e:
         raise CheckpointError(f"{path / META_FILE}: bad config: {e}") from None
-    target = family.param_shapes(config, np.dtype(meta.get("dtype", "float32")))
+    target = family.param_shapes(config, _param_dtype(meta, path / META_FILE))
     try:
-        params = ocp.StandardCheckpointer().restore(path / "params", target)
+        with _OrbaxCall():
+            params = ocp.StandardCheckpointer().restore(path / "params", target)
     except Exception as e:  # orbax/tensorstore raise many types; name the checkpoint and the cause
         raise CheckpointError(f"cannot restore parameters from {path / 'params'}: {type(e).__name__}: {e}") from None
     _check_matches(params, target, path)
+    if verify:
+        _verify(params, meta, path)
     model = Model(config, params, _load_tokenizer(path / "tokenizer") if tokenizer else None)
     return model.astype(dtype) if dtype is not None else model
 

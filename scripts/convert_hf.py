@@ -3,6 +3,9 @@
   python scripts/convert_hf.py --src default                      # embedded SmolLM2-135M-Instruct
   python scripts/convert_hf.py --src /path/to/hf_dir --out checkpoints/my-llama
   python scripts/convert_hf.py --src model.gguf --dtype bfloat16
+
+The destination is checked before converting; --overwrite replaces only a pigjax checkpoint
+(pigjax.json, params/, tokenizer/), atomically (docs/design.md, "Conversion and checkpoints").
 """
 
 import sys
@@ -15,7 +18,8 @@ from pigjax.convert import convert
 FLAGS = flags.DEFINE_string("src", None, "'default', a HF model directory, or a .gguf file", required=True)
 _OUT = flags.DEFINE_string("out", None, "output directory (default: checkpoints/<name>/)")
 _DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "parameter dtype to store")
-_OVERWRITE = flags.DEFINE_bool("overwrite", False, "replace an existing checkpoint")
+_OVERWRITE = flags.DEFINE_bool(
+    "overwrite", False, "replace an existing pigjax checkpoint (never another directory, a file or the source)")
 
 
 def main(argv):
@@ -28,6 +32,9 @@ def main(argv):
     try:
         path = convert(FLAGS.value, _OUT.value, dtype=dtype, overwrite=_OVERWRITE.value)
     except pigjax.PigjaxError as e:
+        print(f"convert_hf: error: {e}", file=sys.stderr)
+        return 1
+    except OSError as e:  # e.g. the source became unreadable mid-way: say so without a traceback
         print(f"convert_hf: error: {e}", file=sys.stderr)
         return 1
     print(f"wrote {path}")

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 
 from pigjax import assets
-from pigjax.checkpoint import META_FILE, save
+from pigjax.checkpoint import META_FILE, check_destination, recover_missing, save
 from pigjax.convert.gguf_file import read_gguf, read_gguf_tokenizer
 from pigjax.convert.hf_dir import read_config, read_tensors, read_tokenizer
 from pigjax.convert.hf_names import hf_to_params
@@ -17,13 +17,19 @@ from pigjax.model import Model
 __all__ = ["convert", "convert_to_model", "default_checkpoint"]
 
 
-def convert_to_model(src, *, dtype=np.float32, progress: bool = True) -> tuple[Model, str]:
-    """Read `src` ('default', a HF directory or a .gguf file) -> (Model, suggested checkpoint name)."""
+def _source(src) -> tuple[Path, str]:
+    """`src` ('default', a HF directory or a .gguf file) -> (its path, suggested checkpoint name)."""
     if str(src) == "default":
-        path, name = assets.default_gguf_path(), assets.DEFAULT_MODEL_NAME
-    else:
-        path = Path(src)
-        name = path.stem if path.suffix == ".gguf" else path.name
+        return assets.default_gguf_path(), assets.DEFAULT_MODEL_NAME
+    path = Path(src)
+    return path, path.stem if path.suffix == ".gguf" else path.name
+
+
+def convert_to_model(src, *, dtype=np.float32, progress: bool = True) -> tuple[Model, str]:
+    """Read `src` ('default', a HF directory or a .gguf file) -> (Model, suggested checkpoint name).
+
+    Raises ConversionError naming the tensor if a converted weight holds NaN or infinity."""
+    path, name = _source(src)
     if not path.exists():
         raise ConversionError(f"source {path} does not exist")
     if path.is_dir():
@@ -39,15 +45,23 @@ def convert_to_model(src, *, dtype=np.float32, progress: bool = True) -> tuple[M
 
 
 def convert(src, out=None, *, dtype=np.float32, overwrite: bool = False, progress: bool = True) -> Path:
-    """Convert `src` and write a checkpoint to `out` (default: checkpoints/<name>/); returns its path."""
-    model, name = convert_to_model(src, dtype=dtype, progress=progress)
+    """Convert `src` and write a checkpoint to `out` (default: checkpoints/<name>/); returns its path.
+
+    The destination is checked before converting (`pigjax.checkpoint.check_destination`): it must
+    be writable, and `overwrite` replaces only an existing pigjax checkpoint, never the source."""
+    path, name = _source(src)
     out = Path(out) if out is not None else assets.checkpoints_dir() / name
-    return save(model, out, overwrite=overwrite, source=str(src))
+    if not path.exists():
+        raise ConversionError(f"source {path} does not exist")
+    check_destination(out, overwrite=overwrite, protect=[path])
+    model, _ = convert_to_model(src, dtype=dtype, progress=progress)
+    return save(model, out, overwrite=overwrite, source=str(src), protect=[path])
 
 
 def default_checkpoint(convert_if_missing: bool = True) -> Path:
     """Path of the converted embedded default model, converting it on first use."""
     path = assets.checkpoints_dir() / assets.DEFAULT_MODEL_NAME
+    recover_missing(path)  # a conversion killed while replacing it left a whole copy aside
     if not (path / META_FILE).is_file() and convert_if_missing:
         convert("default", path)
     return path

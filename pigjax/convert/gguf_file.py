@@ -111,7 +111,8 @@ def read_gguf(path: Path):
         return w
 
     loaders = {_hf_name(name): (lambda t: lambda: load(t))(t) for name, t in tensors.items()}
-    return hf, config, TensorSource(loaders, {n: str(path) for n in loaders})
+    return hf, config, TensorSource(loaders, {n: str(path) for n in loaders},
+                                    {_hf_name(name): name for name in tensors})
 
 
 def read_gguf_tokenizer(path: Path):

@@ -22,6 +22,8 @@ def read_config(src: Path) -> tuple[dict, LlamaConfig]:
         hf = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ConversionError(f"{path} is not valid JSON: {e}") from None
+    except OSError as e:
+        raise ConversionError(f"cannot read {path}: {e.strerror or e}") from None
     try:
         return hf, LlamaConfig.from_hf_config(hf)
     except ConfigError as e:

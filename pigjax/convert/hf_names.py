@@ -55,10 +55,12 @@ _IGNORED = re.compile(r".*rotary_emb\.inv_freq$")
 
 
 class TensorSource(Mapping):
-    """HF name -> numpy array, read lazily; `where(name)` names the file for error messages."""
+    """HF name -> numpy array, read lazily; `where(name)` names the file and `describe(name)` the
+    tensor (with its name in the source file when that differs, e.g. GGUF's) for error messages."""
 
-    def __init__(self, loaders: dict[str, Callable[[], np.ndarray]], files: dict[str, str]):
-        self._loaders, self._files = loaders, files
+    def __init__(self, loaders: dict[str, Callable[[], np.ndarray]], files: dict[str, str],
+                 source_names: dict[str, str] | None = None):
+        self._loaders, self._files, self._source_names = loaders, files, source_names or {}
 
     def __contains__(self, name):
         return name in self._loaders
@@ -81,6 +83,23 @@ class TensorSource(Mapping):
 
     def where(self, name) -> str:
         return self._files.get(name, "<source>")
+
+    def describe(self, name) -> str:
+        original = self._source_names.get(name, name)
+        return f"tensor {original!r}" + (f" ({name})" if original != name else "")
+
+
+def _check_finite(w: np.ndarray, name: str, tensors: TensorSource):
+    """Weights must be finite: a NaN norm or an infinite quantisation scale corrupts every output."""
+    finite = np.isfinite(w)
+    if not finite.all():
+        bad = np.argwhere(~finite)
+        first = tuple(int(i) for i in bad[0])
+        kinds = ", ".join(k for k, test in (("NaN", np.isnan), ("inf", np.isinf)) if test(w).any())
+        raise ConversionError(
+            f"{tensors.where(name)}: {tensors.describe(name)} has {len(bad)} non-finite value(s) ({kinds}), "
+            f"first at index {list(first)}: the source is corrupt (a NaN weight or an infinite quantisation scale)"
+        )
 
 
 def _set(tree: dict, path: str, value):
@@ -121,10 +140,12 @@ def hf_to_params(tensors: TensorSource, config: LlamaConfig, dtype=np.float32, p
         w = tensors[name]
         if w.shape != shape_fn(config):
             raise ConversionError(
-                f"{tensors.where(name)}: tensor {name!r} has shape {w.shape}, "
+                f"{tensors.where(name)}: {tensors.describe(name)} has shape {w.shape}, "
                 f"but the config implies {shape_fn(config)}"
             )
-        w = np.ascontiguousarray(fn(w.astype(np.float32), config)).astype(dtype)
+        w = w.astype(np.float32, copy=False)
+        _check_finite(w, name, tensors)
+        w = np.ascontiguousarray(fn(w, config)).astype(dtype)
         if layer is None:
             _set(params, path, w)
         else:
