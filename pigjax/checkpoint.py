@@ -11,28 +11,23 @@ checkpoint (`not_a_checkpoint`), never another directory, a file, or a source be
 from __future__ import annotations
 
 import json
-import logging
 import os
-import re
-import sys
-import threading
-import warnings
-import zlib
 from pathlib import Path
 
 import jax
 import numpy as np
 
 from pigjax import atomic
+from pigjax.checksums import checksums
 from pigjax.errors import CheckpointError
 from pigjax.families import FAMILIES, family_named
 from pigjax.model import Model
+from pigjax.orbax_quiet import OrbaxCall
 
 FORMAT_VERSION = 1
 META_FILE = "pigjax.json"
 # The entries a checkpoint directory may hold: name -> must be a directory. pigjax.json is required.
 CHECKPOINT_ENTRIES = {META_FILE: False, "params": True, "tokenizer": True}
-CHECKSUM_ALGORITHM = "crc32"
 
 
 # --- what may be written where ---------------------------------------------------------------------
@@ -134,138 +129,6 @@ def _recover(path: Path, *, clean: bool) -> None:
 
 # --- checksums ---------------------------------------------------------------------------------------
 
-def _array_name(path) -> str:
-    parts = []
-    for k in path:
-        for attr in ("key", "idx", "name"):
-            if hasattr(k, attr):
-                parts.append(str(getattr(k, attr)))
-                break
-        else:
-            parts.append(str(k))
-    return "/".join(parts)
-
-
-def _checksum(a, algorithm: str) -> str:
-    a = np.ascontiguousarray(np.asarray(a))
-    if a.dtype.byteorder == ">":
-        a = a.astype(a.dtype.newbyteorder("<"))
-    data = a.reshape(-1).view(np.uint8)
-    if algorithm == "crc32":
-        return f"{zlib.crc32(data):08x}"
-    if algorithm == "sha256":
-        import hashlib
-
-        return hashlib.sha256(data).hexdigest()
-    raise ValueError(algorithm)
-
-
-def checksums(params, algorithm: str = CHECKSUM_ALGORITHM) -> dict:
-    """{"algorithm", "arrays": {tree path ("layers/attn/q_proj/kernel"): checksum of the array's
-    little-endian C-order bytes}}: what `save` stores in pigjax.json."""
-    return {"algorithm": algorithm,
-            "arrays": {_array_name(p): _checksum(a, algorithm) for p, a in jax.tree.leaves_with_path(params)}}
-
-
-def _verify(params, meta: dict, path: Path) -> None:
-    stored = meta.get("checksums")
-    if stored is None:
-        warnings.warn(f"{path} has no array checksums (written by an older pigjax), so its parameters cannot "
-                      "be verified; save it again to add them", stacklevel=3)
-        return
-    meta_file = path / META_FILE
-    if not isinstance(stored, dict) or not isinstance(stored.get("arrays"), dict):
-        raise CheckpointError(f"{meta_file}: 'checksums' is malformed")
-    algorithm = stored.get("algorithm")
-    if algorithm not in ("crc32", "sha256"):
-        raise CheckpointError(f"{meta_file}: unknown checksum algorithm {algorithm!r} (pigjax knows crc32 and "
-                              "sha256); load with verify=False to skip the check")
-    got = checksums(params, algorithm)["arrays"]
-    want = stored["arrays"]
-    if set(got) != set(want):
-        raise CheckpointError(f"{meta_file}: the checksums name arrays {sorted(set(want) ^ set(got))[:3]} that "
-                              "the parameters do not have (or the reverse)")
-    bad = [name for name in got if got[name] != want[name]]
-    if bad:
-        more = f" and {len(bad) - 5} more" if len(bad) > 5 else ""
-        raise CheckpointError(
-            f"{path / 'params'} is corrupt: {algorithm} checksum mismatch in array{'s' * (len(bad) > 1)} "
-            f"{', '.join(bad[:5])}{more} (read {got[bad[0]]}, {META_FILE} says {want[bad[0]]}); convert or save "
-            "the model again (load(..., verify=False) skips this check)"
-        )
-
-
-# --- orbax's stray asyncio reports -------------------------------------------------------------------
-
-_orbax_state = {"installed": False, "calls": 0, "failed": False}
-_orbax_lock = threading.Lock()
-_TENSORSTORE_STATUS = re.compile(r"^[A-Z_]+: ")  # "OUT_OF_RANGE: Error reading ...", "DATA_LOSS: ..."
-
-
-def _frames(tb):
-    while tb is not None:
-        yield tb.tb_frame.f_code
-        tb = tb.tb_next
-
-
-def _is_closed_loop_callback(unraisable) -> bool:
-    """RuntimeError('Event loop is closed') from loop.call_soon_threadsafe (a tensorstore thread)."""
-    e = unraisable.exc_value
-    return (isinstance(e, RuntimeError) and str(e) == "Event loop is closed"
-            and any(c.co_name == "call_soon_threadsafe" and "asyncio" in c.co_filename
-                    for c in _frames(unraisable.exc_traceback)))
-
-
-class _UnretrievedTensorstoreErrors(logging.Filter):
-    """asyncio's "Task/Future exception was never retrieved" for a tensorstore read nobody awaited
-    (a tensorstore status error, raised in no frame outside asyncio)."""
-
-    def filter(self, record):
-        if not (_orbax_state["calls"] or _orbax_state["failed"]):
-            return True
-        e = record.exc_info[1] if record.exc_info else None
-        return not (
-            str(record.msg).startswith(("Task exception was never retrieved", "Future exception was never retrieved"))
-            and e is not None and _TENSORSTORE_STATUS.match(str(e))
-            and all("asyncio" in c.co_filename for c in _frames(e.__traceback__))
-        )
-
-
-class _OrbaxCall:
-    """Around an orbax save/restore: silence the reports its failure leaves behind.
-
-    orbax runs each call in a fresh asyncio loop (orbax.checkpoint._src.asyncio_utils.run_sync) that
-    it closes as soon as the first tensorstore read or write fails; the others are still in flight.
-    When they finish, tensorstore's threads call `loop.call_soon_threadsafe` on the closed loop
-    (RuntimeError "Event loop is closed", printed as an unraisable exception), and their failed
-    tasks, never awaited, are logged by asyncio ("Task exception was never retrieved") when
-    collected: tracebacks on stderr after the clean CheckpointError, up to process exit. Exactly
-    those reports are dropped while an orbax call runs and, once one has failed, for the rest of
-    the process; every other report goes where it went before."""
-
-    def __enter__(self):
-        with _orbax_lock:
-            if not _orbax_state["installed"]:
-                previous = sys.unraisablehook
-
-                def hook(unraisable):
-                    if (_orbax_state["calls"] or _orbax_state["failed"]) and _is_closed_loop_callback(unraisable):
-                        return
-                    previous(unraisable)
-
-                sys.unraisablehook = hook
-                logging.getLogger("asyncio").addFilter(_UnretrievedTensorstoreErrors())
-                _orbax_state["installed"] = True
-            _orbax_state["calls"] += 1
-
-    def __exit__(self, kind, value, tb):
-        with _orbax_lock:
-            _orbax_state["calls"] -= 1
-            if kind is not None:
-                _orbax_state["failed"] = True
-        return False
-
-
 # --- save / load -------------------------------------------------------------------------------------
 
 def save(model: Model, path, *, overwrite: bool = False, source: str | None = None, protect=()) -> Path:
@@ -280,7 +143,7 @@ def save(model: Model, path, *, overwrite: bool = False, source: str | None = No
     try:
         with atomic.atomic_directory(path) as tmp:
             params = jax.tree.map(np.asarray, model.params)
-            with _OrbaxCall():
+            with OrbaxCall():
                 checkpointer = ocp.StandardCheckpointer()
                 checkpointer.save(tmp / "params", params)
                 checkpointer.wait_until_finished()
@@ -365,13 +228,13 @@ def load(path, *, dtype=None, tokenizer: bool = True, verify: bool = True) -> Mo
         raise CheckpointError(f"{path / META_FILE}: bad config: {e}") from None
     target = family.param_shapes(config, _param_dtype(meta, path / META_FILE))
     try:
-        with _OrbaxCall():
+        with OrbaxCall():
             params = ocp.StandardCheckpointer().restore(path / "params", target)
     except Exception as e:  # orbax/tensorstore raise many types; name the checkpoint and the cause
         raise CheckpointError(f"cannot restore parameters from {path / 'params'}: {type(e).__name__}: {e}") from None
     _check_matches(params, target, path)
     if verify:
-        _verify(params, meta, path)
+        verify(params, meta, path, META_FILE)
     model = Model(config, params, _load_tokenizer(path / "tokenizer") if tokenizer else None)
     return model.astype(dtype) if dtype is not None else model
 
