@@ -19,6 +19,7 @@ import numpy as np
 
 from pigjax import atomic
 from pigjax.checksums import checksums
+from pigjax.checksums import verify as verify_checksums
 from pigjax.errors import CheckpointError
 from pigjax.families import FAMILIES, family_named
 from pigjax.model import Model
@@ -234,7 +235,7 @@ def load(path, *, dtype=None, tokenizer: bool = True, verify: bool = True) -> Mo
         raise CheckpointError(f"cannot restore parameters from {path / 'params'}: {type(e).__name__}: {e}") from None
     _check_matches(params, target, path)
     if verify:
-        verify(params, meta, path, META_FILE)
+        verify_checksums(params, meta, path, META_FILE)
     model = Model(config, params, _load_tokenizer(path / "tokenizer") if tokenizer else None)
     return model.astype(dtype) if dtype is not None else model
 
