@@ -60,6 +60,27 @@ nb::ndarray<nb::numpy, T> new_array(const std::vector<int64_t>& shape,
   return nb::ndarray<nb::numpy, T>(buf, shp.size(), shp.data(), owner);
 }
 
+// A StoreConfig from store_create's / store_estimate_bytes's arguments; ValueError (prefixed
+// with `name`) for K or L outside the int range the config holds, or an unknown storage.
+pigjax::StoreConfig make_config(const char* name, int64_t slots, int64_t kv_heads, int64_t head_dim,
+                                int64_t capacity, int64_t K, int64_t L, double eps,
+                                const std::string& storage, bool appends) {
+  pigjax::StoreConfig c;
+  c.appends = appends;
+  c.slots = slots; c.kv_heads = kv_heads; c.head_dim = head_dim; c.capacity = capacity;
+  const std::string pre = std::string(name) + ": ";
+  if (K < 1 || K > pigjax::kLshMaxK)
+    throw nb::value_error((pre + "K must be in [1, 16], got " + std::to_string(K)).c_str());
+  if (L < 2) throw nb::value_error((pre + "L must be >= 2, got " + std::to_string(L)).c_str());
+  if (L > pigjax::kLshMaxL)
+    throw nb::value_error((pre + "L must be <= " + std::to_string(pigjax::kLshMaxL) + ", got " +
+                           std::to_string(L)).c_str());
+  c.K = static_cast<int>(K); c.L = static_cast<int>(L); c.eps = eps;
+  if (!pigjax::parse_store_storage(storage, &c.storage))
+    throw nb::value_error((pre + "storage must be 'f32' or 'bf16', got '" + storage + "'").c_str());
+  return c;
+}
+
 }  // namespace
 
 NB_MODULE(_engine, m) {
@@ -118,25 +139,57 @@ NB_MODULE(_engine, m) {
         "fewer than 2 x threads tasks), 0 never, 1 always. Process-wide; for tests/benchmarks.");
   m.def("get_query_split", [] { return pigjax::get_query_split(); }, "See set_query_split.");
 
+  m.def("set_table_layout", [](int mode) { pigjax::set_table_layout(mode); }, nb::arg("mode"),
+        "Table layout of later prefills: -1 auto (default: compact when 2^K exceeds a block's "
+        "token count), 0 always direct (2^K + 1 offsets per table), 1 always compact. "
+        "Process-wide; for tests/benchmarks (results are identical).");
+  m.def("get_table_layout", [] { return pigjax::get_table_layout(); }, "See set_table_layout.");
+
   m.def("store_create", [](int64_t slots, int64_t kv_heads, int64_t head_dim, int64_t capacity,
-                           int64_t K, int64_t L, double eps, const std::string& storage) {
-    pigjax::StoreConfig c;
-    c.slots = slots; c.kv_heads = kv_heads; c.head_dim = head_dim; c.capacity = capacity;
-    if (K < 1 || K > pigjax::kLshMaxK)
-      throw nb::value_error(("store_create: K must be in [1, 16], got " + std::to_string(K)).c_str());
-    if (L < 2 || L > (int64_t{1} << 30))
-      throw nb::value_error(("store_create: L must be >= 2, got " + std::to_string(L)).c_str());
-    c.K = static_cast<int>(K); c.L = static_cast<int>(L); c.eps = eps;
-    if (!pigjax::parse_store_storage(storage, &c.storage))
-      throw nb::value_error(("store_create: storage must be 'f32' or 'bf16', got '" + storage + "'").c_str());
+                           int64_t K, int64_t L, double eps, const std::string& storage, bool appends) {
+    const pigjax::StoreConfig c =
+        make_config("store_create", slots, kv_heads, head_dim, capacity, K, L, eps, storage, appends);
     std::string err;
     const int64_t h = pigjax::store_create(c, &err);
     if (h == 0) throw nb::value_error(("store_create: " + err).c_str());
     return h;
   }, nb::arg("slots"), nb::arg("kv_heads"), nb::arg("head_dim"), nb::arg("capacity"),
      nb::arg("K"), nb::arg("L"), nb::arg("eps") = 1e-4, nb::arg("storage") = "bf16",
+     nb::arg("appends") = true,
      "Create an LSH KV store; returns an integer handle (never reused). Storage is allocated "
-     "lazily at prefill, sized to the middle count.");
+     "lazily at prefill, sized to the middle count. appends=False: appending is an error and "
+     "the memory estimate counts prefills only. ValueError for a bad setting, or when "
+     "store_estimate_bytes exceeds store_memory_limit().");
+
+  m.def("store_estimate_bytes", [](int64_t slots, int64_t kv_heads, int64_t head_dim,
+                                   int64_t capacity, int64_t K, int64_t L, const std::string& storage,
+                                   bool appends) {
+    const pigjax::StoreConfig c = make_config("store_estimate_bytes", slots, kv_heads, head_dim,
+                                              capacity, K, L, 1e-4, storage, appends);
+    pigjax::StoreEstimate e;
+    const std::string err = pigjax::estimate_store_bytes(c, &e);
+    if (!err.empty()) throw nb::value_error(("store_estimate_bytes: " + err).c_str());
+    nb::dict d;
+    d["bytes"] = e.bytes;
+    d["per_slot_head"] = e.per_slot_head;
+    d["prefill_per_slot_head"] = e.prefill_per_slot_head;
+    d["append_per_slot_head"] = e.append_per_slot_head;
+    return d;
+  }, nb::arg("slots"), nb::arg("kv_heads"), nb::arg("head_dim"), nb::arg("capacity"), nb::arg("K"),
+     nb::arg("L"), nb::arg("storage") = "bf16", nb::arg("appends") = true,
+     "Dict: the bytes a store with this config allocates with every slot full (bytes), per "
+     "(slot, KV head) (per_slot_head: prefill_per_slot_head, `capacity` middle tokens, or with "
+     "appends the larger of that and append_per_slot_head, `capacity` appended tokens). "
+     "ValueError for a bad setting.");
+
+  m.def("store_memory_limit", [] {
+    int64_t bytes = -1;
+    std::string source;
+    const std::string err = pigjax::store_memory_limit(&bytes, &source);
+    if (!err.empty()) throw nb::value_error(("store_memory_limit: " + err).c_str());
+    return std::make_tuple(bytes < 0 ? nb::none() : nb::object(nb::int_(bytes)), source);
+  }, "(bytes or None, description): the limit store_create checks estimates against: "
+     "PIGJAX_ENGINE_MAX_BYTES, else MemAvailable (read now), else None.");
 
   m.def("store_free", [](int64_t handle) {
     std::string err;
@@ -152,6 +205,7 @@ NB_MODULE(_engine, m) {
     d["slots"] = c.slots; d["kv_heads"] = c.kv_heads; d["head_dim"] = c.head_dim;
     d["capacity"] = c.capacity; d["K"] = c.K; d["L"] = c.L; d["eps"] = c.eps;
     d["storage"] = std::string(pigjax::store_storage_name(c.storage));
+    d["appends"] = c.appends;
     nb::dict bpt;
     for (const auto& kv : info.bytes_per_token) bpt[kv.first.c_str()] = kv.second;
     d["bytes_per_token"] = bpt;
@@ -165,11 +219,19 @@ NB_MODULE(_engine, m) {
     d["appended_counts"] = appended;
     d["bytes_per_appended_token"] = info.bytes_per_appended_token;
     d["prefilled"] = pre;
+    nb::list bits;
+    for (const std::vector<int>& b : info.table_bits) {
+      nb::list row;
+      for (int x : b) row.append(x);
+      bits.append(row);
+    }
+    d["table_bits"] = bits;
     d["bytes_allocated"] = info.bytes_allocated;
     d["block_tokens"] = pigjax::kBlockTokens;
     return d;
   }, nb::arg("handle"), "Dict: config, bytes_per_token per structure, middle and appended "
-     "counts per slot.");
+     "counts per slot, table_bits per slot (directory bits of each block's tables: K direct, "
+     "fewer compact), bytes_allocated.");
 
   // The outputs are allocated from the inputs' shapes when those have the right rank; otherwise
   // they stay empty views and the validation reports the input's shape.

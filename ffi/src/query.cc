@@ -34,7 +34,10 @@ struct QueryScratch {
   std::vector<uint64_t> seen1;         // bit i: token i collided >= 1 times
   std::vector<uint64_t> heads;         // [kGroupChunk][words]: bit i: >= 2 collisions
   struct Range { const uint16_t* ids; int32_t beg, end, base; };
-  std::vector<Range> ranges;           // bucket ranges of one query head (L * nblocks)
+  std::vector<Range> ranges;           // bucket ranges of one query head in direct blocks
+  // A bucket range of a compact block ((index, code) pairs): entries with code `code` collide.
+  struct CodedRange { const uint16_t* pairs; int32_t beg, end, base, code; };
+  std::vector<CodedRange> coded;       // bucket ranges of one query head in compact blocks
   struct Entry { int32_t i; uint32_t mask; };
   std::vector<Entry> uni;              // union of the chunk's candidate sets
   std::vector<float> acc;              // [kGroupChunk][d]
@@ -93,9 +96,11 @@ const uint16_t* pick<uint16_t>(const std::vector<uint16_t>& h, const std::vector
 // n + t from the append buffer.
 template <typename T>
 struct HeadRows {
-  int64_t d = 0, L = 0, NB = 0, n = 0, na = 0, nblocks = 0;
-  const int32_t* off = nullptr;   // [nblocks][L][NB + 1]
-  const uint16_t* idx = nullptr;  // [nblocks][L][block_len]
+  int64_t d = 0, L = 0, n = 0, na = 0;
+  int K = 0;
+  const TableLayout* layout = nullptr;
+  const int32_t* off = nullptr;   // per block [L][2^bits + 1] at block.off
+  const uint16_t* idx = nullptr;  // per block [L][len] or [L][len][2] at block.idx
   const T* keys = nullptr; const T* vals = nullptr; const float* norms = nullptr;
   const T* akeys = nullptr; const T* avals = nullptr; const float* anorms = nullptr;
   const int32_t* acodes = nullptr;  // [na][L]
@@ -109,11 +114,12 @@ struct HeadRows {
 template <typename T>
 HeadRows<T> head_rows(const StoreConfig& c, const SlotData& s, int64_t kvh) {
   HeadRows<T> R;
-  R.d = c.head_dim; R.L = c.L; R.NB = int64_t{1} << c.K;
+  R.d = c.head_dim; R.L = c.L; R.K = c.K;
   if (!s.prefilled) return R;
-  R.n = s.n; R.na = s.na; R.nblocks = num_blocks(s.n);
-  R.off = s.offsets.data() + kvh * R.nblocks * R.L * (R.NB + 1);
-  R.idx = s.indices.data() + kvh * R.n * R.L;
+  R.n = s.n; R.na = s.na;
+  R.layout = &s.layout;
+  R.off = s.offsets.data() + kvh * s.layout.offsets_per_head;
+  R.idx = s.indices.data() + kvh * s.layout.entries_per_head;
   R.keys = stored_keys<T>(s) + kvh * R.n * R.d;
   R.vals = stored_values<T>(s) + kvh * R.n * R.d;
   R.norms = s.norms.data() + kvh * R.n;
@@ -131,22 +137,35 @@ HeadRows<T> head_rows(const StoreConfig& c, const SlotData& s, int64_t kvh) {
 // cleared here) for every token i with >= 2 collisions; returns their count.
 template <typename T>
 int64_t collect_head(const HeadRows<T>& R, const int32_t* qc, QueryScratch& sc, uint64_t* seen2) {
-  const int64_t L = R.L, NB = R.NB, n = R.n;
+  const int64_t L = R.L;
   const size_t words = static_cast<size_t>((R.total() + 63) / 64);
   uint64_t* seen1 = sc.seen1.data();
   std::memset(seen1, 0, words * sizeof(uint64_t));
   std::memset(seen2, 0, words * sizeof(uint64_t));
   // Bucket ranges first (independent loads), then count with the next ranges prefetched.
-  sc.ranges.resize(static_cast<size_t>(L * R.nblocks));
+  const size_t nblocks = R.layout == nullptr ? 0 : R.layout->blocks.size();
+  sc.ranges.resize(L * nblocks);
+  sc.coded.resize(L * nblocks);
   QueryScratch::Range* rg = sc.ranges.data();
-  int64_t nr = 0;
-  for (int64_t bk = 0; bk < R.nblocks; ++bk) {
-    const int64_t blen = std::min(kBlockTokens, n - bk * kBlockTokens);
-    const uint16_t* ids_block = R.idx + bk * kBlockTokens * L;
-    const int32_t* ob = R.off + bk * L * (NB + 1);
-    for (int64_t l = 0; l < L; ++l) {
-      const int32_t* o = ob + l * (NB + 1) + qc[l];
-      rg[nr++] = {ids_block + l * blen, o[0], o[1], static_cast<int32_t>(bk * kBlockTokens)};
+  QueryScratch::CodedRange* cr = sc.coded.data();
+  int64_t nr = 0, nc = 0;
+  for (size_t bk = 0; bk < nblocks; ++bk) {
+    const BlockLayout& blk = R.layout->blocks[bk];
+    const int64_t blen = blk.len, stride = (int64_t{1} << blk.bits) + 1;
+    const uint16_t* ids_block = R.idx + blk.idx;
+    const int32_t* ob = R.off + blk.off;
+    const int32_t base = static_cast<int32_t>(blk.start);
+    if (blk.bits == R.K) {  // direct: the bucket is the code
+      for (int64_t l = 0; l < L; ++l) {
+        const int32_t* o = ob + l * stride + qc[l];
+        rg[nr++] = {ids_block + l * blen, o[0], o[1], base};
+      }
+    } else {  // compact: the bucket is the code's top bits; entries are filtered by code
+      const int shift = R.K - blk.bits;
+      for (int64_t l = 0; l < L; ++l) {
+        const int32_t* o = ob + l * stride + (qc[l] >> shift);
+        cr[nc++] = {ids_block + l * blen * 2, o[0], o[1], base, qc[l]};
+      }
     }
   }
   constexpr int64_t kAhead = 8;
@@ -167,12 +186,24 @@ int64_t collect_head(const HeadRows<T>& R, const int32_t* qc, QueryScratch& sc, 
       seen1[i >> 6] |= b;
     }
   }
+  // Compact blocks: a bucket holds 1-2 entries; those with the query's code collide.
+  for (int64_t r = 0; r < nc; ++r) {
+    if (r + kAhead < nc) __builtin_prefetch(cr[r + kAhead].pairs + 2 * cr[r + kAhead].beg);
+    const uint16_t* pairs = cr[r].pairs;
+    const int32_t base = cr[r].base, code = cr[r].code;
+    for (int32_t t = cr[r].beg, e = cr[r].end; t < e; ++t) {
+      const int32_t i = base + pairs[2 * t];
+      const uint64_t b = uint64_t{pairs[2 * t + 1] == code} << (i & 63);
+      seen2[i >> 6] |= seen1[i >> 6] & b;
+      seen1[i >> 6] |= b;
+    }
+  }
   // Appended tokens: a linear scan comparing all L codes.
   for (int64_t t = 0; t < R.na; ++t) {
     const int32_t* ac = R.acodes + t * L;
     int32_t hits = 0;
     for (int64_t l = 0; l < L; ++l) hits += ac[l] == qc[l];
-    const int64_t i = n + t;
+    const int64_t i = R.n + t;
     seen2[i >> 6] |= uint64_t{hits >= 2} << (i & 63);
   }
   int64_t count = 0;

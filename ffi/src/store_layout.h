@@ -4,6 +4,7 @@
 // for the indexing in store.cc (writes) and query.cc (reads).
 #pragma once
 
+#include <algorithm>
 #include <cstdint>
 #include <memory>
 #include <shared_mutex>
@@ -16,14 +17,79 @@
 
 namespace pigjax {
 
+// The hash tables of one block of `len` middle tokens (tokens [start, start + len) of the slot),
+// the same for every KV head of the slot. Each table l lists the block's tokens grouped by
+// bucket (uint16 token indices relative to the block); a directory of 2^bits + 1 int32 offsets
+// per table gives each bucket's range in that list. Two layouts:
+//  * direct (bits == K): the bucket is the code, so a query's range holds exactly the tokens
+//    that share its code. The list is the token indices [L][len]: 4 (2^K + 1) + 2 len bytes
+//    per table.
+//  * compact (bits < K): the bucket is the code's top `bits` bits, with 2^bits in [len/2, len)
+//    (1-2 tokens per bucket), and each list entry is a pair (token index, code): [L][len][2]
+//    uint16, 4 (2^bits + 1) + 4 len bytes per table. A query scans its bucket and counts the
+//    entries whose code equals its own: a second dependent load per table, slower than direct
+//    (BUILD.md: +5-15% of a K = 10 query at n = 600-3000 if forced, +64% at K = 16, L = 512,
+//    n = 600), so it is used only where it takes less than half the bytes of direct (blocks of
+//    fewer than about 2^K / 3 tokens: 341 at K = 10, 21,845 at K = 16; never a full block).
+//    One 600-token block at K = 16, L = 512 takes 2.3 MB instead of 134 MB per KV head.
+// Both select exactly the tokens whose code equals the query's (same sampled sets, and the
+// same union order, so bit-identical results).
+struct BlockLayout {
+  int64_t start = 0, len = 0;  // middle tokens of the block
+  int bits = 0;                // directory bits (K: direct; fewer: compact)
+  int64_t off = 0;             // start of the block's directory in a head's offsets (int32s)
+  int64_t idx = 0;             // start of the block's lists in a head's entries (uint16s)
+};
+
+struct TableLayout {
+  std::vector<BlockLayout> blocks;
+  int64_t offsets_per_head = 0;  // int32s: sum over blocks of L * (2^bits + 1)
+  int64_t entries_per_head = 0;  // uint16s: sum over blocks of L * len (x 2 if compact)
+};
+
+// Directory bits of a block of blen tokens (see BlockLayout): K (direct) unless the compact
+// layout takes less than half the bytes. get_table_layout() (store.h, for tests and benchmarks)
+// can force either layout: 0 always direct, 1 always compact.
+inline int table_bits(int K, int64_t blen) {
+  const int mode = get_table_layout();
+  if (mode == 0) return K;
+  int ceil_log2 = 0;
+  while ((int64_t{1} << ceil_log2) < blen) ++ceil_log2;
+  const int bits = std::min(K - 1, std::max(0, ceil_log2 - 1));
+  if (mode > 0) return bits;
+  const int64_t direct = 4 * ((int64_t{1} << K) + 1) + 2 * blen;
+  const int64_t compact = 4 * ((int64_t{1} << bits) + 1) + 4 * blen;
+  return 2 * compact < direct ? bits : K;
+}
+
+// The table layout of a slot with n middle tokens (blocks of kBlockTokens tokens).
+inline TableLayout table_layout(int K, int64_t L, int64_t n) {
+  TableLayout t;
+  for (int64_t start = 0; start < n; start += kBlockTokens) {
+    BlockLayout b;
+    b.start = start;
+    b.len = std::min(kBlockTokens, n - start);
+    b.bits = table_bits(K, b.len);
+    b.off = t.offsets_per_head;
+    b.idx = t.entries_per_head;
+    t.offsets_per_head += L * ((int64_t{1} << b.bits) + 1);
+    t.entries_per_head += L * b.len * (b.bits < K ? 2 : 1);
+    t.blocks.push_back(b);
+  }
+  return t;
+}
+
 struct SlotData {
   bool prefilled = false;
   int64_t n = 0;                   // middle tokens
   HugeVector<uint16_t> k16, v16;   // bf16 storage: [Hkv][n][d]
   HugeVector<float> k32, v32;      // f32 storage:  [Hkv][n][d]
   HugeVector<float> norms;         // [Hkv][n]
-  HugeVector<int32_t> offsets;     // [Hkv][nblocks][L][2^K + 1], relative to the block
-  HugeVector<uint16_t> indices;    // [Hkv][nblocks][L][block_len], index within the block
+  TableLayout layout;              // of the n middle tokens (set by prefill)
+  HugeVector<int32_t> offsets;     // [Hkv][offsets_per_head]: per block [L][2^bits + 1],
+                                   // entry ranges within the block's table
+  HugeVector<uint16_t> indices;    // [Hkv][entries_per_head]: per block [L][len] token indices
+                                   // (direct) or [L][len][2] (index, code) pairs (compact)
   // Append buffer: token t of a head is token n + t of the slot (same count for every head).
   struct Appended {
     std::vector<uint16_t> k16, v16;  // [na][d]
@@ -47,8 +113,5 @@ struct Store {
 // The store of a handle (kept alive by the returned pointer even if freed meanwhile), or null
 // with *err set for an unknown or freed handle. Defined in store.cc.
 std::shared_ptr<Store> lookup_store(int64_t handle, std::string* err);
-
-// Blocks of kBlockTokens middle tokens (each has its own table offsets; indices are uint16).
-inline int64_t num_blocks(int64_t n) { return (n + kBlockTokens - 1) / kBlockTokens; }
 
 }  // namespace pigjax

@@ -1,5 +1,6 @@
 // Microbenchmark of store_query (no Python): random Gaussian keys/values/queries, SimHash codes.
-//   bench_query [B Hkv Hq d n reps threads]   (default: 1 8 32 128 131072 30 2)
+//   bench_query [B Hkv Hq d n reps threads K L layout]   (default: 1 8 32 128 131072 30 2 10 150 -1)
+// layout: the table layout (set_table_layout: -1 auto, 0 direct, 1 compact).
 // Prints the median query time, |S|/n, a checksum of the outputs and the caller's CPU time.
 // Repeats one query, so rows stay cached as far as the L3 holds them. Build (no Python needed):
 //   g++ -O3 -std=c++17 -Iffi/src \
@@ -24,10 +25,11 @@
 using namespace pigjax;
 
 int main(int argc, char** argv) {
-  int64_t B = 1, Hkv = 8, Hq = 32, d = 128, n = 131072, reps = 30, threads = 2;
-  int64_t* args[] = {&B, &Hkv, &Hq, &d, &n, &reps, &threads};
-  for (int i = 1; i < argc && i <= 7; ++i) *args[i - 1] = std::atoll(argv[i]);
-  const int K = 10, L = 150;
+  int64_t B = 1, Hkv = 8, Hq = 32, d = 128, n = 131072, reps = 30, threads = 2, K = 10, L = 150,
+          layout = -1;
+  int64_t* args[] = {&B, &Hkv, &Hq, &d, &n, &reps, &threads, &K, &L, &layout};
+  for (int i = 1; i < argc && i <= 10; ++i) *args[i - 1] = std::atoll(argv[i]);
+  set_table_layout(static_cast<int>(layout));
   set_num_threads(static_cast<int>(threads));
   std::mt19937 rng(0);
   std::normal_distribution<float> nd;
@@ -40,13 +42,14 @@ int main(int argc, char** argv) {
   const int64_t rows = B * Hkv * n, chunk = 4096;
   parallel_for((rows + chunk - 1) / chunk, [&](int64_t c) {
     const int64_t r0 = c * chunk, m = std::min(chunk, rows - r0);
-    simhash_codes(keys.data() + r0 * d, m, d, proj.data(), K, L, codes.data() + r0 * L);
+    simhash_codes(keys.data() + r0 * d, m, d, proj.data(), int(K), L, codes.data() + r0 * L);
   });
-  simhash_codes(q.data(), B * Hq, d, proj.data(), K, L, qcodes.data());
+  simhash_codes(q.data(), B * Hq, d, proj.data(), int(K), L, qcodes.data());
   StoreConfig cfg;
-  cfg.slots = B; cfg.kv_heads = Hkv; cfg.head_dim = d; cfg.capacity = n; cfg.K = K; cfg.L = L;
+  cfg.slots = B; cfg.kv_heads = Hkv; cfg.head_dim = d; cfg.capacity = n; cfg.K = int(K); cfg.L = int(L);
   std::string err;
   const int64_t h = store_create(cfg, &err);
+  if (h == 0) { std::fprintf(stderr, "%s\n", err.c_str()); return 1; }
   std::vector<int32_t> slots(B), lengths(B, static_cast<int32_t>(n)), mc(B);
   for (int64_t b = 0; b < B; ++b) slots[b] = static_cast<int32_t>(b);
   PrefillArgs pio;

@@ -1,11 +1,15 @@
 // Standalone tests of the LSH KV store (store.h, query.h, store_args.h; also thread_pool.h and
 // bf16.h): a naive double-precision reference versus the store on random data (f32/bf16, GQA,
 // ragged lengths, several blocks, every SIMD level), empty sample sets, error handling (bad
-// handles, shapes, ranges), and two stores used from two threads at once. Built and run by
+// handles, shapes, ranges), and two stores used from two threads at once; the direct and compact
+// table layouts (identical results), the memory estimate against the bytes allocated, and the
+// memory limit (PIGJAX_ENGINE_MAX_BYTES, MemAvailable). Built and run by
 // scripts/sanitize_ffi.sh (ASan+UBSan, or TSan).
 #include <algorithm>
 #include <cmath>
 #include <cstdio>
+#include <cstdlib>
+#include <cstring>
 #include <functional>
 #include <limits>
 #include <random>
@@ -367,7 +371,15 @@ static void test_errors() {
   with([](StoreConfig& x) { x.head_dim = 0; }, "head_dim must be positive");
   with([](StoreConfig& x) { x.capacity = 0; }, "capacity must be positive");
   with([](StoreConfig& x) { x.capacity = int64_t{1} << 40; }, "capacity must be < 2^31");
-  with([](StoreConfig& x) { x.eps = -1; }, "eps");
+  with([](StoreConfig& x) { x.eps = -1; }, "eps must be a finite number > 0");
+  with([](StoreConfig& x) { x.eps = 0; }, "eps must be a finite number > 0");
+  with([](StoreConfig& x) { x.eps = std::nan(""); }, "eps must be a finite number > 0");
+  with([](StoreConfig& x) { x.L = 65537; }, "L must be <= 65536");
+  with([](StoreConfig& x) { x.K = 16; x.L = 4097; }, "K·L must be <= 65536");
+  with([](StoreConfig& x) { x.K = 16; x.L = 4097; }, "got K=16, L=4097 (K·L = 65552)");
+  with([](StoreConfig& x) { x.slots = (int64_t{1} << 24) + 1; }, "slots must be <= 2^24");
+  with([](StoreConfig& x) { x.kv_heads = 4097; }, "kv_heads must be <= 4096");
+  with([](StoreConfig& x) { x.head_dim = 65537; }, "head_dim must be <= 65536");
   for (const BadCfg& b : bads) {
     const int64_t h = store_create(b.cfg, &err);
     CHECK(h == 0 && contains(err, b.needle), "bad config: want '%s', got h=%lld '%s'", b.needle,
@@ -604,6 +616,211 @@ static void test_append() {
   set_simd_level(hardware_simd_level());
 }
 
+// ---- table layouts (direct / compact) and memory -------------------------------------------
+
+static int ceil_log2(int64_t x) {
+  int b = 0;
+  while ((int64_t{1} << b) < x) ++b;
+  return b;
+}
+
+// Bytes a first prefill of these rows allocates (vectors sized exactly), from the estimate's
+// per-head formula.
+static int64_t prefill_bytes(const Case& c, const Data& D) {
+  StoreConfig cfg;
+  cfg.slots = c.slots; cfg.kv_heads = c.Hkv; cfg.head_dim = c.d; cfg.capacity = std::max<int64_t>(1, c.n);
+  cfg.K = c.K; cfg.L = c.L; cfg.storage = c.storage;
+  int64_t total = 0;
+  for (int64_t b = 0; b < c.B; ++b)
+    total += c.Hkv * prefill_bytes_per_head(cfg, std::max<int64_t>(0, D.lengths[b] - c.local - c.sink));
+  return total;
+}
+
+static void test_table_layouts() {
+  // Compact tables (2^K > a block's tokens) and direct ones (2^K + 1 offsets per table) must give
+  // identical results: the same sampled sets, bit-identical outputs. Each case runs with the
+  // automatic layout, then forced direct, then forced compact.
+  const Case cases[] = {
+      // name                 storage              K   L    Hkv G  d   n      B  slots sink local seed
+      {"K16 L64 n600", StoreStorage::kBF16, 16, 64, 2, 3, 32, 600, 2, 3, 0, 0, 41},
+      {"K10 L150 n3000", StoreStorage::kBF16, 10, 150, 1, 4, 64, 3000, 1, 1, 4, 16, 42},
+      {"K10 L40 n700 f32", StoreStorage::kF32, 10, 40, 2, 2, 16, 700, 2, 2, 2, 2, 43},
+      {"K16 L16 two blocks", StoreStorage::kF32, 16, 16, 1, 2, 4, 66000, 1, 1, 0, 0, 44},
+      {"K1 tiny", StoreStorage::kF32, 1, 3, 1, 2, 4, 3, 1, 1, 0, 0, 45},
+      {"K12 G9", StoreStorage::kBF16, 12, 20, 1, 9, 24, 900, 1, 1, 0, 0, 46},
+  };
+  for (const Case& c : cases) {
+    const Data D = make_data(c);
+    const RefOut R = reference(c, D, 1e-4);
+    QueryOut first;
+    for (int mode : {-1, 0, 1}) {
+      set_table_layout(mode);
+      const int64_t h = create(c);
+      std::vector<int32_t> mc;
+      std::string err = store_prefill(h, prefill_io(c, D, &mc));
+      CHECK(err.empty(), "%s: prefill: %s", c.name, err.c_str());
+      QueryOut Q;
+      err = store_query(h, query_io(c, D, &Q));
+      CHECK(err.empty(), "%s: query: %s", c.name, err.c_str());
+      int64_t total = 0;
+      compare(c, R, Q, mode < 0 ? "auto layout" : mode == 0 ? "direct" : "compact", &total);
+      if (c.n >= 600) CHECK(total > 0, "%s: the test should sample something", c.name);
+      if (mode == -1) {
+        first = Q;
+      } else {
+        CHECK(Q.sampled == first.sampled, "%s: layout %d: sampled sets differ", c.name, mode);
+        CHECK(std::memcmp(Q.out.data(), first.out.data(), Q.out.size() * sizeof(float)) == 0 &&
+                  std::memcmp(Q.lse.data(), first.lse.data(), Q.lse.size() * sizeof(float)) == 0,
+              "%s: layout %d: outputs differ", c.name, mode);
+      }
+      StoreInfo info;
+      CHECK(store_info(h, &info, &err), "info: %s", err.c_str());
+      for (int64_t b = 0; b < c.B; ++b) {
+        const int64_t m = mc[b];
+        const std::vector<int>& bits = info.table_bits[D.slots[b]];
+        CHECK(int64_t(bits.size()) == (m + kBlockTokens - 1) / kBlockTokens, "%s: blocks", c.name);
+        for (size_t bk = 0; bk < bits.size(); ++bk) {
+          const int64_t len = std::min<int64_t>(kBlockTokens, m - int64_t(bk) * kBlockTokens);
+          const int compact = std::min(c.K - 1, std::max(0, ceil_log2(len) - 1));
+          // auto: compact iff it takes less than half the bytes of direct
+          const bool smaller = 2 * (4 * ((int64_t{1} << compact) + 1) + 4 * len) <
+                               4 * ((int64_t{1} << c.K) + 1) + 2 * len;
+          const int want = mode == 0 ? c.K : mode == 1 ? compact : (smaller ? compact : c.K);
+          CHECK(bits[bk] == want, "%s: layout %d block %zu: bits %d, want %d", c.name, mode, bk,
+                bits[bk], want);
+        }
+      }
+      CHECK(info.bytes_allocated == prefill_bytes(c, D), "%s: layout %d: bytes_allocated %lld, "
+            "estimate %lld", c.name, mode, (long long)info.bytes_allocated,
+            (long long)prefill_bytes(c, D));
+      store_free(h, &err);
+    }
+    set_table_layout(-1);
+  }
+  // The case of the issue: one 600-token row at K = 16, L = 512 took 512 x 65537 int32 offsets
+  // (134 MB) per KV head; compact tables take 512 x 513 offsets + 600 x 512 (index, code) pairs.
+  StoreConfig cfg;
+  cfg.slots = 1; cfg.kv_heads = 1; cfg.head_dim = 64; cfg.capacity = 600; cfg.K = 16; cfg.L = 512;
+  const int64_t bytes = prefill_bytes_per_head(cfg, 600);
+  CHECK(bytes == 2 * 2 * 64 * 600 + 4 * 600 + 4 * 512 * 513 + 4 * 512 * 600,
+        "K16 L512 n600: %lld bytes", (long long)bytes);
+  CHECK(bytes < 2500000, "K16 L512 n600 per head: %lld bytes", (long long)bytes);
+}
+
+static void test_memory() {
+  std::string err;
+  // The estimate equals what a full prefill allocates, and bounds the append buffer.
+  Case c = {"memory", StoreStorage::kBF16, 8, 12, 2, 2, 16, 400, 2, 3, 0, 0, 51};
+  Data D = make_data(c);
+  D.lengths.assign(c.B, int32_t(c.n));
+  StoreConfig cfg;
+  cfg.slots = c.slots; cfg.kv_heads = c.Hkv; cfg.head_dim = c.d; cfg.capacity = c.n;
+  cfg.K = c.K; cfg.L = c.L; cfg.storage = c.storage;
+  StoreEstimate est;
+  err = estimate_store_bytes(cfg, &est);
+  CHECK(err.empty(), "estimate: %s", err.c_str());
+  CHECK(est.prefill_per_slot_head == prefill_bytes_per_head(cfg, c.n), "prefill per head");
+  CHECK(est.append_per_slot_head == (2 * 2 * c.d + 4 + 4 * c.L) * c.n, "append per head");
+  CHECK(est.bytes == c.slots * c.Hkv * std::max(est.prefill_per_slot_head, est.append_per_slot_head),
+        "estimate total");
+  const int64_t h = create(c);
+  std::vector<int32_t> mc, totals;
+  err = store_prefill(h, prefill_io(c, D, &mc));
+  CHECK(err.empty(), "prefill: %s", err.c_str());
+  StoreInfo info;
+  store_info(h, &info, &err);
+  CHECK(info.bytes_allocated == c.B * c.Hkv * est.prefill_per_slot_head,
+        "full prefill: %lld bytes, estimate %lld", (long long)info.bytes_allocated,
+        (long long)(c.B * c.Hkv * est.prefill_per_slot_head));
+  store_free(h, &err);
+  // Appends one token at a time up to the capacity: the buffer's doubling stops at the room left.
+  Case a = c;
+  a.B = 1;
+  Data DA = make_data(a);
+  Data P = DA;
+  P.lengths.assign(1, 100);
+  const int64_t ha = create(a);
+  err = store_prefill(ha, prefill_io(a, P, &mc));
+  CHECK(err.empty(), "prefill: %s", err.c_str());
+  for (int64_t t = 100; t < a.n; t += 1 + t % 7) {
+    const int64_t cnt = std::min<int64_t>(1 + t % 7, a.n - t);
+    append_rows(a, DA, {t}, {cnt}, ha, &totals, &err);
+    CHECK(err.empty(), "append: %s", err.c_str());
+  }
+  store_info(ha, &info, &err);
+  CHECK(info.appended_counts[DA.slots[0]] == a.n - 100, "appended %lld",
+        (long long)info.appended_counts[DA.slots[0]]);
+  CHECK(info.bytes_allocated == a.Hkv * (prefill_bytes_per_head(cfg, 100) +
+                                         (2 * 2 * a.d + 4 + 4 * a.L) * (a.n - 100)),
+        "append buffer: %lld bytes", (long long)info.bytes_allocated);
+  store_free(ha, &err);
+  // appends = false: the estimate counts prefills only, and appending is an error.
+  StoreConfig noapp = cfg;
+  noapp.appends = false;
+  StoreEstimate est2;
+  CHECK(estimate_store_bytes(noapp, &est2).empty() &&
+            est2.per_slot_head == est2.prefill_per_slot_head &&
+            est2.bytes == c.slots * c.Hkv * est2.prefill_per_slot_head,
+        "estimate without appends");
+  const int64_t hn = store_create(noapp, &err);
+  err = store_prefill(hn, prefill_io(a, P, &mc));
+  CHECK(err.empty(), "prefill: %s", err.c_str());
+  append_rows(a, DA, {100}, {3}, hn, &totals, &err);
+  CHECK(contains(err, "created without appends"), "append without appends: '%s'", err.c_str());
+  store_info(hn, &info, &err);
+  CHECK(info.appended_counts[DA.slots[0]] == 0, "no tokens appended");
+  store_free(hn, &err);
+
+  // The memory limit: PIGJAX_ENGINE_MAX_BYTES, else MemAvailable.
+  int64_t limit = 0;
+  std::string source;
+  unsetenv("PIGJAX_ENGINE_MAX_BYTES");
+  CHECK(store_memory_limit(&limit, &source).empty() && limit > 0 && contains(source, "MemAvailable"),
+        "MemAvailable limit %lld '%s'", (long long)limit, source.c_str());
+  const std::string exact = std::to_string(est.bytes);
+  setenv("PIGJAX_ENGINE_MAX_BYTES", exact.c_str(), 1);
+  int64_t hh = store_create(cfg, &err);
+  CHECK(hh > 0, "a store that just fits: %s", err.c_str());
+  store_free(hh, &err);
+  const std::string less = std::to_string(est.bytes - 1);
+  setenv("PIGJAX_ENGINE_MAX_BYTES", less.c_str(), 1);
+  hh = store_create(cfg, &err);
+  CHECK(hh == 0 && contains(err, "K=8, L=12 for 3 slots x 2 KV heads x 400 tokens (head_dim 16, bf16, appends) needs ~") &&
+            contains(err, (exact + " bytes").c_str()) &&
+            contains(err, ("set by PIGJAX_ENGINE_MAX_BYTES=" + less).c_str()),
+        "over the limit: '%s'", err.c_str());
+  const std::pair<const char*, int64_t> good[] = {
+      {"2k", 2000}, {"1.5G", 1500000000}, {"3MB", 3000000}, {"12345", 12345}, {"unlimited", -1}};
+  for (const auto& g : good) {
+    setenv("PIGJAX_ENGINE_MAX_BYTES", g.first, 1);
+    err = store_memory_limit(&limit, &source);
+    CHECK(err.empty() && limit == g.second, "PIGJAX_ENGINE_MAX_BYTES=%s: %lld '%s'", g.first,
+          (long long)limit, err.c_str());
+  }
+  for (const char* bad : {"abc", "-5", "0", "1X", "nan", "12 GB"}) {
+    setenv("PIGJAX_ENGINE_MAX_BYTES", bad, 1);
+    CHECK(!store_memory_limit(&limit, &source).empty(), "PIGJAX_ENGINE_MAX_BYTES=%s accepted", bad);
+    CHECK(store_create(cfg, &err) == 0 && contains(err, "PIGJAX_ENGINE_MAX_BYTES must be"),
+          "store_create with PIGJAX_ENGINE_MAX_BYTES=%s: '%s'", bad, err.c_str());
+  }
+  // Unlimited: even an absurd store is created (nothing is allocated before a prefill).
+  StoreConfig huge = cfg;
+  huge.slots = int64_t{1} << 24; huge.kv_heads = 4096; huge.capacity = (int64_t{1} << 31) - 1;
+  huge.K = 16; huge.L = 4096; huge.head_dim = 65536;
+  CHECK(estimate_store_bytes(huge, &est).empty() && est.bytes == std::numeric_limits<int64_t>::max(),
+        "the estimate saturates: %lld", (long long)est.bytes);
+  setenv("PIGJAX_ENGINE_MAX_BYTES", "unlimited", 1);
+  hh = store_create(huge, &err);
+  CHECK(hh > 0, "unlimited: %s", err.c_str());
+  store_free(hh, &err);
+  unsetenv("PIGJAX_ENGINE_MAX_BYTES");
+  hh = store_create(huge, &err);
+  CHECK(hh == 0 && contains(err, "needs ~") && contains(err, "this machine has available"),
+        "MemAvailable: '%s'", err.c_str());
+  CHECK(human_bytes(13.2e9) == "13.2 GB" && human_bytes(404970528) == "405 MB" &&
+            human_bytes(12) == "12 B", "human_bytes");
+}
+
 int main() {
   test_bf16();
   // Query split within a KV head: auto (default), never, always (same results up to rounding).
@@ -617,6 +834,8 @@ int main() {
     test_threads();
   }
   set_query_split(-1);
+  test_table_layouts();
+  test_memory();
   test_errors();
   if (g_failures) {
     std::fprintf(stderr, "test_lsh_store: %d check(s) FAILED\n", g_failures);

@@ -14,10 +14,16 @@ as an input (`append` returns the totals, which the next call takes). Two paths 
   `check()` / `close()`), or by `raise_callback_error(handle)` for module-function callers.
 
 The default is "ffi" when JAX's default backend is the CPU, else "callback".
+
+Memory: `estimate_bytes(...)` is what a store allocates with every slot full; `Store(...)` raises
+PigjaxError when that exceeds `memory_limit()` (PIGJAX_ENGINE_MAX_BYTES, else MemAvailable).
 """
 
 from __future__ import annotations
 
+import math
+import numbers
+import operator
 import threading
 import weakref
 
@@ -37,16 +43,26 @@ class Store:
     """A handle to an engine store; free it with `close()` or a `with` block (also freed at exit)."""
 
     def __init__(self, slots: int, kv_heads: int, head_dim: int, capacity: int, K: int, L: int,
-                 eps: float = 1e-4, storage: str = "bf16", path: str | None = None):
+                 eps: float = 1e-4, storage: str = "bf16", path: str | None = None, appends: bool = True):
+        """Raises PigjaxError naming the argument for a bad one, and for a store whose estimated
+        bytes with every slot full (`estimate_bytes`) exceed `memory_limit()`. `appends=False`
+        (a store that is only prefilled, as MagicPIG's) makes `append` an error and the estimate
+        count prefilled tokens only."""
+        if path is not None and not isinstance(path, str):
+            raise PigjaxError(f"Store: path must be 'ffi', 'callback' or None, got {path!r}")
         self.path = path or default_path()
         if self.path not in ("ffi", "callback"):
             raise PigjaxError(f"Store: path must be 'ffi' or 'callback', got {path!r}")
+        slots, kv_heads, head_dim, capacity, K, L, eps, storage = _store_args(
+            "Store", slots=slots, kv_heads=kv_heads, head_dim=head_dim, capacity=capacity, K=K, L=L, eps=eps,
+            storage=storage)
+        appends = _bool_arg("Store", "appends", appends)
         try:
-            self.handle = int(_engine.store_create(slots, kv_heads, head_dim, capacity, K, L, eps, storage))
+            self.handle = int(_engine.store_create(slots, kv_heads, head_dim, capacity, K, L, eps, storage, appends))
         except ValueError as e:
-            raise PigjaxError(f"Store: {e}") from None
+            raise PigjaxError(f"Store: {_strip(e)}") from None
         self.slots, self.kv_heads, self.head_dim, self.capacity = slots, kv_heads, head_dim, capacity
-        self.K, self.L, self.eps, self.storage = K, L, eps, storage
+        self.K, self.L, self.eps, self.storage, self.appends = K, L, eps, storage, appends
         self._finalizer = weakref.finalize(self, _free_quietly, self.handle)
 
     def close(self):
@@ -107,6 +123,80 @@ class Store:
                 jax.block_until_ready(result)
                 self.check()
         return result
+
+
+_INT64_MAX = 2**63 - 1
+
+
+def _int_arg(where: str, name: str, value, low: int) -> int:
+    if isinstance(value, (bool, np.bool_)):
+        raise PigjaxError(f"{where}: {name} must be an integer, got the bool {value!r}")
+    try:
+        v = operator.index(value)
+    except TypeError:
+        raise PigjaxError(f"{where}: {name} must be an integer, got {type(value).__name__} {value!r}") from None
+    if v < low:
+        raise PigjaxError(f"{where}: {name} must be >= {low}, got {v}")
+    if v > _INT64_MAX:
+        raise PigjaxError(f"{where}: {name} = {v} is too large")
+    return int(v)
+
+
+def _bool_arg(where: str, name: str, value) -> bool:
+    if not isinstance(value, (bool, np.bool_)):
+        raise PigjaxError(f"{where}: {name} must be True or False, got {type(value).__name__} {value!r}")
+    return bool(value)
+
+
+def _store_args(where: str, *, slots, kv_heads, head_dim, capacity, K, L, eps, storage):
+    """Types and signs of a store's settings, each PigjaxError naming its argument; the engine
+    checks the ranges (K in [1, 16], 2 <= L, K·L <= 65536, sizes, memory) with messages that name
+    them too."""
+    sizes = [_int_arg(where, name, value, 1) for name, value in
+             (("slots", slots), ("kv_heads", kv_heads), ("head_dim", head_dim), ("capacity", capacity))]
+    K, L = _int_arg(where, "K", K, 1), _int_arg(where, "L", L, 2)
+    if isinstance(eps, (bool, np.bool_)) or not isinstance(eps, numbers.Real):
+        raise PigjaxError(f"{where}: eps must be a number > 0, got {type(eps).__name__} {eps!r}")
+    if not (math.isfinite(eps) and eps > 0):
+        raise PigjaxError(f"{where}: eps must be a finite number > 0, got {eps!r}")
+    if not isinstance(storage, str) or storage not in ("f32", "bf16", "float32", "bfloat16"):
+        raise PigjaxError(f"{where}: storage must be 'f32' or 'bf16', got {storage!r}")
+    return (*sizes, K, L, float(eps), storage)
+
+
+def _strip(e: ValueError) -> str:
+    """The engine's message without the name of the `_engine` function it came from."""
+    message = str(e)
+    for prefix in ("store_create: ", "store_estimate_bytes: ", "store_memory_limit: "):
+        message = message.removeprefix(prefix)
+    return message
+
+
+def estimate_bytes(slots: int, kv_heads: int, head_dim: int, capacity: int, K: int, L: int,
+                   storage: str = "bf16", appends: bool = True) -> int:
+    """Bytes a `Store(slots, kv_heads, head_dim, capacity, K, L, storage=storage, appends=appends)`
+    allocates with every slot full: each (slot, KV head) holding `capacity` prefilled middle tokens
+    or, with `appends`, `capacity` appended tokens if that takes more (4·L code bytes per token, vs
+    2·L index bytes plus the tables' directories for a prefill). That is what `info()["bytes_allocated"]`
+    then reports; arrays of 2 MiB or more are also rounded up to 2 MiB pages. Raises PigjaxError for a
+    bad setting. `Store(...)` raises PigjaxError when this exceeds `memory_limit()`."""
+    slots, kv_heads, head_dim, capacity, K, L, _, storage = _store_args(
+        "estimate_bytes", slots=slots, kv_heads=kv_heads, head_dim=head_dim, capacity=capacity, K=K, L=L,
+        eps=1e-4, storage=storage)
+    appends = _bool_arg("estimate_bytes", "appends", appends)
+    try:
+        return int(_engine.store_estimate_bytes(slots, kv_heads, head_dim, capacity, K, L, storage, appends)["bytes"])
+    except ValueError as e:
+        raise PigjaxError(f"estimate_bytes: {_strip(e)}") from None
+
+
+def memory_limit() -> int | None:
+    """The bytes `Store(...)` may take (read now): PIGJAX_ENGINE_MAX_BYTES if set (e.g. "8G", or
+    "unlimited" for None), else MemAvailable from /proc/meminfo, else None (no limit)."""
+    try:
+        return _engine.store_memory_limit()[0]
+    except ValueError as e:
+        raise PigjaxError(_strip(e)) from None
 
 
 class _CallbackErrors:
