@@ -25,7 +25,7 @@ from pigjax.attention.sparse import SparseBackend, SparseShared, check_seed, cou
 from pigjax.attention.split import exact_positions, middle_bounds, middle_mask
 from pigjax.engine import native
 from pigjax.engine import store as engine
-from pigjax.errors import ConfigError
+from pigjax.errors import ConfigError, PigjaxError
 
 MAX_TABLE_BITS = 8192  # K·L: the projection is [d, K·L] and every key's codes cost d·K·L flops
 
@@ -101,10 +101,14 @@ class MagicPIG(SparseBackend):
 
     @contextlib.contextmanager
     def resources(self, config, batch: int, capacity: int):
-        """An engine store with a slot per (sparse layer, row) for `capacity` prompt tokens."""
+        """An engine store with a slot per (sparse layer, row) for `capacity` prompt tokens. Its bytes
+        are estimated before anything is allocated: settings that would not fit raise ConfigError."""
         slots = max(1, len(self.sparse_layers(config.num_hidden_layers)) * batch)
-        store = engine.Store(slots, config.num_key_value_heads, config.head_dim, capacity, self.K, self.L,
-                             self.eps, self.storage, self.path)
+        try:  # MagicPIG never appends: the estimate counts the prompt's tables only
+            store = engine.Store(slots, config.num_key_value_heads, config.head_dim, capacity, self.K, self.L,
+                                 self.eps, self.storage, self.path, appends=False)
+        except PigjaxError as e:
+            raise ConfigError(f"magicpig (K={self.K}, L={self.L}, batch {batch}, {capacity} prompt tokens): {e}") from None
         with store:
             yield Runtime(EngineRef(store.handle_array, self.projection(config.head_dim)), store)
 

@@ -300,3 +300,18 @@ def test_window_is_sized_by_the_prompt_not_by_sink_and_local(tiny):
     prompt = [_tokens(600, 1, 2)[0].tolist()]
     got = pigjax.generate(tiny, prompt, max_new_tokens=6, attention=huge)
     assert got.tokens == pigjax.generate(tiny, prompt, max_new_tokens=6).tokens  # all exact = dense
+
+
+def test_large_k_tables_stay_small(tiny):
+    """K=16, L=512 used to take a 2^16-entry offset table per table per (row, KV head): 13.2 GB for
+    one 600-token SmolLM2 row. Short blocks now use compact tables (same sampled sets)."""
+    prompt = [_tokens(600, 1, 4)[0].tolist()]
+    stats = pigjax.generate(tiny, prompt, max_new_tokens=4, attention=pigjax.MagicPIG(K=16, L=512)).stats
+    per_head = stats["host_bytes_per_token_per_sparse_layer"] / tiny.config.num_key_value_heads
+    assert per_head < 8 * 512  # (index, code) pairs and bucket offsets; 4·512·65537/600 ≈ 224 KB before
+
+
+def test_magicpig_that_will_not_fit_is_refused_before_allocating(tiny, monkeypatch):
+    monkeypatch.setenv("PIGJAX_ENGINE_MAX_BYTES", "1M")
+    with pytest.raises(pigjax.ConfigError, match=r"magicpig \(K=10, L=150, batch 1, .*needs ~.* more than the 1 MB"):
+        pigjax.generate(tiny, [_tokens(300, 1)[0].tolist()], max_new_tokens=4, attention=pigjax.MagicPIG())
