@@ -44,6 +44,14 @@ def make_hf_llama(path, *, seed=0, init_range=0.1, config_json_overrides=None, *
     return model
 
 
+@pytest.fixture(scope="module")
+def hf_dir(tmp_path_factory):
+    """A tiny random GQA Llama as a Hugging Face directory (conversion and checkpoint tests)."""
+    path = tmp_path_factory.mktemp("src") / "tiny"
+    make_hf_llama(path, num_attention_heads=4, num_key_value_heads=2, hidden_size=32)
+    return path
+
+
 def hf_logits(model, tokens, lengths=None):
     tokens = torch.as_tensor(np.asarray(tokens), dtype=torch.long)
     mask = None

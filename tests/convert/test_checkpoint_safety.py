@@ -15,20 +15,12 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
-from conftest import make_hf_llama
 
 import pigjax
 from pigjax import CheckpointError, atomic
 from pigjax.convert import convert, convert_to_model
 
 ROOT = Path(__file__).resolve().parents[2]
-
-
-@pytest.fixture(scope="module")
-def hf_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("src") / "tiny"
-    make_hf_llama(path, num_attention_heads=4, num_key_value_heads=2, hidden_size=32)
-    return path
 
 
 @pytest.fixture(scope="module")

@@ -17,13 +17,6 @@ from pigjax import CheckpointError, ConfigError, ConversionError, PigjaxError
 
 
 @pytest.fixture(scope="module")
-def hf_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("src") / "tiny"
-    make_hf_llama(path, num_attention_heads=4, num_key_value_heads=2, hidden_size=32)
-    return path
-
-
-@pytest.fixture(scope="module")
 def reference(hf_dir):
     return convert_to_model(hf_dir, progress=False)[0]
 

@@ -24,6 +24,21 @@ def make_inputs(seed, b=2, hq=6, hkv=2, n=700, d=32, K=6, L=40, offset=3.0):
     return q, k, v, proj
 
 
+def _unbiased_setup(rng, trials, n, d, K, L):
+    """Centered keys k [n, d], values v, a query q, scores s, sampling probabilities u, and the
+    codes of k [trials, 1, n, L] and q [trials, 1, L] under `trials` independent projections."""
+    k = rng.normal(size=(n, d))
+    k -= k.mean(0)
+    v = rng.normal(size=(n, d))
+    q = rng.normal(size=d) * 0.5
+    s = k @ q / np.sqrt(d)
+    u = ref.sampling_probability(k @ q / (np.linalg.norm(k, axis=1) * np.linalg.norm(q)), K, L)
+    projs = rng.normal(size=(trials, d, K * L))
+    k_codes = np.stack([ref.simhash_codes(k, p, K) for p in projs])[:, None]
+    q_codes = np.stack([ref.simhash_codes(q[None], p, K) for p in projs])
+    return k, v, q, s, u, k_codes, q_codes
+
+
 def _check_unbiased(out, lse, sampled, s, u, v, eps):
     """Over the trials (rows), the sampled softmax's denominator, numerator and |S| match their
     expectations (sum of e^s·u/(u+eps), of that times v, and of u) within 4 standard errors.
@@ -110,15 +125,7 @@ def test_importance_weights_are_unbiased():
     (up to the eps of w = 1/(u+eps)), and E|S| = Σ u."""
     rng = np.random.default_rng(0)
     trials, n, d, K, L, eps = 600, 400, 16, 3, 8, 1e-4
-    k = rng.normal(size=(n, d))
-    k -= k.mean(0)
-    v = rng.normal(size=(n, d))
-    q = rng.normal(size=d) * 0.5
-    s = k @ q / np.sqrt(d)
-    u = ref.sampling_probability(k @ q / (np.linalg.norm(k, axis=1) * np.linalg.norm(q)), K, L)
-    projs = rng.normal(size=(trials, d, K * L))
-    k_codes = np.stack([ref.simhash_codes(k, p, K) for p in projs])[:, None]  # [trials, 1, n, L]
-    q_codes = np.stack([ref.simhash_codes(q[None], p, K) for p in projs])  # [trials, 1, L]
+    k, v, q, s, u, k_codes, q_codes = _unbiased_setup(rng, trials, n, d, K, L)
     with Store(trials, 1, d, n, K, L, eps, storage="f32") as store:
         slots = jnp.arange(trials, dtype=jnp.int32)
         counts = store.prefill(slots, jnp.asarray(np.broadcast_to(k, (trials, 1, n, d)), jnp.float32),
@@ -309,15 +316,7 @@ def test_append_estimator_stays_unbiased():
     """As test_importance_weights_are_unbiased, with 250 keys prefilled and 150 appended."""
     rng = np.random.default_rng(3)
     trials, n, n0, d, K, L, eps = 600, 400, 250, 16, 3, 8, 1e-4
-    k = rng.normal(size=(n, d))
-    k -= k.mean(0)
-    v = rng.normal(size=(n, d))
-    q = rng.normal(size=d) * 0.5
-    s = k @ q / np.sqrt(d)
-    u = ref.sampling_probability(k @ q / (np.linalg.norm(k, axis=1) * np.linalg.norm(q)), K, L)
-    projs = rng.normal(size=(trials, d, K * L))
-    k_codes = np.stack([ref.simhash_codes(k, p, K) for p in projs])[:, None]  # [trials, 1, n, L]
-    q_codes = np.stack([ref.simhash_codes(q[None], p, K) for p in projs])  # [trials, 1, L]
+    k, v, q, s, u, k_codes, q_codes = _unbiased_setup(rng, trials, n, d, K, L)
     kb = np.broadcast_to(k, (trials, 1, n, d)).astype(np.float32)
     vb = np.broadcast_to(v, (trials, 1, n, d)).astype(np.float32)
     with Store(trials, 1, d, n, K, L, eps, storage="f32") as store:
