@@ -3,7 +3,7 @@
 # io_callback there; the XLA FFI targets are CPU-only). Needs a Python with a CUDA jax, flax,
 # transformers, torch, nanobind, cmake and ninja (the project's device machine has them):
 #   OUT=out/device scripts/device_check.sh
-#   TESTS="tests/test_magicpig_engine.py -k callback" BENCH=0 scripts/device_check.sh   # a quick recheck
+#   TESTS="tests/engine/test_store.py -k callback" BENCH=0 scripts/device_check.sh   # a quick recheck
 # 1. builds the engine for that Python with cmake (no pip, no venv);
 # 2. runs the decode-path tests on the GPU (tests of the CPU-only FFI path and of the embedded
 #    SmolLM2, which is not there, are deselected);
@@ -31,7 +31,7 @@ export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 status=0
 echo "== tests on $("$PY" -c 'import jax; print(jax.default_backend())')"
 # TESTS: pytest arguments (default: the decode-path tests that need no embedded model and no CPU FFI)
-TESTS=${TESTS:-tests/test_backends.py tests/test_magicpig_engine.py tests/test_generate.py tests/test_mosaics_generate.py -k "not ffi and not smollm2"}
+TESTS=${TESTS:-tests/attention/test_backends.py tests/engine/test_store.py tests/test_generate.py tests/test_generate_mosaics.py -k "not ffi and not smollm2"}
 eval "timeout ${TEST_TIMEOUT:-210} $PY -m pytest -q -m 'not slow' -p no:cacheprovider $TESTS" > "$OUT/pytest.log" 2>&1 || status=1
 tail -25 "$OUT/pytest.log"
 [ "${BENCH:-1}" = 0 ] && exit $status
