@@ -12,6 +12,7 @@
 #include "ffi_handlers.h"
 #include "query.h"
 #include "simd.h"
+#include "simhash.h"
 #include "store.h"
 #include "store_args.h"
 #include "thread_pool.h"
@@ -125,6 +126,33 @@ NB_MODULE(_engine, m) {
 
   m.def("num_threads", [] { return pigjax::default_num_threads(); },
         "Default worker count: PIGJAX_NUM_THREADS, else hardware_concurrency().");
+
+  m.def("simhash_codes_np", [](CArray<float> x, CArray<float> proj, int64_t K,
+                              const std::string& kernel) {
+    if (kernel != "blocked" && kernel != "legacy")
+      throw nb::value_error("simhash_codes_np: kernel must be 'blocked' or 'legacy'");
+    const std::vector<int64_t> xs = shape_of(x), ps = shape_of(proj);
+    std::vector<int64_t> out_shape(xs.begin(), xs.end());
+    if (!out_shape.empty() && ps.size() == 2 && K > 0) out_shape.back() = ps[1] / K;
+    pigjax::ArrayView<int32_t> out;
+    auto result = new_array<int32_t>(out_shape, &out);
+    run("simhash_codes_np", [&]() -> std::string {
+      if (ps.size() != 2) return "proj must have shape [d, K*L] (rank 2)";
+      pigjax::SimhashPlan plan;
+      std::string err = pigjax::plan_simhash(xs, ps, out_shape, K, &plan);
+      if (!err.empty()) return err;
+      if (kernel == "legacy")
+        pigjax::simhash_codes_legacy_at(pigjax::simd_level(), x.data(), plan.rows, plan.d,
+                                        proj.data(), plan.K, plan.L, out.data);
+      else
+        pigjax::simhash_codes_planned(plan, x.data(), proj.data(), out.data);
+      return std::string();
+    });
+    return result;
+  }, nb::arg("x"), nb::arg("proj"), nb::arg("K"), nb::arg("kernel") = "blocked",
+     "SimHash codes of NumPy arrays x [..., d], proj [d, K*L] (float32, C-contiguous) -> int32 "
+     "[..., L]. kernel='blocked' (the FFI handler's: multi-threaded) or 'legacy' (the "
+     "single-thread kernel of commit 4ac4b4a), at simd_level(). For benchmarks and tests.");
 
   // ---- LSH KV store (store.h, query.h) and its thread pool (thread_pool.h) ----
   m.def("set_num_threads", [](int n) {

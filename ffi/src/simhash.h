@@ -5,10 +5,15 @@
 //   code    = sum_j bit_j << j                        (0 <= code < 2^K)
 // A dot product that is exactly 0 (e.g. an all-zero row) or NaN gives a 0 bit.
 //
-// Dot products are float32, accumulated over d in index order. The scalar path
-// uses separate multiply and add; the AVX2/AVX-512 paths use FMA, so a dot product
-// can differ in the last ulp between SIMD levels and a bit can flip only when the
-// dot product is within rounding error of 0. Random inputs essentially never hit this.
+// Dot products are float32, accumulated over d in index order starting from 0. The scalar
+// path uses separate multiply and add; the AVX2/AVX-512 paths use FMA, so a dot product can
+// differ in the last ulp between SIMD levels and a bit can flip only when the dot product is
+// within rounding error of 0. Random inputs essentially never hit this. At a given level the
+// result does not depend on the thread count or the blocking, and equals the legacy kernel's.
+//
+// The kernel is a blocked matrix product on the engine's thread pool (thread_pool.h): tiles of
+// rows x column panels accumulate in registers and are compared with 0 into sign bits (no
+// float [n, K*L] intermediate); rows are split over the pool in chunks. See BUILD.md, "SimHash".
 #pragma once
 
 #include <cstdint>
@@ -23,13 +28,18 @@ constexpr int kMaxSimhashBits = 16;
 
 // Preconditions (not checked here; the FFI handler validates): n >= 0, d >= 0,
 // 1 <= K <= kMaxSimhashBits, L >= 0; x has n*d floats, proj d*K*L, codes n*L.
-// Dispatches on simd_level().
+// Dispatches on simd_level(); splits rows over the thread pool when the call is large enough.
 void simhash_codes(const float* x, int64_t n, int64_t d, const float* proj, int K, int64_t L,
                    int32_t* codes);
 
 // Same, at an explicit level. The level must be <= hardware_simd_level().
 void simhash_codes_at(SimdLevel level, const float* x, int64_t n, int64_t d, const float* proj,
                       int K, int64_t L, int32_t* codes);
+
+// The single-thread kernels as of commit 4ac4b4a (4-row blocks, proj read in place, scalar
+// bit packing), for benchmarks and tests. Same contract and, at a given level, the same codes.
+void simhash_codes_legacy_at(SimdLevel level, const float* x, int64_t n, int64_t d,
+                             const float* proj, int K, int64_t L, int32_t* codes);
 
 // Shape plan for the batched/broadcast form used by the FFI handler:
 //   x     [*B_x, *R, d]     proj [*B_p, d, K*L]     codes [*B, *R, L]
@@ -52,7 +62,8 @@ struct SimhashPlan {
 std::string plan_simhash(const std::vector<int64_t>& x_dims, const std::vector<int64_t>& proj_dims,
                          const std::vector<int64_t>& out_dims, int64_t K, SimhashPlan* plan);
 
-// Runs a validated plan.
+// Runs a validated plan at simd_level(), on the thread pool: tasks are (batch element, chunk
+// of rows); a proj shared by all batch elements is packed once per call.
 void simhash_codes_planned(const SimhashPlan& plan, const float* x, const float* proj,
                            int32_t* codes);
 

@@ -13,6 +13,14 @@ uses columns ``[l*K, (l+1)*K)``; bit ``j`` is ``x @ proj[:, l*K+j] > 0``; the co
   the **CPU backend only** (the target is registered for ``platform="cpu"``).
 * :func:`simhash_codes_reference` is the same function in plain ``jnp``; use it on
   other backends, or when differentiating through code that calls it.
+* :func:`simhash_codes_np` runs the same kernel on NumPy arrays outside JAX, or (with
+  ``kernel="legacy"``) the single-thread kernel of commit 4ac4b4a; for tests and benchmarks.
+
+The C++ kernel is a blocked matrix product that splits rows over the engine's thread pool
+(``num_threads()`` workers by default; ``pigjax._engine.set_num_threads`` resizes it). At a
+given SIMD level its codes do not depend on the thread count and equal the legacy kernel's
+bit for bit (same multiply-adds in the same order). BUILD.md, "SimHash", has the figures and
+why the dot products are not left to XLA's dot.
 
 The two agree except where a dot product is within float32 rounding of 0 (the kernels
 accumulate in a different order / with FMA); exactly-zero and NaN dot products give 0 bits
@@ -38,6 +46,7 @@ __all__ = [
     "set_simd_level",
     "cpu_features",
     "num_threads",
+    "simhash_codes_np",
 ]
 
 MAX_K = 16
@@ -48,6 +57,7 @@ hardware_simd_level = _engine.hardware_simd_level
 set_simd_level = _engine.set_simd_level
 cpu_features = _engine.cpu_features
 num_threads = _engine.num_threads
+simhash_codes_np = _engine.simhash_codes_np
 
 
 def _register_targets() -> None:
