@@ -25,7 +25,7 @@ from pigjax.attention.dense import Dense
 from pigjax.errors import PigjaxError
 from pigjax.families import Family, family_of
 from pigjax.model import Model
-from pigjax.sampling import Sampler
+from pigjax.sampling import Sampler, check_seed
 
 FINISH_REASONS = ("running", "eos", "stop", "length")  # index = DecodeState.finish code
 STREAM_CHUNK = 8  # decode steps per jitted call when streaming
@@ -250,8 +250,7 @@ def generate(
     """
     if not isinstance(max_new_tokens, (int, np.integer)) or isinstance(max_new_tokens, bool) or max_new_tokens < 0:
         raise PigjaxError(f"max_new_tokens must be a non-negative integer, got {max_new_tokens!r}")
-    if not isinstance(seed, (int, np.integer)) or isinstance(seed, bool) or not -2**63 <= seed < 2**63:
-        raise PigjaxError(f"seed must be an integer in [-2**63, 2**63), got {seed!r}")
+    check_seed("generate", seed)
     sampler = Sampler(temperature, top_k, top_p)
     several = isinstance(attention, (list, tuple))
     backends = list(attention) if several else [attention if attention is not None else Dense()]

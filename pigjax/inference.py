@@ -11,6 +11,7 @@ import numpy as np
 from pigjax.errors import PigjaxError
 from pigjax.families import family_of
 from pigjax.model import Model
+from pigjax.models.inputs import out_of_vocabulary
 
 
 def check_tokens(config, tokens, lengths=None) -> tuple[np.ndarray, np.ndarray]:
@@ -31,12 +32,9 @@ def check_tokens(config, tokens, lengths=None) -> tuple[np.ndarray, np.ndarray]:
     if lengths.min() < 1 or lengths.max() > t:
         raise PigjaxError(f"lengths must lie in [1, {t}], got {lengths.tolist()}")
     valid = np.arange(t)[None, :] < lengths[:, None]
-    bad = valid & ((tokens < 0) | (tokens >= config.vocab_size))
-    if bad.any():
-        row, col = map(int, np.argwhere(bad)[0])
-        raise PigjaxError(
-            f"token id {int(tokens[row, col])} at [{row}, {col}] is outside the vocabulary [0, {config.vocab_size})"
-        )
+    problem = out_of_vocabulary(tokens, valid, config.vocab_size)
+    if problem:
+        raise PigjaxError(problem)
     return np.where(valid, tokens, 0).astype(np.int32), lengths.astype(np.int32)
 
 

@@ -56,6 +56,12 @@ class Sampler:
         return jax.vmap(jax.random.categorical)(keys, filtered).astype(jnp.int32)
 
 
+def check_seed(where: str, seed, error=PigjaxError):
+    """A seed jax.random.key accepts: an integer in [-2**63, 2**63)."""
+    if not _integer(seed) or not -2**63 <= seed < 2**63:
+        raise error(f"{where}: seed must be an integer in [-2**63, 2**63), got {seed!r}")
+
+
 def _real(x) -> bool:
     return isinstance(x, numbers.Real) and not isinstance(x, bool) and not math.isnan(x)
 

@@ -17,9 +17,10 @@ from flax import struct
 from pigjax.attention.backend import Cache, Runtime, StepContext, init_kv, write_kv
 from pigjax.attention.dense import attend
 from pigjax.attention.softmax import group_scores, merge, softmax_part
-from pigjax.attention.sparse import SparseBackend, SparseShared, check_seed, count_reads
+from pigjax.attention.sparse import SparseBackend, SparseShared, count_reads
 from pigjax.attention.split import middle_bounds, middle_mask
 from pigjax.errors import ConfigError
+from pigjax.sampling import check_seed
 
 
 @struct.dataclass
@@ -168,7 +169,7 @@ class Oracle(_FullCacheBaseline):
 
     def __post_init__(self):
         super().__post_init__()
-        check_seed(self.name, self.seed)
+        check_seed(self.name, self.seed, ConfigError)
         # The smallest power of two >= fraction: fractions below it share a program.
         object.__setattr__(self, "cap", 2.0 ** -math.floor(-math.log2(float(self.fraction))))
 

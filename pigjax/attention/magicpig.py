@@ -21,11 +21,12 @@ from flax import struct
 from pigjax.attention.backend import KV, Cache, Runtime, StepContext, init_kv, write_kv, write_rows
 from pigjax.attention.dense import attend
 from pigjax.attention.softmax import merge, partial_softmax
-from pigjax.attention.sparse import SparseBackend, SparseShared, check_seed, count_reads
+from pigjax.attention.sparse import SparseBackend, SparseShared, count_reads
 from pigjax.attention.split import exact_positions, middle_bounds, middle_mask
 from pigjax.engine import native
 from pigjax.engine import store as engine
 from pigjax.errors import ConfigError, PigjaxError
+from pigjax.sampling import check_seed
 
 MAX_TABLE_BITS = 8192  # K·L: the projection is [d, K·L] and every key's codes cost d·K·L flops
 
@@ -82,7 +83,7 @@ class MagicPIG(SparseBackend):
             raise ConfigError(f"magicpig: K·L = {self.K * self.L} is too large (at most {MAX_TABLE_BITS})")
         if not isinstance(self.eps, (int, float)) or not 0 < self.eps < math.inf:
             raise ConfigError(f"magicpig: eps must be a finite number > 0, got {self.eps!r}")
-        check_seed(self.name, self.seed)
+        check_seed(self.name, self.seed, ConfigError)
         if self.storage not in ("bf16", "f32"):
             raise ConfigError(f"magicpig: storage must be 'bf16' or 'f32', got {self.storage!r}")
         if self.path not in (None, "ffi", "callback"):

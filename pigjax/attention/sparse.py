@@ -9,7 +9,6 @@ Prefill is dense for every back-end (as in MagicPIG): a prompt splits into sink,
 from __future__ import annotations
 
 import dataclasses
-import numbers
 import jax
 import jax.numpy as jnp
 from flax import struct
@@ -25,12 +24,6 @@ class SparseShared:
     prompt_len: jax.Array  # [B] tokens of the prefilled prompt (whose middle is sparse)
     read: jax.Array  # f32: middle keys read, summed over decode steps, sparse layers, query heads
     total: jax.Array  # f32: middle keys there were, same sum
-
-
-def check_seed(name: str, seed):
-    """A seed jax.random.key accepts: an integer in [-2**63, 2**63)."""
-    if not isinstance(seed, numbers.Integral) or isinstance(seed, bool) or not -2**63 <= seed < 2**63:
-        raise ConfigError(f"{name}: seed must be an integer in [-2**63, 2**63), got {seed!r}")
 
 
 def count_reads(read_per_row, n_middle, num_new, heads: int):

@@ -18,10 +18,13 @@ __all__ = ["convert", "convert_to_model", "default_checkpoint"]
 
 
 def _source(src) -> tuple[Path, str]:
-    """`src` ('default', a HF directory or a .gguf file) -> (its path, suggested checkpoint name)."""
+    """`src` ('default', a HF directory or a .gguf file) -> (its path, suggested checkpoint name);
+    ConversionError if it does not exist."""
     if str(src) == "default":
         return assets.default_gguf_path(), assets.DEFAULT_MODEL_NAME
     path = Path(src)
+    if not path.exists():
+        raise ConversionError(f"source {path} does not exist")
     return path, path.stem if path.suffix == ".gguf" else path.name
 
 
@@ -30,8 +33,6 @@ def convert_to_model(src, *, dtype=np.float32, progress: bool = True) -> tuple[M
 
     Raises ConversionError naming the tensor if a converted weight holds NaN or infinity."""
     path, name = _source(src)
-    if not path.exists():
-        raise ConversionError(f"source {path} does not exist")
     if path.is_dir():
         _, config = read_config(path)
         tensors, tokenizer = read_tensors(path), read_tokenizer(path)
@@ -51,8 +52,6 @@ def convert(src, out=None, *, dtype=np.float32, overwrite: bool = False, progres
     be writable, and `overwrite` replaces only an existing pigjax checkpoint, never the source."""
     path, name = _source(src)
     out = Path(out) if out is not None else assets.checkpoints_dir() / name
-    if not path.exists():
-        raise ConversionError(f"source {path} does not exist")
     check_destination(out, overwrite=overwrite, protect=[path])
     model, _ = convert_to_model(src, dtype=dtype, progress=progress)
     return save(model, out, overwrite=overwrite, source=str(src), protect=[path])

@@ -1,4 +1,4 @@
-"""The C++ LSH store (ffi/src/lsh_store.*) from Python and from jitted code.
+"""The C++ LSH store (ffi/src/store.*, query.*) from Python and from jitted code.
 
 A `Store` owns, per (sequence slot, KV head), the centered middle keys, values, key norms and L
 SimHash tables of a prefilled sequence, plus an optional append buffer of later tokens. Its jittable

@@ -26,16 +26,22 @@ def check_step(name: str, vocab_size: int, tokens, starts, num_new, capacity: in
     if any(isinstance(x, jax.core.Tracer) for x in (tokens, starts, num_new)):
         return
     tokens, starts, num_new = np.asarray(tokens), np.asarray(starts), np.asarray(num_new)
-    real = np.arange(t)[None, :] < num_new[:, None]
-    bad = real & ((tokens < 0) | (tokens >= vocab_size))
-    if bad.any():
-        row, col = map(int, np.argwhere(bad)[0])
-        raise PigjaxError(f"{name}: token id {int(tokens[row, col])} at [{row}, {col}] is outside the "
-                          f"vocabulary [0, {vocab_size})")
+    problem = out_of_vocabulary(tokens, np.arange(t)[None, :] < num_new[:, None], vocab_size)
+    if problem:
+        raise PigjaxError(f"{name}: {problem}")
     if capacity is not None and np.any(starts + num_new > capacity):
         row = int(np.argmax(starts + num_new > capacity))
         raise PigjaxError(f"{name}: row {row} holds {int(starts[row])} tokens; {int(num_new[row])} more exceed the "
                           f"cache's capacity ({capacity} positions)")
+
+
+def out_of_vocabulary(tokens: np.ndarray, real: np.ndarray, vocab_size: int) -> str | None:
+    """What is wrong with the first id outside [0, vocab_size) where `real` holds, or None."""
+    bad = real & ((tokens < 0) | (tokens >= vocab_size))
+    if not bad.any():
+        return None
+    row, col = map(int, np.argwhere(bad)[0])
+    return f"token id {int(tokens[row, col])} at [{row}, {col}] is outside the vocabulary [0, {vocab_size})"
 
 
 def embed_checked(embed, tokens, vocab_size: int):
