@@ -17,7 +17,7 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from pigjax import atomic
+from pigjax import atomic, sharding
 from pigjax.checksums import checksums
 from pigjax.checksums import verify as verify_checksums
 from pigjax.errors import CheckpointError
@@ -211,8 +211,11 @@ def _param_dtype(meta: dict, meta_file: Path) -> np.dtype:
     return dtype
 
 
-def load(path, *, dtype=None, tokenizer: bool = True, verify: bool = True) -> Model:
+def load(path, *, dtype=None, tokenizer: bool = True, verify: bool = True, mesh=None) -> Model:
     """Load a checkpoint written by `save` (or `pigjax.convert`); `dtype` casts the parameters.
+
+    `mesh` (axes "data" and "model", `pigjax.sharding`): each array is restored straight into its
+    sharded layout (every process reads only its own shards' bytes).
 
     `verify` checks every array against its checksum in pigjax.json (CheckpointError naming the
     array on a mismatch); verify=False skips it. Checkpoints without checksums (older pigjax) load
@@ -228,6 +231,10 @@ def load(path, *, dtype=None, tokenizer: bool = True, verify: bool = True) -> Mo
     except (KeyError, TypeError, ValueError) as e:
         raise CheckpointError(f"{path / META_FILE}: bad config: {e}") from None
     target = family.param_shapes(config, _param_dtype(meta, path / META_FILE))
+    if mesh is not None:
+        mesh = sharding.check_mesh(mesh)
+        target = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), target,
+                              sharding.param_shardings(config, target, mesh))
     try:
         with OrbaxCall():
             params = ocp.StandardCheckpointer().restore(path / "params", target)
@@ -237,7 +244,7 @@ def load(path, *, dtype=None, tokenizer: bool = True, verify: bool = True) -> Mo
     if verify:
         verify_checksums(params, meta, path, META_FILE)
     model = Model(config, params, _load_tokenizer(path / "tokenizer") if tokenizer else None)
-    return model.astype(dtype) if dtype is not None else model
+    return model.astype(dtype) if dtype is not None else model  # astype keeps each array's sharding
 
 
 def _check_matches(params, target, path: Path):

@@ -15,6 +15,7 @@ import jax
 import numpy as np
 
 from pigjax.errors import CheckpointError
+from pigjax.sharding import gather
 
 ALGORITHM = "crc32"
 
@@ -32,7 +33,7 @@ def _array_name(path) -> str:
 
 
 def _checksum(a, algorithm: str) -> str:
-    a = np.ascontiguousarray(np.asarray(a))
+    a = np.ascontiguousarray(gather(a))  # a sharded multi-process array: the whole of it
     if a.dtype.byteorder == ">":
         a = a.astype(a.dtype.newbyteorder("<"))
     data = a.reshape(-1).view(np.uint8)

@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
+from pigjax import sharding
 from pigjax.attention.backend import Backend, Cache
 from pigjax.attention.dense import Dense
 from pigjax.errors import PigjaxError
@@ -234,6 +235,7 @@ def generate(
     attention=None,
     chat: bool = False,
     stream: Callable[[int, list[int]], None] | None = None,
+    mesh=None,
 ) -> Generation | list[Generation]:
     """Generate up to `max_new_tokens` for each prompt (strings or token-id lists, ragged).
 
@@ -247,10 +249,14 @@ def generate(
     fraction a MagicPIG back-end measured, on the same prefill. A Memory Mosaics model takes
     Dense() (exact retrieval) or MagicPIG(...) (sampled retrieval, pigjax.models.mosaics_memory) and
     runs one (exact) prefill per back-end (its family shares no prefill: `pigjax.families`).
+    `mesh`: a `jax.sharding.Mesh` with axes "data" and "model" to decode on (`pigjax.sharding`):
+    rows split over "data" (the batch is padded to a multiple of its size), heads and the MLP over
+    "model"; in a multi-process run (`jax.distributed`) every process makes the same call.
     """
     if not isinstance(max_new_tokens, (int, np.integer)) or isinstance(max_new_tokens, bool) or max_new_tokens < 0:
         raise PigjaxError(f"max_new_tokens must be a non-negative integer, got {max_new_tokens!r}")
     check_seed("generate", seed)
+    mesh = None if mesh is None else sharding.check_mesh(mesh)
     sampler = Sampler(temperature, top_k, top_p)
     several = isinstance(attention, (list, tuple))
     backends = list(attention) if several else [attention if attention is not None else Dense()]
@@ -283,8 +289,9 @@ def generate(
                                    ["length"] * n_rows, {"prefill_seconds": 0.0, "decode_tokens_per_second": 0.0,
                                                          "compile_seconds": 0.0, **backend.stats(config, model.dtype)}))
     else:
-        gens = _generate(model, ids, lengths, max_new_tokens, sampler, backends, seed, stop_table, stop_strings,
-                         eos, stream)
+        with sharding.use(mesh):
+            gens = _generate(model, ids, lengths, max_new_tokens, sampler, backends, seed, stop_table, stop_strings,
+                             eos, stream, mesh)
     return gens if several else gens[0]
 
 
@@ -303,12 +310,14 @@ def _resolve(entry, gens: list[Generation], family: Family):
 
 
 def _generate(model, ids, lengths, max_new_tokens, sampler, backends, seed, stop_table, stop_strings,
-              eos, stream) -> list[Generation]:
+              eos, stream, mesh) -> list[Generation]:
     config = model.config
     n_rows = len(ids)
 
     # Bucketed shapes; padding rows hold one token and are finished before they start.
     b = 1 << (n_rows - 1).bit_length()
+    if mesh is not None:  # rows split evenly over the data axis
+        b = -(-b // sharding.axis_size(mesh, sharding.DATA)) * sharding.axis_size(mesh, sharding.DATA)
     t = bucket(max(lengths))
     capacity = bucket(max(t, max(lengths) + max_new_tokens))
     out_len = bucket(max_new_tokens)
@@ -317,16 +326,21 @@ def _generate(model, ids, lengths, max_new_tokens, sampler, backends, seed, stop
         tokens[i, : len(p)] = p
     row_lengths = np.array(lengths + [1] * (b - n_rows), np.int32)
     base = jax.random.key(seed)
-    keys = jax.vmap(lambda i: jax.random.fold_in(base, i))(jnp.arange(b))
-    stops = Stops(jnp.asarray(eos or [-1], jnp.int32), jnp.asarray(stop_table), jnp.asarray(max_new_tokens, jnp.int32))
+    key_data = np.asarray(jax.random.key_data(jax.vmap(lambda i: jax.random.fold_in(base, i))(jnp.arange(b))))
+    tokens, row_lengths, live, key_data = sharding.put_batch(mesh, tokens, row_lengths, np.arange(b) < n_rows, key_data)
+    keys = jax.random.wrap_key_data(key_data, impl=jax.random.key_impl(base))
+    stops = sharding.replicate(mesh, Stops(np.asarray(eos or [-1], np.int32), stop_table,
+                                           np.asarray(max_new_tokens, np.int32)))
     family = family_of(config)
+    params = model.params if mesh is None else sharding.shard_params(config, model.params, mesh)
     if not family.shares_prefill:
-        return [_generate_own_prefill(model, backend, tokens, row_lengths, n_rows, keys, stops, sampler, capacity,
-                                      out_len, lengths, max_new_tokens, stop_strings, stream) for backend in backends]
+        return [_generate_own_prefill(model, params, backend, tokens, row_lengths, live, n_rows, keys, stops, sampler,
+                                      capacity, out_len, lengths, max_new_tokens, stop_strings, stream, mesh)
+                for backend in backends]
     with _compile_timer() as compile_prefill:
         start = time.perf_counter()
-        params = family.decode_params(model.params)
-        prefix, out, count, finish = _prefill(params, tokens, row_lengths, np.arange(b) < n_rows, keys, stops,
+        params = family.decode_params(params)
+        prefix, out, count, finish = _prefill(params, tokens, row_lengths, live, keys, stops,
                                               config=config, sampler=sampler, out_len=out_len)
         jax.block_until_ready(prefix)
         prefill_seconds = time.perf_counter() - start - compile_prefill[0]
@@ -338,33 +352,34 @@ def _generate(model, ids, lengths, max_new_tokens, sampler, backends, seed, stop
         with backend.resources(config, b, family.engine_capacity(t, capacity)) as runtime:
             with _compile_timer() as compile_fork:
                 start = time.perf_counter()
-                cache = _fork(prefix, jnp.asarray(row_lengths), runtime.arrays, config=config, backend=backend,
-                              capacity=capacity, out_len=out_len)
+                cache = _fork(prefix, row_lengths, sharding.replicate(mesh, runtime.arrays), config=config,
+                              backend=backend, capacity=capacity, out_len=out_len)
                 jax.block_until_ready(cache)
                 fork_seconds = time.perf_counter() - start - compile_fork[0]
             # _decode donates its state: each back-end gets its own copy of the shared arrays.
-            state = DecodeState(cache, *(jnp.copy(x) for x in (out, count, finish, keys)), jnp.zeros((), jnp.int32))
+            state = DecodeState(cache, *(jnp.copy(x) for x in (out, count, finish, keys)),
+                                sharding.replicate(mesh, np.zeros((), np.int32)))
             gens.append(_decode_all(model, params, state, stops, sampler, backend, runtime, lengths, max_new_tokens,
                                     stop_strings, stream, dict(shape, fork_seconds=fork_seconds,
                                                                fork_compile=compile_fork[0])))
     return gens
 
 
-def _generate_own_prefill(model, backend, tokens, row_lengths, n_rows, keys, stops, sampler, capacity, out_len,
-                          lengths, max_new_tokens, stop_strings, stream) -> Generation:
+def _generate_own_prefill(model, params, backend, tokens, row_lengths, live, n_rows, keys, stops, sampler, capacity,
+                          out_len, lengths, max_new_tokens, stop_strings, stream, mesh) -> Generation:
     """One back-end with its own prefill (Memory Mosaics: exact and sampled retrieval keep different states)."""
     b, t = tokens.shape
     family = family_of(model.config)
-    params = family.decode_params(model.params)
+    params = family.decode_params(params)
     with backend.resources(model.config, b, family.engine_capacity(t, capacity)) as runtime:
         with _compile_timer() as compile_prefill:
             start = time.perf_counter()
-            state = _prefill_own(params, tokens, row_lengths, np.arange(b) < n_rows, keys, stops,
-                                 runtime.arrays, config=model.config, backend=backend, sampler=sampler,
-                                 capacity=capacity, out_len=out_len)
+            state = _prefill_own(params, tokens, row_lengths, live, keys, stops,
+                                 sharding.replicate(mesh, runtime.arrays), config=model.config, backend=backend,
+                                 sampler=sampler, capacity=capacity, out_len=out_len)
             jax.block_until_ready(state)
             prefill_seconds = time.perf_counter() - start - compile_prefill[0]
-        state = DecodeState(*state, jnp.copy(keys), jnp.zeros((), jnp.int32))
+        state = DecodeState(*state, jnp.copy(keys), sharding.replicate(mesh, np.zeros((), np.int32)))
         shape = dict(b=b, t=t, capacity=capacity, out_len=out_len, prefill_seconds=prefill_seconds,
                      prefill_compile=compile_prefill[0], fork_seconds=0.0, fork_compile=0.0)
         return _decode_all(model, params, state, stops, sampler, backend, runtime, lengths, max_new_tokens,
@@ -381,7 +396,7 @@ def _decode_all(model, params, state, stops, sampler, backend, runtime, lengths,
     def emit(state):
         if stream is None:
             return
-        out, count = np.asarray(state.out), np.asarray(state.count)
+        out, count = sharding.gather(state.out), sharding.gather(state.count)
         for r in range(n_rows):
             if count[r] > emitted[r]:
                 stream(r, out[r, emitted[r]: count[r]].tolist())
@@ -398,7 +413,7 @@ def _decode_all(model, params, state, stops, sampler, backend, runtime, lengths,
         jax.block_until_ready(state)
         decode_seconds = time.perf_counter() - start - compile_decode[0]
 
-    out, count, finish = (np.asarray(x)[:n_rows] for x in (state.out, state.count, state.finish))
+    out, count, finish = (sharding.gather(x)[:n_rows] for x in (state.out, state.count, state.finish))
     new_tokens = [out[r, : count[r]].tolist() for r in range(n_rows)]
     reasons = [FINISH_REASONS[f] for f in finish]
     texts = None

@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from pigjax import sharding
 from pigjax.errors import PigjaxError
 from pigjax.families import family_of
 from pigjax.model import Model
@@ -45,11 +46,19 @@ def _forward(params, config, tokens, lengths):
     return jnp.where(valid[..., None], logits, 0.0)
 
 
-def forward(model: Model, tokens, lengths=None) -> jax.Array:
+def forward(model: Model, tokens, lengths=None, *, mesh=None) -> jax.Array:
     """Logits [B, T, vocab] float32 for tokens [B, T] int32.
 
     `lengths` [B] marks right-padded rows: row b's tokens at t >= lengths[b] are ignored and their
     logits are 0. Valid positions do not depend on the padding (attention is causal).
+    `mesh` (axes "data" and "model", `pigjax.sharding`): rows split over "data" (B must divide
+    evenly), heads and the MLP over "model"; the logits come back sharded by rows.
     """
     tokens, lengths = check_tokens(model.config, tokens, lengths)
-    return _forward(model.params, model.config, tokens, lengths)
+    if mesh is None:
+        return _forward(model.params, model.config, tokens, lengths)
+    mesh = sharding.check_mesh(mesh)
+    sharding.check_batch(mesh, tokens.shape[0], "tokens: a batch")
+    with sharding.use(mesh):
+        params = sharding.shard_params(model.config, model.params, mesh)
+        return _forward(params, model.config, *sharding.put_batch(mesh, tokens, lengths))

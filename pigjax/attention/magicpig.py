@@ -25,6 +25,7 @@ from pigjax.attention.sparse import SparseBackend, SparseShared, count_reads
 from pigjax.attention.split import exact_positions, middle_bounds, middle_mask
 from pigjax.engine import native
 from pigjax.engine import store as engine
+from pigjax.engine.grid import open_store
 from pigjax.errors import ConfigError, PigjaxError
 from pigjax.sampling import check_seed
 
@@ -45,8 +46,9 @@ class Window:
 class EngineRef:
     """What jitted code needs to reach an engine store (the `Runtime.arrays` of `resources`)."""
 
-    handle: jax.Array  # rank-0 int32: the engine store
+    handle: jax.Array  # rank-0 int32: the engine store (a StoreGrid's: [data, model], one per device)
     proj: jax.Array  # [d, K·L] f32: the SimHash projection
+    heads: str | None = struct.field(pytree_node=False, default=None)  # how a StoreGrid splits heads
 
 
 @struct.dataclass
@@ -106,12 +108,13 @@ class MagicPIG(SparseBackend):
         are estimated before anything is allocated: settings that would not fit raise ConfigError."""
         slots = max(1, len(self.sparse_layers(config.num_hidden_layers)) * batch)
         try:  # MagicPIG never appends: the estimate counts the prompt's tables only
-            store = engine.Store(slots, config.num_key_value_heads, config.head_dim, capacity, self.K, self.L,
-                                 self.eps, self.storage, self.path, appends=False)
+            store = open_store(slots, config.num_key_value_heads, config.head_dim, capacity, self.K, self.L,
+                               self.eps, self.storage, self.path, appends=False, num_heads=config.num_attention_heads)
         except PigjaxError as e:
             raise ConfigError(f"magicpig (K={self.K}, L={self.L}, batch {batch}, {capacity} prompt tokens): {e}") from None
         with store:
-            yield Runtime(EngineRef(store.handle_array, self.projection(config.head_dim)), store)
+            yield Runtime(EngineRef(store.handle_array, self.projection(config.head_dim), getattr(store, "heads", None)),
+                          store)
 
     def init_cache(self, config, batch, capacity, window, dtype, runtime: EngineRef = None) -> Cache:
         if runtime is None:
@@ -132,8 +135,8 @@ class MagicPIG(SparseBackend):
                               jnp.zeros((batch,), jnp.int32))
         return Cache(tuple(layers), jnp.zeros((batch,), jnp.int32), shared)
 
-    def _codes(self, x, proj):
-        return engine.simhash_codes(x.astype(jnp.float32), proj, self.K, self._path())
+    def _codes(self, x, rt: EngineRef):
+        return engine.simhash_codes(x.astype(jnp.float32), rt.proj, self.K, self._path(), rt.heads)
 
     def _path(self):
         return self.path or engine.default_path()
@@ -169,8 +172,8 @@ class MagicPIG(SparseBackend):
         k32, v32 = kt.astype(jnp.float32), vt.astype(jnp.float32)
         kc = center(k32, lengths, self.sink, self.local)
         mu = (k32 - kc)[:, :, 0]
-        counts = engine.prefill(rt.handle, slots, kc, v32, self._codes(kc, rt.proj), lengths,
-                                sink=self.sink, local=self.local, path=self._path())
+        counts = engine.prefill(rt.handle, slots, kc, v32, self._codes(kc, rt), lengths,
+                                sink=self.sink, local=self.local, path=self._path(), heads=rt.heads)
         width = self.exact_width(kt.shape[2])
         pos, valid = exact_positions(lengths, self.sink, self.local, width)
         take = lambda x: jnp.where(valid[:, None, :, None],
@@ -191,8 +194,8 @@ class MagicPIG(SparseBackend):
         q1 = q[:, 0].astype(jnp.float32)
         seen = (jnp.arange(win_k.shape[2])[None, :] <= shared.filled[:, None])[:, None, None]
         out_g, lse_g = partial_softmax(q1, win_k, win_v, seen)
-        out_s, lse_s, sampled = engine.query(rt.handle, slots, q1, self._codes(q1, rt.proj), state.counts,
-                                             path=self._path())
+        out_s, lse_s, sampled = engine.query(rt.handle, slots, q1, self._codes(q1, rt), state.counts,
+                                             path=self._path(), heads=rt.heads)
         out, _ = merge(out_g, lse_g, out_s, lse_s)
         lo, hi = middle_bounds(shared.prompt_len, self.sink, self.local)
         reads = count_reads(jnp.sum(sampled, axis=1).astype(jnp.float32), hi - lo, ctx.num_new, hq)

@@ -26,6 +26,7 @@ import numbers
 import operator
 import threading
 import weakref
+from functools import partial
 
 import jax
 import jax.numpy as jnp
@@ -33,6 +34,7 @@ import numpy as np
 
 from jax.experimental import io_callback
 
+from pigjax import sharding
 from pigjax.engine import native  # registers the FFI targets
 from pigjax.errors import PigjaxError
 
@@ -246,20 +248,28 @@ def default_path() -> str:
     return "ffi" if jax.default_backend() == "cpu" else "callback"
 
 
-def simhash_codes(x, proj, K: int, path: str | None = None):
+def simhash_codes(x, proj, K: int, path: str | None = None, heads: str | None = None):
     """SimHash codes of x [..., d] (see `pigjax.engine.native`): the C++ kernel on the "ffi" path, the
-    same function in jnp elsewhere (the FFI target exists for the CPU backend only)."""
+    same function in jnp elsewhere (the FFI target exists for the CPU backend only). Under a mesh,
+    x is [batch, heads, ..., d] and the kernel runs per shard (`heads`: see `pigjax.sharding`)."""
     if (path or default_path()) == "ffi":
-        return native.simhash_codes(x, proj, K)
+        return sharding.rows_and_heads(lambda x, p: native.simhash_codes(x, p, K), x, proj, heads=heads)
     return native.simhash_codes_reference(x, proj, K)
 
 
-def prefill(handle, slots, keys, values, codes, lengths, *, sink: int, local: int, path: str = "ffi"):
-    """Fill `slots` [B] of store `handle` (rank-0 int32) with centered keys, values [B, Hkv, n, d]
-    f32 and their codes [B, Hkv, n, L] int32; positions [sink, length − local) are stored.
-    -> middle counts [B] int32."""
+def prefill(handle, slots, keys, values, codes, lengths, *, sink: int, local: int, path: str = "ffi",
+            heads: str | None = None):
+    """Fill `slots` [B] of store `handle` (rank-0 int32, or a `StoreGrid`'s [data, model] grid)
+    with centered keys, values [B, Hkv, n, d] f32 and their codes [B, Hkv, n, L] int32; positions
+    [sink, length − local) are stored. -> middle counts [B] int32. `heads`: how a grid splits the
+    heads (`pigjax.sharding.engine_shards`)."""
     _check("prefill", handle=(handle, jnp.int32, 0), slots=(slots, jnp.int32, 1), keys=(keys, jnp.float32, 4),
            values=(values, jnp.float32, 4), codes=(codes, jnp.int32, 4), lengths=(lengths, jnp.int32, 1))
+    return sharding.engine_shards(partial(_prefill, sink=sink, local=local, path=path), handle, slots,
+                                  (keys, values, codes, lengths), (1,), heads)
+
+
+def _prefill(handle, slots, keys, values, codes, lengths, *, sink, local, path):
     result = jax.ShapeDtypeStruct(slots.shape, jnp.int32)
     if path == "callback":
         host = _host(lambda h, *a: _engine.store_prefill_np(h, *a, sink, local), result)
@@ -268,7 +278,7 @@ def prefill(handle, slots, keys, values, codes, lengths, *, sink: int, local: in
     return call(handle, slots, keys, values, codes, lengths, sink=np.int32(sink), local=np.int32(local))
 
 
-def append(handle, slots, keys, values, codes, counts, dep, *, path: str = "ffi"):
+def append(handle, slots, keys, values, codes, counts, dep, *, path: str = "ffi", heads: str | None = None):
     """Append the first counts[b] of T tokens of keys, values [B, Hkv, T, d] f32 (centered like
     the middle) and their codes [B, Hkv, T, L] int32 to prefilled `slots` [B] (beyond the paper:
     later queries may sample them, weighted like middle tokens). `dep` [B] is any int32 produced
@@ -277,6 +287,11 @@ def append(handle, slots, keys, values, codes, counts, dep, *, path: str = "ffi"
     _check("append", handle=(handle, jnp.int32, 0), slots=(slots, jnp.int32, 1), keys=(keys, jnp.float32, 4),
            values=(values, jnp.float32, 4), codes=(codes, jnp.int32, 4), counts=(counts, jnp.int32, 1),
            dep=(dep, jnp.int32, 1))
+    return sharding.engine_shards(partial(_append, path=path), handle, slots, (keys, values, codes, counts, dep),
+                                  (1,), heads)
+
+
+def _append(handle, slots, keys, values, codes, counts, dep, *, path):
     result = jax.ShapeDtypeStruct(slots.shape, jnp.int32)
     if path == "callback":
         host = _host(lambda h, *a: _engine.store_append_np(h, *a[:-1]), result)  # a[-1]: dep
@@ -285,12 +300,16 @@ def append(handle, slots, keys, values, codes, counts, dep, *, path: str = "ffi"
     return call(handle, slots, keys, values, codes, counts, dep)
 
 
-def query(handle, slots, q, q_codes, dep, *, path: str = "ffi"):
+def query(handle, slots, q, q_codes, dep, *, path: str = "ffi", heads: str | None = None):
     """Sampled partial attention of q [B, Hq, d] (codes [B, Hq, L]) over `slots`; `dep` [B] is
     any int32 produced after the prefill (its middle counts), to order the calls.
     -> out [B, Hq, d] f32, lse [B, Hq] f32 (−inf where S is empty), sampled [B, Hq] int32."""
     _check("query", handle=(handle, jnp.int32, 0), slots=(slots, jnp.int32, 1), q=(q, jnp.float32, 3),
            q_codes=(q_codes, jnp.int32, 3), dep=(dep, jnp.int32, 1))
+    return sharding.engine_shards(partial(_query, path=path), handle, slots, (q, q_codes, dep), (3, 2, 2), heads)
+
+
+def _query(handle, slots, q, q_codes, dep, *, path):
     b, hq, d = q.shape
     shapes = (jax.ShapeDtypeStruct((b, hq, d), jnp.float32), jax.ShapeDtypeStruct((b, hq), jnp.float32),
               jax.ShapeDtypeStruct((b, hq), jnp.int32))
@@ -311,6 +330,7 @@ def _free_quietly(handle: int):
 def _check(op: str, **arrays):
     """dtype and rank checks with messages naming the argument (the engine re-checks shapes)."""
     for name, (a, dtype, rank) in arrays.items():
-        if not hasattr(a, "dtype") or a.dtype != dtype or a.ndim != rank:
+        ranks = (0, 2) if name == "handle" else (rank,)  # a handle, or a StoreGrid's [data, model] grid
+        if not hasattr(a, "dtype") or a.dtype != dtype or a.ndim not in ranks:
             got = f"{getattr(a, 'dtype', type(a).__name__)} {getattr(a, 'shape', '')}"
             raise PigjaxError(f"Store.{op}: {name} must be a rank-{rank} {jnp.dtype(dtype).name} array, got {got}")

@@ -45,6 +45,7 @@ from pigjax.attention.magicpig import EngineRef, MagicPIG, center
 from pigjax.attention.softmax import merge, partial_softmax
 from pigjax.attention.sparse import count_reads
 from pigjax.engine import store as engine
+from pigjax.engine.grid import open_store
 from pigjax.errors import ConfigError, PigjaxError
 from pigjax.models import mosaics
 from pigjax.models.inputs import check_step, embed_checked
@@ -144,10 +145,11 @@ class MosaicsSampled:
         """An engine store with a slot per (sampled layer, row) for `capacity` pairs."""
         mp = self.magicpig
         slots = max(1, len(self.sparse_layers(config)) * batch)
-        store = engine.Store(slots, config.num_attention_heads, config.head_size, capacity, mp.K, mp.L, mp.eps,
-                             mp.storage, mp.path)
+        store = open_store(slots, config.num_attention_heads, config.head_size, capacity, mp.K, mp.L, mp.eps,
+                           mp.storage, mp.path)
         with store:
-            yield Runtime(EngineRef(store.handle_array, mp.projection(config.head_size)), store)
+            yield Runtime(EngineRef(store.handle_array, mp.projection(config.head_size), getattr(store, "heads", None)),
+                          store)
 
     def init_state(self, config: MosaicsConfig, batch, capacity, dtype, runtime=None) -> SampledState:
         if runtime is None:
@@ -183,7 +185,7 @@ class MosaicsSampled:
             memory = None
             if i in sparse:
                 slots = sparse.index(i) * b + jnp.arange(b, dtype=jnp.int32)
-                memory = partial(self._memory, state.engine.handle, state.engine.proj, slots, num_new, fresh)
+                memory = partial(self._memory, state.engine, slots, num_new, fresh)
             p = jax.tree.map(lambda a: a[i], params["layers"])
             x, layer = mosaics.Block(config, True, True, memory).apply({"params": p}, x, layer, state.count, num_new)
             layers.append(layer)
@@ -191,14 +193,14 @@ class MosaicsSampled:
         logits = embed.apply({"params": params["embed"]}, x, method="attend") / config.hidden_size**0.5
         return logits.astype(jnp.float32), state.replace(layers=tuple(layers), count=state.count + num_new)
 
-    def _codes(self, x, proj):
-        return self.magicpig._codes(x, proj)  # the MagicPIG back-end's hashing (same path choice)
+    def _codes(self, x, rt: EngineRef):
+        return self.magicpig._codes(x, rt)  # the MagicPIG back-end's hashing (same path choice)
 
-    def _memory(self, handle, proj, slots, num_new, fresh, state: SampledLayer, k, vals, count):
+    def _memory(self, rt: EngineRef, slots, num_new, fresh, state: SampledLayer, k, vals, count):
         """`mosaics.exact_memory`'s contract: keys k [B, H, T, hs] of positions count.., vals the
         values of positions count-1.. -> (y [B, H, T, hs], new SampledLayer fields)."""
         if fresh:
-            return self._prefill(handle, proj, slots, num_new, state, k, vals)
+            return self._prefill(rt, slots, num_new, state, k, vals)
         mp, ring = self.magicpig, self.ring
         b, h, _, hs = k.shape
         rows, last = jnp.arange(b), count
@@ -211,8 +213,8 @@ class MosaicsSampled:
         slot = _slot(count, mp.sink, ring)
         out_k, out_v = (x[rows, :, slot].astype(jnp.float32)[:, :, None] for x in (state.keys, win_v))
         leaving = ((num_new > 0) & (count - ring >= mp.sink)).astype(jnp.int32)
-        stored = engine.append(handle, slots, out_k, out_v, self._codes(out_k, proj), leaving, state.stored,
-                               path=mp._path())
+        stored = engine.append(rt.handle, slots, out_k, out_v, self._codes(out_k, rt), leaving, state.stored,
+                               path=mp._path(), heads=rt.heads)
         new_k = k[:, :, 0].astype(jnp.float32) - state.mu
         win_k = state.keys.at[rows, :, slot].set(new_k.astype(state.keys.dtype))
         # Query: scaled so that both partial softmaxes (which divide by √hs) score k_T·k_t.
@@ -220,7 +222,8 @@ class MosaicsSampled:
         pos, valid = window_positions(last, mp.sink, ring, width)
         seen = valid & (pos < last[:, None])
         out_g, lse_g = partial_softmax(q, win_k, win_v, seen[:, None, None])
-        out_s, lse_s, sampled = engine.query(handle, slots, q, self._codes(q, proj), stored, path=mp._path())
+        out_s, lse_s, sampled = engine.query(rt.handle, slots, q, self._codes(q, rt), stored, path=mp._path(),
+                                             heads=rt.heads)
         y, _ = merge(out_g, lse_g, out_s, lse_s)
         read, total = count_reads(jnp.sum(sampled, axis=1).astype(jnp.float32), stored, num_new, h)
         exact = jnp.sum(jnp.sum(seen, axis=1) * (num_new > 0)).astype(jnp.float32) * h
@@ -230,7 +233,7 @@ class MosaicsSampled:
         return y[:, :, None].astype(k.dtype), dict(keys=win_k, values=win_v, stored=stored, read=state.read + read,
                                                   total=state.total + total, exact=state.exact + exact)
 
-    def _prefill(self, handle, proj, slots, num_new, state: SampledLayer, k, vals):
+    def _prefill(self, rt: EngineRef, slots, num_new, state: SampledLayer, k, vals):
         """Exact retrieval over the prompt (from an empty state); its complete pairs between the sink
         and the window go to the engine, the rest to the window."""
         mp, ring = self.magicpig, self.ring
@@ -242,8 +245,8 @@ class MosaicsSampled:
         if self.center:
             k32 = center(k32, pairs, mp.sink, mp.local)
         mu = k.astype(jnp.float32)[:, :, 0] - k32[:, :, 0]
-        stored = engine.prefill(handle, slots, k32, v.astype(jnp.float32), self._codes(k32, proj), pairs,
-                                sink=mp.sink, local=mp.local, path=mp._path())
+        stored = engine.prefill(rt.handle, slots, k32, v.astype(jnp.float32), self._codes(k32, rt), pairs,
+                                sink=mp.sink, local=mp.local, path=mp._path(), heads=rt.heads)
         pos, valid = window_positions(num_new - 1, mp.sink, ring, state.keys.shape[2])
         take = lambda x: jnp.where(valid[:, None, :, None],
                                    jnp.take_along_axis(x, jnp.minimum(pos, t - 1)[:, None, :, None], axis=2), 0)

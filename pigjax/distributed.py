@@ -1,0 +1,39 @@
+"""Multi-process runs on JAX's own runtime (`jax.distributed`): what `scripts/launch.py` sets up.
+
+The launcher starts N processes with PIGJAX_COORDINATOR (host:port of process 0),
+PIGJAX_NUM_PROCESSES, PIGJAX_PROCESS_ID and PIGJAX_LOCAL_DEVICES in their environment;
+`initialize()` (called first by the scripts) turns them into `jax.distributed.initialize` with
+that many CPU devices per process and Gloo collectives between processes. Without them it does
+nothing: one process, as before.
+"""
+
+from __future__ import annotations
+
+import os
+
+import jax
+
+from pigjax.errors import ConfigError
+
+ENV = ("PIGJAX_COORDINATOR", "PIGJAX_NUM_PROCESSES", "PIGJAX_PROCESS_ID")
+
+
+def initialize() -> bool:
+    """Join the run described by the environment (see module doc); True if this is one."""
+    if not os.environ.get("PIGJAX_COORDINATOR"):
+        return False
+    missing = [name for name in ENV if not os.environ.get(name)]
+    if missing:
+        raise ConfigError(f"a multi-process run needs {', '.join(ENV)}; missing {', '.join(missing)}")
+    local = int(os.environ.get("PIGJAX_LOCAL_DEVICES", "1"))
+    jax.config.update("jax_num_cpu_devices", local)
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(coordinator_address=os.environ["PIGJAX_COORDINATOR"],
+                               num_processes=int(os.environ["PIGJAX_NUM_PROCESSES"]),
+                               process_id=int(os.environ["PIGJAX_PROCESS_ID"]))
+    return True
+
+
+def is_main() -> bool:
+    """The process that prints and writes shared files (process 0)."""
+    return jax.process_index() == 0

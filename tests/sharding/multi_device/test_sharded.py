@@ -1,0 +1,135 @@
+"""Sharded forward / generate / load on 8 CPU devices equal one device (run by test_multi_device.py)."""
+
+import jax
+import numpy as np
+import pytest
+from jax.sharding import PartitionSpec as P
+
+import pigjax
+from pigjax import mosaics, sharding
+from pigjax.engine.grid import StoreGrid
+from pigjax.models import llama
+
+MESHES = ((1, 8), (2, 4), (4, 2), (8, 1))
+
+
+def tiny(hq, hkv, layers=2, head_dim=8):
+    config = pigjax.LlamaConfig(vocab_size=97, hidden_size=48, intermediate_size=64, num_hidden_layers=layers,
+                                num_attention_heads=hq, num_key_value_heads=hkv, head_dim=head_dim,
+                                max_position_embeddings=1024)
+    return pigjax.Model(config, llama.init_params(config, 0))
+
+
+def mesh(data, model):
+    return jax.make_mesh((data, model), ("data", "model"))
+
+
+def test_eight_devices():
+    assert jax.device_count() == 8
+
+
+@pytest.mark.parametrize("hq,hkv", [(8, 8), (8, 4), (6, 2)])  # GQA ratios 1, 2, 3; 6/2 heads: replicated at 4, 8
+def test_forward_equals_one_device(hq, hkv):
+    model = tiny(hq, hkv)
+    rng = np.random.default_rng(0)
+    tokens = rng.integers(0, 97, (8, 12))
+    lengths = np.array([12, 5, 7, 12, 1, 3, 9, 12])
+    ref = np.asarray(pigjax.forward(model, tokens, lengths))
+    for shape in MESHES:
+        out = pigjax.forward(model, tokens, lengths, mesh=mesh(*shape))
+        assert out.sharding.spec == (P("data") if shape[0] > 1 else P())
+        np.testing.assert_allclose(np.asarray(out), ref, atol=1e-5, rtol=0, err_msg=str(shape))
+
+
+def test_param_layout():
+    m = mesh(2, 4)
+    split = sharding.shard_params(tiny(8, 4).config, tiny(8, 4).params, m)
+    assert split["layers"]["attn"]["q_proj"]["kernel"].sharding.spec == P(None, None, "model", None)
+    assert split["layers"]["mlp"]["down_proj"]["kernel"].sharding.spec == P(None, "model", None)
+    # 6 query / 2 KV heads do not divide a model axis of 4: attention replicated, the MLP split
+    odd = sharding.shard_params(tiny(6, 2).config, tiny(6, 2).params, m)
+    assert odd["layers"]["attn"]["k_proj"]["kernel"].sharding.is_fully_replicated
+    assert odd["layers"]["mlp"]["gate_proj"]["kernel"].sharding.spec == P(None, None, "model")
+
+
+PROMPTS = [np.random.default_rng(1).integers(0, 97, n).tolist() for n in (300, 150, 220)]  # ragged, 3 rows
+
+
+@pytest.mark.parametrize("hq,hkv,shapes", [(4, 2, ((2, 2), (4, 1))), (6, 3, ((2, 2),))], ids=["split", "replicated"])
+def test_generate_equals_one_device(hq, hkv, shapes):
+    """Greedy tokens of a ragged batch; heads split over "model" (4/2) or replicated (3 KV heads)."""
+    model = tiny(hq, hkv, layers=4, head_dim=16)
+    backends = [pigjax.Dense(), pigjax.MagicPIG(K=4, L=20, local=16)]
+    refs = pigjax.generate(model, PROMPTS, max_new_tokens=12, attention=backends)
+    for shape in shapes:
+        gens = pigjax.generate(model, PROMPTS, max_new_tokens=12, attention=backends, mesh=mesh(*shape))
+        for gen, ref in zip(gens, refs):
+            assert gen.tokens == ref.tokens, (shape, ref.stats["attention"])
+            assert gen.stats["fraction_read"] == pytest.approx(ref.stats["fraction_read"])
+
+
+def test_baselines_equal_one_device():
+    model = tiny(4, 2, layers=4, head_dim=16)
+    backends = [pigjax.TopK(0.1), pigjax.Quest(0.1), pigjax.Oracle(0.1)]
+    refs = pigjax.generate(model, PROMPTS, max_new_tokens=8, attention=backends)
+    gens = pigjax.generate(model, PROMPTS, max_new_tokens=8, attention=backends, mesh=mesh(2, 2))
+    assert [g.tokens for g in gens] == [r.tokens for r in refs]
+
+
+@pytest.mark.parametrize("attention", [pigjax.Dense(), pigjax.MagicPIG(K=4, L=20, local=16)], ids=["exact", "sampled"])
+def test_mosaics_equals_one_device(attention):
+    config = pigjax.MosaicsConfig(vocab_size=97, hidden_size=32, num_hidden_layers=4, num_attention_heads=4,
+                                  max_position_embeddings=512)
+    model = mosaics.init(config, seed=0)
+    tokens = np.random.default_rng(0).integers(0, 97, (4, 20))
+    np.testing.assert_allclose(np.asarray(pigjax.forward(model, tokens, mesh=mesh(2, 2))),
+                               np.asarray(pigjax.forward(model, tokens)), atol=1e-5, rtol=0)
+    prompts = [p[:150] for p in PROMPTS]
+    ref = pigjax.generate(model, prompts, max_new_tokens=10, attention=attention)
+    gen = pigjax.generate(model, prompts, max_new_tokens=10, attention=attention, mesh=mesh(2, 2))
+    assert gen.tokens == ref.tokens
+
+
+def test_engine_store_per_device():
+    """Each device's rows and heads live in its own store; jitted code gets a [data, model] grid."""
+    model = tiny(4, 2, layers=4, head_dim=16)
+    backend = pigjax.MagicPIG(K=4, L=20)
+    with sharding.use(mesh(2, 2)):
+        with backend.resources(model.config, 4, 256) as runtime:
+            grid = runtime.store
+            assert isinstance(grid, StoreGrid) and len(grid.stores) == 4 and grid.heads == "model"
+            handles = runtime.arrays.handle
+            assert handles.shape == (2, 2) and handles.sharding.spec == P("data", "model")
+            assert len({int(np.asarray(s.data)[0, 0]) for s in handles.addressable_shards}) == 4
+            # 2 sparse layers x 2 local rows per store, 1 of the 2 KV heads
+            info = grid.stores[(0, 0)].info()
+            assert len(info["middle_counts"]) == 4
+
+
+def test_load_into_mesh(tmp_path):
+    model = tiny(8, 4)
+    pigjax.save(model, tmp_path / "ck")
+    m = mesh(2, 4)
+    loaded = pigjax.load(tmp_path / "ck", mesh=m)
+    kernel = loaded.params["layers"]["attn"]["q_proj"]["kernel"]
+    assert kernel.sharding.spec == P(None, None, "model", None)
+    np.testing.assert_array_equal(np.asarray(kernel), np.asarray(model.params["layers"]["attn"]["q_proj"]["kernel"]))
+    tokens = np.random.default_rng(0).integers(0, 97, (2, 9))
+    np.testing.assert_allclose(np.asarray(pigjax.forward(loaded, tokens, mesh=m)),
+                               np.asarray(pigjax.forward(model, tokens)), atol=1e-5, rtol=0)
+
+
+def test_bad_meshes():
+    model = tiny(4, 2)
+    tokens = np.zeros((3, 4), np.int32)
+    with pytest.raises(pigjax.ConfigError, match="does not divide over the mesh's 'data' axis of size 2"):
+        pigjax.forward(model, tokens, mesh=mesh(2, 4))
+    with pytest.raises(pigjax.ConfigError, match="axes must be named"):
+        pigjax.forward(model, tokens, mesh=jax.make_mesh((2, 4), ("batch", "model")))
+    with pytest.raises(pigjax.ConfigError, match="jax.sharding.Mesh"):
+        pigjax.generate(model, [[1, 2]], max_new_tokens=2, mesh="2x2")
+    with pytest.raises(pigjax.ConfigError, match="needs 6 devices; there are 8"):
+        sharding.make_mesh(3, 2)
+    with pytest.raises(pigjax.ConfigError, match="DATAxMODEL"):
+        sharding.parse_mesh("2by2")
+    assert sharding.parse_mesh("2x4").shape == {"data": 2, "model": 4}
