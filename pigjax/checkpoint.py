@@ -137,15 +137,18 @@ def save(model: Model, path, *, overwrite: bool = False, source: str | None = No
 
     With `overwrite`, an existing pigjax checkpoint (see `not_a_checkpoint`) or empty directory is
     replaced; anything else raises CheckpointError, as do `path` containing one of the `protect`
-    paths and an unwritable destination (`check_destination`). `source` is recorded in pigjax.json."""
+    paths and an unwritable destination (`check_destination`). `source` is recorded in pigjax.json.
+    In a multi-process run, the process that calls it writes the whole checkpoint alone."""
     import orbax.checkpoint as ocp
 
     path = check_destination(path, overwrite=overwrite, protect=protect)
     try:
         with atomic.atomic_directory(path) as tmp:
-            params = jax.tree.map(np.asarray, model.params)
-            with OrbaxCall():
-                checkpointer = ocp.StandardCheckpointer()
+            params = jax.tree.map(sharding.gather, model.params)
+            with OrbaxCall():  # this process alone (orbax would wait for the others at its barriers)
+                alone = ocp.options.MultiprocessingOptions(primary_host=jax.process_index(),
+                                                           active_processes={jax.process_index()})
+                checkpointer = ocp.StandardCheckpointer(multiprocessing_options=alone)
                 checkpointer.save(tmp / "params", params)
                 checkpointer.wait_until_finished()
             if model.tokenizer is not None:

@@ -37,3 +37,15 @@ def initialize() -> bool:
 def is_main() -> bool:
     """The process that prints and writes shared files (process 0)."""
     return jax.process_index() == 0
+
+
+def main_first(fn):
+    """fn() on process 0, then (after a barrier) on the others: for work that writes a shared cache
+    the others then read (a tokenizer, a converted checkpoint). One process: just fn()."""
+    if jax.process_count() == 1:
+        return fn()
+    from jax.experimental import multihost_utils
+
+    result = fn() if is_main() else None
+    multihost_utils.sync_global_devices("pigjax.distributed.main_first")
+    return result if is_main() else fn()

@@ -32,6 +32,7 @@ import numpy as np
 import optax
 
 from pigjax import data as data_lib
+from pigjax import distributed, sharding
 from pigjax.checkpoint import save as save_model
 from pigjax.errors import PigjaxError
 from pigjax.model import Model, param_count
@@ -43,7 +44,8 @@ MODELS = ("mosaics", "llama")
 # TrainConfig fields that may differ between a run and its resumption (they do not change what
 # the steps compute), with the values they take in the key of the compiled programs.
 _NOT_COMPUTATION = {"workdir": "", "minutes": None, "until_step": None, "save_every": 1, "eval_every": 1,
-                    "eval_windows": 1, "final_eval_windows": 0, "progress": False, "data_cache": None}
+                    "eval_windows": 1, "final_eval_windows": 0, "progress": False, "data_cache": None,
+                    "mesh": None}  # jit compiles per mesh by itself; orbax reshards a resumed state
 _RESUMABLE_CHANGES = set(_NOT_COMPUTATION)
 
 
@@ -85,6 +87,8 @@ class TrainConfig:
     eval_windows: int = _setting(64, "validation windows of the periodic evaluation")
     final_eval_windows: int = _setting(0, "validation windows of the final evaluation (0: all)")
     progress: bool = _setting(True, "show a progress bar")
+    mesh: str | None = _setting(None, "device mesh DATAxMODEL, e.g. 4x1 (data-parallel) or 2x2, over all processes' "
+                                      "devices (scripts/launch.py); default: one device")
 
     def __post_init__(self):
         if self.model not in MODELS:
@@ -189,7 +193,7 @@ def _run_record(cfg: TrainConfig) -> dict:
     return {k: v for k, v in dataclasses.asdict(cfg).items() if k not in _RESUMABLE_CHANGES}
 
 
-def _check_run(workdir: Path, cfg: TrainConfig, resuming: bool):
+def _check_run(workdir: Path, cfg: TrainConfig, resuming: bool, write: bool = True):
     run_file = workdir / "run.json"
     record = _run_record(cfg)
     if run_file.is_file():
@@ -198,16 +202,18 @@ def _check_run(workdir: Path, cfg: TrainConfig, resuming: bool):
         if diff and resuming:
             raise TrainError(f"{workdir} holds a different run; differing settings (saved, now): {diff}. "
                              "Use another --workdir or the saved settings.")
-    run_file.write_text(json.dumps(record, indent=2))
+    if write:
+        run_file.write_text(json.dumps(record, indent=2))
 
 
 class Evaluator:
     """Validation loss over the first n windows of the validation split, and per position."""
 
-    def __init__(self, losses: Callable, corpus: data_lib.Corpus, cfg: TrainConfig):
+    def __init__(self, losses: Callable, corpus: data_lib.Corpus, cfg: TrainConfig, mesh=None):
         self.packer = data_lib.Packer(corpus.val, cfg.seq_len, corpus.eos_id, shuffle=False)
         self.batch = cfg.batch
         self._losses = losses  # (params, windows [B, T + 1]) -> per-token losses [B, T]
+        self.mesh = mesh
 
     @property
     def num_windows(self) -> int:
@@ -219,7 +225,9 @@ class Evaluator:
         for lo in range(0, n, self.batch):
             ids = [min(g, n - 1) for g in range(lo, lo + self.batch)]  # pad the last batch, then drop it
             windows = np.stack([self.packer.window(g) for g in ids])
-            losses = np.asarray(self._losses(params, windows), np.float64)
+            with sharding.use(self.mesh):
+                losses = sharding.gather(self._losses(params, *sharding.put_batch(self.mesh, windows)))
+            losses = losses.astype(np.float64)
             total += losses[: min(self.batch, n - lo)].sum(axis=0)
         per_position = total / n
         return float(per_position.mean()), per_position, n
@@ -289,6 +297,12 @@ def _plot(metrics: dict, path: Path):
     plt.close(fig)
 
 
+def _prepare_data(cfg: TrainConfig, log):
+    """The corpus; process 0 of a multi-process run trains and caches the tokenizer, the others read it."""
+    return distributed.main_first(lambda: data_lib.prepare(cfg.data, cfg.data_cache, vocab_size=cfg.vocab_size,
+                                                           val_fraction=cfg.val_fraction, log=log))
+
+
 def train(cfg: TrainConfig, log=print) -> dict:
     """Train (or resume) the run in cfg.workdir; returns its metrics (also written to metrics.json)."""
     import orbax.checkpoint as ocp
@@ -299,20 +313,25 @@ def train(cfg: TrainConfig, log=print) -> dict:
         raise TrainError("workdir is required")
     workdir = Path(cfg.workdir).absolute()
     workdir.mkdir(parents=True, exist_ok=True)
-    corpus = data_lib.prepare(cfg.data, cfg.data_cache, vocab_size=cfg.vocab_size, val_fraction=cfg.val_fraction,
-                              log=log)
+    corpus = _prepare_data(cfg, log)
     progs = programs(dataclasses.replace(cfg, **_NOT_COMPUTATION), len(corpus.tokenizer), corpus.eos_id)
     built, tx = progs.built, progs.optimizer
     steps = cfg.num_steps
+    mesh = sharding.parse_mesh(cfg.mesh)
+    if mesh is not None:
+        sharding.check_batch(mesh, cfg.batch, "--batch: a batch")
+    main = jax.process_index() == 0  # writes the shared files (the others join orbax's saves)
 
     manager = ocp.CheckpointManager(
         workdir / "state",
         options=ocp.CheckpointManagerOptions(max_to_keep=2, create=True, enable_async_checkpointing=False),
     )
     start = manager.latest_step() or 0
-    _check_run(workdir, cfg, resuming=start > 0)
+    _check_run(workdir, cfg, resuming=start > 0, write=main)
     params = built.init(cfg.seed)
     state = {"params": params, "opt_state": tx.init(params), "step": jnp.zeros((), jnp.int32)}
+    if mesh is not None:  # optimizer moments take their parameter's layout (same leaf names)
+        state = sharding.shard_params(built.config, state, mesh)
     n_params = param_count(params)
     n_embed = int(np.prod(params["embed"]["embedding"].shape))
     metrics = {
@@ -332,7 +351,7 @@ def train(cfg: TrainConfig, log=print) -> dict:
         f"{steps} steps of {cfg.tokens_per_step} tokens; {len(corpus.train.tokens):,} training tokens")
 
     packer = data_lib.Packer(corpus.train, cfg.seq_len, corpus.eos_id, seed=cfg.seed)
-    evaluate = Evaluator(progs.eval_losses, corpus, cfg)
+    evaluate = Evaluator(progs.eval_losses, corpus, cfg, mesh)
     train_step = progs.train_step
 
     def save(step):
@@ -348,7 +367,7 @@ def train(cfg: TrainConfig, log=print) -> dict:
 
     began = time.perf_counter()
     stop = min(steps, cfg.until_step) if cfg.until_step else steps
-    bar = tqdm(total=steps, initial=start, unit="step", disable=not cfg.progress, dynamic_ncols=True,
+    bar = tqdm(total=steps, initial=start, unit="step", disable=not (cfg.progress and main), dynamic_ncols=True,
                desc=cfg.model)
     step, first = start, True
     while step < stop:
@@ -356,7 +375,8 @@ def train(cfg: TrainConfig, log=print) -> dict:
             log(f"time budget of {cfg.minutes} min reached at step {step}")
             break
         t0 = time.perf_counter()
-        state, out = train_step(state, packer.batch(step, cfg.batch))
+        with sharding.use(mesh):
+            state, out = train_step(state, *sharding.put_batch(mesh, packer.batch(step, cfg.batch)))
         loss = float(out["loss"])
         if not first:  # the first step of an invocation includes compilation
             metrics["train_seconds"] += time.perf_counter() - t0
@@ -386,9 +406,10 @@ def train(cfg: TrainConfig, log=print) -> dict:
                         "per_position_loss": per_position.tolist()}
     log(f"step {step}/{steps}: validation loss {loss:.4f} over {n} windows; "
         f"{metrics['tokens_per_second'] or 0:.0f} training tokens/s")
-    (workdir / "metrics.json").write_text(json.dumps(metrics, indent=1))
-    (workdir / "final_eval.json").write_text(json.dumps({"model": cfg.model, **metrics["final"]}, indent=1))
-    _plot(metrics, workdir / "loss_curve.png")
-    model = Model(built.config, jax.tree.map(np.asarray, state["params"]), corpus.tokenizer)
-    save_model(model, workdir / "model", overwrite=True, source=f"pigjax.train {cfg.model} step {step}")
+    model = Model(built.config, jax.tree.map(sharding.gather, state["params"]), corpus.tokenizer)
+    if main:
+        (workdir / "metrics.json").write_text(json.dumps(metrics, indent=1))
+        (workdir / "final_eval.json").write_text(json.dumps({"model": cfg.model, **metrics["final"]}, indent=1))
+        _plot(metrics, workdir / "loss_curve.png")
+        save_model(model, workdir / "model", overwrite=True, source=f"pigjax.train {cfg.model} step {step}")
     return metrics

@@ -4,9 +4,12 @@
   python scripts/generate.py --chat --prompt "Give me three tips for sleeping well." --max_new_tokens 128
   python scripts/generate.py --prompt_file prompts.txt --temperature 0.7 --top_p 0.9   # one prompt a line
 
+  python scripts/launch.py --processes 2 --local_devices 2 -- scripts/generate.py --mesh 2x2   # 2 processes
+
 A single prompt streams its text; a batch shows a progress bar. Ends with a throughput table.
 """
 
+import os
 import sys
 
 from absl import app, flags, logging
@@ -28,6 +31,8 @@ _DEMO_CONTEXT = flags.DEFINE_integer("demo_context", 4096, "without --prompt: to
                                      "demo prompt (RULER niah_single_2: a number hidden in essays)")
 _CHAT = flags.DEFINE_bool("chat", False, "apply the tokenizer's chat template")
 _DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "compute dtype")
+_MESH = flags.DEFINE_string("mesh", None, "device mesh DATAxMODEL (e.g. 2x2) over all processes' devices "
+                            "(scripts/launch.py runs several); default: one device")
 
 
 def _prompts() -> list[str]:
@@ -52,15 +57,22 @@ def _demo(model):
 def main(argv):
     del argv
     logging.set_verbosity(logging.WARNING)  # orbax logs every step at INFO
+    import pigjax.distributed
+
+    if pigjax.distributed.initialize() and not pigjax.distributed.is_main():
+        sys.stdout = open(os.devnull, "w")  # process 0 prints for the run
     import jax.numpy as jnp
     from tqdm.auto import tqdm
 
     import pigjax
+    from pigjax import sharding
 
     prompts = _prompts()
     try:
-        model = pigjax.load(_CHECKPOINT.value or pigjax.default_checkpoint(),
-                            dtype=jnp.bfloat16 if _DTYPE.value == "bfloat16" else None)
+        mesh = sharding.parse_mesh(_MESH.value)
+        checkpoint = _CHECKPOINT.value or pigjax.distributed.main_first(pigjax.default_checkpoint)
+        model = pigjax.load(checkpoint,
+                            dtype=jnp.bfloat16 if _DTYPE.value == "bfloat16" else None, mesh=mesh)
         from pigjax.eval.harness import FRACTION_BACKENDS, make_backend
 
         attention = make_backend(_ATTENTION.value, _FRACTION.value if _ATTENTION.value in FRACTION_BACKENDS else None)
@@ -68,7 +80,8 @@ def main(argv):
         if demo:
             prompts = [_demo(model)]
         kwargs = dict(max_new_tokens=_MAX_NEW.value, temperature=_TEMPERATURE.value, top_k=_TOP_K.value,
-                      top_p=_TOP_P.value, seed=_SEED.value, stop=_STOP.value, attention=attention, chat=_CHAT.value)
+                      top_p=_TOP_P.value, seed=_SEED.value, stop=_STOP.value, attention=attention, chat=_CHAT.value,
+                      mesh=mesh)
         if len(prompts) == 1:
             shown = []
             if not demo:

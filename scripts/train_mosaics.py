@@ -7,6 +7,11 @@ The Mosaics vs Llama comparison (d 256, 4 layers, 4 heads, 5.2M parameters each,
   python scripts/train_mosaics.py --model llama   --workdir checkpoints/runs/llama   --tokens 3072000 --lr 3e-3
   python scripts/compare_mosaics_llama.py --mosaics checkpoints/runs/mosaics --llama checkpoints/runs/llama
 
+Several processes (jax.distributed) train one model data-parallel on a mesh over all their devices,
+with orbax checkpoints written by all of them:
+
+  python scripts/launch.py --processes 2 --local_devices 2 -- scripts/train_mosaics.py --mesh 4x1 ...
+
 Running the same command again resumes from the last checkpoint (every --save_every steps, and
 when --minutes or --until_step stops a run early). The learning rates are the better of two
 probed per model (Mosaics divides its logits by sqrt(d) and wants a larger step); dropout is off
@@ -36,7 +41,10 @@ _SIZES_ONLY = flags.DEFINE_bool("sizes_only", False, "print the Mosaics and matc
 def main(argv):
     del argv
     logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
+    import pigjax.distributed
     from pigjax import train as training
+
+    pigjax.distributed.initialize()  # a process of scripts/launch.py (else nothing)
 
     try:
         if _SIZES_ONLY.value:
