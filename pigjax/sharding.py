@@ -232,18 +232,21 @@ def rows_and_heads(fn, x, *replicated, heads: str | None):
 
 
 def make_mesh(data: int, model: int) -> Mesh:
-    """A ("data", "model") mesh over all devices of all processes, a process's devices adjacent on
+    """A ("data", "model") mesh over all devices of all processes (one process: its first
+    data·model devices), a process's devices adjacent on
     "model": model shards (heads, MLP) then all-reduce within a host and data shards (rows, their
     engine stores) never talk (docs/scaling.md)."""
     devices = jax.devices()
-    if data < 1 or model < 1 or data * model != len(devices):
+    n = data * model
+    # One process may use the first n of its devices; several must each bring all theirs.
+    if data < 1 or model < 1 or n > len(devices) or (jax.process_count() > 1 and n != len(devices)):
         raise ConfigError(f"a mesh of data {data} x model {model} needs {max(data, 1) * max(model, 1)} devices; "
                           f"there are {len(devices)} ({jax.process_count()} process(es))")
     local = jax.local_device_count()
     if jax.process_count() > 1 and local % model and model % local:
         raise ConfigError(f"the 'model' axis ({model}) must divide, or be a multiple of, each process's "
                           f"{local} devices")
-    ordered = sorted(devices, key=lambda d: (d.process_index, d.id))
+    ordered = sorted(devices, key=lambda d: (d.process_index, d.id))[:n]
     return Mesh(np.array(ordered).reshape(data, model), AXES, axis_types=(AxisType.Auto,) * 2)
 
 

@@ -1,5 +1,7 @@
 """Sharded forward / generate / load on 8 CPU devices equal one device (run by test_multi_device.py)."""
 
+import dataclasses
+
 import jax
 import numpy as np
 import pytest
@@ -128,8 +130,31 @@ def test_bad_meshes():
         pigjax.forward(model, tokens, mesh=jax.make_mesh((2, 4), ("batch", "model")))
     with pytest.raises(pigjax.ConfigError, match="jax.sharding.Mesh"):
         pigjax.generate(model, [[1, 2]], max_new_tokens=2, mesh="2x2")
-    with pytest.raises(pigjax.ConfigError, match="needs 6 devices; there are 8"):
-        sharding.make_mesh(3, 2)
+    with pytest.raises(pigjax.ConfigError, match="needs 12 devices; there are 8"):
+        sharding.make_mesh(3, 4)
+    assert sharding.make_mesh(3, 2).devices.size == 6  # one process: the first 6
     with pytest.raises(pigjax.ConfigError, match="DATAxMODEL"):
         sharding.parse_mesh("2by2")
     assert sharding.parse_mesh("2x4").shape == {"data": 2, "model": 4}
+
+
+def test_training_on_meshes_equals_one_device(tmp_path):
+    """Data- and model-parallel training steps give the losses of one device."""
+    from pigjax import train as training
+
+    rng = np.random.default_rng(0)
+    words = "the cat dog bird sees chases likes a red big small old".split()
+    text = tmp_path / "tiny.txt"
+    text.write_text("\n\n".join(" ".join(rng.choice(words, rng.integers(8, 30))) for _ in range(200)) + "\n")
+    losses = {}
+    for model in ("mosaics", "llama"):
+        for mesh_text in (None, "2x2"):  # rows over 2, heads / MLP over 2
+            cfg = training.TrainConfig(workdir=str(tmp_path / f"{model}-{mesh_text}"), data=str(text),
+                                       data_cache=str(tmp_path / "cache"), vocab_size=300, val_fraction=0.1, seq_len=32, batch=8,
+                                       hidden=32, layers=2, heads=2, steps=6, warmup=2, save_every=1000,
+                                       eval_every=1000, eval_windows=4, final_eval_windows=8, progress=False,
+                                       dropout=0.0, mesh=mesh_text)
+            losses[model, mesh_text] = training.train(cfg, log=lambda *a: None)["train"]["loss"]
+        np.testing.assert_allclose(losses[model, "2x2"], losses[model, None], rtol=1e-5, atol=0)
+    with pytest.raises(pigjax.ConfigError, match="--batch: a batch of 6 rows does not divide"):
+        training.train(dataclasses.replace(cfg, batch=6, mesh="4x1", workdir=str(tmp_path / "bad")))
