@@ -15,11 +15,11 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from pigjax import sharding
-from pigjax.engine.store import Store, estimate_bytes, memory_limit
+from pigjax.engine.store import Closing, Store, estimate_bytes, memory_limit
 from pigjax.errors import PigjaxError
 
 
-class StoreGrid:
+class StoreGrid(Closing):
     """Stores of `slots` = k·batch slots and `kv_heads` heads split over `mesh` (see module doc);
     the same interface as `Store` where backends use it (`handle_array`, `info`, `check`, `close`)."""
 
@@ -82,16 +82,6 @@ class StoreGrid:
                 errors.append(e)
         if errors:
             raise errors[0]
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, exc_type, *_):
-        try:
-            self.close()
-        except PigjaxError:
-            if exc_type is None:
-                raise
 
 
 def open_store(slots: int, kv_heads: int, head_dim: int, capacity: int, K: int, L: int, eps: float = 1e-4,

@@ -41,7 +41,21 @@ from pigjax.errors import PigjaxError
 _engine = native._engine
 
 
-class Store:
+class Closing:
+    """`with x:` closes x at the end; a close error is raised unless an exception is in flight."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, *_):
+        try:
+            self.close()
+        except PigjaxError:
+            if exc_type is None:  # don't hide the exception already in flight
+                raise
+
+
+class Store(Closing):
     """A handle to an engine store; free it with `close()` or a `with` block (also freed at exit)."""
 
     def __init__(self, slots: int, kv_heads: int, head_dim: int, capacity: int, K: int, L: int,
@@ -86,15 +100,6 @@ class Store:
     def closed(self) -> bool:
         return not self._finalizer.alive
 
-    def __enter__(self):
-        return self
-
-    def __exit__(self, exc_type, *_):
-        try:
-            self.close()
-        except PigjaxError:
-            if exc_type is None:  # don't hide the exception already in flight
-                raise
 
     def info(self) -> dict:
         return _engine.store_info(self.handle)
