@@ -90,8 +90,9 @@ def use(mesh: Mesh | None):
 
 # Leaf name -> spec of its trailing dims, by role: "heads" (split when attention is), "mlp"
 # (split whenever model > 1), "vocab". Leaves not named here are replicated. Leading dims
-# (the stacked layer axis) are never split.
-_LLAMA_RULES = {
+# (the stacked layer axis) are never split. The two families' names do not clash.
+_PARAM_RULES = {
+    # Llama (models/llama.py)
     ("q_proj", "kernel"): (None, "heads", None),
     ("k_proj", "kernel"): (None, "heads", None),
     ("v_proj", "kernel"): (None, "heads", None),
@@ -99,12 +100,10 @@ _LLAMA_RULES = {
     ("gate_proj", "kernel"): (None, "mlp"),
     ("up_proj", "kernel"): (None, "mlp"),
     ("down_proj", "kernel"): ("mlp", None),
-    ("embed", "embedding"): ("vocab", None),
     ("lm_head", "kernel"): (None, "vocab"),
-}
-# Memory Mosaics: heads are folded into the projections' output (H·hs); per-head parameters and
-# the persistent memory's banks lead with the head axis.
-_MOSAICS_RULES = {
+    ("embed", "embedding"): ("vocab", None),  # both families
+    # Memory Mosaics (models/mosaics.py): heads folded into the projections' output (H·hs);
+    # per-head parameters and the persistent memory's banks lead with the head axis.
     ("key_proj", "kernel"): (None, "heads"),
     ("value_proj", "kernel"): (None, "heads"),
     ("c_proj", "kernel"): ("heads", None),
@@ -123,11 +122,10 @@ def param_specs(config, params, mesh: Mesh):
     heads = config_heads_axis(config, mesh)
     split = MODEL if axis_size(mesh, MODEL) > 1 else None
     roles = {"heads": heads, "mlp": split, "vocab": split}
-    rules = _MOSAICS_RULES if hasattr(config, "pmem_size") else _LLAMA_RULES
 
     def spec(path, leaf):
         names = tuple(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
-        trailing = next((r for key, r in rules.items() if names[-len(key):] == key), None)
+        trailing = next((r for key, r in _PARAM_RULES.items() if names[-len(key):] == key), None)
         if trailing is None or leaf.ndim < len(trailing):
             return P()
         dims = [roles[r] if r else None for r in trailing]
