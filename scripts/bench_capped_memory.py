@@ -4,11 +4,11 @@ of docs/gpu_engine.md says what to expect).
 
   python scripts/bench_capped_memory.py                         # caps 24,48 GB; 32k, 64k; 8B shapes
   python scripts/bench_capped_memory.py --caps_gb 24 --contexts 32768 --batches 1,2,4
-  JAX_PLATFORMS=cpu python scripts/bench_capped_memory.py --layers 2 --contexts 512 --batches 1 \\
-      --steps 2 --caps_gb 0        # a smoke run of the script itself on a CPU (no cap, tiny)
+  JAX_PLATFORMS=cpu python scripts/bench_capped_memory.py --layers 1 --vocab_size 1024 --contexts 512 \\
+      --batches 1,2 --steps 2 --caps_gb 0      # a smoke run of the script itself on a CPU (no cap, tiny)
 
 Model: random bf16 weights of Llama-3.1-8B's shapes (32 layers, 32 q / 8 KV heads, d 128, vocab
-128256; `--layers` shrinks it for smoke runs), bf16 cache. The cache is what a prefill of the
+128256; `--layers` and `--vocab_size` shrink it for smoke runs), bf16 cache. The cache is what a prefill of the
 context would leave, from random bf16 K/V tiled to the context (no real prefill: only memory and
 timing are measured). MagicPIG keeps sink + local tokens and its dense layers on the GPU and the
 middle in the CPU engine (host RAM, not capped here; reported).
@@ -36,6 +36,7 @@ _BATCHES = flags.DEFINE_list("batches", [], "batches to run (default: search for
 _MAX_BATCH = flags.DEFINE_integer("max_batch", 64, "largest batch the search tries")
 _STEPS = flags.DEFINE_integer("steps", 16, "timed decode steps")
 _LAYERS = flags.DEFINE_integer("layers", 32, "decoder layers (32 = Llama-3.1-8B; fewer for smoke runs)")
+_VOCAB = flags.DEFINE_integer("vocab_size", 128256, "vocabulary (128256 = Llama-3.1-8B; smaller for smoke runs)")
 _K = flags.DEFINE_integer("K", 10, "MagicPIG bits per table")
 _L = flags.DEFINE_integer("L", 150, "MagicPIG tables")
 _CHILD_TIMEOUT = flags.DEFINE_integer("child_timeout", 600, "seconds per child run")
@@ -50,7 +51,7 @@ LLAMA31_ROPE = dict(theta=500000.0, rope_type="llama3", factor=8.0, low_freq_fac
                     original_max_position_embeddings=8192)
 
 
-def random_model(layers: int):
+def random_model(layers: int, vocab_size: int):
     """Random bf16 weights of Llama-3.1-8B's shapes, created leaf by leaf on the default device
     (no float32 copy: 16 GB at 32 layers)."""
     import jax
@@ -59,7 +60,8 @@ def random_model(layers: int):
     from pigjax.models import llama
     from pigjax.models.llama_config import LlamaConfig, RopeConfig
 
-    config = LlamaConfig(**{**LLAMA31_8B, "num_hidden_layers": layers}, rope=RopeConfig(**LLAMA31_ROPE))
+    config = LlamaConfig(**{**LLAMA31_8B, "num_hidden_layers": layers, "vocab_size": vocab_size},
+                         rope=RopeConfig(**LLAMA31_ROPE))
     shapes = llama.param_shapes(config, jnp.bfloat16)
     leaves, tree = jax.tree.flatten(shapes)
     keys = jax.random.split(jax.random.key(0), len(leaves))
@@ -78,7 +80,7 @@ def child(spec: dict) -> dict:
     from pigjax.attention.backend import KV
     from pigjax.models import llama
 
-    config, params = random_model(spec["layers"])
+    config, params = random_model(spec["layers"], spec["vocab_size"])
     params = llama.unstack_layers(params)
     n, batch, steps = spec["context"], spec["batch"], spec["steps"]
     backend = pigjax.Dense() if spec["backend"] == "dense" else pigjax.MagicPIG(K=spec["K"], L=spec["L"])
@@ -163,7 +165,7 @@ def main(_):
         for n in map(int, _CONTEXTS.value):
             for name in _BACKENDS.value:
                 spec = {"backend": name, "context": n, "steps": _STEPS.value, "layers": _LAYERS.value,
-                        "K": _K.value, "L": _L.value}
+                        "vocab_size": _VOCAB.value, "K": _K.value, "L": _L.value}
                 results = {}
 
                 def attempt(b):
@@ -196,7 +198,7 @@ def main(_):
     from pigjax.machine import describe
 
     result = {"machine": describe(), "gpu_total_bytes": total, "model": f"random bf16, Llama-3.1-8B shapes, "
-              f"{_LAYERS.value} layers", "magicpig": {"K": _K.value, "L": _L.value}, "steps": _STEPS.value, "runs": runs}
+              f"{_LAYERS.value} layers, vocabulary {_VOCAB.value}", "magicpig": {"K": _K.value, "L": _L.value}, "steps": _STEPS.value, "runs": runs}
     print(f"\n{'cap GB':>6} {'context':>8} {'backend':>9} {'batch':>5} {'tok/s':>8} {'ms/token':>9}")
     for r in runs:
         a = r["at_largest"] or {}
