@@ -104,7 +104,9 @@ def test_one_synchronization_and_exact_copies_per_call():
     assert c["d2h_copies"] == 5 * 4 and c["h2d_copies"] == 5 * 3
     assert c["d2h_bytes"] == 5 * (4 + 4 * b + 4 * b * hq * d + 4 * b * hq * L)
     assert c["h2d_bytes"] == 5 * (4 * b * hq * d + 4 * b * hq + 4 * b * hq)
-    assert c["host_allocs"] == 0  # the staging buffer from the prefill is reused
+    # Staging is per host thread: the 5 queries reuse one buffer (at most one allocation, should
+    # XLA run this program on a thread that has not staged a call yet).
+    assert c["host_allocs"] <= 1
     assert fake.staging_bytes() >= 2 * 4 * b * 2 * 300 * d  # it holds the prefill's keys and values
 
 
