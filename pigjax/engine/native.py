@@ -94,9 +94,10 @@ def cuda_handlers() -> bool:
     reason for False: :func:`cuda_unavailable_reason`)."""
     if not _cuda["checked"]:
         _cuda["checked"] = True
-        platform = jax.devices()[0].platform
-        if platform != "gpu" and platform != "cuda":
-            _cuda["reason"] = f"JAX's default device is {platform!r}, not a CUDA GPU"
+        device = jax.devices()[0]
+        version = str(getattr(getattr(device, "client", None), "platform_version", "")).lower()
+        if device.platform not in ("gpu", "cuda") or "rocm" in version:
+            _cuda["reason"] = f"JAX's default device is {device.platform!r} ({version or 'no version'}), not a CUDA GPU"
         else:
             try:
                 _cuda["module"] = _connect("pigjax._engine_cuda", "CUDA")
