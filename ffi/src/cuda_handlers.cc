@@ -1,4 +1,4 @@
-// See cuda_handlers.h. One call of a store target on the GPU (docs/algorithm.md §6):
+// See cuda_handlers.h. One call of a store target on the GPU (docs/gpu_engine.md):
 //   1. cudaMemcpyAsync device -> pinned host of every operand (the handle, slots, q and its codes;
 //      at prefill / append also keys, values, codes and lengths / counts) on XLA's stream;
 //   2. one cudaStreamSynchronize: the host now holds what the program computed before the call;
