@@ -9,7 +9,8 @@ text (hotpotqa), each row rotated by a different offset and tiled to the context
 8k does not matter for timing.) `--weights random` uses random weights of SmolLM2-135M's shapes and random tokens instead (no
 checkpoint needed, e.g. on a GPU machine without the model package; the sampled fraction then
 differs from real text's). Both back-ends then run the same jitted greedy decode loop for
-`--steps` steps; tokens/s = batch x steps / seconds. The prefill overhead of MagicPIG (centering,
+`--steps` steps; tokens/s = batch x steps / seconds. `--engine_paths cuda-ffi,callback` times MagicPIG
+once per engine path (pigjax.engine.store: the CUDA FFI handler vs io_callback on a GPU). The prefill overhead of MagicPIG (centering,
 hashing, table build) is measured separately on a real `--prefill_tokens` prefill through
 `pigjax.generate` with both back-ends (one shared dense prefill, then each back-end's cache build). Prints a table and writes JSON.
 """
@@ -31,6 +32,9 @@ _K = flags.DEFINE_integer("K", 10, "MagicPIG bits per table")
 _L = flags.DEFINE_integer("L", 150, "MagicPIG tables")
 _WEIGHTS = flags.DEFINE_enum("weights", "smollm2", ["smollm2", "random"],
                               "the embedded SmolLM2-135M-Instruct, or random weights of its shapes")
+_ENGINE_PATHS = flags.DEFINE_list("engine_paths", [],
+                                  "MagicPIG engine paths to time in the same run, e.g. cuda-ffi,callback on a GPU "
+                                  "(default: the backend's default path); the first is the 'magicpig' column")
 _OUT = flags.DEFINE_string("out", "docs/results/bench_decode.json", "JSON output")
 
 
@@ -182,14 +186,21 @@ def main(_):
     model = dataclasses.replace(base, config=config)
     params = llama.unstack_layers(model.params)
     magic = pigjax.MagicPIG(K=_K.value, L=_L.value)
+    paths = _ENGINE_PATHS.value or [None]
     print(f"K/V of {_SOURCE.value} source tokens ...", flush=True)
     kv, _ = source_kv(model, _SOURCE.value)
     rows = []
     for n in contexts:
         row = {"context": n, "batch": batch, "steps": steps}
-        for name, backend in (("dense", pigjax.Dense()), ("magicpig", magic)):
-            row[name] = bench_context(model, params, backend, kv, n, batch, steps)
-            print(f"  n={n} {name}: {row[name]['tokens_per_second']:.1f} tok/s", flush=True)
+        row["dense"] = bench_context(model, params, pigjax.Dense(), kv, n, batch, steps)
+        print(f"  n={n} dense: {row['dense']['tokens_per_second']:.1f} tok/s", flush=True)
+        for path in paths:
+            backend = dataclasses.replace(magic, path=path)
+            result = bench_context(model, params, backend, kv, n, batch, steps)
+            result["engine_path"] = backend._path()
+            row.setdefault("magicpig", result)
+            row.setdefault("magicpig_by_path", {})[result["engine_path"]] = result
+            print(f"  n={n} magicpig [{result['engine_path']}]: {result['tokens_per_second']:.1f} tok/s", flush=True)
         row["speedup"] = row["magicpig"]["tokens_per_second"] / row["dense"]["tokens_per_second"]
         rows.append(row)
     prefill = prefill_overhead(base, magic, _PREFILL.value) if _PREFILL.value else None
@@ -201,6 +212,9 @@ def main(_):
         d, m = r["dense"], r["magicpig"]
         print(f"{r['context']:>8} {r['batch']:>5} {d['tokens_per_second']:>11.1f} {m['tokens_per_second']:>14.1f} "
               f"{r['speedup']:>6.2f}x {d['ms_per_step']:>13.1f} {m['ms_per_step']:>11.1f} {m['fraction_read']:>6.3f}")
+        for path, m in r["magicpig_by_path"].items():
+            print(f"{'':>8} {'':>5} {'magicpig via ' + path:>26}: {m['tokens_per_second']:.1f} tok/s, "
+                  f"{m['ms_per_step']:.1f} ms/step")
     if prefill:
         print(f"prefill of {prefill['tokens']} tokens: dense {prefill['dense_prefill_seconds']:.2f} s; cache build "
               f"dense {prefill['dense_cache_build_seconds']:.2f} s, magicpig {prefill['magicpig_cache_build_seconds']:.2f} s "

@@ -1,12 +1,12 @@
 // See ffi_handlers.h. Each handler turns its buffers into the views of store_args.h (or the
 // simhash plan's shapes), runs the kernel layer's call, and maps a validation message to
-// INVALID_ARGUMENT and a C++ exception to INTERNAL, both prefixed with the target's name.
+// INVALID_ARGUMENT and a C++ exception to INTERNAL, both prefixed with the target's name. The
+// store handlers' logic is ffi_store_calls.h, shared with the CUDA handlers (cuda_handlers.cc).
 #include "ffi_handlers.h"
 
-#include <exception>
 #include <string>
-#include <vector>
 
+#include "ffi_store_calls.h"
 #include "query.h"
 #include "simhash.h"
 #include "store.h"
@@ -18,45 +18,25 @@ namespace ffi = xla::ffi;
 namespace pigjax {
 namespace {
 
-template <typename Dims>
-std::vector<int64_t> to_vec(const Dims& dims) {
-  return std::vector<int64_t>(dims.begin(), dims.end());
-}
+using ffi_calls::run;
+using ffi_calls::to_vec;
 
-// Views of an operand and of a result buffer.
-template <ffi::DataType T>
-ArrayView<const ffi::NativeType<T>> view(const ffi::Buffer<T>& b) {
-  return {b.typed_data(), to_vec(b.dimensions())};
-}
-template <ffi::DataType T>
-ArrayView<ffi::NativeType<T>> view(ffi::ResultBuffer<T>& b) {
-  return {b->typed_data(), to_vec(b->dimensions())};
-}
-
-// Runs call() (which returns "" or a validation message) for the target `name`.
-template <typename Call>
-ffi::Error run(const char* name, Call&& call) {
-  try {
-    const std::string err = call();
-    if (!err.empty()) return ffi::Error::InvalidArgument(std::string(name) + ": " + err);
-    return ffi::Error::Success();
-  } catch (const std::exception& e) {
-    return ffi::Error::Internal(std::string(name) + ": " + e.what());
-  } catch (...) {
-    return ffi::Error::Internal(std::string(name) + ": unknown C++ exception");
+// Host memory (the CPU platform): operands and results are viewed in place, nothing is staged.
+struct HostMem {
+  void begin(size_t /*bytes*/) {}
+  template <ffi::DataType T>
+  ArrayView<const ffi::NativeType<T>> in(const ffi::Buffer<T>& b) {
+    return {b.typed_data(), to_vec(b.dimensions())};
   }
-}
-
-// The store handle travels as a rank-0 s32 operand (not an attribute) so that one compiled
-// program serves every store: generate creates a store per call.
-bool read_handle(const ffi::Buffer<ffi::S32>& h, int64_t* handle, std::string* err) {
-  if (h.dimensions().size() != 0) {
-    *err = "handle must be a rank-0 int32 array, got rank " + std::to_string(h.dimensions().size());
-    return false;
+  template <ffi::DataType T>
+  ArrayView<ffi::NativeType<T>> out(ffi::ResultBuffer<T>& b) {
+    return {b->typed_data(), to_vec(b->dimensions())};
   }
-  *handle = *h.typed_data();
-  return true;
-}
+  void fetch() {}
+  void send() {}
+};
+
+const StoreOps kStoreOps = {store_prefill, store_append, store_query};
 
 // x: f32 [..., d]; proj: f32 [d, K*L] (or [*batch, d, K*L] under jax.vmap with
 // vmap_method="expand_dims"); attr K; out: s32 [..., L].
@@ -72,72 +52,33 @@ ffi::Error SimhashCodesImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> proj,
   });
 }
 
-// LSH store prefill: see store.h. Slots s32[B], keys/values f32[B,Hkv,n,d],
-// codes s32[B,Hkv,n,L], lengths s32[B] -> middle_counts s32[B].
-ffi::Error LshPrefillImpl(ffi::Buffer<ffi::S32> handle_arg, int32_t sink, int32_t local,
+// The store calls: ffi_store_calls.h (shared with the CUDA handlers, cuda_handlers.cc).
+ffi::Error LshPrefillImpl(ffi::Buffer<ffi::S32> handle, int32_t sink, int32_t local,
                           ffi::Buffer<ffi::S32> slots, ffi::Buffer<ffi::F32> keys,
                           ffi::Buffer<ffi::F32> values, ffi::Buffer<ffi::S32> codes,
                           ffi::Buffer<ffi::S32> lengths,
                           ffi::ResultBuffer<ffi::S32> middle_counts) {
-  return run("pigjax_lsh_prefill", [&] {
-    int64_t handle;
-    std::string err;
-    if (!read_handle(handle_arg, &handle, &err)) return err;
-    PrefillArgs a;
-    a.slots = view(slots);
-    a.keys = view(keys);
-    a.values = view(values);
-    a.codes = view(codes);
-    a.lengths = view(lengths);
-    a.middle_counts = view(middle_counts);
-    a.sink = sink;
-    a.local = local;
-    return store_prefill(handle, a);
-  });
+  HostMem mem;
+  return ffi_calls::lsh_prefill("pigjax_lsh_prefill", kStoreOps, mem, handle, sink, local, slots,
+                                keys, values, codes, lengths, middle_counts);
 }
 
-// LSH store query: slots s32[B], q f32[B,Hq,d], q_codes s32[B,Hq,L], dep (any s32, unused:
-// orders the call after a prefill by data dependence) -> out f32[B,Hq,d], lse f32[B,Hq],
-// sampled s32[B,Hq].
-ffi::Error LshQueryImpl(ffi::Buffer<ffi::S32> handle_arg, ffi::Buffer<ffi::S32> slots,
+ffi::Error LshQueryImpl(ffi::Buffer<ffi::S32> handle, ffi::Buffer<ffi::S32> slots,
                         ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::S32> q_codes,
                         ffi::Buffer<ffi::S32> /*dep*/, ffi::ResultBuffer<ffi::F32> out,
                         ffi::ResultBuffer<ffi::F32> lse, ffi::ResultBuffer<ffi::S32> sampled) {
-  return run("pigjax_lsh_query", [&] {
-    int64_t handle;
-    std::string err;
-    if (!read_handle(handle_arg, &handle, &err)) return err;
-    QueryArgs a;
-    a.slots = view(slots);
-    a.q = view(q);
-    a.q_codes = view(q_codes);
-    a.out = view(out);
-    a.lse = view(lse);
-    a.sampled = view(sampled);
-    return store_query(handle, a);
-  });
+  HostMem mem;
+  return ffi_calls::lsh_query("pigjax_lsh_query", kStoreOps, mem, handle, slots, q, q_codes, out,
+                              lse, sampled);
 }
 
-// LSH store append: slots s32[B], keys/values f32[B,Hkv,T,d], codes s32[B,Hkv,T,L],
-// counts s32[B], dep (any s32, unused: orders the call after a prefill or another append)
-// -> totals s32[B] (middle + appended tokens per row).
-ffi::Error LshAppendImpl(ffi::Buffer<ffi::S32> handle_arg, ffi::Buffer<ffi::S32> slots,
+ffi::Error LshAppendImpl(ffi::Buffer<ffi::S32> handle, ffi::Buffer<ffi::S32> slots,
                          ffi::Buffer<ffi::F32> keys, ffi::Buffer<ffi::F32> values,
                          ffi::Buffer<ffi::S32> codes, ffi::Buffer<ffi::S32> counts,
                          ffi::Buffer<ffi::S32> /*dep*/, ffi::ResultBuffer<ffi::S32> totals) {
-  return run("pigjax_lsh_append", [&] {
-    int64_t handle;
-    std::string err;
-    if (!read_handle(handle_arg, &handle, &err)) return err;
-    AppendArgs a;
-    a.slots = view(slots);
-    a.keys = view(keys);
-    a.values = view(values);
-    a.codes = view(codes);
-    a.counts = view(counts);
-    a.totals = view(totals);
-    return store_append(handle, a);
-  });
+  HostMem mem;
+  return ffi_calls::lsh_append("pigjax_lsh_append", kStoreOps, mem, handle, slots, keys, values,
+                               codes, counts, totals);
 }
 
 }  // namespace

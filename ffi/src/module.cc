@@ -9,6 +9,7 @@
 #include <tuple>
 #include <vector>
 
+#include "engine_api.h"
 #include "ffi_handlers.h"
 #include "query.h"
 #include "simd.h"
@@ -95,6 +96,14 @@ NB_MODULE(_engine, m) {
       d[t[i].name] = nb::capsule(reinterpret_cast<void*>(t[i].handler));
     return d;
   }, "Dict: FFI target name -> PyCapsule of its XLA_FFI_Handler.");
+
+  m.def("engine_api", [] {
+    static const pigjax::EngineApi api = {
+        sizeof(pigjax::EngineApi), pigjax::kEngineApiVersion,
+        {pigjax::store_prefill, pigjax::store_append, pigjax::store_query}};
+    return nb::capsule(&api, pigjax::kEngineApiName);
+  }, "PyCapsule 'pigjax.EngineApi': the store calls (engine_api.h) for the CUDA handler module, "
+     "which reaches this module's store registry through it.");
 
   m.def("simd_level", [] { return std::string(pigjax::simd_level_name(pigjax::simd_level())); },
         "SIMD level the kernels use now: 'avx512', 'avx2' or 'scalar'.");

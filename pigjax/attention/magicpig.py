@@ -72,7 +72,7 @@ class MagicPIG(SparseBackend):
     eps: float = 1e-4
     seed: int = dataclasses.field(default=0, compare=False)  # data (the projection): no recompile per seed
     storage: str = "bf16"  # the engine's K/V precision ("bf16" or "f32")
-    path: str | None = None  # "ffi" or "callback" (default: ffi on a CPU backend)
+    path: str | None = None  # "ffi", "cuda-ffi" or "callback" (default: engine.default_path())
     name = "magicpig"
 
     def __post_init__(self):
@@ -88,8 +88,8 @@ class MagicPIG(SparseBackend):
         check_seed(self.name, self.seed, ConfigError)
         if self.storage not in ("bf16", "f32"):
             raise ConfigError(f"magicpig: storage must be 'bf16' or 'f32', got {self.storage!r}")
-        if self.path not in (None, "ffi", "callback"):
-            raise ConfigError(f"magicpig: path must be None, 'ffi' or 'callback', got {self.path!r}")
+        if self.path is not None and self.path not in engine.PATHS:
+            raise ConfigError(f"magicpig: path must be None, 'ffi', 'cuda-ffi' or 'callback', got {self.path!r}")
 
     def exact_width(self, prompt_capacity: int) -> int:
         """Window slots for the exact prompt tokens (sink and local) of prompts up to that length."""

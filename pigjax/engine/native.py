@@ -3,6 +3,11 @@
 Importing this module registers every XLA FFI handler the engine exports with
 ``jax.ffi.register_ffi_target(name, capsule, platform="cpu")`` (once per process).
 
+The LSH store also has handlers for XLA's CUDA platform, in the separate module
+``pigjax._engine_cuda`` (ffi/src/cuda_handlers.cc; built only with ``PIGJAX_CUDA``, BUILD.md):
+:func:`cuda_handlers` imports it on first use, connects it to this engine's store registry and
+registers its targets for ``platform="CUDA"``.
+
 SimHash codes (docs/algorithm.md §2.3): for ``x [..., d]`` and ``proj [d, K*L]``, table ``l``
 uses columns ``[l*K, (l+1)*K)``; bit ``j`` is ``x @ proj[:, l*K+j] > 0``; the code is
 ``sum_j bit_j << j`` (LSB first), an int32 in ``[0, 2**K)``.
@@ -47,6 +52,9 @@ __all__ = [
     "cpu_features",
     "num_threads",
     "simhash_codes_np",
+    "cuda_handlers",
+    "cuda_unavailable_reason",
+    "load_fake_cuda_handlers",
 ]
 
 MAX_K = 16
@@ -66,6 +74,57 @@ def _register_targets() -> None:
 
 
 _register_targets()  # module import runs once per process
+
+_cuda = {"checked": False, "module": None, "reason": "not checked yet"}
+
+
+def _connect(module_name: str, platform: str):
+    import importlib
+    module = importlib.import_module(module_name)
+    module.connect(_engine.engine_api())
+    for name, capsule in module.registrations().items():
+        jax.ffi.register_ffi_target(name, capsule, platform=platform)
+    return module
+
+
+def cuda_handlers() -> bool:
+    """Whether the CUDA store targets (``pigjax_cuda_lsh_{prefill,append,query}``) are registered.
+    The first call imports ``pigjax._engine_cuda`` when JAX's default device is a CUDA GPU, connects
+    it to this engine and registers its targets; the answer is then fixed for the process (the
+    reason for False: :func:`cuda_unavailable_reason`)."""
+    if not _cuda["checked"]:
+        _cuda["checked"] = True
+        device = jax.devices()[0]
+        version = str(getattr(getattr(device, "client", None), "platform_version", "")).lower()
+        if device.platform not in ("gpu", "cuda") or "rocm" in version:
+            _cuda["reason"] = f"JAX's default device is {device.platform!r} ({version or 'no version'}), not a CUDA GPU"
+        else:
+            try:
+                _cuda["module"] = _connect("pigjax._engine_cuda", "CUDA")
+                _cuda["reason"] = ""
+            except ImportError as e:
+                _cuda["reason"] = (f"pigjax._engine_cuda is not importable ({e}); build it with "
+                                   "-DPIGJAX_CUDA=ON (BUILD.md, CUDA handlers)")
+    return _cuda["module"] is not None
+
+
+def cuda_unavailable_reason() -> str:
+    """Why :func:`cuda_handlers` is False ("" when it is True)."""
+    cuda_handlers()
+    return _cuda["reason"]
+
+
+_fake = {}
+
+
+def load_fake_cuda_handlers():
+    """TEST ONLY: import ``pigjax._engine_cuda_fake`` (the CUDA handlers compiled against a fake
+    CUDA runtime, ffi/tests/fake_cuda; built with -DPIGJAX_CUDA_FAKE=ON), connect it and register
+    its targets ``pigjax_test_cuda_lsh_*`` for the CPU platform. Returns the module (ImportError
+    if it was not built)."""
+    if "module" not in _fake:
+        _fake["module"] = _connect("pigjax._engine_cuda_fake", "cpu")
+    return _fake["module"]
 
 
 def _static_k(K) -> int:

@@ -3,17 +3,22 @@
 A `Store` owns, per (sequence slot, KV head), the centered middle keys, values, key norms and L
 SimHash tables of a prefilled sequence, plus an optional append buffer of later tokens. Its jittable
 operations are ordered by data: `prefill` returns the middle counts, which `append` and `query` take
-as an input (`append` returns the totals, which the next call takes). Two paths reach the same C++ code:
+as an input (`append` returns the totals, which the next call takes). Three paths reach the same C++ code:
 
 - "ffi" (JAX's CPU backend): XLA FFI custom calls with `has_side_effect=True`, so XLA never hoists
   or drops them; about 0.2 µs of overhead per call.
+- "cuda-ffi" (a CUDA GPU, with `pigjax._engine_cuda` built): the same custom calls registered for the
+  CUDA platform (ffi/src/cuda_handlers.cc): the handler copies its operands from the GPU to pinned host
+  buffers on XLA's stream, runs the engine and copies the results back; one host round trip per
+  call, no Python. Errors are raised by JAX as on the "ffi" path. SimHash codes stay on the GPU (jnp).
 - "callback" (any backend, e.g. a GPU): `io_callback` into the engine's NumPy entry points; JAX
   copies the inputs to the host and the results back (tens of µs plus the copies). An engine
   error there does not raise inside the callback (see `_CallbackErrors`): the call returns NaN
   and -1 results and the error is raised by the `Store` that made the call (eagerly, or at
   `check()` / `close()`), or by `raise_callback_error(handle)` for module-function callers.
 
-The default is "ffi" when JAX's default backend is the CPU, else "callback".
+The default (`default_path`, the one place that picks) is "ffi" when JAX's default backend is the CPU,
+"cuda-ffi" on a CUDA GPU when `pigjax._engine_cuda` is available, else "callback".
 
 Memory: `estimate_bytes(...)` is what a store allocates with every slot full; `Store(...)` raises
 PigjaxError when that exceeds `memory_limit()` (PIGJAX_ENGINE_MAX_BYTES, else MemAvailable).
@@ -64,11 +69,7 @@ class Store(Closing):
         bytes with every slot full (`estimate_bytes`) exceed `memory_limit()`. `appends=False`
         (a store that is only prefilled, as MagicPIG's) makes `append` an error and the estimate
         count prefilled tokens only."""
-        if path is not None and not isinstance(path, str):
-            raise PigjaxError(f"Store: path must be 'ffi', 'callback' or None, got {path!r}")
-        self.path = path or default_path()
-        if self.path not in ("ffi", "callback"):
-            raise PigjaxError(f"Store: path must be 'ffi' or 'callback', got {path!r}")
+        self.path = check_path("Store", path)
         slots, kv_heads, head_dim, capacity, K, L, eps, storage = _store_args(
             "Store", slots=slots, kv_heads=kv_heads, head_dim=head_dim, capacity=capacity, K=K, L=L, eps=eps,
             storage=storage)
@@ -249,8 +250,28 @@ def _host(fn, shapes):
     return call
 
 
+PATHS = ("ffi", "cuda-ffi", "callback")
+# FFI target prefix per path (the targets are <prefix>_prefill, _append, _query).
+_FFI_TARGETS = {"ffi": "pigjax_lsh", "cuda-ffi": "pigjax_cuda_lsh"}
+
+
 def default_path() -> str:
-    return "ffi" if jax.default_backend() == "cpu" else "callback"
+    """"ffi" on JAX's CPU backend; "cuda-ffi" on a CUDA GPU when the CUDA handlers are available
+    (`native.cuda_handlers`); else "callback"."""
+    if jax.default_backend() == "cpu":
+        return "ffi"
+    return "cuda-ffi" if native.cuda_handlers() else "callback"
+
+
+def check_path(where: str, path) -> str:
+    """`path` (None: `default_path()`) if it is one of PATHS and usable here, else PigjaxError."""
+    if path is None:
+        return default_path()
+    if not isinstance(path, str) or path not in PATHS:
+        raise PigjaxError(f"{where}: path must be 'ffi', 'cuda-ffi', 'callback' or None, got {path!r}")
+    if path == "cuda-ffi" and not native.cuda_handlers():
+        raise PigjaxError(f"{where}: path 'cuda-ffi' is not available: {native.cuda_unavailable_reason()}")
+    return path
 
 
 def simhash_codes(x, proj, K: int, path: str | None = None, heads: str | None = None):
@@ -279,7 +300,7 @@ def _prefill(handle, slots, keys, values, codes, lengths, *, sink, local, path):
     if path == "callback":
         host = _host(lambda h, *a: _engine.store_prefill_np(h, *a, sink, local), result)
         return io_callback(host, result, handle, slots, keys, values, codes, lengths, ordered=True)
-    call = jax.ffi.ffi_call("pigjax_lsh_prefill", result, has_side_effect=True)
+    call = jax.ffi.ffi_call(_FFI_TARGETS[path] + "_prefill", result, has_side_effect=True)
     return call(handle, slots, keys, values, codes, lengths, sink=np.int32(sink), local=np.int32(local))
 
 
@@ -301,7 +322,7 @@ def _append(handle, slots, keys, values, codes, counts, dep, *, path):
     if path == "callback":
         host = _host(lambda h, *a: _engine.store_append_np(h, *a[:-1]), result)  # a[-1]: dep
         return io_callback(host, result, handle, slots, keys, values, codes, counts, dep, ordered=True)
-    call = jax.ffi.ffi_call("pigjax_lsh_append", result, has_side_effect=True)
+    call = jax.ffi.ffi_call(_FFI_TARGETS[path] + "_append", result, has_side_effect=True)
     return call(handle, slots, keys, values, codes, counts, dep)
 
 
@@ -321,7 +342,7 @@ def _query(handle, slots, q, q_codes, dep, *, path):
     if path == "callback":
         host = _host(lambda h, *a: _engine.store_query_np(h, *a[:-1]), shapes)  # a[-1]: dep
         return io_callback(host, shapes, handle, slots, q, q_codes, dep, ordered=True)
-    call = jax.ffi.ffi_call("pigjax_lsh_query", shapes, has_side_effect=True)
+    call = jax.ffi.ffi_call(_FFI_TARGETS[path] + "_query", shapes, has_side_effect=True)
     return call(handle, slots, q, q_codes, dep)
 
 

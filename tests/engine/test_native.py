@@ -333,3 +333,16 @@ def test_simhash_codes_np_validation():
         native.simhash_codes_np(x, p.reshape(1, 8, 10), 5)
     with pytest.raises(ValueError, match=r"last dim \(7\)"):
         native.simhash_codes_np(np.ones((4, 7), np.float32), p, 5)
+
+
+def test_cuda_handlers_unavailable_off_a_gpu():
+    """Off a CUDA GPU the CUDA module is never imported and the store keeps its CPU path."""
+    from pigjax.engine import store
+
+    if jax.devices()[0].platform != "cpu":
+        pytest.skip("checks the CPU backend")
+    assert native.cuda_handlers() is False
+    assert "not a CUDA GPU" in native.cuda_unavailable_reason()
+    assert store.default_path() == "ffi"
+    capsule = native._engine.engine_api()
+    assert type(capsule).__name__ == "PyCapsule"

@@ -1,0 +1,169 @@
+// The LSH store's FFI handler logic (prefill, append, query), written once for every kind of
+// memory the operands may live in (docs/algorithm.md §6):
+//   - ffi_handlers.cc (platform "cpu"): operands and results are host memory, viewed in place;
+//   - cuda_handlers.cc (platform "CUDA"): they are device memory; operands are copied to pinned
+//     host buffers on XLA's stream, results copied back after the engine ran.
+// Both build the same store_args.h views and call the same store_prefill / store_append /
+// store_query (whose validate_* hold every argument check), so a call and its error messages are
+// the same on both platforms; only the target name in the message differs.
+//
+// A Mem policy supplies:
+//   void begin(size_t bytes)   room for this call's staged arrays (sum of staged_bytes())
+//   ArrayView<const T> in(const ffi::Buffer<T>&)    host view of an operand, readable after fetch()
+//   ArrayView<T> out(ffi::ResultBuffer<T>&)         host view of a result, delivered by send()
+//   void fetch()               the operands are on the host
+//   void send()                the results are on their way to the result buffers
+// and StoreOps (engine_api.h) the engine's calls: store_prefill / store_append / store_query
+// themselves in pigjax._engine, the table pigjax._engine exports in the CUDA module.
+// A failure of the memory layer (e.g. a CUDA call) is thrown as an exception and becomes INTERNAL.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <exception>
+#include <string>
+#include <vector>
+
+#include "engine_api.h"
+#include "store_args.h"
+#include "xla/ffi/api/ffi.h"
+
+namespace pigjax {
+namespace ffi_calls {
+
+namespace ffi = xla::ffi;
+
+template <typename Dims>
+std::vector<int64_t> to_vec(const Dims& dims) {
+  return std::vector<int64_t>(dims.begin(), dims.end());
+}
+
+// Bytes an array takes in a staging buffer: its size rounded up to 64 (each array starts on a
+// cache line).
+inline size_t staged_bytes(size_t bytes) { return (bytes + 63) / 64 * 64; }
+template <ffi::DataType T>
+size_t staged_bytes(const ffi::Buffer<T>& b) { return staged_bytes(b.size_bytes()); }
+template <ffi::DataType T>
+size_t staged_bytes(ffi::ResultBuffer<T>& b) { return staged_bytes(b->size_bytes()); }
+
+// Runs call() (which returns "" or a validation message) for the target `name`: a message becomes
+// INVALID_ARGUMENT and a C++ exception INTERNAL, both prefixed with the target's name.
+template <typename Call>
+ffi::Error run(const char* name, Call&& call) {
+  try {
+    const std::string err = call();
+    if (!err.empty()) return ffi::Error::InvalidArgument(std::string(name) + ": " + err);
+    return ffi::Error::Success();
+  } catch (const std::exception& e) {
+    return ffi::Error::Internal(std::string(name) + ": " + e.what());
+  } catch (...) {
+    return ffi::Error::Internal(std::string(name) + ": unknown C++ exception");
+  }
+}
+
+// The store handle travels as a rank-0 s32 operand (not an attribute) so that one compiled
+// program serves every store: generate creates a store per call.
+inline bool read_handle(const ArrayView<const int32_t>& h, int64_t* handle, std::string* err) {
+  if (h.dims.size() != 0) {
+    *err = "handle must be a rank-0 int32 array, got rank " + std::to_string(h.dims.size());
+    return false;
+  }
+  *handle = *h.data;
+  return true;
+}
+
+// LSH store prefill: see store.h. Slots s32[B], keys/values f32[B,Hkv,n,d],
+// codes s32[B,Hkv,n,L], lengths s32[B] -> middle_counts s32[B].
+template <class Mem>
+ffi::Error lsh_prefill(const char* name, const StoreOps& ops, Mem& mem,
+                       ffi::Buffer<ffi::S32> handle_arg, int32_t sink, int32_t local,
+                       ffi::Buffer<ffi::S32> slots, ffi::Buffer<ffi::F32> keys,
+                       ffi::Buffer<ffi::F32> values, ffi::Buffer<ffi::S32> codes,
+                       ffi::Buffer<ffi::S32> lengths, ffi::ResultBuffer<ffi::S32> middle_counts) {
+  return run(name, [&] {
+    mem.begin(staged_bytes(handle_arg) + staged_bytes(slots) + staged_bytes(keys) +
+              staged_bytes(values) + staged_bytes(codes) + staged_bytes(lengths) +
+              staged_bytes(middle_counts));
+    const ArrayView<const int32_t> h = mem.in(handle_arg);
+    PrefillArgs a;
+    a.slots = mem.in(slots);
+    a.keys = mem.in(keys);
+    a.values = mem.in(values);
+    a.codes = mem.in(codes);
+    a.lengths = mem.in(lengths);
+    a.middle_counts = mem.out(middle_counts);
+    a.sink = sink;
+    a.local = local;
+    mem.fetch();
+    int64_t handle;
+    std::string err;
+    if (!read_handle(h, &handle, &err)) return err;
+    err = ops.prefill(handle, a);
+    if (err.empty()) mem.send();
+    return err;
+  });
+}
+
+// LSH store query: slots s32[B], q f32[B,Hq,d], q_codes s32[B,Hq,L], dep (any s32, unused:
+// orders the call after a prefill by data dependence; never copied) -> out f32[B,Hq,d],
+// lse f32[B,Hq], sampled s32[B,Hq].
+template <class Mem>
+ffi::Error lsh_query(const char* name, const StoreOps& ops, Mem& mem,
+                     ffi::Buffer<ffi::S32> handle_arg, ffi::Buffer<ffi::S32> slots,
+                     ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::S32> q_codes,
+                     ffi::ResultBuffer<ffi::F32> out, ffi::ResultBuffer<ffi::F32> lse,
+                     ffi::ResultBuffer<ffi::S32> sampled) {
+  return run(name, [&] {
+    mem.begin(staged_bytes(handle_arg) + staged_bytes(slots) + staged_bytes(q) +
+              staged_bytes(q_codes) + staged_bytes(out) + staged_bytes(lse) +
+              staged_bytes(sampled));
+    const ArrayView<const int32_t> h = mem.in(handle_arg);
+    QueryArgs a;
+    a.slots = mem.in(slots);
+    a.q = mem.in(q);
+    a.q_codes = mem.in(q_codes);
+    a.out = mem.out(out);
+    a.lse = mem.out(lse);
+    a.sampled = mem.out(sampled);
+    mem.fetch();
+    int64_t handle;
+    std::string err;
+    if (!read_handle(h, &handle, &err)) return err;
+    err = ops.query(handle, a);
+    if (err.empty()) mem.send();
+    return err;
+  });
+}
+
+// LSH store append: slots s32[B], keys/values f32[B,Hkv,T,d], codes s32[B,Hkv,T,L],
+// counts s32[B], dep (any s32, unused) -> totals s32[B] (middle + appended tokens per row).
+template <class Mem>
+ffi::Error lsh_append(const char* name, const StoreOps& ops, Mem& mem,
+                      ffi::Buffer<ffi::S32> handle_arg, ffi::Buffer<ffi::S32> slots,
+                      ffi::Buffer<ffi::F32> keys, ffi::Buffer<ffi::F32> values,
+                      ffi::Buffer<ffi::S32> codes, ffi::Buffer<ffi::S32> counts,
+                      ffi::ResultBuffer<ffi::S32> totals) {
+  return run(name, [&] {
+    mem.begin(staged_bytes(handle_arg) + staged_bytes(slots) + staged_bytes(keys) +
+              staged_bytes(values) + staged_bytes(codes) + staged_bytes(counts) +
+              staged_bytes(totals));
+    const ArrayView<const int32_t> h = mem.in(handle_arg);
+    AppendArgs a;
+    a.slots = mem.in(slots);
+    a.keys = mem.in(keys);
+    a.values = mem.in(values);
+    a.codes = mem.in(codes);
+    a.counts = mem.in(counts);
+    a.totals = mem.out(totals);
+    mem.fetch();
+    int64_t handle;
+    std::string err;
+    if (!read_handle(h, &handle, &err)) return err;
+    err = ops.append(handle, a);
+    if (err.empty()) mem.send();
+    return err;
+  });
+}
+
+}  // namespace ffi_calls
+}  // namespace pigjax

@@ -1,0 +1,190 @@
+"""The CUDA store handlers (ffi/src/cuda_handlers.cc) on the CPU: the same source compiled against a
+fake CUDA runtime (ffi/tests/fake_cuda: device memory is host memory, copies run at the stream's
+synchronization) into the test-only module pigjax._engine_cuda_fake, registered for the CPU platform
+as pigjax_test_cuda_lsh_*. The "cuda-ffi" path then runs the handler's full host logic (staging,
+copies, one synchronization per call, the engine through engine_api.h, error paths), and its
+results must equal the CPU "ffi" path's bit for bit. Build the module with
+scripts/test_cuda_handlers.sh (CMake -DPIGJAX_CUDA_FAKE=ON); without it these tests are skipped.
+On a GPU, the device script runs the real module (scripts/device_check.sh)."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from pigjax import PigjaxError
+from pigjax.attention import lsh_attention
+from pigjax.engine import Store, native
+from pigjax.engine import store as engine_store
+
+try:
+    fake = native.load_fake_cuda_handlers()
+except ImportError as e:  # built only on request: see the module docstring
+    pytest.skip(f"pigjax._engine_cuda_fake not built ({e}); run scripts/test_cuda_handlers.sh",
+                allow_module_level=True)
+
+
+@pytest.fixture(autouse=True)
+def fake_cuda_path(monkeypatch):
+    """Route the "cuda-ffi" path to the fake-runtime targets (registered for the CPU)."""
+    monkeypatch.setitem(engine_store._FFI_TARGETS, "cuda-ffi", "pigjax_test_cuda_lsh")
+    monkeypatch.setattr(native, "cuda_handlers", lambda: True)
+    fake.fail_after(-1)
+    yield
+    fake.fail_after(-1)
+
+
+def _data(seed, b=2, hkv=2, hq=6, n=300, d=32, K=6, L=40, T=8):
+    rng = np.random.default_rng(seed)
+    f = lambda *s: jnp.asarray(rng.normal(size=s).astype(np.float32))  # noqa: E731
+    codes = lambda *s: jnp.asarray(rng.integers(0, 2**K, size=s, dtype=np.int32))  # noqa: E731
+    return dict(keys=f(b, hkv, n, d), values=f(b, hkv, n, d), codes=codes(b, hkv, n, L),
+                lengths=jnp.asarray(rng.integers(n // 2, n + 1, size=b), jnp.int32),
+                q=f(b, hq, d), q_codes=codes(b, hq, L), ak=f(b, hkv, T, d), av=f(b, hkv, T, d),
+                ac=codes(b, hkv, T, L), counts=jnp.asarray(rng.integers(0, T + 1, size=b), jnp.int32))
+
+
+def _run(path, x, storage, b=2, hkv=2, d=32, n=300, K=6, L=40):
+    slots = jnp.arange(b, dtype=jnp.int32)[::-1]
+    with Store(b + 1, hkv, d, n + 16, K, L, storage=storage, path=path) as s:
+        middle = s.prefill(slots, x["keys"], x["values"], x["codes"], x["lengths"], sink=2, local=5)
+        first = s.query(slots, x["q"], x["q_codes"], middle)
+        totals = s.append(slots, x["ak"], x["av"], x["ac"], x["counts"], middle)
+        second = s.query(slots, x["q"], x["q_codes"], totals)
+        return jax.tree.map(np.asarray, (middle, first, totals, second))
+
+
+@pytest.mark.parametrize("storage", ["f32", "bf16"])
+def test_cuda_handlers_equal_cpu_ffi_bit_for_bit(storage):
+    x = _data(0)
+    want = _run("ffi", x, storage)
+    got = _run("cuda-ffi", x, storage)
+    for w, g in zip(jax.tree.leaves(want), jax.tree.leaves(got)):
+        assert w.dtype == g.dtype and w.shape == g.shape
+        np.testing.assert_array_equal(g, w)
+    assert want[1][2].sum() > 0  # something was sampled
+
+
+def test_lsh_attention_cuda_path_equals_callback_path():
+    """End to end (SimHash codes in jnp on both paths, as on a GPU)."""
+    rng = np.random.default_rng(3)
+    q = rng.normal(size=(2, 6, 32)).astype(np.float32)
+    k = (rng.normal(size=(2, 2, 500, 32)) + 2.0).astype(np.float32)
+    v = rng.normal(size=(2, 2, 500, 32)).astype(np.float32)
+    proj = rng.normal(size=(32, 240)).astype(np.float32)
+    a = lsh_attention(q, k, v, proj, K=6, L=40, path="callback")
+    b = lsh_attention(q, k, v, proj, K=6, L=40, path="cuda-ffi")
+    np.testing.assert_array_equal(np.asarray(b[1]), np.asarray(a[1]))
+    np.testing.assert_array_equal(np.asarray(b[0]), np.asarray(a[0]))
+
+
+def test_one_synchronization_and_exact_copies_per_call():
+    """A query copies handle, slots, q and q_codes to the host, synchronizes once and copies out,
+    lse and sampled back (dep is never copied); a jitted loop of queries makes one round trip each."""
+    b, hq, d, L = 2, 6, 32, 40
+    x = _data(1)
+    with Store(b, 2, d, 400, 6, L, storage="f32", path="cuda-ffi") as s:
+        slots = jnp.arange(b, dtype=jnp.int32)
+        middle = jax.block_until_ready(
+            s.prefill(slots, x["keys"], x["values"], x["codes"], x["lengths"], sink=0, local=1))
+
+        @jax.jit
+        def steps(q):
+            def body(carry, _):
+                out, lse, sampled = engine_store.query(s.handle_array, slots, q + carry, x["q_codes"], middle,
+                                                       path="cuda-ffi")
+                return carry + 1.0, sampled
+            return jax.lax.scan(body, 0.0, None, length=5)[1]
+
+        jax.block_until_ready(steps(x["q"]))  # compile and warm up
+        fake.reset_counters()
+        jax.block_until_ready(steps(x["q"]))
+        c = fake.counters()
+    assert c["stream_syncs"] == 5
+    assert c["d2h_copies"] == 5 * 4 and c["h2d_copies"] == 5 * 3
+    assert c["d2h_bytes"] == 5 * (4 + 4 * b + 4 * b * hq * d + 4 * b * hq * L)
+    assert c["h2d_bytes"] == 5 * (4 * b * hq * d + 4 * b * hq + 4 * b * hq)
+    # Staging is per host thread: the 5 queries reuse one buffer (at most one allocation, should
+    # XLA run this program on a thread that has not staged a call yet).
+    assert c["host_allocs"] <= 1
+    assert fake.staging_bytes() >= 2 * 4 * b * 2 * 300 * d  # it holds the prefill's keys and values
+
+
+def _expect(call, message):
+    with pytest.raises(Exception, match=message):
+        jax.block_until_ready(call())
+
+
+def test_bad_input_same_errors_as_cpu_path():
+    """Each engine error names the CUDA target with the CPU path's message; later calls work."""
+    x = _data(2)
+    b = 2
+    s = Store(3, 2, 32, 200, 6, 40, storage="f32", path="cuda-ffi")
+    slots = jnp.arange(b, dtype=jnp.int32)
+    k, v, c = x["keys"], x["values"], x["codes"]
+    full = jnp.full((b,), 300, jnp.int32)
+    _expect(lambda: s.prefill(slots, k, v, c, full, sink=0, local=1),
+            r"pigjax_test_cuda_lsh_prefill: row 0: middle count 299 .* exceeds the store capacity 200")
+    _expect(lambda: s.prefill(jnp.asarray([0, 5], jnp.int32), k, v, c, x["lengths"] // 2, sink=0, local=1),
+            r"pigjax_test_cuda_lsh_prefill: slots\[1\] = 5 is out of range \[0, 3\)")
+    _expect(lambda: s.prefill(slots, k[:, :1], v[:, :1], c[:, :1], x["lengths"] // 2, sink=0, local=1),
+            r"pigjax_test_cuda_lsh_prefill: keys must have shape \[B=2, Hkv=2, n, d=32\], got \[2, 1, 300, 32\]")
+    _expect(lambda: s.prefill(slots, k, v, c.at[1, 1, 7, 3].set(64), full // 2, sink=0, local=1),
+            r"codes\[1, 1, 7, 3\] = 64 is outside \[0, 2\^K=64\)")
+    assert s.info()["prefilled"] == [False, False, False]  # failed calls changed nothing
+    middle = s.prefill(slots, k, v, c, full // 2, sink=0, local=1)
+    _expect(lambda: s.query(slots, x["q"][:, :5], x["q_codes"][:, :5], middle),
+            r"pigjax_test_cuda_lsh_query: the number of query heads \(5\) must be a positive multiple")
+    _expect(lambda: s.query(slots, x["q"], x["q_codes"] - 1, middle), r"q_codes\[0, 0, \d+\] = -1 is outside")
+    _expect(lambda: s.append(slots, x["ak"], x["av"], x["ac"], jnp.asarray([8, 9], jnp.int32), middle),
+            r"pigjax_test_cuda_lsh_append: counts\[1\] = 9 is outside \[0, T=8\]")
+    out = s.query(slots, x["q"], x["q_codes"], middle)
+    assert np.isfinite(np.asarray(out[0])).all()
+    s.close()
+    _expect(lambda: s.query(slots, x["q"], x["q_codes"], middle), r"pigjax_test_cuda_lsh_query: .*handle")
+
+
+# Runtime calls of a query after a successful call (staging large enough, its event pending):
+# 0 cudaEventSynchronize, 1-4 cudaMemcpyAsync D2H, 5 cudaStreamSynchronize, 6-8 H2D, 9 cudaEventRecord.
+@pytest.mark.parametrize("n, what", [(0, "cudaEventSynchronize"), (2, r"cudaMemcpyAsync \(device to host\)"),
+                                     (5, "cudaStreamSynchronize"), (7, r"cudaMemcpyAsync \(host to device\)"),
+                                     (9, "cudaEventRecord")])
+def test_cuda_runtime_failure_is_internal_error_and_recovers(n, what):
+    x = _data(4)
+    slots = jnp.arange(2, dtype=jnp.int32)
+    with Store(2, 2, 32, 400, 6, 40, storage="f32", path="cuda-ffi") as s:
+        middle = s.prefill(slots, x["keys"], x["values"], x["codes"], x["lengths"], sink=0, local=1)
+        want = jax.tree.map(np.asarray, s.query(slots, x["q"], x["q_codes"], middle))
+        fake.fail_after(n, 719)
+        with pytest.raises(jax.errors.JaxRuntimeError,
+                           match=f"INTERNAL: .*pigjax_test_cuda_lsh_query: {what} failed: unspecified launch"):
+            jax.block_until_ready(s.query(slots, x["q"], x["q_codes"], middle))
+        got = jax.tree.map(np.asarray, s.query(slots, x["q"], x["q_codes"], middle))
+    for w, g in zip(want, got):
+        np.testing.assert_array_equal(g, w)
+
+
+def test_staging_grows_for_a_larger_call():
+    x = _data(5, n=64)
+    y = _data(6, n=2000)
+    slots = jnp.arange(2, dtype=jnp.int32)
+    with Store(2, 2, 32, 2000, 6, 40, storage="f32", path="cuda-ffi") as s:
+        s.prefill(slots, x["keys"], x["values"], x["codes"], x["lengths"], sink=0, local=1)
+        fake.reset_counters()
+        middle = s.prefill(slots, y["keys"], y["values"], y["codes"], y["lengths"], sink=0, local=1)
+        got = jax.tree.map(np.asarray, s.query(slots, y["q"], y["q_codes"], middle))
+        assert fake.counters()["host_allocs"] >= 1
+    with Store(2, 2, 32, 2000, 6, 40, storage="f32", path="ffi") as s:
+        middle = s.prefill(slots, y["keys"], y["values"], y["codes"], y["lengths"], sink=0, local=1)
+        want = jax.tree.map(np.asarray, s.query(slots, y["q"], y["q_codes"], middle))
+    for w, g in zip(want, got):
+        np.testing.assert_array_equal(g, w)
+
+
+def test_unavailable_cuda_path_is_a_clear_error(monkeypatch):
+    monkeypatch.setattr(native, "cuda_handlers", lambda: False)
+    monkeypatch.setattr(native, "cuda_unavailable_reason", lambda: "no GPU here")
+    with pytest.raises(PigjaxError, match="path 'cuda-ffi' is not available: no GPU here"):
+        Store(1, 1, 8, 10, 4, 4, path="cuda-ffi")
+    with pytest.raises(PigjaxError, match="path must be"):
+        Store(1, 1, 8, 10, 4, 4, path="cuda")
