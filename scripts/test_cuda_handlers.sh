@@ -5,6 +5,7 @@
 # pigjax._engine_cuda (compile and link only: it needs a GPU to run), copies them into pigjax/ and
 # runs tests/engine/test_cuda_handlers.py. The normal build (pip / CMake defaults) builds neither.
 #   PYTHON=.venv/bin/python scripts/test_cuda_handlers.sh [pytest args]
+#   BUILD_ONLY=1 CUDA=OFF ...   only (re)build the fake module into pigjax/ (what the test suite does)
 #   SANITIZE=1 ...   the same tests with both modules built with AddressSanitizer and
 #                    UndefinedBehaviorSanitizer (build/cuda-test-asan), run from a copy of pigjax/
 #                    and tests/ under /tmp with the sanitizer runtimes preloaded into Python.
@@ -18,10 +19,10 @@ if [ "${SANITIZE:-0}" = 1 ]; then
          "-DCMAKE_SHARED_LINKER_FLAGS=$san")
 else
   build=${BUILD_DIR:-build/cuda-test}
-  extra=(-DPIGJAX_CUDA=AUTO)
+  extra=(-DPIGJAX_CUDA=${CUDA:-AUTO})
 fi
 mkdir -p "$(dirname "$build")"
-cmake -S . -B "$build" -G Ninja -DCMAKE_BUILD_TYPE=Release -DPython_EXECUTABLE="$(command -v "$PY")" \
+[ -f "$build/build.ninja" ] || cmake -S . -B "$build" -G Ninja -DCMAKE_BUILD_TYPE=Release -DPython_EXECUTABLE="$(command -v "$PY")" \
   -DPIGJAX_CUDA_FAKE=ON "${extra[@]}" > "$build.configure.log" 2>&1 || { tail -20 "$build.configure.log"; exit 1; }
 grep "pigjax:" "$build.configure.log" || true
 cmake --build "$build" -j "${JOBS:-2}"
@@ -46,7 +47,8 @@ PYEOF
     "$PY" -c "import pigjax._engine_cuda_fake as m; print('sanitized modules from', m.__file__)" \
     && LD_PRELOAD="$(${CXX:-g++} -print-file-name=libasan.so) $(${CXX:-g++} -print-file-name=libubsan.so)" \
   ASAN_OPTIONS=detect_leaks=0:halt_on_error=1 UBSAN_OPTIONS=halt_on_error=1:print_stacktrace=1 \
-  PYTHONPATH="$tree/site" "$PY" -m pytest -q -p no:cacheprovider tests/engine/test_cuda_handlers.py "$@"
+  PYTHONPATH="$tree/site" [ "${BUILD_ONLY:-0}" = 1 ] && exit 0
+"$PY" -m pytest -q -p no:cacheprovider tests/engine/test_cuda_handlers.py "$@"
   exit
 fi
 cp "$build"/_engine_cuda_fake*.so pigjax/
@@ -54,4 +56,5 @@ if ls "$build"/_engine_cuda.*.so > /dev/null 2>&1; then
   cp "$build"/_engine_cuda.*.so pigjax/
   echo "built and linked: $(ls "$build"/_engine_cuda.*.so) ($(ldd "$build"/_engine_cuda.*.so | grep -o 'libcudart[^ ]*' | head -1))"
 fi
+[ "${BUILD_ONLY:-0}" = 1 ] && exit 0
 "$PY" -m pytest -q -p no:cacheprovider tests/engine/test_cuda_handlers.py "$@"

@@ -3,9 +3,14 @@ fake CUDA runtime (ffi/tests/fake_cuda: device memory is host memory, copies run
 synchronization) into the test-only module pigjax._engine_cuda_fake, registered for the CPU platform
 as pigjax_test_cuda_lsh_*. The "cuda-ffi" path then runs the handler's full host logic (staging,
 copies, one synchronization per call, the engine through engine_api.h, error paths), and its
-results must equal the CPU "ffi" path's bit for bit. Build the module with
-scripts/test_cuda_handlers.sh (CMake -DPIGJAX_CUDA_FAKE=ON); without it these tests are skipped.
+results must equal the CPU "ffi" path's bit for bit. The module is (re)built here by
+scripts/test_cuda_handlers.sh (BUILD_ONLY=1, CMake -DPIGJAX_CUDA_FAKE=ON, build/cuda-test).
 On a GPU, the device script runs the real module (scripts/device_check.sh)."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -17,11 +22,17 @@ from pigjax.attention import lsh_attention
 from pigjax.engine import Store, native
 from pigjax.engine import store as engine_store
 
-try:
-    fake = native.load_fake_cuda_handlers()
-except ImportError as e:  # built only on request: see the module docstring
-    pytest.skip(f"pigjax._engine_cuda_fake not built ({e}); run scripts/test_cuda_handlers.sh",
-                allow_module_level=True)
+def _build_fake():
+    """(Re)build the fake-runtime module (a no-op when up to date): the normal build leaves it out."""
+    root = Path(__file__).parents[2]
+    env = dict(os.environ, PYTHON=sys.executable, BUILD_ONLY="1", CUDA="OFF")
+    proc = subprocess.run(["bash", str(root / "scripts" / "test_cuda_handlers.sh")], cwd=root, env=env,
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return native.load_fake_cuda_handlers()
+
+
+fake = _build_fake()
 
 
 @pytest.fixture(autouse=True)
