@@ -16,6 +16,17 @@ import jax
 from pigjax.errors import ConfigError
 
 ENV = ("PIGJAX_COORDINATOR", "PIGJAX_NUM_PROCESSES", "PIGJAX_PROCESS_ID")
+# XLA:CPU aborts the process when a collective waits for its peers longer than this (40 s by
+# default): on a loaded machine, devices sharing few cores can be that late without being stuck.
+COLLECTIVE_TIMEOUT_FLAGS = ("--xla_cpu_collective_call_terminate_timeout_seconds=900 "
+                            "--xla_cpu_collective_timeout_seconds=900")
+
+
+def patient_collectives():
+    """Add COLLECTIVE_TIMEOUT_FLAGS to XLA_FLAGS (before JAX starts its CPU backend)."""
+    flags = os.environ.get("XLA_FLAGS", "")
+    if "collective_call_terminate_timeout" not in flags:
+        os.environ["XLA_FLAGS"] = f"{flags} {COLLECTIVE_TIMEOUT_FLAGS}".strip()
 
 
 def initialize() -> bool:
@@ -26,6 +37,7 @@ def initialize() -> bool:
     if missing:
         raise ConfigError(f"a multi-process run needs {', '.join(ENV)}; missing {', '.join(missing)}")
     local = int(os.environ.get("PIGJAX_LOCAL_DEVICES", "1"))
+    patient_collectives()
     jax.config.update("jax_num_cpu_devices", local)
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.distributed.initialize(coordinator_address=os.environ["PIGJAX_COORDINATOR"],

@@ -79,6 +79,8 @@ def main(argv):
         return _worker(mesh_text, out)
     common = [f"--attention={','.join(_ATTENTION.value)}", f"--batch={_BATCH.value}",
               f"--prompt_len={_PROMPT_LEN.value}", f"--new_tokens={_NEW.value}"]
+    from pigjax.distributed import COLLECTIVE_TIMEOUT_FLAGS
+
     me = os.path.abspath(__file__)
     runs = {}
     with tempfile.TemporaryDirectory() as tmp:
@@ -86,7 +88,8 @@ def main(argv):
                                                 ("2x2 mesh, 2 processes", "2x2", 2, 2)):
             out = os.path.join(tmp, f"{len(runs)}.json")
             cmd = [sys.executable, me, *common, f"--role=worker:{mesh}:{out}"]
-            env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+            env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices} "
+                                             f"{COLLECTIVE_TIMEOUT_FLAGS}")
             if processes > 1:
                 launch = os.path.join(os.path.dirname(me), "launch.py")
                 cmd = [sys.executable, launch, f"--processes={processes}", f"--local_devices={devices}", "--", *cmd[1:]]
