@@ -263,7 +263,8 @@ class ContextMemory(nn.Module):
             # Slots count-1 .. count+t-2 get their values now (the first one from the pending
             # projection, finished by this chunk's first token); slots count .. count+t-1 their keys.
             prev = jnp.concatenate([state.pending_value[:, :, None], vx], axis=2)
-            y, stored = (self.memory or exact_memory)(state, k, k, values(prev[:, :, :-1], prev[:, :, 1:]), count)
+            y, stored = (self.memory or exact_memory)(state, k, k, values(prev[:, :, :-1], prev[:, :, 1:]), count,
+                                                      Span())
             last, has_new = jnp.maximum(num_new - 1, 0), (num_new > 0)[:, None, None]
             new_state = dict(
                 ctx_leak=jnp.where(has_new, _at(kbar, last), state.ctx_leak),
