@@ -116,9 +116,10 @@ def write_report(results, lengths, pairs, out):
     if results.get("engine"):
         e = results["engine"]
         frac = lambda x: "—" if x is None else f"{x:.3f}"
-        lines += ["", f"v2 ({e['sequences']} sequences per cell), teacher-forced decoding, exact vs its long-term "
-                      f"memory read by the engine (sink {e['sink']}, local {e['local']}, every layer): accuracy "
-                      f"(fraction of the long-term memory's engine pairs read):", "",
+        title = (f"v2 ({e['sequences']} sequences per cell), teacher-forced decoding, exact vs its long-term "
+                 f"memory read by the engine (sink {e['sink']}, local {e['local']}, every layer): accuracy "
+                 f"(fraction of the long-term memory's engine pairs read):")
+        lines += ["", title, "",
                   "| T/pairs | exact | " + " | ".join(e["settings"]) + " |", "|---|---:|" + "---:|" * len(e["settings"])]
         for cell, r in e["cells"].items():
             lines.append(f"| {cell} | {r['exact']:.3f} | "
