@@ -40,3 +40,28 @@ def test_loss_and_accuracy_count_only_queries():
     assert (int(right), int(total)) == (1, 2)
     loss = float(mqar.masked_loss(logits, targets))
     assert 5.0 < loss < 6.0  # one right (~0) and one wrong (~10) answer, averaged over the 2 queries
+
+
+def test_eval_mqar_script_end_to_end(tmp_path):
+    """scripts/eval_mqar.py at a toy size: trains v2 two steps, scores it, and decodes it through
+    the engine; writes the JSON, markdown and PNG report."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    out = tmp_path / "mqar"
+    cmd = [sys.executable, str(root / "scripts" / "eval_mqar.py"), "--models", "mosaics2", "--hidden", "16",
+           "--layers", "1", "--heads", "2", "--vocab", "32", "--train_len", "16", "--pairs", "2", "--batch", "2",
+           "--steps", "2", "--warmup", "1", "--short_window", "4", "--long_gap_min", "2", "--long_gap_max", "4",
+           "--eval_lengths", "16", "--eval_pairs", "2", "--eval_sequences", "4", "--engine", "4x20",
+           "--engine_sequences", "2", "--engine_max_len", "16", "--out", str(out)]
+    done = subprocess.run(cmd, cwd=root, capture_output=True, text=True, env=os.environ, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    results = json.loads((out.parent / "mqar.json").read_text())
+    assert 0.0 <= results["models"]["mosaics2"]["accuracy"]["16"]["2"] <= 1.0
+    cell = results["engine"]["cells"]["16/2"]
+    assert set(cell) == {"exact", "K4L20", "K4L20 read"}
+    assert "| 16 | 2 |" in (out.parent / "mqar.md").read_text() and (out.parent / "mqar.png").stat().st_size > 1000
