@@ -36,8 +36,8 @@ _GAP_MAX = flags.DEFINE_integer("long_gap_max", 64, "v2: largest m in training")
 _LENGTHS = flags.DEFINE_list("eval_lengths", ["64", "128", "256", "512", "1024"], "evaluation lengths")
 _EVAL_PAIRS = flags.DEFINE_list("eval_pairs", ["4", "8", "16"], "evaluation numbers of pairs")
 _SEQS = flags.DEFINE_integer("eval_sequences", 96, "evaluation sequences per cell")
-_ENGINE = flags.DEFINE_list("engine", [], "KxL settings (e.g. 10x150,8x100): also score v2 with its long-term "
-                            "memory read by the engine")
+_ENGINE = flags.DEFINE_list("engine", [], "KxL settings (e.g. 10x150,16x150c; c: centered keys): also score v2 "
+                            "with its long-term memory read by the engine")
 _SINK = flags.DEFINE_integer("sink", 0, "engine: exact sink pairs")
 _LOCAL = flags.DEFINE_integer("local", 1, "engine: exact pairs just past the gap (>= 1)")
 _ENGINE_MAX = flags.DEFINE_integer("engine_max_len", 256, "engine: longest evaluation length")
@@ -76,9 +76,14 @@ def engine_eval(model, task, lengths, pairs, log):
     from pigjax.eval import mqar
     from pigjax.eval.perplexity import teacher_forced
 
-    settings = [tuple(int(x) for x in s.split("x")) for s in _ENGINE.value]
-    backends = {f"K{k}L{l}": pigjax.MagicPIG(K=k, L=l, sink=_SINK.value, local=_LOCAL.value, dense_layers=(),
-                                             storage="f32") for k, l in settings}
+    from pigjax.models.mosaics_memory import MosaicsSampled
+
+    backends = {}
+    for setting in _ENGINE.value:  # KxL, or KxLc for centered keys
+        center = setting.endswith("c")
+        k, l = (int(x) for x in setting.rstrip("c").split("x"))
+        mp = pigjax.MagicPIG(K=k, L=l, sink=_SINK.value, local=_LOCAL.value, dense_layers=(), storage="f32")
+        backends[f"K{k}L{l}" + (" centered" if center else "")] = MosaicsSampled(mp, center=center)
     out = {"settings": list(backends), "sequences": _ENGINE_SEQS.value, "sink": _SINK.value, "local": _LOCAL.value, "cells": {}}
     for t in [t for t in lengths if t <= _ENGINE_MAX.value]:
         for p in [p for p in pairs if t >= 4 * p]:
