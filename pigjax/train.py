@@ -40,7 +40,7 @@ from pigjax.models import llama, mosaics
 from pigjax.models.llama_config import LlamaConfig, RopeConfig
 from pigjax.models.mosaics_config import MosaicsConfig
 
-MODELS = ("mosaics", "llama")
+MODELS = ("mosaics", "mosaics2", "llama")  # Memory Mosaics v1, v2 (docs/algorithm.md §3A), Llama
 # TrainConfig fields that may differ between a run and its resumption (they do not change what
 # the steps compute), with the values they take in the key of the compiled programs.
 _NOT_COMPUTATION = {"workdir": "", "minutes": None, "until_step": None, "save_every": 1, "eval_every": 1,
@@ -81,6 +81,9 @@ class TrainConfig:
     weight_decay: float = _setting(0.1, "AdamW weight decay (matrices only)")
     clip: float = _setting(1.0, "global-norm gradient clipping")
     dropout: float = _setting(0.05, "dropout (Mosaics only: pigjax's Llama has none)")
+    short_window: int = _setting(256, "mosaics2: pairs the short-term memory sees (h)")
+    long_gap_min: int = _setting(64, "mosaics2: the long-term memory's smallest gap m (and m at inference)")
+    long_gap_max: int = _setting(256, "mosaics2: the largest m drawn in training")
     seed: int = _setting(0, "initialisation, data order and dropout seed")
     save_every: int = _setting(200, "checkpoint every N steps (and at the end)")
     eval_every: int = _setting(100, "validation loss every N steps")
@@ -113,9 +116,12 @@ class TrainConfig:
 
 
 def mosaics_config(cfg: TrainConfig, vocab_size: int, eos_id: int) -> MosaicsConfig:
+    """The Mosaics model of the run: v2 for model 'mosaics2', else v1 (also the size the Llama matches)."""
+    v2 = dict(version=2, short_window=cfg.short_window, long_gap_min=cfg.long_gap_min,
+              long_gap_max=cfg.long_gap_max) if cfg.model == "mosaics2" else {}
     return MosaicsConfig(vocab_size=vocab_size, hidden_size=cfg.hidden, num_hidden_layers=cfg.layers,
                          num_attention_heads=cfg.heads, max_position_embeddings=cfg.seq_len, dropout=cfg.dropout,
-                         eos_token_ids=(eos_id,))
+                         eos_token_ids=(eos_id,), **v2)
 
 
 def llama_config_like(config: MosaicsConfig) -> LlamaConfig:
@@ -147,11 +153,8 @@ class Built:
 
 def build(cfg: TrainConfig, vocab_size: int, eos_id: int) -> Built:
     mc = mosaics_config(cfg, vocab_size, eos_id)
-    if cfg.model == "mosaics":
-        def forward(params, tokens, rng):
-            return mosaics.apply(params, mc, tokens, dropout_rng=rng if mc.dropout > 0 else None)
-
-        return Built(mc, lambda seed: mosaics.init_params(mc, seed), forward)
+    if cfg.model in ("mosaics", "mosaics2"):
+        return Built(mc, lambda seed: mosaics.init_params(mc, seed), partial(mosaics_forward, mc))
 
     lc = llama_config_like(mc)
 
@@ -172,6 +175,16 @@ def build(cfg: TrainConfig, vocab_size: int, eos_id: int) -> Built:
         return llama.LlamaModel(lc).apply({"params": params}, tokens).astype(jnp.float32)
 
     return Built(lc, init, forward)
+
+
+def mosaics_forward(config: MosaicsConfig, params, tokens, rng):
+    """Training (rng given) or evaluation (None) logits; v2 draws its long-term gap m from rng
+    (docs/algorithm.md §3A.3), evaluation uses m = long_gap_min."""
+    long_gap = None
+    if config.version == 2 and rng is not None:
+        long_gap = mosaics.draw_long_gap(config, jax.random.fold_in(rng, 1))
+    dropout_rng = rng if config.dropout > 0 else None
+    return mosaics.apply(params, config, tokens, dropout_rng=dropout_rng, long_gap=long_gap)
 
 
 def decay_mask(params):
@@ -198,7 +211,9 @@ def _check_run(workdir: Path, cfg: TrainConfig, resuming: bool, write: bool = Tr
     record = _run_record(cfg)
     if run_file.is_file():
         saved = json.loads(run_file.read_text())
-        diff = {k: (saved.get(k), v) for k, v in record.items() if saved.get(k) != v}
+        # (a setting the saved run predates had its default there)
+        defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
+        diff = {k: (saved.get(k), v) for k, v in record.items() if saved.get(k, defaults[k]) != v}
         if diff and resuming:
             raise TrainError(f"{workdir} holds a different run; differing settings (saved, now): {diff}. "
                              "Use another --workdir or the saved settings.")

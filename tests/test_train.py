@@ -153,3 +153,19 @@ def test_llama_baseline_and_comparison(text_file, cache_dir, tmp_path, mosaics_r
     for ext in ("json", "md", "png"):
         assert (tmp_path / "out" / f"cmp.{ext}").stat().st_size > 100
     assert "| validation loss |" in (tmp_path / "out" / "cmp.md").read_text()
+
+
+def test_mosaics_v2_trains(text_file, cache_dir, tmp_path):
+    """pigjax.train with model 'mosaics2' (Memory Mosaics v2, m drawn per step): the loss goes down,
+    the saved model is a v2 config, and its size is close to v1's (docs/algorithm.md §3A.3)."""
+    cfg = config(tmp_path / "v2", text_file, cache_dir, model="mosaics2", short_window=8, long_gap_min=4,
+                 long_gap_max=16)
+    metrics = training.train(cfg, **QUIET)
+    loss = metrics["train"]["loss"]
+    assert np.mean(loss[-3:]) < 0.7 * np.mean(loss[:3]) and metrics["final"]["finished"]
+    model = pigjax.load(tmp_path / "v2" / "model")
+    assert model.config.version == 2 and (model.config.short_window, model.config.long_gap_max) == (8, 16)
+    from pigjax.models import mosaics
+
+    v1 = param_count(mosaics.param_shapes(training.mosaics_config(config(tmp_path, text_file, cache_dir), 300, 0)))
+    assert abs(metrics["param_count"] - v1) / v1 < 0.05

@@ -1,8 +1,11 @@
-"""Memory Mosaics v1 in plain PyTorch, written from docs/algorithm.md §3 as the reference for pigjax.models.mosaics.
+"""Memory Mosaics v1 and v2 in plain PyTorch, written from docs/algorithm.md §3 and §3A as the
+reference for pigjax.models.mosaics and pigjax.models.mosaics_v2.
 
 Deliberately the obvious way: the leaky averages are the recursion k̄_T = W_k x_T + e^{-β} k̄_{T-1}
 run token by token, and contextual memory is a loop over query positions, each a softmax over the
-strictly earlier keys. Every parameter is its own per-layer tensor; `from_jax` copies pigjax
+strictly earlier keys. v2 likewise: the gated average token by token, and for each query the
+list of pairs it sees (short-term: the last h; long-term: at least m old), n = their number, and
+β(n) computed from it. Every parameter is its own per-layer tensor; `from_jax` copies pigjax
 parameters in (Linear kernels transposed, stacked layers split) and `grads_as_jax` puts gradients
 back into the pigjax tree layout. Run it in float64 to get the exact answer to compare against.
 """
@@ -92,22 +95,106 @@ class Block(nn.Module):
         return x + self.pmem(self.ln_2(x))
 
 
+class GatedKeys(nn.Module):
+    def __init__(self, d, heads):
+        super().__init__()
+        self.heads = heads
+        self.key_proj = nn.Linear(d, d, bias=False)
+        self.gain_proj = nn.Linear(d, heads, bias=False)  # g_t = exp(w_g · x_t)
+        self.decay_proj = nn.Linear(d, heads, bias=False)  # λ_t = exp(-|w_λ · x_t|)
+
+    def forward(self, x):  # x [B, T, d] -> unit keys [B, T, H, hs]
+        b, t, d = x.shape
+        phi = self.key_proj(x).view(b, t, self.heads, d // self.heads)
+        gain, keep = torch.exp(self.gain_proj(x)), torch.exp(-self.decay_proj(x).abs())
+        kbar, out = torch.zeros_like(phi[:, 0]), []
+        for i in range(t):
+            kbar = gain[:, i, :, None] * phi[:, i] + keep[:, i, :, None] * kbar
+            out.append(kbar)
+        return F.normalize(torch.stack(out, dim=1), dim=-1)
+
+
+class MemoryV2(nn.Module):
+    """Short-term (pairs 1 <= T - t <= window) or long-term (pairs T - t >= gap) memory."""
+
+    def __init__(self, d, heads, gap, window):
+        super().__init__()
+        self.heads, self.gap, self.window = heads, gap, window
+        self.keys = GatedKeys(d, heads)
+        self.value_proj = nn.Linear(d, d, bias=False)
+        self.peek = nn.Parameter(torch.zeros(heads))
+        self.value_scale = nn.Parameter(torch.zeros(heads))
+        self.bandwidth_base = nn.Parameter(torch.zeros(heads))  # β0 = softplus(.)
+        self.bandwidth_scale = nn.Parameter(torch.zeros(heads))  # β1 = softplus(.)
+        self.bandwidth_exponent = nn.Parameter(torch.zeros(heads))  # α = sigmoid(.)
+        self.c_proj = nn.Linear(d, d, bias=False)
+
+    def forward(self, x, gap=None):
+        gap = self.gap if gap is None else gap
+        b, t, d = x.shape
+        k = self.keys(x)
+        vx = self.value_proj(x).view(b, t, self.heads, d // self.heads)
+        nxt = torch.cat([vx[:, 1:], torch.zeros_like(vx[:, :1])], dim=1)
+        m = self.peek[:, None]
+        v = torch.exp(10 * self.value_scale)[:, None] * F.normalize((1 - m) * nxt + m * vx, dim=-1)
+        ys = []
+        for i in range(t):
+            seen = [j for j in range(i) if i - j >= gap and (self.window is None or i - j <= self.window)]
+            if not seen:
+                ys.append(torch.zeros_like(k[:, 0]))
+                continue
+            n = len(seen)
+            beta = (F.softplus(self.bandwidth_scale) * n ** torch.sigmoid(self.bandwidth_exponent)
+                    + F.softplus(self.bandwidth_base))[:, None]  # [H, 1]
+            scores = beta * torch.einsum("bhd,bshd->bhs", k[:, i], k[:, seen])
+            ys.append(torch.einsum("bhs,bshd->bhd", torch.softmax(scores, dim=-1), v[:, seen]))
+        return self.c_proj(torch.stack(ys, dim=1).reshape(b, t, d))
+
+
+class SwiGLU(nn.Module):
+    def __init__(self, d, f):
+        super().__init__()
+        self.gate_proj = nn.Linear(d, f, bias=False)
+        self.up_proj = nn.Linear(d, f, bias=False)
+        self.down_proj = nn.Linear(f, d, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class BlockV2(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        d, heads, eps = config.hidden_size, config.num_attention_heads, config.layer_norm_eps
+        self.ln_1 = nn.LayerNorm(d, eps=eps, bias=False)
+        self.short = MemoryV2(d, heads, 1, config.short_window)
+        self.long = MemoryV2(d, heads, config.long_gap_min, None)
+        self.ln_2 = nn.LayerNorm(d, eps=eps, bias=False)
+        self.ffn = SwiGLU(d, config.ffn_size)
+
+    def forward(self, x, long_gap=None):
+        h = self.ln_1(x)
+        x = x + self.short(h) + self.long(h, long_gap)
+        return x + self.ffn(self.ln_2(x))
+
+
 class TorchMosaics(nn.Module):
     def __init__(self, config):
         super().__init__()
         d = config.hidden_size
-        self.d = d
+        self.d, self.version = d, config.version
         self.embed = nn.Embedding(config.vocab_size, d)
         self.blocks = nn.ModuleList(
-            Block(d, config.num_attention_heads, config.pmem_size, config.layer_norm_eps)
+            (Block(d, config.num_attention_heads, config.pmem_size, config.layer_norm_eps)
+             if config.version == 1 else BlockV2(config))
             for _ in range(config.num_hidden_layers)
         )
         self.ln_f = nn.LayerNorm(d, eps=config.layer_norm_eps, bias=False)
 
-    def forward(self, tokens):
+    def forward(self, tokens, long_gap=None):
         x = self.embed(tokens)
         for block in self.blocks:
-            x = block(x)
+            x = block(x) if self.version == 1 else block(x, long_gap)
         return self.ln_f(x) @ self.embed.weight.T / math.sqrt(self.d)  # tied, scaled by 1/√d
 
 

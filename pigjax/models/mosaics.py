@@ -31,6 +31,7 @@ MLP's: the embeddings, the contextual retrieval weights, and each residual branc
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from functools import partial
 from typing import Callable
@@ -40,6 +41,7 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
+from pigjax.errors import ConfigError
 from pigjax.model import Model
 from pigjax.models.inputs import check_step, embed_checked, mark_overflow
 from pigjax.models.mosaics_config import MosaicsConfig
@@ -140,12 +142,17 @@ class State:
 
     @property
     def capacity(self) -> int:
-        return self.layers.keys.shape[3]
+        layers = self.layers
+        return (layers.keys if isinstance(layers, LayerState) else layers.short.keys).shape[3]
 
 
 def init_state(config: MosaicsConfig, batch: int, capacity: int | None = None, dtype=jnp.float32) -> State:
     """An empty state for `batch` rows that holds up to `capacity` tokens (default: the context)."""
     capacity = config.max_position_embeddings if capacity is None else capacity
+    if config.version == 2:
+        from pigjax.models import mosaics_v2
+
+        return mosaics_v2.zero_state(config, batch, capacity, jnp.dtype(dtype))
     return _zero_state(config, batch, capacity, jnp.dtype(dtype))
 
 
@@ -176,23 +183,59 @@ class LeakyKeys(nn.Module):
         return k, kbar
 
 
-def exact_memory(state: LayerState, k, vals, count):
+@dataclasses.dataclass(frozen=True)
+class Span:
+    """Which pairs the query at position T sees: t with gap <= T - t (<= window, if one).
+
+    v1's contextual memory is Span() (every earlier pair); v2's short-term memory
+    Span(1, h) and its long-term memory Span(m) (docs/algorithm.md §3A.3). `gap` may be traced.
+    """
+
+    gap: int | jax.Array = 1
+    window: int | None = None
+
+    def visible(self, query_pos: jax.Array, slot_pos: jax.Array) -> jax.Array:
+        """[..., T, S] bool for query positions [..., T] and slot positions [..., S]."""
+        age = query_pos[..., :, None] - slot_pos[..., None, :]
+        ok = age >= self.gap
+        return ok if self.window is None else ok & (age <= self.window)
+
+    def count(self, query_pos: jax.Array) -> jax.Array:
+        """n = |S(T)|, the pairs the query at each position sees."""
+        n = jnp.maximum(query_pos - self.gap + 1, 0)
+        return n if self.window is None else jnp.minimum(n, jnp.maximum(self.window - self.gap + 1, 0))
+
+
+def exact_memory(state: LayerState, q, k, vals, count, span: Span = Span()):
     """The recurrent form's contextual memory: write keys k [B, H, T, hs] to slots count..count+T-1
-    and values vals (of slots count-1..count+T-2) to the buffers, then retrieve over every earlier
-    slot. -> (y [B, H, T, hs], the new buffer fields). `ContextMemory.memory` may replace it (e.g.
-    sampled retrieval, pigjax.models.mosaics_memory) with another function of the same signature."""
+    and values vals (of slots count-1..count+T-2) to the buffers, then retrieve with queries q over
+    the slots `span` lets each position see. -> (y [B, H, T, hs], the new buffer fields).
+    `ContextMemory.memory` may replace it (e.g. sampled retrieval, pigjax.models.mosaics_memory)
+    with another function of the same signature."""
     b, _, t, _ = k.shape
-    rows, span = jnp.arange(b)[:, None], jnp.arange(t)[None, :]
+    rows, steps = jnp.arange(b)[:, None], jnp.arange(t)[None, :]
     capacity = state.keys.shape[2]
-    key_slots = count[:, None] + span
+    key_slots = count[:, None] + steps
     value_slots = key_slots - 1
     value_slots = jnp.where(value_slots < 0, capacity, value_slots)  # no slot -1: dropped
     # (the scatter's update is laid out [B, T, H, hs]: indexed axes first)
     keys = state.keys.at[rows, :, key_slots].set(k.transpose(0, 2, 1, 3).astype(state.keys.dtype), mode="drop")
     values = state.values.at[rows, :, value_slots].set(vals.transpose(0, 2, 1, 3).astype(state.values.dtype),
                                                       mode="drop")
-    visible = jnp.arange(capacity)[None, None, :] < key_slots[:, :, None]
-    return retrieve(k, keys, values, visible), dict(keys=keys, values=values)
+    visible = span.visible(key_slots, jnp.arange(capacity)[None, :])
+    return retrieve(q, keys, values, visible), dict(keys=keys, values=values)
+
+
+def peek_values(module: nn.Module, heads: int) -> Callable:
+    """Create `module`'s value parameters (peek m_h, scale r_h; docs/algorithm.md §3.2) and return
+    values(this, nxt) = e^{10 r_h} · normalize((1 - m_h) nxt + m_h this) for [B, H, T, hs] inputs."""
+    m = module.param("peek", nn.initializers.uniform(1.0), (heads,))[:, None, None]
+    r = module.param("value_scale", nn.initializers.constant(-0.05), (heads,))
+
+    def values(this, nxt):
+        return jnp.exp(10.0 * r)[:, None, None] * normalize((1.0 - m) * nxt + m * this)
+
+    return values
 
 
 class ContextMemory(nn.Module):
@@ -205,14 +248,10 @@ class ContextMemory(nn.Module):
     def __call__(self, h, state: LayerState | None, count, num_new):
         c = self.config
         heads, (b, t) = c.num_attention_heads, h.shape[:2]
-        m = self.param("peek", nn.initializers.uniform(1.0), (heads,))[:, None, None]
-        r = self.param("value_scale", nn.initializers.constant(-0.05), (heads,))
+        values = peek_values(self, heads)
         init = state.ctx_leak if self.recurrent else jnp.zeros((b, heads, c.head_size), h.dtype)
         k, kbar = LeakyKeys(c, name="keys")(h, init)
         vx = _split_heads(_linear(c.hidden_size, c.hidden_size, "value_proj")(h), c)
-
-        def values(this, nxt):
-            return jnp.exp(10.0 * r)[:, None, None] * normalize((1.0 - m) * nxt + m * this)
 
         dropout = nn.Dropout(c.dropout, deterministic=self.deterministic)
         if not self.recurrent:
@@ -224,7 +263,8 @@ class ContextMemory(nn.Module):
             # Slots count-1 .. count+t-2 get their values now (the first one from the pending
             # projection, finished by this chunk's first token); slots count .. count+t-1 their keys.
             prev = jnp.concatenate([state.pending_value[:, :, None], vx], axis=2)
-            y, stored = (self.memory or exact_memory)(state, k, values(prev[:, :, :-1], prev[:, :, 1:]), count)
+            y, stored = (self.memory or exact_memory)(state, k, k, values(prev[:, :, :-1], prev[:, :, 1:]), count,
+                                                      Span())
             last, has_new = jnp.maximum(num_new - 1, 0), (num_new > 0)[:, None, None]
             new_state = dict(
                 ctx_leak=jnp.where(has_new, _at(kbar, last), state.ctx_leak),
@@ -287,37 +327,60 @@ class Block(nn.Module):
         return x, (state.replace(**ctx, **pmem) if rec else None)  # (any state type with these fields)
 
 
+def block_class(config: MosaicsConfig):
+    """The block of the config's version: `Block` (v1) or `mosaics_v2.Block` (v2)."""
+    if config.version == 1:
+        return Block
+    from pigjax.models import mosaics_v2
+
+    return mosaics_v2.Block
+
+
 class MosaicsModel(nn.Module):
     config: MosaicsConfig
     deterministic: bool = True
     recurrent: bool = False
 
     @nn.compact
-    def __call__(self, tokens, state: State | None = None, num_new=None):
+    def __call__(self, tokens, state: State | None = None, num_new=None, long_gap=None):
         c = self.config
         # N(0, 1/d): the init of the tied output projection (fan_in d); a token's own logit starts near 1.
         embed = nn.Embed(c.vocab_size, c.hidden_size, embedding_init=nn.initializers.normal(c.hidden_size**-0.5),
                          name="embed")
         x = nn.Dropout(c.dropout, deterministic=self.deterministic)(embed_checked(embed, tokens, c.vocab_size))
+        # v2 blocks also take the long-term memory's gap m (docs/algorithm.md §3A.3).
+        extra = () if c.version == 1 else (c.long_gap_min if long_gap is None else long_gap,)
         layers = nn.scan(
-            Block,
+            block_class(c),
             variable_axes={"params": 0},
             split_rngs={"params": True, "dropout": True},
-            in_axes=(0, nn.broadcast, nn.broadcast),
+            in_axes=(0, nn.broadcast, nn.broadcast) + (nn.broadcast,) * len(extra),
             length=c.num_hidden_layers,
         )(c, self.deterministic, self.recurrent, name="layers")
         count = None if state is None else state.count
-        x, layer_states = layers(x, None if state is None else state.layers, count, num_new)
+        x, layer_states = layers(x, None if state is None else state.layers, count, num_new, *extra)
         x = _layer_norm(c, "ln_f")(x)
         logits = embed.attend(x) / math.sqrt(c.hidden_size)
         return logits.astype(jnp.float32), layer_states
 
 
-def apply(params, config: MosaicsConfig, tokens: jax.Array, *, dropout_rng: jax.Array | None = None) -> jax.Array:
-    """Parallel form: logits [B, T, V] float32 for tokens [B, T]. Dropout is on iff `dropout_rng` is given."""
+def apply(params, config: MosaicsConfig, tokens: jax.Array, *, dropout_rng: jax.Array | None = None,
+          long_gap=None) -> jax.Array:
+    """Parallel form: logits [B, T, V] float32 for tokens [B, T]. Dropout is on iff `dropout_rng` is given.
+
+    `long_gap` (v2 only; may be traced) is the long-term memory's m, default `config.long_gap_min`;
+    training draws it with `draw_long_gap`.
+    """
+    if long_gap is not None and config.version != 2:
+        raise ConfigError("long_gap applies to Memory Mosaics v2 only")
     model = MosaicsModel(config, deterministic=dropout_rng is None)
     rngs = None if dropout_rng is None else {"dropout": dropout_rng}
-    return model.apply({"params": params}, tokens, rngs=rngs)[0]
+    return model.apply({"params": params}, tokens, None, None, long_gap, rngs=rngs)[0]
+
+
+def draw_long_gap(config: MosaicsConfig, rng: jax.Array) -> jax.Array:
+    """v2's training-time m, uniform over [long_gap_min, long_gap_max] (docs/algorithm.md §3A.3)."""
+    return jax.random.randint(rng, (), config.long_gap_min, config.long_gap_max + 1)
 
 
 def step(params, config: MosaicsConfig, tokens: jax.Array, state: State, num_new: jax.Array | None = None):

@@ -1,5 +1,5 @@
 """Decoding back-ends of a Memory Mosaics model: exact retrieval, and sampled (MagicPIG) retrieval
-over the contextual memory (beyond both papers).
+over the contextual memory (v1) or the long-term memory (v2) (beyond the papers).
 
 `for_attention(attention)` maps what `pigjax.generate(attention=...)` and
 `pigjax.eval.perplexity.teacher_forced` take (None, Dense(), MagicPIG(...)) to one of them. Both
@@ -9,9 +9,11 @@ fresh)` and `stats`.
 Sampled retrieval, per layer outside `magicpig.dense_layers` (default (0, n_layers // 2), as for
 Llama) and per row and head:
 
-- The exact window on the model side holds the first `sink` pairs and a ring of the `local` most
-  recent complete pairs, plus the newest key (its value needs the next token, docs/algorithm.md §3). Pairs in
-  between live in the C++ engine (`pigjax.engine.store`): those of the prompt at prefill, and each
+- The memory sees the pairs at least `gap` steps old (v1: gap 1, every earlier pair; v2's
+  long-term memory: gap m = long_gap_min, docs/algorithm.md §3A.4). The exact window on the model
+  side holds the first `sink` pairs and a ring of the `local + gap` newest positions, of which the
+  `local` oldest are complete pairs the query sees (the newest key's value needs the next token,
+  docs/algorithm.md §3). Pairs in between live in the C++ engine (`pigjax.engine.store`): those of the prompt at prefill, and each
   pair that leaves the ring afterwards (`append`; sampled and weighted like prompt pairs, so the
   estimator stays unbiased). The recent context is so always exact and the old one sampled.
 - A step merges the window's exact partial softmax with the engine's sampled one by log-sum-exp.
@@ -24,7 +26,7 @@ Llama) and per row and head:
   buckets, so fewer are read, but the sampling probability then tracks q·k/‖k − μ‖, not the score.
 - The engine divides scores by √d and so does `partial_softmax`: the query is k_T·√hs, so both
   compute the model's kernel score k_T·k_t.
-- The persistent memory and the prefill are exact. Prefill is one chunk from an empty state
+- The persistent memory, v2's short-term memory and the prefill are exact. Prefill is one chunk from an empty state
   (`fresh=True`); then one token per step.
 """
 
@@ -47,7 +49,7 @@ from pigjax.attention.sparse import count_reads
 from pigjax.engine import store as engine
 from pigjax.engine.grid import open_store
 from pigjax.errors import ConfigError, PigjaxError
-from pigjax.models import mosaics
+from pigjax.models import mosaics, mosaics_v2
 from pigjax.models.inputs import check_step, embed_checked
 from pigjax.models.mosaics_config import MosaicsConfig
 
@@ -82,7 +84,8 @@ class MosaicsExact:
     def stats(self, config, cache_dtype, cache=None, runtime=None) -> dict:
         itemsize = jnp.dtype(cache_dtype).itemsize
         return {"attention": self.name, "fraction_read": 1.0,
-                "cache_bytes_per_token_per_layer": 2 * config.hidden_size * itemsize,
+                # a key and a value per memory (v1: one contextual memory; v2: short- and long-term)
+                "cache_bytes_per_token_per_layer": 2 * config.hidden_size * itemsize * config.version,
                 "host_bytes_per_token_per_layer": 0.0}
 
 
@@ -104,8 +107,30 @@ class SampledLayer:
 
 
 @struct.dataclass
+class SampledMemory:
+    """v2's long-term memory in a sampled layer: the fields of `mosaics_v2.MemoryState` with a
+    window in place of the full buffers, and the engine fields of `SampledLayer`."""
+
+    leak: jax.Array  # [B, H, hs]
+    pending_value: jax.Array  # [B, H, hs]
+    keys: jax.Array  # [B, H, W, hs]
+    values: jax.Array  # [B, H, W, hs]
+    mu: jax.Array  # [B, H, hs]
+    stored: jax.Array  # [B] int32
+    read: jax.Array
+    total: jax.Array
+    exact: jax.Array
+
+
+def _sampled_part(layer):
+    """The sampled memory of a sampled layer (v1: the layer; v2: its long-term memory)."""
+    return layer.long if isinstance(layer, mosaics_v2.LayerState) else layer
+
+
+@struct.dataclass
 class SampledState:
-    layers: tuple  # per layer: mosaics.LayerState (an exact layer, unstacked) or SampledLayer
+    layers: tuple  # per layer: an exact layer's state (unstacked), or SampledLayer (v1) /
+    # mosaics_v2.LayerState(short exact, long SampledMemory) (v2)
     count: jax.Array  # [B] int32 tokens seen per row
     engine: EngineRef  # the engine store and the [hs, K·L] SimHash projection
 
@@ -133,9 +158,12 @@ class MosaicsSampled:
     center: bool = False  # see the module docstring
     name = "magicpig-memory"
 
-    @property
-    def ring(self) -> int:
-        return self.magicpig.local + 1  # the local complete pairs and the newest key
+    def gap(self, config: MosaicsConfig) -> int:
+        """How old a pair must be for the sampled memory to see it (docs/algorithm.md §3A.4)."""
+        return 1 if config.version == 1 else config.long_gap_min
+
+    def ring(self, gap: int) -> int:
+        return self.magicpig.local + gap  # the local visible pairs and the gap's newest positions
 
     def sparse_layers(self, config: MosaicsConfig) -> tuple:
         return self.magicpig.sparse_layers(config.num_hidden_layers)
@@ -156,17 +184,24 @@ class MosaicsSampled:
             raise ConfigError("sampled Mosaics retrieval: init_state needs the runtime of `resources(...)`")
         sparse = self.sparse_layers(config)
         h, hs = config.num_attention_heads, config.head_size
-        width = min(self.magicpig.sink + self.ring, capacity)  # positions never reach past the capacity
+        # positions never reach past the capacity
+        width = min(self.magicpig.sink + self.ring(self.gap(config)), capacity)
         zeros = lambda *shape: jnp.zeros(shape, dtype)
+        exact = jax.tree.map(lambda a: a[0], mosaics.init_state(config, batch, capacity, dtype).layers)  # one layer
+
+        def sampled(*small):
+            return (*small, zeros(batch, h, width, hs), zeros(batch, h, width, hs), jnp.zeros((batch, h, hs)),
+                    jnp.zeros((batch,), jnp.int32), *(jnp.zeros(()) for _ in range(3)))
+
         layers = []
         for i in range(config.num_hidden_layers):
-            small = [zeros(batch, h, hs) for _ in range(3)]
-            if i in sparse:
-                layers.append(SampledLayer(*small, zeros(batch, h, width, hs), zeros(batch, h, width, hs),
-                                           jnp.zeros((batch, h, hs)), jnp.zeros((batch,), jnp.int32),
-                                           *(jnp.zeros(()) for _ in range(3))))
+            if i not in sparse:
+                layers.append(jax.tree.map(jnp.copy, exact))  # own buffers (steps donate them)
+            elif config.version == 1:
+                layers.append(SampledLayer(*sampled(*(zeros(batch, h, hs) for _ in range(3)))))
             else:
-                layers.append(mosaics.LayerState(*small, zeros(batch, h, capacity, hs), zeros(batch, h, capacity, hs)))
+                long = SampledMemory(*sampled(*(zeros(batch, h, hs) for _ in range(2))))
+                layers.append(exact.replace(short=jax.tree.map(jnp.copy, exact.short), long=long))
         return SampledState(tuple(layers), jnp.zeros((batch,), jnp.int32), runtime)
 
     def step(self, params, config: MosaicsConfig, tokens, state: SampledState, num_new=None, fresh=False):
@@ -180,6 +215,8 @@ class MosaicsSampled:
         check_step("sampled Mosaics retrieval", config.vocab_size, tokens, state.count, num_new, None)
         embed = nn.Embed(config.vocab_size, config.hidden_size)
         x = embed_checked(lambda ids: embed.apply({"params": params["embed"]}, ids), tokens, config.vocab_size)
+        block = mosaics.block_class(config)
+        extra = () if config.version == 1 else (config.long_gap_min,)  # v2: inference's m
         layers = []
         for i, layer in enumerate(state.layers):
             memory = None
@@ -187,7 +224,7 @@ class MosaicsSampled:
                 slots = sparse.index(i) * b + jnp.arange(b, dtype=jnp.int32)
                 memory = partial(self._memory, state.engine, slots, num_new, fresh)
             p = jax.tree.map(lambda a: a[i], params["layers"])
-            x, layer = mosaics.Block(config, True, True, memory).apply({"params": p}, x, layer, state.count, num_new)
+            x, layer = block(config, True, True, memory).apply({"params": p}, x, layer, state.count, num_new, *extra)
             layers.append(layer)
         x = mosaics._layer_norm(config, "ln_f").apply({"params": params["ln_f"]}, x)
         logits = embed.apply({"params": params["embed"]}, x, method="attend") / config.hidden_size**0.5
@@ -196,12 +233,15 @@ class MosaicsSampled:
     def _codes(self, x, rt: EngineRef):
         return self.magicpig._codes(x, rt)  # the MagicPIG back-end's hashing (same path choice)
 
-    def _memory(self, rt: EngineRef, slots, num_new, fresh, state: SampledLayer, k, vals, count):
-        """`mosaics.exact_memory`'s contract: keys k [B, H, T, hs] of positions count.., vals the
-        values of positions count-1.. -> (y [B, H, T, hs], new SampledLayer fields)."""
+    def _memory(self, rt: EngineRef, slots, num_new, fresh, state, q, k, vals, count, span: mosaics.Span):
+        """`mosaics.exact_memory`'s contract: queries q and keys k [B, H, T, hs] of positions
+        count.., vals the values of positions count-1.., `span` the pairs a query sees (at least
+        span.gap old) -> (y [B, H, T, hs], new SampledLayer / SampledMemory fields)."""
+        if span.window is not None:
+            raise ConfigError("sampled Mosaics retrieval reads a memory without a window (v1's, v2's long-term)")
         if fresh:
-            return self._prefill(rt, slots, num_new, state, k, vals)
-        mp, ring = self.magicpig, self.ring
+            return self._prefill(rt, slots, num_new, state, q, k, vals, span)
+        mp, ring = self.magicpig, self.ring(span.gap)
         b, h, _, hs = k.shape
         rows, last = jnp.arange(b), count
         width = state.keys.shape[2]
@@ -217,10 +257,10 @@ class MosaicsSampled:
                                path=mp._path(), heads=rt.heads)
         new_k = k[:, :, 0].astype(jnp.float32) - state.mu
         win_k = state.keys.at[rows, :, slot].set(new_k.astype(state.keys.dtype))
-        # Query: scaled so that both partial softmaxes (which divide by √hs) score k_T·k_t.
-        q = k[:, :, 0].astype(jnp.float32) * hs**0.5
+        # Query: scaled so that both partial softmaxes (which divide by √hs) score q_T·k_t.
+        q = q[:, :, 0].astype(jnp.float32) * hs**0.5
         pos, valid = window_positions(last, mp.sink, ring, width)
-        seen = valid & (pos < last[:, None])
+        seen = valid & (pos <= last[:, None] - span.gap)
         out_g, lse_g = partial_softmax(q, win_k, win_v, seen[:, None, None])
         out_s, lse_s, sampled = engine.query(rt.handle, slots, q, self._codes(q, rt), stored, path=mp._path(),
                                              heads=rt.heads)
@@ -233,20 +273,22 @@ class MosaicsSampled:
         return y[:, :, None].astype(k.dtype), dict(keys=win_k, values=win_v, stored=stored, read=state.read + read,
                                                   total=state.total + total, exact=state.exact + exact)
 
-    def _prefill(self, rt: EngineRef, slots, num_new, state: SampledLayer, k, vals):
+    def _prefill(self, rt: EngineRef, slots, num_new, state, q, k, vals, span: mosaics.Span):
         """Exact retrieval over the prompt (from an empty state); its complete pairs between the sink
         and the window go to the engine, the rest to the window."""
-        mp, ring = self.magicpig, self.ring
+        mp, ring = self.magicpig, self.ring(span.gap)
         b, h, t, hs = k.shape
         v = jnp.concatenate([vals[:, :, 1:], jnp.zeros_like(vals[:, :, :1])], axis=2)  # v[p]: pair p's value
-        y = mosaics.retrieve(k, k, v, jnp.tril(jnp.ones((t, t), bool), -1)[None])
+        pos = jnp.arange(t)[None, :]
+        y = mosaics.retrieve(q, k, v, span.visible(pos, pos))
         k32 = k.astype(jnp.float32)
         pairs = jnp.maximum(num_new - 1, 0)  # complete pairs: the last key waits for its value
         if self.center:
-            k32 = center(k32, pairs, mp.sink, mp.local)
+            k32 = center(k32, pairs, mp.sink, ring - 1)
         mu = k.astype(jnp.float32)[:, :, 0] - k32[:, :, 0]
+        # the window keeps the ring's ring - 1 complete pairs; the engine those between it and the sink
         stored = engine.prefill(rt.handle, slots, k32, v.astype(jnp.float32), self._codes(k32, rt), pairs,
-                                sink=mp.sink, local=mp.local, path=mp._path(), heads=rt.heads)
+                                sink=mp.sink, local=ring - 1, path=mp._path(), heads=rt.heads)
         pos, valid = window_positions(num_new - 1, mp.sink, ring, state.keys.shape[2])
         take = lambda x: jnp.where(valid[:, None, :, None],
                                    jnp.take_along_axis(x, jnp.minimum(pos, t - 1)[:, None, :, None], axis=2), 0)
@@ -263,11 +305,13 @@ class MosaicsSampled:
                  "sink": mp.sink,
                  "local": mp.local, "dense_layers": [i for i in range(n) if i not in sparse],
                  "fraction_read": None, "fraction_read_sampled_layers": None,
-                 # Per context token, averaged over layers: only exact layers keep it on the model side.
-                 "cache_bytes_per_token_per_layer": 2 * config.hidden_size * itemsize * (n - len(sparse)) / n,
+                 # Per context token, averaged over layers: a key and a value per exact memory (v2's
+                 # short-term memory stays exact in sampled layers).
+                 "cache_bytes_per_token_per_layer":
+                     2 * config.hidden_size * itemsize * (n * config.version - len(sparse)) / n,
                  "host_bytes_per_token_per_layer": 0.0}
         if cache is not None:
-            sampled = [cache.layers[i] for i in sparse]
+            sampled = [_sampled_part(cache.layers[i]) for i in sparse]
             read, total, exact = (sum(float(getattr(s, f)) for s in sampled) for f in ("read", "total", "exact"))
             if total > 0:
                 stats["fraction_read"] = read / total
