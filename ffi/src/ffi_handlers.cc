@@ -8,6 +8,7 @@
 #include <vector>
 
 #include "query.h"
+#include "query_ranked.h"
 #include "simhash.h"
 #include "store.h"
 #include "store_args.h"
@@ -118,6 +119,33 @@ ffi::Error LshQueryImpl(ffi::Buffer<ffi::S32> handle_arg, ffi::Buffer<ffi::S32> 
   });
 }
 
+// LSH store ranked query (query_ranked.h): the query's operands, attrs rank_tables, top, refine
+// -> out f32[B,Hq,d], lse f32[B,Hq], keys_read s32[B,Hq], values_read s32[B,Hq].
+ffi::Error LshQueryRankedImpl(ffi::Buffer<ffi::S32> handle_arg, int32_t rank_tables, float top,
+                              float refine, ffi::Buffer<ffi::S32> slots, ffi::Buffer<ffi::F32> q,
+                              ffi::Buffer<ffi::S32> q_codes, ffi::Buffer<ffi::S32> /*dep*/,
+                              ffi::ResultBuffer<ffi::F32> out, ffi::ResultBuffer<ffi::F32> lse,
+                              ffi::ResultBuffer<ffi::S32> keys_read,
+                              ffi::ResultBuffer<ffi::S32> values_read) {
+  return run("pigjax_lsh_query_ranked", [&] {
+    int64_t handle;
+    std::string err;
+    if (!read_handle(handle_arg, &handle, &err)) return err;
+    RankedQueryArgs a;
+    a.base.slots = view(slots);
+    a.base.q = view(q);
+    a.base.q_codes = view(q_codes);
+    a.base.out = view(out);
+    a.base.lse = view(lse);
+    a.base.sampled = view(keys_read);
+    a.values_read = view(values_read);
+    a.rank_tables = rank_tables;
+    a.top = top;
+    a.refine = refine;
+    return store_query_ranked(handle, a);
+  });
+}
+
 // LSH store append: slots s32[B], keys/values f32[B,Hkv,T,d], codes s32[B,Hkv,T,L],
 // counts s32[B], dep (any s32, unused: orders the call after a prefill or another append)
 // -> totals s32[B] (middle + appended tokens per row).
@@ -175,6 +203,22 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(PigjaxLshQuery, LshQueryImpl,
                                   .Ret<ffi::Buffer<ffi::S32>>()  // sampled
 );
 
+XLA_FFI_DEFINE_HANDLER_SYMBOL(PigjaxLshQueryRanked, LshQueryRankedImpl,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::S32>>()  // handle (rank 0)
+                                  .Attr<int32_t>("rank_tables")
+                                  .Attr<float>("top")
+                                  .Attr<float>("refine")
+                                  .Arg<ffi::Buffer<ffi::S32>>()  // slots
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // q
+                                  .Arg<ffi::Buffer<ffi::S32>>()  // q_codes
+                                  .Arg<ffi::Buffer<ffi::S32>>()  // dep
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // out
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // lse
+                                  .Ret<ffi::Buffer<ffi::S32>>()  // keys_read
+                                  .Ret<ffi::Buffer<ffi::S32>>()  // values_read
+);
+
 XLA_FFI_DEFINE_HANDLER_SYMBOL(PigjaxLshAppend, LshAppendImpl,
                               ffi::Ffi::Bind()
                                   .Arg<ffi::Buffer<ffi::S32>>()  // handle (rank 0)
@@ -192,6 +236,7 @@ const FfiTarget* ffi_targets(int* count) {
       {"pigjax_simhash_codes", PigjaxSimhashCodes},
       {"pigjax_lsh_prefill", PigjaxLshPrefill},
       {"pigjax_lsh_query", PigjaxLshQuery},
+      {"pigjax_lsh_query_ranked", PigjaxLshQueryRanked},
       {"pigjax_lsh_append", PigjaxLshAppend},
   };
   *count = static_cast<int>(sizeof(kTargets) / sizeof(kTargets[0]));
