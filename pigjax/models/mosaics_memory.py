@@ -220,7 +220,7 @@ class MosaicsSampled:
         pos, valid = window_positions(last, mp.sink, ring, width)
         seen = valid & (pos < last[:, None])
         out_g, lse_g = partial_softmax(q, win_k, win_v, seen[:, None, None])
-        out_s, lse_s, sampled = engine.query(handle, slots, q, self._codes(q, proj), stored, path=mp._path())
+        out_s, lse_s, sampled, _ = mp.engine_query(EngineRef(handle, proj), slots, q, stored)  # MagicPIG's or RankedLSH's
         y, _ = merge(out_g, lse_g, out_s, lse_s)
         read, total = count_reads(jnp.sum(sampled, axis=1).astype(jnp.float32), stored, num_new, h)
         exact = jnp.sum(jnp.sum(seen, axis=1) * (num_new > 0)).astype(jnp.float32) * h
