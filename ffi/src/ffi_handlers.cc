@@ -121,8 +121,8 @@ ffi::Error LshQueryImpl(ffi::Buffer<ffi::S32> handle_arg, ffi::Buffer<ffi::S32> 
 
 // LSH store ranked query (query_ranked.h): the query's operands, attrs rank_tables, top, refine
 // -> out f32[B,Hq,d], lse f32[B,Hq], keys_read s32[B,Hq], values_read s32[B,Hq].
-ffi::Error LshQueryRankedImpl(ffi::Buffer<ffi::S32> handle_arg, int32_t rank_tables, float top,
-                              float refine, ffi::Buffer<ffi::S32> slots, ffi::Buffer<ffi::F32> q,
+ffi::Error LshQueryRankedImpl(ffi::Buffer<ffi::S32> handle_arg, int32_t rank_tables, double top,
+                              double refine, ffi::Buffer<ffi::S32> slots, ffi::Buffer<ffi::F32> q,
                               ffi::Buffer<ffi::S32> q_codes, ffi::Buffer<ffi::S32> /*dep*/,
                               ffi::ResultBuffer<ffi::F32> out, ffi::ResultBuffer<ffi::F32> lse,
                               ffi::ResultBuffer<ffi::S32> keys_read,
@@ -207,8 +207,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(PigjaxLshQueryRanked, LshQueryRankedImpl,
                               ffi::Ffi::Bind()
                                   .Arg<ffi::Buffer<ffi::S32>>()  // handle (rank 0)
                                   .Attr<int32_t>("rank_tables")
-                                  .Attr<float>("top")
-                                  .Attr<float>("refine")
+                                  .Attr<double>("top")
+                                  .Attr<double>("refine")
                                   .Arg<ffi::Buffer<ffi::S32>>()  // slots
                                   .Arg<ffi::Buffer<ffi::F32>>()  // q
                                   .Arg<ffi::Buffer<ffi::S32>>()  // q_codes

@@ -53,6 +53,45 @@ def sampled_attention(q, k, v, k_codes, q_codes, K: int, L: int, eps: float = 1e
     return out, lse, mask.sum(-1), mask
 
 
+def ranked_attention(q, k, v, k_codes, q_codes, K: int, L: int, rank_tables: int, top: float, refine: float,
+                     eps: float = 1e-4):
+    """The engine's ranked query (docs/algorithm.md §2.9) for one sequence, arguments as
+    `sampled_attention`: T = the ⌈top·n⌉ highest q·k among the ⌈refine·top·n⌉ keys with the most
+    collisions in tables [0, rank_tables) (ties: lower index first), weight 1; S = ≥ 2 collisions
+    in the other tables, weight 1/(u + eps) with u for L − rank_tables tables.
+    -> out [Hq, d], lse [Hq], keys read [Hq] (|R ∪ S|), values read [Hq] (|T ∪ S|), T mask [Hq, n]."""
+    q, k, v = (np.asarray(a, np.float64) for a in (q, k, v))
+    hq, d = q.shape
+    hkv, n = k.shape[:2]
+    group, lr = hq // hkv, rank_tables
+    m = min(n, int(np.ceil(top * n)))
+    r = min(n, max(m, int(np.ceil(refine * m))))
+    out, lse = np.zeros((hq, d)), np.full(hq, -np.inf)
+    keys, values, t_mask = np.zeros(hq, np.int64), np.zeros(hq, np.int64), np.zeros((hq, n), bool)
+    for h in range(hq):
+        kh, vh, codes = k[h // group], v[h // group], k_codes[h // group]
+        counts = (codes[:, :lr] == q_codes[h][None, :lr]).sum(-1)
+        ranked = np.lexsort((np.arange(n), -counts))[:r]
+        dots = kh[ranked] @ q[h]
+        t_mask[h, ranked[np.lexsort((ranked, -dots))[:m]]] = True
+        s_mask = (codes[:, lr:] == q_codes[h][None, lr:]).sum(-1) >= 2
+        rest = s_mask & ~t_mask[h]
+        keys[h] = len(np.union1d(ranked, np.flatnonzero(s_mask)))
+        values[h] = (t_mask[h] | s_mask).sum()
+        norms = np.linalg.norm(kh[rest], axis=-1) * np.linalg.norm(q[h])
+        cos = np.where(norms > 0, kh[rest] @ q[h] / np.where(norms > 0, norms, 1), 0.0)
+        u = sampling_probability(cos, K, L - lr)
+        scores = np.concatenate([kh[t_mask[h]] @ q[h] / np.sqrt(d),
+                                 kh[rest] @ q[h] / np.sqrt(d) + np.log(1.0 / (u + eps))])
+        if len(scores) == 0:
+            continue
+        rows = np.concatenate([vh[t_mask[h]], vh[rest]])
+        weights = np.exp(scores - scores.max())
+        lse[h] = scores.max() + np.log(weights.sum())
+        out[h] = weights @ rows / weights.sum()
+    return out, lse, keys, values, t_mask
+
+
 def exact_attention(q, k, v, positions):
     """Exact partial softmax of q [Hq, d] over the listed positions of k, v [Hkv, n, d]."""
     q, k, v = (np.asarray(a, np.float64) for a in (q, k, v))

@@ -313,7 +313,6 @@ def query_ranked(handle, slots, q, q_codes, dep, *, rank_tables: int, top: float
     -> out [B, Hq, d] f32, lse [B, Hq] f32, keys_read [B, Hq] int32, values_read [B, Hq] int32."""
     _check("query_ranked", handle=(handle, jnp.int32, 0), slots=(slots, jnp.int32, 1), q=(q, jnp.float32, 3),
            q_codes=(q_codes, jnp.int32, 3), dep=(dep, jnp.int32, 1))
-    top, refine = float(np.float32(top)), float(np.float32(refine))  # the FFI attributes are f32: same values
     b, hq, d = q.shape
     shapes = (jax.ShapeDtypeStruct((b, hq, d), jnp.float32), jax.ShapeDtypeStruct((b, hq), jnp.float32),
               jax.ShapeDtypeStruct((b, hq), jnp.int32), jax.ShapeDtypeStruct((b, hq), jnp.int32))
@@ -321,8 +320,8 @@ def query_ranked(handle, slots, q, q_codes, dep, *, rank_tables: int, top: float
         host = _host(lambda h, *a: _engine.store_query_ranked_np(h, *a[:-1], rank_tables, top, refine), shapes)
         return io_callback(host, shapes, handle, slots, q, q_codes, dep, ordered=True)
     call = jax.ffi.ffi_call("pigjax_lsh_query_ranked", shapes, has_side_effect=True)
-    return call(handle, slots, q, q_codes, dep, rank_tables=np.int32(rank_tables), top=np.float32(top),
-                refine=np.float32(refine))
+    return call(handle, slots, q, q_codes, dep, rank_tables=np.int32(rank_tables), top=np.float64(top),
+                refine=np.float64(refine))
 
 
 def _free_quietly(handle: int):
