@@ -323,13 +323,14 @@ NB_MODULE(_engine, m) {
      "sampled i32[B,Hq]). Same C++ code as the pigjax_lsh_query FFI handler.");
 
   m.def("store_query_ranked_np", [](int64_t handle, CArray<int32_t> slots, CArray<float> q,
-                                    CArray<int32_t> q_codes, int64_t rank_tables, double top,
-                                    double refine) {
+                                    CArray<int32_t> q_codes, int64_t rank_tables, int64_t radius,
+                                    double top, double refine) {
     pigjax::RankedQueryArgs a;
     a.base.slots = view(slots);
     a.base.q = view(q);
     a.base.q_codes = view(q_codes);
     a.rank_tables = rank_tables;
+    a.radius = radius;
     a.top = top;
     a.refine = refine;
     nb::ndarray<nb::numpy, float> out, lse;
@@ -344,7 +345,7 @@ NB_MODULE(_engine, m) {
     run("store_query_ranked_np", [&] { return pigjax::store_query_ranked(handle, a); });
     return std::make_tuple(out, lse, keys, values);
   }, nb::arg("handle"), nb::arg("slots"), nb::arg("q"), nb::arg("q_codes"), nb::arg("rank_tables"),
-     nb::arg("top"), nb::arg("refine"),
+     nb::arg("radius"), nb::arg("top"), nb::arg("refine"),
      "Direct (non-XLA) ranked query (query_ranked.h) with NumPy arrays; returns (out f32[B,Hq,d], "
      "lse f32[B,Hq], keys_read i32[B,Hq], values_read i32[B,Hq]). Same C++ code as the "
      "pigjax_lsh_query_ranked FFI handler.");

@@ -1,5 +1,5 @@
-// The ranked query (query_ranked.h). One task per (row, query head): collision counts over the
-// ranking tables (a uint16 count per token, cleared through the list of tokens it touched), a
+// The ranked query (query_ranked.h). One task per (row, query head): soft collision counts over
+// the ranking tables (a uint16 count per token, cleared through the list of tokens it touched), a
 // partial selection of the r_n best counted tokens and of the m best scores among them, the
 // sampling tables' >= 2-collision bitmap (collect_head, as MagicPIG's query), then one softmax
 // over T and S \ T. Unlike query.cc it does not share key rows between the heads of a GQA group.
@@ -24,7 +24,7 @@ namespace pigjax {
 namespace {
 
 struct RankScratch {
-  std::vector<uint16_t> count;     // [n] collisions in the ranking tables (0 between heads)
+  std::vector<uint16_t> count;     // [n] soft counts in the ranking tables (0 between heads)
   std::vector<int32_t> touched;    // tokens with count > 0
   std::vector<std::pair<float, int32_t>> scored;  // (q.k, token) of R
   std::vector<uint64_t> in_r, in_t, in_s;  // bitmaps over the tokens
@@ -46,27 +46,78 @@ RankScratch& rank_scratch() {
 bool bit(const std::vector<uint64_t>& b, int64_t i) { return b[i >> 6] >> (i & 63) & 1u; }
 void set_bit(std::vector<uint64_t>& b, int64_t i) { b[i >> 6] |= uint64_t{1} << (i & 63); }
 
-// R: the r tokens first by (collisions in tables [0, Lr) descending, index ascending), into
-// rs.scored's second fields. Tokens with no collision follow in index order when fewer collide.
+// Bucket offsets to probe around a query code: every mask of K bits with at most `radius` set
+// bits, with the weight radius + 1 - popcount(mask) (a table whose code is h <= radius bits from
+// the query's adds radius + 1 - h to a token's count).
+std::vector<std::pair<int32_t, uint16_t>> probe_masks(int K, int radius) {
+  std::vector<std::pair<int32_t, uint16_t>> masks;
+  for (int32_t m = 0; m < (int32_t{1} << K); ++m) {
+    const int h = __builtin_popcount(static_cast<uint32_t>(m));
+    if (h <= radius) masks.push_back({m, static_cast<uint16_t>(radius + 1 - h)});
+  }
+  std::stable_sort(masks.begin(), masks.end(), [](const auto& a, const auto& b) { return a.second > b.second; });
+  return masks;
+}
+
+// Soft collision counts of the query codes qc in tables [0, Lr) (probe_masks), into rs.count,
+// with rs.touched listing the tokens counted. Direct blocks: the probed code's bucket; compact
+// blocks: the entries of its bucket whose code is the probed one; appended tokens: their codes.
 template <typename T>
-void rank_by_collisions(const HeadRows<T>& R, const int32_t* qc, int64_t Lr, int64_t r,
-                        QueryScratch& qs, RankScratch& rs) {
+void soft_counts(const HeadRows<T>& R, const int32_t* qc, int64_t Lr, int radius,
+                 const std::vector<std::pair<int32_t, uint16_t>>& masks, RankScratch& rs) {
   uint16_t* cnt = rs.count.data();
   rs.touched.clear();
-  visit_hits(R, qc, 0, Lr, qs, [&](int32_t i, uint32_t match) {
-    if (match && cnt[i]++ == 0) rs.touched.push_back(i);
-  });
-  for (int64_t t = 0; t < R.na; ++t) {
-    const int32_t h = appended_hits(R, qc, t, 0, Lr);
-    if (h > 0) { cnt[R.n + t] = static_cast<uint16_t>(h); rs.touched.push_back(static_cast<int32_t>(R.n + t)); }
+  auto add = [&](int32_t i, uint16_t w) {
+    if (cnt[i] == 0) rs.touched.push_back(i);
+    cnt[i] = static_cast<uint16_t>(cnt[i] + w);
+  };
+  const size_t nblocks = R.layout == nullptr ? 0 : R.layout->blocks.size();
+  for (size_t bk = 0; bk < nblocks; ++bk) {
+    const BlockLayout& blk = R.layout->blocks[bk];
+    const int64_t blen = blk.len, stride = (int64_t{1} << blk.bits) + 1;
+    const int32_t* ob = R.off + blk.off;
+    const int32_t base = static_cast<int32_t>(blk.start);
+    for (int64_t l = 0; l < Lr; ++l) {
+      for (const auto& [mask, w] : masks) {
+        const int32_t code = qc[l] ^ mask;
+        if (blk.bits == R.K) {
+          const int32_t* o = ob + l * stride + code;
+          const uint16_t* ids = R.idx + blk.idx + l * blen;
+          for (int32_t t = o[0]; t < o[1]; ++t) add(base + ids[t], w);
+        } else {
+          const int32_t* o = ob + l * stride + (code >> (R.K - blk.bits));
+          const uint16_t* pairs = R.idx + blk.idx + l * blen * 2;
+          for (int32_t t = o[0]; t < o[1]; ++t)
+            if (pairs[2 * t + 1] == code) add(base + pairs[2 * t], w);
+        }
+      }
+    }
   }
+  for (int64_t t = 0; t < R.na; ++t) {
+    const int32_t* ac = R.acodes + t * R.L;
+    uint32_t sum = 0;
+    for (int64_t l = 0; l < Lr; ++l) {
+      const int h = __builtin_popcount(static_cast<uint32_t>(ac[l] ^ qc[l]));
+      sum += h <= radius ? static_cast<uint32_t>(radius + 1 - h) : 0u;
+    }
+    if (sum > 0) add(static_cast<int32_t>(R.n + t), static_cast<uint16_t>(sum));
+  }
+}
+
+// R: the r tokens first by (soft count descending, index ascending), into rs.scored's second
+// fields. Tokens never counted follow in index order when fewer were counted.
+template <typename T>
+void rank_by_collisions(const HeadRows<T>& R, const int32_t* qc, const RankedQueryArgs& a, int64_t r,
+                        const std::vector<std::pair<int32_t, uint16_t>>& masks, RankScratch& rs) {
+  soft_counts(R, qc, a.rank_tables, static_cast<int>(a.radius), masks, rs);
+  const uint16_t* cnt = rs.count.data();
   std::vector<int32_t>& tk = rs.touched;
-  auto better = [cnt](int32_t a, int32_t b) { return cnt[a] != cnt[b] ? cnt[a] > cnt[b] : a < b; };
+  auto better = [cnt](int32_t x, int32_t y) { return cnt[x] != cnt[y] ? cnt[x] > cnt[y] : x < y; };
   if (static_cast<int64_t>(tk.size()) > r) std::nth_element(tk.begin(), tk.begin() + r, tk.end(), better);
   for (int64_t j = 0; j < std::min<int64_t>(r, tk.size()); ++j) rs.scored.push_back({0.0f, tk[j]});
   for (int64_t i = 0; i < R.total() && static_cast<int64_t>(rs.scored.size()) < r; ++i)
     if (cnt[i] == 0) rs.scored.push_back({0.0f, static_cast<int32_t>(i)});
-  for (int32_t i : tk) cnt[i] = 0;
+  for (int32_t i : tk) rs.count[i] = 0;
 }
 
 void write_empty_head(int64_t d, float* out, float* lse, int32_t* keys, int32_t* values) {
@@ -79,7 +130,8 @@ void write_empty_head(int64_t d, float* out, float* lse, int32_t* keys, int32_t*
 // One (row, query head): q[d], codes qc[L] -> out[d], lse, keys and values read (query_ranked.h).
 template <typename T>
 void ranked_head(const StoreConfig& c, const LogWeightTable& wS, const SlotData& s, int64_t kvh,
-                 const RankedQueryArgs& a, const float* q, const int32_t* qc, const RowKernels<T>& kern,
+                 const RankedQueryArgs& a, const std::vector<std::pair<int32_t, uint16_t>>& masks,
+                 const float* q, const int32_t* qc, const RowKernels<T>& kern,
                  float* out, float* lse, int32_t* keys_read, int32_t* values_read) {
   const HeadRows<T> R = head_rows<T>(c, s, kvh);
   const int64_t n = R.total(), d = R.d;
@@ -101,7 +153,7 @@ void ranked_head(const StoreConfig& c, const LogWeightTable& wS, const SlotData&
   }
   // R, then T: the m best scores of R.
   rs.scored.clear();
-  if (r > 0) rank_by_collisions(R, qc, a.rank_tables, r, qs, rs);
+  if (r > 0) rank_by_collisions(R, qc, a, r, masks, rs);
   for (auto& e : rs.scored) {
     kern.dot(R.key(e.second), qdot, d, &e.first);
     set_bit(rs.in_r, e.second);
@@ -159,9 +211,10 @@ void run_ranked(Store& st, const RankedQueryArgs& a) {
   const int64_t B = io.slots.dims[0], Hq = io.q.dims[1], G = Hq / Hkv;
   const LogWeightTable& wS = st.weights_for_tables(static_cast<int>(L - a.rank_tables));
   const RowKernels<T>& kern = row_kernels<T>(simd_level());
+  const std::vector<std::pair<int32_t, uint16_t>> masks = probe_masks(c.K, static_cast<int>(a.radius));
   parallel_for(B * Hq, [&](int64_t item) {
     const int64_t b = item / Hq, h = item % Hq;
-    ranked_head<T>(c, wS, st.slots[io.slots.data[b]], h / G, a, io.q.data + item * d,
+    ranked_head<T>(c, wS, st.slots[io.slots.data[b]], h / G, a, masks, io.q.data + item * d,
                    io.q_codes.data + item * L, kern, io.out.data + item * d, io.lse.data + item,
                    io.sampled.data + item, a.values_read.data + item);
   });

@@ -2,10 +2,13 @@
 // exactly, ranked by collision counts in some of the store's tables, and MagicPIG's importance
 // sample (query.h) over the other tables for the rest. Pure C++17: no XLA, no Python.
 //
-// query_ranked(slot, q[Hq,d], q_codes[Hq,L], rank_tables Lr, top f, refine r); query head h uses
-// KV head h / (Hq/Hkv); n = the slot's tokens (middle + appended, store.h):
+// query_ranked(slot, q[Hq,d], q_codes[Hq,L], rank_tables Lr, radius rho, top f, refine r); query
+// head h uses KV head h / (Hq/Hkv); n = the slot's tokens (middle + appended, store.h):
 //   m = min(n, ceil(f n)),  r_n = min(n, max(m, ceil(r m)))
-//   c_i = #{l < Lr : codes_i[l] == q_codes[h,l]}                       (ranking tables)
+//   h_il = popcount(codes_i[l] xor q_codes[h,l])  (bits by which table l's codes differ)
+//   c_i = sum over l < Lr of max(0, rho + 1 - h_il)    soft collision count (ranking tables;
+//         rho = 0: the number of collisions). The engine finds it by probing, in each ranking
+//         table, the buckets of every code within rho bits of the query's, not by a scan.
 //   R = the r_n tokens first in the order (c_i descending, i ascending)  keys scored
 //   T = the m tokens of R first in the order (q.k_i descending, i ascending)  read exactly
 //   S = { i : #{l >= Lr : codes_i[l] == q_codes[h,l]} >= 2 }           (sampling tables)
@@ -17,7 +20,8 @@
 // i not in T is in S with probability u_i, so the S \ T sum stays an unbiased estimate of the
 // sum over all tokens outside T. f = 0 gives MagicPIG's estimate over the sampling tables;
 // f = 1 reads every token exactly (dense attention over the slot).
-// Settings: 1 <= Lr <= L - 2, 0 <= f <= 1, 1 <= r <= 1e6 (validate_ranked_query).
+// Settings: 1 <= Lr <= L - 2, 0 <= rho <= min(3, K), Lr (rho + 1) <= 65535, 0 <= f <= 1,
+// 1 <= r <= 1e6 (validate_ranked_query).
 #pragma once
 
 #include <cstdint>

@@ -1,8 +1,10 @@
 """`pigjax.RankedLSH`: MagicPIG's store and tables, with the best-ranked keys read exactly
 (docs/algorithm.md §2.9).
 
-The L tables split in two. The first `rank_tables` rank each query head's keys by how many of
-them the key collides in (a collision count estimates the key's angle to the query); the
+The L tables split in two. The first `rank_tables` rank each query head's keys by a soft
+collision count: a table whose code for the key is h <= `radius` bits from the query's adds
+radius + 1 − h (agreeing bits estimate the key's angle to the query; the engine probes the buckets
+near the query's instead of scanning the keys); the
 ⌈refine·top·n⌉ best are scored exactly and the ⌈top·n⌉ highest scores are read exactly, with
 weight 1. The other L − rank_tables tables sample the rest as MagicPIG does (≥ 2 collisions,
 weight 1/(u + eps) for that many tables): they are independent of the ranking, so the sampled
@@ -25,6 +27,7 @@ class RankedLSH(MagicPIG):
     """Defaults: K = 10, 150 tables of which 50 rank; 1.5% of each head's middle read exactly."""
 
     rank_tables: int = 50
+    radius: int = 2
     top: float = 0.015
     refine: float = 1.0
     name = "rankedlsh"
@@ -35,6 +38,12 @@ class RankedLSH(MagicPIG):
         if not isinstance(rt, int) or isinstance(rt, bool) or not 1 <= rt <= self.L - 2:
             raise ConfigError(f"{self.name}: rank_tables must be an int in [1, L - 2] = [1, {self.L - 2}] "
                               f"(at least 2 of the L={self.L} tables must remain for sampling), got {rt!r}")
+        if not isinstance(self.radius, int) or isinstance(self.radius, bool) or not 0 <= self.radius <= min(3, self.K):
+            raise ConfigError(f"{self.name}: radius must be an int in [0, min(3, K)] = [0, {min(3, self.K)}], "
+                              f"got {self.radius!r}")
+        if self.rank_tables * (self.radius + 1) > 65535:
+            raise ConfigError(f"{self.name}: rank_tables x (radius + 1) must be at most 65535, got "
+                              f"{self.rank_tables * (self.radius + 1)}")
         if isinstance(self.top, bool) or not isinstance(self.top, (int, float)) or not 0 <= self.top <= 1:
             raise ConfigError(f"{self.name}: top must be a fraction in [0, 1], got {self.top!r}")
         if (isinstance(self.refine, bool) or not isinstance(self.refine, (int, float))
@@ -43,9 +52,9 @@ class RankedLSH(MagicPIG):
 
     def engine_query(self, rt: EngineRef, slots, q, dep):
         return engine.query_ranked(rt.handle, slots, q, self._codes(q, rt.proj), dep, rank_tables=self.rank_tables,
-                                   top=self.top, refine=self.refine, path=self._path())
+                                   radius=self.radius, top=self.top, refine=self.refine, path=self._path())
 
     def stats(self, config, cache_dtype, cache=None, runtime=None) -> dict:
         stats = super().stats(config, cache_dtype, cache, runtime)
-        stats.update(rank_tables=self.rank_tables, top=self.top, refine=self.refine)
+        stats.update(rank_tables=self.rank_tables, radius=self.radius, top=self.top, refine=self.refine)
         return stats

@@ -54,10 +54,11 @@ def sampled_attention(q, k, v, k_codes, q_codes, K: int, L: int, eps: float = 1e
 
 
 def ranked_attention(q, k, v, k_codes, q_codes, K: int, L: int, rank_tables: int, top: float, refine: float,
-                     eps: float = 1e-4):
+                     radius: int = 0, eps: float = 1e-4):
     """The engine's ranked query (docs/algorithm.md §2.9) for one sequence, arguments as
-    `sampled_attention`: T = the ⌈top·n⌉ highest q·k among the ⌈refine·top·n⌉ keys with the most
-    collisions in tables [0, rank_tables) (ties: lower index first), weight 1; S = ≥ 2 collisions
+    `sampled_attention`: T = the ⌈top·n⌉ highest q·k among the ⌈refine·top·n⌉ keys with the highest
+    soft count Σ_{l < rank_tables} max(0, radius + 1 − Hamming(code_il, q_l)) (ties: lower index
+    first), weight 1; S = ≥ 2 collisions
     in the other tables, weight 1/(u + eps) with u for L − rank_tables tables.
     -> out [Hq, d], lse [Hq], keys read [Hq] (|R ∪ S|), values read [Hq] (|T ∪ S|), T mask [Hq, n]."""
     q, k, v = (np.asarray(a, np.float64) for a in (q, k, v))
@@ -70,7 +71,9 @@ def ranked_attention(q, k, v, k_codes, q_codes, K: int, L: int, rank_tables: int
     keys, values, t_mask = np.zeros(hq, np.int64), np.zeros(hq, np.int64), np.zeros((hq, n), bool)
     for h in range(hq):
         kh, vh, codes = k[h // group], v[h // group], k_codes[h // group]
-        counts = (codes[:, :lr] == q_codes[h][None, :lr]).sum(-1)
+        xor = (codes[:, :lr] ^ q_codes[h][None, :lr]).astype(np.int64)
+        hamming = sum((xor >> b) & 1 for b in range(K))
+        counts = np.maximum(0, radius + 1 - hamming).sum(-1)
         ranked = np.lexsort((np.arange(n), -counts))[:r]
         dots = kh[ranked] @ q[h]
         t_mask[h, ranked[np.lexsort((ranked, -dots))[:m]]] = True

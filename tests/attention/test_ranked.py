@@ -83,6 +83,8 @@ def test_generate_and_memory_mosaics_accept_it(tiny):
     (dict(refine=0.5), r"refine must be a number in \[1, 1e6\]"),
     (dict(refine=float("nan")), "refine"),
     (dict(K=0), "rankedlsh: K must"),
+    (dict(radius=4), r"radius must be an int in \[0, min\(3, K\)\] = \[0, 3\]"),
+    (dict(K=2, L=20, rank_tables=10, radius=3), r"= \[0, 2\]"),
 ])
 def test_bad_configs(kwargs, match):
     with pytest.raises(pigjax.ConfigError, match=match):

@@ -33,17 +33,25 @@ def _inputs(seed, b=2, hq=6, hkv=2, n=600, d=16, K=6, L=40):
     return q, k, v, ref.simhash_codes(k, proj, K), ref.simhash_codes(q, proj, K)
 
 
-@pytest.mark.parametrize("top, refine, n0", [(0.03, 1.0, None), (0.03, 3.0, None), (0.1, 2.0, 450),
-                                             (0.5, 1.0, None)])
-def test_selection_matches_numpy_reference(top, refine, n0):
+@pytest.mark.parametrize("top, refine, radius, n0", [
+    (0.03, 1.0, 0, None), (0.03, 3.0, 0, None), (0.1, 2.0, 0, 450), (0.5, 1.0, 0, None),
+    (0.03, 1.0, 2, None), (0.05, 2.0, 1, 450), (0.03, 2.0, 3, None)])
+@pytest.mark.parametrize("layout", [-1, 1])  # auto (direct at n = 600, K = 6) and forced compact
+def test_selection_matches_numpy_reference(top, refine, radius, n0, layout):
     """Same codes in: the same top set, sample, reads and output (middle and appended tokens)."""
     K, L, lr = 6, 40, 15
     q, k, v, k_codes, q_codes = _inputs(1)
-    with Store(2, 2, 16, 600, K, L, storage="f32") as store:
-        slots = _store_with(store, k, v, k_codes, n0)
-        out, lse, keys, values = _engine.store_query_ranked_np(store.handle, slots, q, q_codes, lr, top, refine)
+    _engine.set_table_layout(layout)
+    try:
+        with Store(2, 2, 16, 600, K, L, storage="f32") as store:
+            slots = _store_with(store, k, v, k_codes, n0)
+            out, lse, keys, values = _engine.store_query_ranked_np(store.handle, slots, q, q_codes, lr, radius, top,
+                                                                   refine)
+    finally:
+        _engine.set_table_layout(-1)
     for r in range(2):
-        o, l, kr, vr, t_mask = ref.ranked_attention(q[r], k[r], v[r], k_codes[r], q_codes[r], K, L, lr, top, refine)
+        o, l, kr, vr, t_mask = ref.ranked_attention(q[r], k[r], v[r], k_codes[r], q_codes[r], K, L, lr, top, refine,
+                                                    radius)
         np.testing.assert_array_equal(keys[r], kr)
         np.testing.assert_array_equal(values[r], vr)
         np.testing.assert_allclose(out[r], o, atol=2e-5)
@@ -52,19 +60,20 @@ def test_selection_matches_numpy_reference(top, refine, n0):
 
 
 def test_ties_in_collision_counts_break_by_index():
-    """Every key collides in every ranking table: the top set is the lowest indices (refine = 1)."""
+    """Every key collides in every ranking table: the top set is the lowest indices (refine = 1);
+    the query's codes differ from the keys' by 3 bits in the sampling tables (never sampled)."""
     n, d, K, L, lr = 200, 8, 4, 10, 4
     rng = np.random.default_rng(2)
     k = rng.normal(size=(1, 1, n, d)).astype(np.float32)
     v = np.zeros((1, 1, n, d), np.float32)
     v[0, 0, :20, 0] = 1.0  # the first 20 keys carry a value
     k_codes = np.zeros((1, 1, n, L), np.int32)
-    k_codes[..., lr:] = 1  # never sampled: the query's codes are all 0
+    k_codes[..., lr:] = 7  # never sampled: the query's codes are all 0
     with Store(1, 1, d, n, K, L, storage="f32") as store:
         slots = _store_with(store, k, v, k_codes)
         q = rng.normal(size=(1, 1, d)).astype(np.float32)
         out, _, keys, values = _engine.store_query_ranked_np(store.handle, slots, q, np.zeros((1, 1, L), np.int32),
-                                                             lr, 0.1, 1.0)
+                                                             lr, 0, 0.1, 1.0)
     assert keys[0, 0] == values[0, 0] == 20 and out[0, 0, 0] == pytest.approx(1.0)
 
 
@@ -73,8 +82,8 @@ def test_full_top_is_exact_and_zero_top_is_magicpig():
     q, k, v, k_codes, q_codes = _inputs(3)
     with Store(2, 2, 16, 600, K, L, storage="f32") as full, Store(2, 2, 16, 600, K, L - lr, storage="f32") as tail:
         slots = _store_with(full, k, v, k_codes)
-        out, lse, keys, values = _engine.store_query_ranked_np(full.handle, slots, q, q_codes, lr, 1.0, 1.0)
-        out0, lse0, keys0, values0 = _engine.store_query_ranked_np(full.handle, slots, q, q_codes, lr, 0.0, 1.0)
+        out, lse, keys, values = _engine.store_query_ranked_np(full.handle, slots, q, q_codes, lr, 2, 1.0, 1.0)
+        out0, lse0, keys0, values0 = _engine.store_query_ranked_np(full.handle, slots, q, q_codes, lr, 2, 0.0, 1.0)
         _store_with(tail, k, v, np.ascontiguousarray(k_codes[..., lr:]))
         pig, pig_lse, sampled = _engine.store_query_np(tail.handle, slots, q, np.ascontiguousarray(q_codes[..., lr:]))
     kk, vv = (np.repeat(x.astype(np.float64), 3, axis=1) for x in (k, v))
@@ -110,11 +119,11 @@ def test_remainder_is_unbiased_given_the_top_set():
     qb = np.ascontiguousarray(np.broadcast_to(q, (trials, 1, d)), np.float32)
     with Store(trials, 1, d, n, K, L, eps, storage="f32") as store:
         slots = _store_with(store, kb, vb, k_codes)
-        out, lse, _, _ = _engine.store_query_ranked_np(store.handle, slots, qb, q_codes, lr, top, 2.0)
+        out, lse, _, _ = _engine.store_query_ranked_np(store.handle, slots, qb, q_codes, lr, 1, top, 2.0)
     denom = np.exp(np.asarray(lse, np.float64))[:, 0]
     numer = denom[:, None] * np.asarray(out, np.float64)[:, 0]
     e = np.exp(s)
-    t = np.stack([ref.ranked_attention(qb[i], kb[i], vb[i], k_codes[i], q_codes[i], K, L, lr, top, 2.0)[4][0]
+    t = np.stack([ref.ranked_attention(qb[i], kb[i], vb[i], k_codes[i], q_codes[i], K, L, lr, top, 2.0, 1)[4][0]
                   for i in range(trials)])  # T per trial [trials, n]
     assert np.all(t.sum(1) == 20) and 0.05 < t.mean(0).max() < 1.0  # T varies with the projection
     cond_denom = (t * e).sum(1) + (~t * e * keep).sum(1)
@@ -130,11 +139,13 @@ def test_remainder_is_unbiased_given_the_top_set():
 
 
 @pytest.mark.parametrize("args, match", [
-    ((39, 0.1, 1.0), r"rank_tables must be in \[1, L - 2\] = \[1, 38\]"),
-    ((0, 0.1, 1.0), "rank_tables must be in"),
-    ((10, 1.5, 1.0), r"top must be a fraction in \[0, 1\]"),
-    ((10, float("nan"), 1.0), "top must be"),
-    ((10, 0.1, 0.5), r"refine must be a number in \[1, 1e6\]"),
+    ((39, 0, 0.1, 1.0), r"rank_tables must be in \[1, L - 2\] = \[1, 38\]"),
+    ((0, 0, 0.1, 1.0), "rank_tables must be in"),
+    ((10, 4, 0.1, 1.0), r"radius must be in \[0, min\(3, K\)\] = \[0, 3\], got 4"),
+    ((10, -1, 0.1, 1.0), "radius must be in"),
+    ((10, 0, 1.5, 1.0), r"top must be a fraction in \[0, 1\]"),
+    ((10, 0, float("nan"), 1.0), "top must be"),
+    ((10, 0, 0.1, 0.5), r"refine must be a number in \[1, 1e6\]"),
 ])
 def test_bad_settings_raise_clear_errors(args, match):
     q, k, v, k_codes, q_codes = _inputs(4, n=100)
@@ -143,7 +154,7 @@ def test_bad_settings_raise_clear_errors(args, match):
         with pytest.raises(ValueError, match="store_query_ranked_np: " + match):
             _engine.store_query_ranked_np(store.handle, slots, q, q_codes, *args)
         with pytest.raises(ValueError, match="values_read|q_codes must have shape"):
-            _engine.store_query_ranked_np(store.handle, slots, q, q_codes[:, :, :5], 10, 0.1, 1.0)
+            _engine.store_query_ranked_np(store.handle, slots, q, q_codes[:, :, :5], 10, 0, 0.1, 1.0)
 
 
 def test_ffi_path_equals_numpy_path_and_reports_bad_settings():
@@ -154,10 +165,10 @@ def test_ffi_path_equals_numpy_path_and_reports_bad_settings():
     q, k, v, k_codes, q_codes = _inputs(5)
     with Store(2, 2, 16, 600, 6, 40, storage="f32") as store:
         slots = _store_with(store, k, v, k_codes)
-        want = _engine.store_query_ranked_np(store.handle, slots, q, q_codes, 15, 0.05, 2.0)
+        want = _engine.store_query_ranked_np(store.handle, slots, q, q_codes, 15, 2, 0.05, 2.0)
         dep = jnp.full((2,), 600, jnp.int32)
         got = store.query_ranked(jnp.asarray(slots), jnp.asarray(q), jnp.asarray(q_codes), dep, rank_tables=15,
-                                 top=0.05, refine=2.0)
+                                 radius=2, top=0.05, refine=2.0)
         for a, b in zip(got, want):
             np.testing.assert_allclose(np.asarray(a), b, atol=1e-6)
         with pytest.raises(jax.errors.JaxRuntimeError, match="pigjax_lsh_query_ranked: rank_tables must be"):
