@@ -12,6 +12,8 @@ Back-end names map to objects of the top-level `pigjax` package:
   rankedlsh_5pct    pigjax.RankedLSH(top=0.035) (about 5%)
   topk              pigjax.TopK(fraction=f)
   quest             pigjax.Quest(page=16, fraction=f)
+  quest_dense01     pigjax.Quest(page=16, fraction=f, dense_layers=(0, 1)): Quest's public code keeps
+                    layers 0 and 1 dense (pigjax's default is MagicPIG's (0, n_layers // 2))
   oracle            pigjax.Oracle(fraction=f)
 
 For topk/quest/oracle, `f` is a given number, or with fraction="auto" the
@@ -46,9 +48,10 @@ BACKENDS: dict[str, tuple[str, dict]] = {
     "rankedlsh_5pct": ("RankedLSH", {"top": 0.035}),
     "topk": ("TopK", {}),
     "quest": ("Quest", {"page": 16}),
+    "quest_dense01": ("Quest", {"page": 16, "dense_layers": (0, 1)}),
     "oracle": ("Oracle", {}),
 }
-FRACTION_BACKENDS = ("topk", "quest", "oracle")
+FRACTION_BACKENDS = ("topk", "quest", "quest_dense01", "oracle")
 ENGINE_PREFIXES = ("magicpig", "rankedlsh")  # back-ends whose measured fraction can be the reference
 DENSE_FLOOR = 20.0  # averages are taken over the cells where dense scores at least this
 

@@ -52,7 +52,8 @@ from pigjax.models.mosaics_config import MosaicsConfig
 
 
 def for_attention(attention):
-    """The decoding back-end of a Memory Mosaics model for `attention` (None, Dense() or MagicPIG)."""
+    """The decoding back-end of a Memory Mosaics model for `attention` (None, Dense() or MagicPIG,
+    including its subclass RankedLSH, whose engine query the sampled retrieval then uses)."""
     if isinstance(attention, (MosaicsExact, MosaicsSampled)):
         return attention
     if attention is None or isinstance(attention, Dense):
