@@ -53,6 +53,25 @@ def sampled_attention(q, k, v, k_codes, q_codes, K: int, L: int, eps: float = 1e
     return out, lse, mask.sum(-1), mask
 
 
+def ranked_selection(q, k, codes, q_codes, K: int, rank_tables: int, top: float, refine: float, radius: int):
+    """The ranked query's sets for one query head q [d] over keys k [n, d] with codes [n, L] and
+    query codes q_codes [L] (docs/algorithm.md §2.9) -> masks [n] of R (keys scored), T (read
+    exactly) and S (sampled by the tables from rank_tables on)."""
+    n, lr = k.shape[0], rank_tables
+    m = min(n, int(np.ceil(top * n)))
+    r = min(n, max(m, int(np.ceil(refine * m))))
+    xor = (codes[:, :lr] ^ q_codes[None, :lr]).astype(np.int64)
+    hamming = sum((xor >> b) & 1 for b in range(K))
+    counts = np.maximum(0, radius + 1 - hamming).sum(-1)
+    ranked = np.lexsort((np.arange(n), -counts))[:r]
+    dots = np.asarray(k, np.float64)[ranked] @ np.asarray(q, np.float64)
+    r_mask, t_mask = np.zeros(n, bool), np.zeros(n, bool)
+    r_mask[ranked] = True
+    t_mask[ranked[np.lexsort((ranked, -dots))[:m]]] = True
+    s_mask = (codes[:, lr:] == q_codes[None, lr:]).sum(-1) >= 2
+    return r_mask, t_mask, s_mask
+
+
 def ranked_attention(q, k, v, k_codes, q_codes, K: int, L: int, rank_tables: int, top: float, refine: float,
                      radius: int = 0, eps: float = 1e-4):
     """The engine's ranked query (docs/algorithm.md §2.9) for one sequence, arguments as
@@ -65,21 +84,13 @@ def ranked_attention(q, k, v, k_codes, q_codes, K: int, L: int, rank_tables: int
     hq, d = q.shape
     hkv, n = k.shape[:2]
     group, lr = hq // hkv, rank_tables
-    m = min(n, int(np.ceil(top * n)))
-    r = min(n, max(m, int(np.ceil(refine * m))))
     out, lse = np.zeros((hq, d)), np.full(hq, -np.inf)
     keys, values, t_mask = np.zeros(hq, np.int64), np.zeros(hq, np.int64), np.zeros((hq, n), bool)
     for h in range(hq):
         kh, vh, codes = k[h // group], v[h // group], k_codes[h // group]
-        xor = (codes[:, :lr] ^ q_codes[h][None, :lr]).astype(np.int64)
-        hamming = sum((xor >> b) & 1 for b in range(K))
-        counts = np.maximum(0, radius + 1 - hamming).sum(-1)
-        ranked = np.lexsort((np.arange(n), -counts))[:r]
-        dots = kh[ranked] @ q[h]
-        t_mask[h, ranked[np.lexsort((ranked, -dots))[:m]]] = True
-        s_mask = (codes[:, lr:] == q_codes[h][None, lr:]).sum(-1) >= 2
+        r_mask, t_mask[h], s_mask = ranked_selection(q[h], kh, codes, q_codes[h], K, rank_tables, top, refine, radius)
         rest = s_mask & ~t_mask[h]
-        keys[h] = len(np.union1d(ranked, np.flatnonzero(s_mask)))
+        keys[h] = (r_mask | s_mask).sum()
         values[h] = (t_mask[h] | s_mask).sum()
         norms = np.linalg.norm(kh[rest], axis=-1) * np.linalg.norm(q[h])
         cos = np.where(norms > 0, kh[rest] @ q[h] / np.where(norms > 0, norms, 1), 0.0)

@@ -89,3 +89,21 @@ def test_generate_and_memory_mosaics_accept_it(tiny):
 def test_bad_configs(kwargs, match):
     with pytest.raises(pigjax.ConfigError, match=match):
         pigjax.RankedLSH(**kwargs)
+
+
+def test_coverage_of_ranked_sets(tiny):
+    """Coverage's RankedLSH estimate: reading everything covers everything; at a small top its
+    fraction of keys read is close to what the back-end reads on the same q, k."""
+    from pigjax.eval.attention_error import layer_errors
+    from pigjax.eval.coverage import coverage
+
+    toks = _tokens(240, rows=1, seed=4)
+    small = pigjax.RankedLSH(K=6, L=40, rank_tables=15, radius=1, top=0.05)
+    full = pigjax.RankedLSH(K=6, L=40, rank_tables=15, top=1.0)
+    sparse = small.sparse_layers(tiny.config.num_hidden_layers)
+    got = coverage(tiny, toks[0], 200, configs=[], sink=4, local=64, sparse_layers=sparse,
+                   ranked=[("small", small), ("full", full)], draws=8)
+    assert all(x["lsh"] == pytest.approx(1.0) and x["fraction"] == pytest.approx(1.0) for x in got["full"])
+    read = layer_errors(tiny, toks, 200, {"small": small})["small"]["fraction_read"]
+    assert np.mean([x["fraction"] for x in got["small"]]) == pytest.approx(read, rel=0.15)
+    assert all(x["lsh"] <= x["topk"] + 0.05 or x["lsh"] < 1 for x in got["small"])
