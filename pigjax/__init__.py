@@ -1,6 +1,6 @@
 """pigjax: MagicPIG LSH-sampled attention and Memory Mosaics in JAX/Flax (see docs/architecture.md)."""
 
-from pigjax.attention import Backend, Dense, MagicPIG, Oracle, Quest, TopK
+from pigjax.attention import Backend, Dense, MagicPIG, Oracle, Quest, RankedLSH, TopK
 from pigjax.checkpoint import load, save
 from pigjax.convert import default_checkpoint
 from pigjax.errors import CheckpointError, ConfigError, ConversionError, PigjaxError
@@ -13,6 +13,6 @@ from pigjax.models.mosaics_config import MosaicsConfig
 
 __all__ = [
     "Backend", "CheckpointError", "ConfigError", "ConversionError", "Dense", "Generation", "LlamaConfig", "MagicPIG",
-    "Model", "MosaicsConfig", "Oracle", "PigjaxError", "Quest", "RopeConfig", "TopK", "default_checkpoint", "forward",
+    "Model", "MosaicsConfig", "Oracle", "PigjaxError", "Quest", "RankedLSH", "RopeConfig", "TopK", "default_checkpoint", "forward",
     "generate", "load", "mosaics", "save",
 ]

@@ -2,11 +2,14 @@
 
   python scripts/eval_coverage.py                       # niah + fwe at 2k, 5 samples, K10L150/K10L170/K8L75
   python scripts/eval_coverage.py --tasks niah_single_2 --contexts 4096 --configs 10x150
+  python scripts/eval_coverage.py --configs 10x150 --ranked rankedlsh_2pct,rankedlsh,rankedlsh_5pct
 
 Each RULER prompt is teacher-forced with its reference answer (RULER's outputs joined by ", ");
 the answer tokens are the decode queries. Per sparse layer: the expected share of the middle's
 attention mass whose keys are read (see pigjax/eval/coverage.py), averaged over layers, queries,
-heads and samples. Writes <out>.json and <out>.md.
+heads and samples. RankedLSH back-ends (--ranked, harness names) are estimated over --draws random
+projections each, at their measured fraction of keys read, with TopK and oracle at that fraction.
+Writes <out>.json and <out>.md.
 """
 
 import sys
@@ -20,6 +23,8 @@ _CONTEXTS = flags.DEFINE_list("contexts", "2048", "context lengths in tokens")
 _SAMPLES = flags.DEFINE_integer("samples", 5, "samples per (task, context)")
 _SEED = flags.DEFINE_integer("seed", 42, "RULER sample seed")
 _CONFIGS = flags.DEFINE_list("configs", "10x150,10x170,8x75", "LSH configurations KxL")
+_RANKED = flags.DEFINE_list("ranked", [], "RankedLSH back-ends (pigjax.eval.harness names, e.g. rankedlsh)")
+_DRAWS = flags.DEFINE_integer("draws", 4, "random projections per RankedLSH estimate")
 _SINK = flags.DEFINE_integer("sink", 4, "exact sink tokens")
 _LOCAL = flags.DEFINE_integer("local", 64, "exact local window")
 _OUT = flags.DEFINE_string("out", "docs/results/coverage", "output stem (.json and .md)")
@@ -42,7 +47,9 @@ def markdown(result: dict) -> str:
              "Share of the middle's exact attention mass whose keys are read, in expectation: MagicPIG's "
              "LSH sampling (u over the centred keys, >= 2 collisions), TopK and oracle sampling at the "
              "same fraction of the middle; `top1 u` = LSH probability of reading the key with the largest "
-             "weight. Mean over sparse layers, answer queries, heads and samples.", "",
+             "weight. RankedLSH rows (K×L column = its name): the share read by its top set and sample (T ∪ S), "
+             "at its measured fraction of keys read, over random projections. Mean over sparse layers, "
+             "answer queries, heads and samples.", "",
              f"{result['machine']['cpu']}, {result['machine']['cores']} cores; commit {(result['commit'] or '?')[:10]}; "
              f"{result['samples']} samples a cell; sink {result['sink']}, local {result['local']}.", "",
              "| task | context | K×L | fraction | LSH | TopK | oracle | top-1 weight | top-1 u |",
@@ -59,12 +66,15 @@ def main(argv):
     import pigjax
     from pigjax.eval import ruler
     from pigjax.eval.coverage import coverage
-    from pigjax.eval.harness import _git_commit
+    from pigjax.eval.harness import _git_commit, make_backend
     from pigjax.eval.output import write_json_and_markdown
     from pigjax.machine import describe
 
     try:
         configs = [_parse(c) for c in _CONFIGS.value]
+        ranked = [(name, make_backend(name)) for name in _RANKED.value]
+        if any(not isinstance(b, pigjax.RankedLSH) for _, b in ranked):
+            raise ValueError(f"--ranked takes RankedLSH back-ends, got {_RANKED.value}")
         contexts = [int(c) for c in _CONTEXTS.value]
         model = pigjax.load(_CHECKPOINT.value or pigjax.default_checkpoint())
         if model.tokenizer is None:
@@ -74,22 +84,24 @@ def main(argv):
         for task in _TASKS.value:
             for context in contexts:
                 per = {c: [] for c in configs}
+                per.update({name: [] for name, _ in ranked})
                 for s in ruler.make_samples(model.tokenizer, task, context, _SAMPLES.value, seed=_SEED.value):
                     answer = model.tokenizer.encode(" " + ", ".join(s.outputs), add_special_tokens=False)
                     tokens = np.asarray(s.prompt_ids + list(answer))
                     got = coverage(model, tokens, s.length, configs=configs, sink=_SINK.value,
-                                   local=_LOCAL.value, sparse_layers=sparse)
-                    for c in configs:
+                                   local=_LOCAL.value, sparse_layers=sparse, ranked=ranked, draws=_DRAWS.value)
+                    for c in per:
                         per[c] += got[c]
-                for (K, L), layers in per.items():
-                    rows.append({"task": task, "context": context, "config": f"{K}x{L}",
+                for c, layers in per.items():
+                    rows.append({"task": task, "context": context, "config": c if isinstance(c, str) else f"{c[0]}x{c[1]}",
                                  **{c: float(np.mean([x[c] for x in layers])) for c in _COLUMNS}})
                 print(f"{task} {context} done", file=sys.stderr, flush=True)
     except ValueError as e:  # PigjaxError is a ValueError
         print(f"eval_coverage: error: {e}", file=sys.stderr)
         return 1
     result = {"machine": describe(), "commit": _git_commit(), "samples": _SAMPLES.value, "sink": _SINK.value,
-              "local": _LOCAL.value, "sparse_layers": list(sparse), "rows": rows}
+              "local": _LOCAL.value, "sparse_layers": list(sparse), "draws": _DRAWS.value,
+              "ranked": {name: repr(b) for name, b in ranked}, "rows": rows}
     write_json_and_markdown(_OUT.value, result, markdown(result))
     return 0
 

@@ -8,8 +8,8 @@
 2. Attention-level error: each layer's attention output vs exact attention on the same q, k, v
    (those of a dense forward) at `--error_steps` decode positions after `--error_prefill` tokens
    (pigjax.eval.attention_error).
-topk/quest/oracle run at the fraction of middle keys the reference MagicPIG back-end (the first in
---attention) measured in the same run, or at --fraction (e.g. that measured by an earlier run).
+topk/quest/oracle run at the fraction of middle keys the reference engine back-end (the first MagicPIG
+in --attention, else the first RankedLSH) measured in the same run, or at --fraction (e.g. that measured by an earlier run).
 Writes JSON and a Markdown table.
 """
 
@@ -26,7 +26,7 @@ _PREFILL = flags.DEFINE_integer("prefill", 2048, "dense prefill before teacher-f
 _ERROR_PREFILL = flags.DEFINE_integer("error_prefill", 4032, "prefill of the attention-error run")
 _ERROR_STEPS = flags.DEFINE_integer("error_steps", 64, "decode positions of the attention-error run")
 _SEED = flags.DEFINE_integer("seed", 0, "text seed")
-_FRACTION = flags.DEFINE_float("fraction", None, "fraction for topk/quest/oracle (default: the first MagicPIG's, "
+_FRACTION = flags.DEFINE_float("fraction", None, "fraction for topk/quest/oracle (default: the first MagicPIG's (else RankedLSH's), "
                                 "measured in this run; each part of the run uses its own measurement)")
 _MERGE = flags.DEFINE_list("merge", None, "instead of running: merge these JSON results of this script (same "
                            "settings) into --out, e.g. a run of the baselines added to an earlier one")
@@ -36,11 +36,11 @@ _OUT = flags.DEFINE_string("out", "docs/results/decode_quality", "output prefix 
 
 def run_with_fraction(names, run_one, fraction=None):
     """run_one(name, backend) for each name; topk/quest/oracle get `fraction`, else the reference
-    MagicPIG's measured fraction."""
-    from pigjax.eval.harness import FRACTION_BACKENDS, make_backend
+    engine back-end's measured fraction (harness.reference_backend)."""
+    from pigjax.eval.harness import FRACTION_BACKENDS, make_backend, reference_backend
 
     results = {}
-    reference = next((n for n in names if n.startswith("magicpig")), None)
+    reference = reference_backend(names)
     for name in [n for n in names if n not in FRACTION_BACKENDS] + [n for n in names if n in FRACTION_BACKENDS]:
         backend = make_backend(name, fraction if name in FRACTION_BACKENDS else None)
         results[name] = run_one(name, backend)
@@ -65,6 +65,8 @@ def markdown(result: dict) -> str:
     for name, e in errs.items():
         sparse = [x for x in e["relative_l2"] if x > 0] or [0.0]
         fr = "–" if e["fraction_read"] is None else f"{e['fraction_read']:.4f}"
+        if e.get("fraction_values_read") is not None and e["fraction_values_read"] != e["fraction_read"]:
+            fr += f" (values {e['fraction_values_read']:.4f})"
         lines.append(f"| {name} | {fr} | {np.mean(sparse):.4f} | {max(e['relative_l2']):.4f} |")
     if "backends" in result["perplexity"]:
         p = result["perplexity"]
@@ -133,6 +135,7 @@ def main(_):
             start = time.perf_counter()
             out = teacher_forced(model, text[None, : _TOKENS.value], _PREFILL.value, backend)
             return {"perplexity": perplexity(out["logp"]), "fraction_read": out["stats"].get("fraction_read"),
+                    "fraction_values_read": out["stats"].get("fraction_values_read"),
                     "seconds": time.perf_counter() - start,
                     "cache_bytes_per_token_per_layer": out["stats"]["cache_bytes_per_token_per_layer"],
                     "host_bytes_per_token_per_layer": out["stats"]["host_bytes_per_token_per_layer"]}

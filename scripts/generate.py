@@ -24,8 +24,9 @@ _TOP_P = flags.DEFINE_float("top_p", None, "keep the smallest set of tokens with
 _SEED = flags.DEFINE_integer("seed", 0, "sampling seed")
 _STOP = flags.DEFINE_multi_string("stop", None, "stop sequence (repeatable)")
 _ATTENTION = flags.DEFINE_enum("attention", "magicpig_k10l150",
-                                ["dense", "magicpig_k10l150", "magicpig_k10l170", "magicpig_k8l75", "topk", "quest",
-                                 "oracle"], "attention back-end (pigjax.eval.harness.BACKENDS)")
+                                ["dense", "magicpig_k10l150", "magicpig_k10l170", "magicpig_k8l75", "rankedlsh",
+                                 "rankedlsh_2pct", "rankedlsh_5pct", "topk", "quest", "oracle"],
+                                "attention back-end (pigjax.eval.harness.BACKENDS)")
 _FRACTION = flags.DEFINE_float("fraction", 0.02, "fraction of middle keys for topk/quest/oracle")
 _DEMO_CONTEXT = flags.DEFINE_integer("demo_context", 4096, "without --prompt: tokens of the needle-in-a-haystack "
                                      "demo prompt (RULER niah_single_2: a number hidden in essays)")

@@ -8,6 +8,7 @@
 
 #include "ffi_store_calls.h"
 #include "query.h"
+#include "query_ranked.h"
 #include "simhash.h"
 #include "store.h"
 #include "store_args.h"
@@ -72,6 +73,35 @@ ffi::Error LshQueryImpl(ffi::Buffer<ffi::S32> handle, ffi::Buffer<ffi::S32> slot
                               lse, sampled);
 }
 
+// LSH store ranked query (query_ranked.h): the query's operands, attrs rank_tables, radius, top, refine
+// -> out f32[B,Hq,d], lse f32[B,Hq], keys_read s32[B,Hq], values_read s32[B,Hq].
+ffi::Error LshQueryRankedImpl(ffi::Buffer<ffi::S32> handle_arg, int32_t rank_tables,
+                              int32_t radius, double top, double refine, ffi::Buffer<ffi::S32> slots, ffi::Buffer<ffi::F32> q,
+                              ffi::Buffer<ffi::S32> q_codes, ffi::Buffer<ffi::S32> /*dep*/,
+                              ffi::ResultBuffer<ffi::F32> out, ffi::ResultBuffer<ffi::F32> lse,
+                              ffi::ResultBuffer<ffi::S32> keys_read,
+                              ffi::ResultBuffer<ffi::S32> values_read) {
+  HostMem mem;  // CPU only: the CUDA handlers (cuda_handlers.cc) have no ranked query yet
+  return run("pigjax_lsh_query_ranked", [&] {
+    int64_t handle;
+    std::string err;
+    if (!ffi_calls::read_handle(mem.in(handle_arg), &handle, &err)) return err;
+    RankedQueryArgs a;
+    a.base.slots = mem.in(slots);
+    a.base.q = mem.in(q);
+    a.base.q_codes = mem.in(q_codes);
+    a.base.out = mem.out(out);
+    a.base.lse = mem.out(lse);
+    a.base.sampled = mem.out(keys_read);
+    a.values_read = mem.out(values_read);
+    a.rank_tables = rank_tables;
+    a.radius = radius;
+    a.top = top;
+    a.refine = refine;
+    return store_query_ranked(handle, a);
+  });
+}
+
 ffi::Error LshAppendImpl(ffi::Buffer<ffi::S32> handle, ffi::Buffer<ffi::S32> slots,
                          ffi::Buffer<ffi::F32> keys, ffi::Buffer<ffi::F32> values,
                          ffi::Buffer<ffi::S32> codes, ffi::Buffer<ffi::S32> counts,
@@ -116,6 +146,23 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(PigjaxLshQuery, LshQueryImpl,
                                   .Ret<ffi::Buffer<ffi::S32>>()  // sampled
 );
 
+XLA_FFI_DEFINE_HANDLER_SYMBOL(PigjaxLshQueryRanked, LshQueryRankedImpl,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::S32>>()  // handle (rank 0)
+                                  .Attr<int32_t>("rank_tables")
+                                  .Attr<int32_t>("radius")
+                                  .Attr<double>("top")
+                                  .Attr<double>("refine")
+                                  .Arg<ffi::Buffer<ffi::S32>>()  // slots
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // q
+                                  .Arg<ffi::Buffer<ffi::S32>>()  // q_codes
+                                  .Arg<ffi::Buffer<ffi::S32>>()  // dep
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // out
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // lse
+                                  .Ret<ffi::Buffer<ffi::S32>>()  // keys_read
+                                  .Ret<ffi::Buffer<ffi::S32>>()  // values_read
+);
+
 XLA_FFI_DEFINE_HANDLER_SYMBOL(PigjaxLshAppend, LshAppendImpl,
                               ffi::Ffi::Bind()
                                   .Arg<ffi::Buffer<ffi::S32>>()  // handle (rank 0)
@@ -133,6 +180,7 @@ const FfiTarget* ffi_targets(int* count) {
       {"pigjax_simhash_codes", PigjaxSimhashCodes},
       {"pigjax_lsh_prefill", PigjaxLshPrefill},
       {"pigjax_lsh_query", PigjaxLshQuery},
+      {"pigjax_lsh_query_ranked", PigjaxLshQueryRanked},
       {"pigjax_lsh_append", PigjaxLshAppend},
   };
   *count = static_cast<int>(sizeof(kTargets) / sizeof(kTargets[0]));

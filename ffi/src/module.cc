@@ -12,6 +12,7 @@
 #include "engine_api.h"
 #include "ffi_handlers.h"
 #include "query.h"
+#include "query_ranked.h"
 #include "simd.h"
 #include "simhash.h"
 #include "store.h"
@@ -329,4 +330,32 @@ NB_MODULE(_engine, m) {
   }, nb::arg("handle"), nb::arg("slots"), nb::arg("q"), nb::arg("q_codes"),
      "Direct (non-XLA) query with NumPy arrays; returns (out f32[B,Hq,d], lse f32[B,Hq], "
      "sampled i32[B,Hq]). Same C++ code as the pigjax_lsh_query FFI handler.");
+
+  m.def("store_query_ranked_np", [](int64_t handle, CArray<int32_t> slots, CArray<float> q,
+                                    CArray<int32_t> q_codes, int64_t rank_tables, int64_t radius,
+                                    double top, double refine) {
+    pigjax::RankedQueryArgs a;
+    a.base.slots = view(slots);
+    a.base.q = view(q);
+    a.base.q_codes = view(q_codes);
+    a.rank_tables = rank_tables;
+    a.radius = radius;
+    a.top = top;
+    a.refine = refine;
+    nb::ndarray<nb::numpy, float> out, lse;
+    nb::ndarray<nb::numpy, int32_t> keys, values;
+    if (a.base.q.dims.size() == 3) {
+      const int64_t B = a.base.q.dims[0], Hq = a.base.q.dims[1];
+      out = new_array<float>(a.base.q.dims, &a.base.out);
+      lse = new_array<float>({B, Hq}, &a.base.lse);
+      keys = new_array<int32_t>({B, Hq}, &a.base.sampled);
+      values = new_array<int32_t>({B, Hq}, &a.values_read);
+    }
+    run("store_query_ranked_np", [&] { return pigjax::store_query_ranked(handle, a); });
+    return std::make_tuple(out, lse, keys, values);
+  }, nb::arg("handle"), nb::arg("slots"), nb::arg("q"), nb::arg("q_codes"), nb::arg("rank_tables"),
+     nb::arg("radius"), nb::arg("top"), nb::arg("refine"),
+     "Direct (non-XLA) ranked query (query_ranked.h) with NumPy arrays; returns (out f32[B,Hq,d], "
+     "lse f32[B,Hq], keys_read i32[B,Hq], values_read i32[B,Hq]). Same C++ code as the "
+     "pigjax_lsh_query_ranked FFI handler.");
 }

@@ -13,6 +13,7 @@
 #include <shared_mutex>
 #include <vector>
 
+#include "query_rows.h"
 #include "row_kernels.h"
 #include "simd.h"
 #include "store_layout.h"
@@ -22,31 +23,6 @@
 namespace pigjax {
 
 namespace {
-
-constexpr int kGroupChunk = 8;  // query heads of one GQA group handled together
-
-// Per-thread query scratch. Collision counting uses two bitmaps (>= 1 and >= 2 collisions,
-// n/4 bytes together: 32 KiB at n = 128K, i.e. L1/L2-resident), cleared per query head by
-// memset; this saturating count is exact for any K and L since only ">= 2" matters. Each query
-// head of a chunk (up to 8) keeps its ">= 2" bitmap (n/8 bytes per head); the union is listed
-// in token order from the OR of the chunk's bitmaps, a word at a time.
-struct QueryScratch {
-  std::vector<uint64_t> seen1;         // bit i: token i collided >= 1 times
-  std::vector<uint64_t> heads;         // [kGroupChunk][words]: bit i: >= 2 collisions
-  struct Range { const uint16_t* ids; int32_t beg, end, base; };
-  std::vector<Range> ranges;           // bucket ranges of one query head in direct blocks
-  // A bucket range of a compact block ((index, code) pairs): entries with code `code` collide.
-  struct CodedRange { const uint16_t* pairs; int32_t beg, end, base, code; };
-  std::vector<CodedRange> coded;       // bucket ranges of one query head in compact blocks
-  struct Entry { int32_t i; uint32_t mask; };
-  std::vector<Entry> uni;              // union of the chunk's candidate sets
-  std::vector<float> acc;              // [kGroupChunk][d]
-  void ensure(int64_t n) {
-    const size_t words = static_cast<size_t>((n + 63) / 64);
-    if (seen1.size() < words) seen1.resize(words);
-    if (heads.size() < kGroupChunk * words) heads.resize(kGroupChunk * words);
-  }
-};
 
 // Appends to out the union of the gc candidate bitmaps bm[jj] over words [w0, w1), in token
 // order, with bit jj of an entry's mask set iff head jj samples it. out needs room for the
@@ -65,150 +41,6 @@ size_t bitmap_union(const uint64_t* const* bm, int gc, int64_t w0, int64_t w1,
     }
   }
   return nu;
-}
-
-QueryScratch& query_scratch() {
-  thread_local QueryScratch s;
-  return s;
-}
-
-template <typename T>
-const T* stored_keys(const SlotData& s);
-template <>
-const float* stored_keys<float>(const SlotData& s) { return s.k32.data(); }
-template <>
-const uint16_t* stored_keys<uint16_t>(const SlotData& s) { return s.k16.data(); }
-template <typename T>
-const T* stored_values(const SlotData& s);
-template <>
-const float* stored_values<float>(const SlotData& s) { return s.v32.data(); }
-template <>
-const uint16_t* stored_values<uint16_t>(const SlotData& s) { return s.v16.data(); }
-
-template <typename T>
-const T* pick(const std::vector<uint16_t>& h, const std::vector<float>& f);
-template <>
-const float* pick<float>(const std::vector<uint16_t>&, const std::vector<float>& f) { return f.data(); }
-template <>
-const uint16_t* pick<uint16_t>(const std::vector<uint16_t>& h, const std::vector<float>&) { return h.data(); }
-
-// The rows of one (slot, KV head): middle token i < n from the tables' arrays, appended token
-// n + t from the append buffer.
-template <typename T>
-struct HeadRows {
-  int64_t d = 0, L = 0, n = 0, na = 0;
-  int K = 0;
-  const TableLayout* layout = nullptr;
-  const int32_t* off = nullptr;   // per block [L][2^bits + 1] at block.off
-  const uint16_t* idx = nullptr;  // per block [L][len] or [L][len][2] at block.idx
-  const T* keys = nullptr; const T* vals = nullptr; const float* norms = nullptr;
-  const T* akeys = nullptr; const T* avals = nullptr; const float* anorms = nullptr;
-  const int32_t* acodes = nullptr;  // [na][L]
-  int64_t total() const { return n + na; }
-  const T* key(int64_t i) const { return i < n ? keys + i * d : akeys + (i - n) * d; }
-  const T* val(int64_t i) const { return i < n ? vals + i * d : avals + (i - n) * d; }
-  float norm(int64_t i) const { return *norm_ptr(i); }
-  const float* norm_ptr(int64_t i) const { return i < n ? norms + i : anorms + (i - n); }
-};
-
-template <typename T>
-HeadRows<T> head_rows(const StoreConfig& c, const SlotData& s, int64_t kvh) {
-  HeadRows<T> R;
-  R.d = c.head_dim; R.L = c.L; R.K = c.K;
-  if (!s.prefilled) return R;
-  R.n = s.n; R.na = s.na;
-  R.layout = &s.layout;
-  R.off = s.offsets.data() + kvh * s.layout.offsets_per_head;
-  R.idx = s.indices.data() + kvh * s.layout.entries_per_head;
-  R.keys = stored_keys<T>(s) + kvh * R.n * R.d;
-  R.vals = stored_values<T>(s) + kvh * R.n * R.d;
-  R.norms = s.norms.data() + kvh * R.n;
-  if (R.na > 0) {
-    const SlotData::Appended& a = s.app[static_cast<size_t>(kvh)];
-    R.akeys = pick<T>(a.k16, a.k32);
-    R.avals = pick<T>(a.v16, a.v32);
-    R.anorms = a.norms.data();
-    R.acodes = a.codes.data();
-  }
-  return R;
-}
-
-// Candidates of one query head (codes qc[L]): sets bit i of seen2 (words = ceil(total / 64),
-// cleared here) for every token i with >= 2 collisions; returns their count.
-template <typename T>
-int64_t collect_head(const HeadRows<T>& R, const int32_t* qc, QueryScratch& sc, uint64_t* seen2) {
-  const int64_t L = R.L;
-  const size_t words = static_cast<size_t>((R.total() + 63) / 64);
-  uint64_t* seen1 = sc.seen1.data();
-  std::memset(seen1, 0, words * sizeof(uint64_t));
-  std::memset(seen2, 0, words * sizeof(uint64_t));
-  // Bucket ranges first (independent loads), then count with the next ranges prefetched.
-  const size_t nblocks = R.layout == nullptr ? 0 : R.layout->blocks.size();
-  sc.ranges.resize(L * nblocks);
-  sc.coded.resize(L * nblocks);
-  QueryScratch::Range* rg = sc.ranges.data();
-  QueryScratch::CodedRange* cr = sc.coded.data();
-  int64_t nr = 0, nc = 0;
-  for (size_t bk = 0; bk < nblocks; ++bk) {
-    const BlockLayout& blk = R.layout->blocks[bk];
-    const int64_t blen = blk.len, stride = (int64_t{1} << blk.bits) + 1;
-    const uint16_t* ids_block = R.idx + blk.idx;
-    const int32_t* ob = R.off + blk.off;
-    const int32_t base = static_cast<int32_t>(blk.start);
-    if (blk.bits == R.K) {  // direct: the bucket is the code
-      for (int64_t l = 0; l < L; ++l) {
-        const int32_t* o = ob + l * stride + qc[l];
-        rg[nr++] = {ids_block + l * blen, o[0], o[1], base};
-      }
-    } else {  // compact: the bucket is the code's top bits; entries are filtered by code
-      const int shift = R.K - blk.bits;
-      for (int64_t l = 0; l < L; ++l) {
-        const int32_t* o = ob + l * stride + (qc[l] >> shift);
-        cr[nc++] = {ids_block + l * blen * 2, o[0], o[1], base, qc[l]};
-      }
-    }
-  }
-  constexpr int64_t kAhead = 8;
-  for (int64_t r = 0; r < std::min(nr, kAhead); ++r) __builtin_prefetch(rg[r].ids + rg[r].beg);
-  for (int64_t r = 0; r < nr; ++r) {
-    if (r + kAhead < nr) {
-      const QueryScratch::Range& a = rg[r + kAhead];
-      __builtin_prefetch(a.ids + a.beg);
-      if (a.end - a.beg > 32) __builtin_prefetch(a.ids + a.beg + 32);
-    }
-    const uint16_t* ids = rg[r].ids;
-    const int32_t base = rg[r].base;
-    // Branch-free: a token's second hit sets its seen2 bit (random hits mispredict branches).
-    for (int32_t t = rg[r].beg, e = rg[r].end; t < e; ++t) {
-      const int32_t i = base + ids[t];
-      const uint64_t b = uint64_t{1} << (i & 63);
-      seen2[i >> 6] |= seen1[i >> 6] & b;
-      seen1[i >> 6] |= b;
-    }
-  }
-  // Compact blocks: a bucket holds 1-2 entries; those with the query's code collide.
-  for (int64_t r = 0; r < nc; ++r) {
-    if (r + kAhead < nc) __builtin_prefetch(cr[r + kAhead].pairs + 2 * cr[r + kAhead].beg);
-    const uint16_t* pairs = cr[r].pairs;
-    const int32_t base = cr[r].base, code = cr[r].code;
-    for (int32_t t = cr[r].beg, e = cr[r].end; t < e; ++t) {
-      const int32_t i = base + pairs[2 * t];
-      const uint64_t b = uint64_t{pairs[2 * t + 1] == code} << (i & 63);
-      seen2[i >> 6] |= seen1[i >> 6] & b;
-      seen1[i >> 6] |= b;
-    }
-  }
-  // Appended tokens: a linear scan comparing all L codes.
-  for (int64_t t = 0; t < R.na; ++t) {
-    const int32_t* ac = R.acodes + t * L;
-    int32_t hits = 0;
-    for (int64_t l = 0; l < L; ++l) hits += ac[l] == qc[l];
-    const int64_t i = R.n + t;
-    seen2[i >> 6] |= uint64_t{hits >= 2} << (i & 63);
-  }
-  int64_t count = 0;
-  for (size_t w = 0; w < words; ++w) count += __builtin_popcountll(seen2[w]);
-  return count;
 }
 
 // Partial softmax of gc <= kGroupChunk query heads (qg[gc][d], norms qnorm) over the entries
@@ -287,14 +119,6 @@ void softmax_part(const HeadRows<T>& R, const LogWeightTable& weights, const Row
   }
 }
 
-void query_norms(const float* qg, int gc, int64_t d, double* qnorm) {
-  for (int jj = 0; jj < gc; ++jj) {
-    double ss = 0;
-    for (int64_t i = 0; i < d; ++i) ss += double(qg[jj * d + i]) * qg[jj * d + i];
-    qnorm[jj] = std::sqrt(ss);
-  }
-}
-
 void write_empty(int64_t G, int64_t d, float* out, float* lse, int32_t* sampled) {
   std::fill(out, out + G * d, 0.0f);
   std::fill(lse, lse + G, -std::numeric_limits<float>::infinity());
@@ -324,7 +148,7 @@ void query_group(const StoreConfig& c, const LogWeightTable& weights, const Slot
     int64_t bound = 0;
     for (int jj = 0; jj < gc; ++jj) {
       uint64_t* hb = sc.heads.data() + jj * words;
-      counts[jj] = collect_head(R, qcodes + (j0 + jj) * L, sc, hb);
+      counts[jj] = collect_head(R, qcodes + (j0 + jj) * L, 0, L, sc, hb);
       bm[jj] = hb;
       bound += counts[jj];
     }
@@ -385,7 +209,7 @@ void query_split(const Store& st, const QueryArgs& io, int64_t B, int64_t Hq, co
     const HeadRows<T> R = head_rows<T>(c, st.slots[io.slots.data[b]], h / G);
     QueryScratch& sc = query_scratch();
     sc.ensure(R.total());
-    counts[item] = collect_head(R, io.q_codes.data + item * L, sc, bitmaps.data() + bm_off[item]);
+    counts[item] = collect_head(R, io.q_codes.data + item * L, 0, L, sc, bitmaps.data() + bm_off[item]);
   });
   // Phase 2: parts of each (row, KV head, chunk).
   const int64_t groups = B * Hkv * chunks;

@@ -50,6 +50,17 @@ struct QueryArgs {
   ArrayView<int32_t> sampled;        // s32 [B,Hq] (output)
 };
 
+// The ranked query (query_ranked.h): the query's arrays, with `base.sampled` holding the keys
+// read per head, plus the values read per head and the ranking settings.
+struct RankedQueryArgs {
+  QueryArgs base;                    // slots, q, q_codes, out, lse; sampled = keys read [B,Hq]
+  ArrayView<int32_t> values_read;    // s32 [B,Hq] (output)
+  int64_t rank_tables = 0;           // tables [0, rank_tables) rank, the rest sample
+  int64_t radius = 0;                // ranking probes codes up to `radius` bits from the query's
+  double top = 0;                    // fraction of a head's tokens read exactly
+  double refine = 1;                 // keys ranked by collisions and scored: refine x the top
+};
+
 // Each returns "" if the arguments fit a store with config c, else the message for an invalid
 // argument (callers prefix the target or function name). They read the input arrays but not
 // the store, so they run before the store's lock is taken; whether an append's slots were
@@ -60,5 +71,7 @@ std::string validate_prefill(const StoreConfig& c, const PrefillArgs& a,
                              std::vector<int64_t>* middle);
 std::string validate_append(const StoreConfig& c, const AppendArgs& a);
 std::string validate_query(const StoreConfig& c, const QueryArgs& a);
+// validate_query on `base`, then values_read's shape, then the settings (ranges in query_ranked.h).
+std::string validate_ranked_query(const StoreConfig& c, const RankedQueryArgs& a);
 
 }  // namespace pigjax

@@ -6,7 +6,9 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <map>
 #include <memory>
+#include <mutex>
 #include <shared_mutex>
 #include <string>
 #include <vector>
@@ -108,6 +110,20 @@ struct Store {
   const LogWeightTable weights;
   std::shared_mutex mu;            // prefill / append: exclusive; query: shared
   std::vector<SlotData> slots;
+
+  // The weight table of a query that samples with `tables` of the L tables (query_ranked.h):
+  // built on first use, then kept (a table is ~150 kB; a store sees one or two table counts).
+  const LogWeightTable& weights_for_tables(int tables) {
+    if (tables == cfg.L) return weights;
+    std::lock_guard<std::mutex> lock(subset_mu);
+    std::unique_ptr<LogWeightTable>& w = subset_weights[tables];
+    if (!w) w = std::make_unique<LogWeightTable>(cfg.K, tables, cfg.eps);
+    return *w;
+  }
+
+ private:
+  std::mutex subset_mu;
+  std::map<int, std::unique_ptr<LogWeightTable>> subset_weights;
 };
 
 // The store of a handle (kept alive by the returned pointer even if freed meanwhile), or null

@@ -20,6 +20,7 @@
 
 #include "bf16.h"
 #include "query.h"
+#include "query_ranked.h"
 #include "simd.h"
 #include "store.h"
 #include "store_args.h"
@@ -821,6 +822,98 @@ static void test_memory() {
             human_bytes(12) == "12 B", "human_bytes");
 }
 
+// The ranked query (query_ranked.h): top = 1 is exact softmax over the stored middle; top = 0
+// reads as MagicPIG on the sampling tables (values read = keys read); a small top reads more
+// values than the sample alone; unprefilled slots and bad settings.
+static void test_ranked_query() {
+  const Case cases[] = {
+      {"ranked f32", StoreStorage::kF32, 4, 12, 2, 3, 33, 200, 3, 5, 4, 16, 21},
+      {"ranked bf16 G9", StoreStorage::kBF16, 3, 8, 1, 9, 17, 90, 2, 3, 0, 0, 22},
+      {"ranked K16", StoreStorage::kBF16, 16, 6, 2, 2, 16, 120, 2, 2, 4, 4, 23},
+  };
+  for (const Case& c : cases) {
+    const Data D = make_data(c);
+    const int64_t h = create(c), Hq = c.Hkv * c.G;
+    std::vector<int32_t> mc;
+    std::string err = store_prefill(h, prefill_io(c, D, &mc));
+    CHECK(err.empty(), "%s prefill: %s", c.name, err.c_str());
+    for (int radius = 0; radius <= std::min(3, c.K); ++radius) {
+      for (double top : {1.0, 0.0, 0.1}) {
+        QueryOut Q;
+        std::vector<int32_t> values(c.B * Hq, -7);
+        RankedQueryArgs a;
+        a.base = query_io(c, D, &Q);
+        a.values_read.data = values.data(); a.values_read.dims = {c.B, Hq};
+        a.rank_tables = c.L / 2; a.radius = radius; a.top = top; a.refine = 2.0;
+        err = store_query_ranked(h, a);
+        CHECK(err.empty(), "%s ranked: %s", c.name, err.c_str());
+        for (int64_t b = 0; b < c.B; ++b) {
+          const int64_t n = mc[b];
+          for (int64_t j = 0; j < Hq; ++j) {
+            const int64_t r = b * Hq + j;
+            CHECK(values[r] <= Q.sampled[r] && Q.sampled[r] <= n, "%s: reads %d/%d of %lld", c.name,
+                  values[r], Q.sampled[r], (long long)n);
+            if (top == 1.0) CHECK(values[r] == n && Q.sampled[r] == n, "%s: top 1 reads all", c.name);
+            if (top == 0.0) CHECK(values[r] == Q.sampled[r], "%s: top 0 reads as MagicPIG", c.name);
+            if (top == 1.0 && n > 0) {  // exact softmax over the middle (stored precision)
+              const int64_t g = j / c.G;
+              const float* qh = D.q.data() + r * c.d;
+              std::vector<double> sc(n);
+              double mx = -1e300, sum = 0;
+              for (int64_t i = 0; i < n; ++i) {
+                const float* k = D.keys.data() + ((b * c.Hkv + g) * c.n + c.sink + i) * c.d;
+                double dot = 0;
+                for (int64_t e = 0; e < c.d; ++e) dot += double(qh[e]) * stored(k[e], c.storage);
+                sc[i] = dot / std::sqrt(double(c.d));
+                mx = std::max(mx, sc[i]);
+              }
+              std::vector<double> o(c.d, 0.0);
+              for (int64_t i = 0; i < n; ++i) {
+                const double p = std::exp(sc[i] - mx);
+                sum += p;
+                const float* v = D.values.data() + ((b * c.Hkv + g) * c.n + c.sink + i) * c.d;
+                for (int64_t e = 0; e < c.d; ++e) o[e] += p * stored(v[e], c.storage);
+              }
+              const double tol = c.storage == StoreStorage::kF32 ? 1e-4 : 2e-2;
+              CHECK(std::fabs(Q.lse[r] - (mx + std::log(sum))) <= tol * std::max(1.0, std::fabs(mx)),
+                    "%s: top 1 lse %g vs %g", c.name, Q.lse[r], mx + std::log(sum));
+              for (int64_t e = 0; e < c.d; ++e)
+                CHECK(std::fabs(Q.out[r * c.d + e] - o[e] / sum) <= tol, "%s: top 1 out", c.name);
+            }
+            if (n == 0) CHECK(std::isinf(Q.lse[r]) && Q.sampled[r] == 0, "%s: empty slot", c.name);
+          }
+        }
+      }
+    }
+    store_free(h, &err);
+  }
+  // Bad settings: a message naming the setting, never a crash.
+  const Case c = cases[0];
+  const Data D = make_data(c);
+  const int64_t h = create(c), Hq = c.Hkv * c.G;
+  QueryOut Q;
+  std::vector<int32_t> values(c.B * Hq);
+  auto run = [&](int64_t rank_tables, int64_t radius, double top, double refine, std::vector<int64_t> vdims) {
+    RankedQueryArgs a;
+    a.base = query_io(c, D, &Q);
+    a.values_read.data = values.data(); a.values_read.dims = vdims;
+    a.rank_tables = rank_tables; a.radius = radius; a.top = top; a.refine = refine;
+    return store_query_ranked(h, a);
+  };
+  const std::vector<int64_t> ok = {c.B, Hq};
+  CHECK(run(4, 1, 0.1, 1.0, ok).empty(), "unprefilled ranked query is fine");
+  CHECK(contains(run(11, 1, 0.1, 1.0, ok), "rank_tables must be in [1, L - 2] = [1, 10]"), "rank_tables");
+  CHECK(contains(run(0, 1, 0.1, 1.0, ok), "rank_tables must be in"), "rank_tables 0");
+  CHECK(contains(run(4, 4, 0.1, 1.0, ok), "radius must be in [0, min(3, K)] = [0, 3]"), "radius");
+  CHECK(contains(run(4, 1, -0.5, 1.0, ok), "top must be a fraction in [0, 1]"), "top");
+  CHECK(contains(run(4, 1, std::nan(""), 1.0, ok), "top must be"), "top nan");
+  CHECK(contains(run(4, 1, 0.1, 0.5, ok), "refine must be a number in [1, 1e6]"), "refine");
+  CHECK(contains(run(4, 1, 0.1, 1.0, {c.B}), "values_read must have shape"), "values_read shape");
+  std::string err;
+  store_free(h, &err);
+  CHECK(contains(run(4, 1, 0.1, 1.0, ok), "unknown"), "freed handle: %s", run(4, 1, 0.1, 1.0, ok).c_str());
+}
+
 int main() {
   test_bf16();
   // Query split within a KV head: auto (default), never, always (same results up to rounding).
@@ -837,6 +930,7 @@ int main() {
   test_table_layouts();
   test_memory();
   test_errors();
+  test_ranked_query();
   if (g_failures) {
     std::fprintf(stderr, "test_lsh_store: %d check(s) FAILED\n", g_failures);
     return 1;

@@ -55,6 +55,7 @@ class EngineRef:
 class EngineShared(SparseShared):
     engine: EngineRef
     filled: jax.Array  # [B] int32: window slots in use
+    values_read: jax.Array  # f32: middle value rows read, summed like `read` (which counts key rows)
 
 
 def center(k, lengths, sink: int, local: int):
@@ -78,18 +79,18 @@ class MagicPIG(SparseBackend):
     def __post_init__(self):
         super().__post_init__()
         if not isinstance(self.K, int) or isinstance(self.K, bool) or not 1 <= self.K <= native.MAX_K:
-            raise ConfigError(f"magicpig: K must be an int in [1, {native.MAX_K}], got {self.K!r}")
+            raise ConfigError(f"{self.name}: K must be an int in [1, {native.MAX_K}], got {self.K!r}")
         if not isinstance(self.L, int) or isinstance(self.L, bool) or self.L < 2:
-            raise ConfigError(f"magicpig: L must be an int >= 2, got {self.L!r}")
+            raise ConfigError(f"{self.name}: L must be an int >= 2, got {self.L!r}")
         if self.K * self.L > MAX_TABLE_BITS:
-            raise ConfigError(f"magicpig: K·L = {self.K * self.L} is too large (at most {MAX_TABLE_BITS})")
+            raise ConfigError(f"{self.name}: K·L = {self.K * self.L} is too large (at most {MAX_TABLE_BITS})")
         if not isinstance(self.eps, (int, float)) or not 0 < self.eps < math.inf:
-            raise ConfigError(f"magicpig: eps must be a finite number > 0, got {self.eps!r}")
+            raise ConfigError(f"{self.name}: eps must be a finite number > 0, got {self.eps!r}")
         check_seed(self.name, self.seed, ConfigError)
         if self.storage not in ("bf16", "f32"):
-            raise ConfigError(f"magicpig: storage must be 'bf16' or 'f32', got {self.storage!r}")
+            raise ConfigError(f"{self.name}: storage must be 'bf16' or 'f32', got {self.storage!r}")
         if self.path is not None and self.path not in engine.PATHS:
-            raise ConfigError(f"magicpig: path must be None, 'ffi', 'cuda-ffi' or 'callback', got {self.path!r}")
+            raise ConfigError(f"{self.name}: path must be None, 'ffi', 'cuda-ffi' or 'callback', got {self.path!r}")
 
     def exact_width(self, prompt_capacity: int) -> int:
         """Window slots for the exact prompt tokens (sink and local) of prompts up to that length."""
@@ -111,14 +112,14 @@ class MagicPIG(SparseBackend):
             store = open_store(slots, config.num_key_value_heads, config.head_dim, capacity, self.K, self.L,
                                self.eps, self.storage, self.path, appends=False, num_heads=config.num_attention_heads)
         except PigjaxError as e:
-            raise ConfigError(f"magicpig (K={self.K}, L={self.L}, batch {batch}, {capacity} prompt tokens): {e}") from None
+            raise ConfigError(f"{self.name} (K={self.K}, L={self.L}, batch {batch}, {capacity} prompt tokens): {e}") from None
         with store:
             yield Runtime(EngineRef(store.handle_array, self.projection(config.head_dim), getattr(store, "heads", None)),
                           store)
 
     def init_cache(self, config, batch, capacity, window, dtype, runtime: EngineRef = None) -> Cache:
         if runtime is None:
-            raise ConfigError("magicpig: init_cache needs the runtime of `resources(...)` (an engine store)")
+            raise ConfigError(f"{self.name}: init_cache needs the runtime of `resources(...)` (an engine store)")
         dense = self.dense_set(config)
         hkv, d = config.num_key_value_heads, config.head_dim
         # The exact prompt tokens never outnumber the prompt: size by capacity, not by sink + local alone.
@@ -132,7 +133,7 @@ class MagicPIG(SparseBackend):
                 layers.append(Window(kv.k, kv.v, jnp.zeros((batch, hkv, d), jnp.float32),
                                      jnp.zeros((batch,), jnp.int32)))
         shared = EngineShared(jnp.zeros((batch,), jnp.int32), jnp.zeros(()), jnp.zeros(()), runtime,
-                              jnp.zeros((batch,), jnp.int32))
+                              jnp.zeros((batch,), jnp.int32), jnp.zeros(()))
         return Cache(tuple(layers), jnp.zeros((batch,), jnp.int32), shared)
 
     def _codes(self, x, rt: EngineRef):
@@ -194,12 +195,21 @@ class MagicPIG(SparseBackend):
         q1 = q[:, 0].astype(jnp.float32)
         seen = (jnp.arange(win_k.shape[2])[None, :] <= shared.filled[:, None])[:, None, None]
         out_g, lse_g = partial_softmax(q1, win_k, win_v, seen)
-        out_s, lse_s, sampled = engine.query(rt.handle, slots, q1, self._codes(q1, rt), state.counts,
-                                             path=self._path(), heads=rt.heads)
+        out_s, lse_s, keys, values = self.engine_query(rt, slots, q1, state.counts)
         out, _ = merge(out_g, lse_g, out_s, lse_s)
         lo, hi = middle_bounds(shared.prompt_len, self.sink, self.local)
-        reads = count_reads(jnp.sum(sampled, axis=1).astype(jnp.float32), hi - lo, ctx.num_new, hq)
+        reads = count_reads(jnp.sum(keys, axis=1).astype(jnp.float32), hi - lo, ctx.num_new, hq)
+        live = (ctx.num_new > 0).astype(jnp.float32)
+        reads = jnp.append(reads, jnp.sum(jnp.sum(values, axis=1).astype(jnp.float32) * live))
         return out[:, None].astype(q.dtype), Window(win_k, win_v, state.mu, state.counts), reads
+
+    def engine_query(self, rt: EngineRef, slots, q, dep):
+        """The engine's partial softmax of q [B, Hq, d] f32 over `slots`' stored tokens (`dep`: an
+        int32 [B] produced after their prefill) -> (out, lse, keys read [B, Hq], values read [B, Hq]).
+        MagicPIG reads a key and its value for each sampled token (docs/algorithm.md §2.4)."""
+        out, lse, sampled = engine.query(rt.handle, slots, q, self._codes(q, rt), dep, path=self._path(),
+                                         heads=rt.heads)
+        return out, lse, sampled, sampled
 
     def finish_step(self, shared: EngineShared, ctx: StepContext, reads):
         if ctx.fresh:  # the exact prompt tokens: sink and local
@@ -207,7 +217,9 @@ class MagicPIG(SparseBackend):
             filled = lo + ctx.num_new - hi
         else:
             filled = shared.filled + ctx.num_new
-        return super().finish_step(shared, ctx, reads).replace(filled=filled)
+        counted = [r[2] for r in reads if r is not None and not ctx.fresh]
+        values = shared.values_read + (sum(counted) if counted else 0.0)
+        return super().finish_step(shared, ctx, reads).replace(filled=filled, values_read=values)
 
     def stats(self, config, cache_dtype, cache=None, runtime: Runtime | None = None) -> dict:
         stats = self.base_stats(config, cache_dtype, cache)
@@ -216,6 +228,10 @@ class MagicPIG(SparseBackend):
         # Per prompt token, averaged over layers: only dense layers keep it on the model side.
         stats["cache_bytes_per_token_per_layer"] *= (n - n_sparse) / n
         stats.update(K=self.K, L=self.L, storage=self.storage)
+        # fraction_read counts a middle token whose key or value row is read; here each apart.
+        total = float(cache.shared.total) if cache is not None else 0.0
+        stats["fraction_keys_read"] = stats["fraction_read"]
+        stats["fraction_values_read"] = float(cache.shared.values_read) / total if total > 0 else None
         if runtime is not None and runtime.store is not None and not runtime.store.closed:
             info = runtime.store.info()
             stored = sum(info["middle_counts"]) + sum(info["appended_counts"])

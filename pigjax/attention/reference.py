@@ -53,6 +53,59 @@ def sampled_attention(q, k, v, k_codes, q_codes, K: int, L: int, eps: float = 1e
     return out, lse, mask.sum(-1), mask
 
 
+def ranked_selection(q, k, codes, q_codes, K: int, rank_tables: int, top: float, refine: float, radius: int):
+    """The ranked query's sets for one query head q [d] over keys k [n, d] with codes [n, L] and
+    query codes q_codes [L] (docs/algorithm.md §2.9) -> masks [n] of R (keys scored), T (read
+    exactly) and S (sampled by the tables from rank_tables on)."""
+    n, lr = k.shape[0], rank_tables
+    m = min(n, int(np.ceil(top * n)))
+    r = min(n, max(m, int(np.ceil(refine * m))))
+    xor = (codes[:, :lr] ^ q_codes[None, :lr]).astype(np.int64)
+    hamming = sum((xor >> b) & 1 for b in range(K))
+    counts = np.maximum(0, radius + 1 - hamming).sum(-1)
+    ranked = np.lexsort((np.arange(n), -counts))[:r]
+    dots = np.asarray(k, np.float64)[ranked] @ np.asarray(q, np.float64)
+    r_mask, t_mask = np.zeros(n, bool), np.zeros(n, bool)
+    r_mask[ranked] = True
+    t_mask[ranked[np.lexsort((ranked, -dots))[:m]]] = True
+    s_mask = (codes[:, lr:] == q_codes[None, lr:]).sum(-1) >= 2
+    return r_mask, t_mask, s_mask
+
+
+def ranked_attention(q, k, v, k_codes, q_codes, K: int, L: int, rank_tables: int, top: float, refine: float,
+                     radius: int = 0, eps: float = 1e-4):
+    """The engine's ranked query (docs/algorithm.md §2.9) for one sequence, arguments as
+    `sampled_attention`: T = the ⌈top·n⌉ highest q·k among the ⌈refine·top·n⌉ keys with the highest
+    soft count Σ_{l < rank_tables} max(0, radius + 1 − Hamming(code_il, q_l)) (ties: lower index
+    first), weight 1; S = ≥ 2 collisions
+    in the other tables, weight 1/(u + eps) with u for L − rank_tables tables.
+    -> out [Hq, d], lse [Hq], keys read [Hq] (|R ∪ S|), values read [Hq] (|T ∪ S|), T mask [Hq, n]."""
+    q, k, v = (np.asarray(a, np.float64) for a in (q, k, v))
+    hq, d = q.shape
+    hkv, n = k.shape[:2]
+    group, lr = hq // hkv, rank_tables
+    out, lse = np.zeros((hq, d)), np.full(hq, -np.inf)
+    keys, values, t_mask = np.zeros(hq, np.int64), np.zeros(hq, np.int64), np.zeros((hq, n), bool)
+    for h in range(hq):
+        kh, vh, codes = k[h // group], v[h // group], k_codes[h // group]
+        r_mask, t_mask[h], s_mask = ranked_selection(q[h], kh, codes, q_codes[h], K, rank_tables, top, refine, radius)
+        rest = s_mask & ~t_mask[h]
+        keys[h] = (r_mask | s_mask).sum()
+        values[h] = (t_mask[h] | s_mask).sum()
+        norms = np.linalg.norm(kh[rest], axis=-1) * np.linalg.norm(q[h])
+        cos = np.where(norms > 0, kh[rest] @ q[h] / np.where(norms > 0, norms, 1), 0.0)
+        u = sampling_probability(cos, K, L - lr)
+        scores = np.concatenate([kh[t_mask[h]] @ q[h] / np.sqrt(d),
+                                 kh[rest] @ q[h] / np.sqrt(d) + np.log(1.0 / (u + eps))])
+        if len(scores) == 0:
+            continue
+        rows = np.concatenate([vh[t_mask[h]], vh[rest]])
+        weights = np.exp(scores - scores.max())
+        lse[h] = scores.max() + np.log(weights.sum())
+        out[h] = weights @ rows / weights.sum()
+    return out, lse, keys, values, t_mask
+
+
 def exact_attention(q, k, v, positions):
     """Exact partial softmax of q [Hq, d] over the listed positions of k, v [Hkv, n, d]."""
     q, k, v = (np.asarray(a, np.float64) for a in (q, k, v))

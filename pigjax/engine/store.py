@@ -121,6 +121,11 @@ class Store(Closing):
     def query(self, slots, q, q_codes, dep):
         return self._track(query(self.handle_array, slots, q, q_codes, dep, path=self.path))
 
+    def query_ranked(self, slots, q, q_codes, dep, *, rank_tables: int, top: float, radius: int = 0,
+                     refine: float = 1.0):
+        return self._track(query_ranked(self.handle_array, slots, q, q_codes, dep, rank_tables=rank_tables, top=top,
+                                        radius=radius, refine=refine, path=self.path))
+
     def _track(self, result):
         """JAX dispatches asynchronously: keep the newest result so that `close()` waits for the
         calls in flight instead of freeing the store under them (they would fail: unknown handle).
@@ -344,6 +349,33 @@ def _query(handle, slots, q, q_codes, dep, *, path):
         return io_callback(host, shapes, handle, slots, q, q_codes, dep, ordered=True)
     call = jax.ffi.ffi_call(_FFI_TARGETS[path] + "_query", shapes, has_side_effect=True)
     return call(handle, slots, q, q_codes, dep)
+
+
+def query_ranked(handle, slots, q, q_codes, dep, *, rank_tables: int, top: float, radius: int = 0,
+                 refine: float = 1.0, path: str = "ffi", heads: str | None = None):
+    """The ranked query (docs/algorithm.md §2.9): per query head, the ⌈top·n⌉ best-scoring of the
+    ⌈refine·top·n⌉ tokens with the highest soft collision counts in tables [0, rank_tables) (codes
+    within `radius` bits of the query's count) read exactly, plus MagicPIG's importance sample over
+    the other tables for the rest. Arguments as `query`.
+    -> out [B, Hq, d] f32, lse [B, Hq] f32, keys_read [B, Hq] int32, values_read [B, Hq] int32."""
+    _check("query_ranked", handle=(handle, jnp.int32, 0), slots=(slots, jnp.int32, 1), q=(q, jnp.float32, 3),
+           q_codes=(q_codes, jnp.int32, 3), dep=(dep, jnp.int32, 1))
+    return sharding.engine_shards(partial(_query_ranked, rank_tables=rank_tables, top=top, radius=radius, refine=refine,
+                                          path=path), handle, slots, (q, q_codes, dep), (3, 2, 2, 2), heads)
+
+
+def _query_ranked(handle, slots, q, q_codes, dep, *, rank_tables, top, radius, refine, path):
+    b, hq, d = q.shape
+    shapes = (jax.ShapeDtypeStruct((b, hq, d), jnp.float32), jax.ShapeDtypeStruct((b, hq), jnp.float32),
+              jax.ShapeDtypeStruct((b, hq), jnp.int32), jax.ShapeDtypeStruct((b, hq), jnp.int32))
+    if path == "callback":
+        host = _host(lambda h, *a: _engine.store_query_ranked_np(h, *a[:-1], rank_tables, radius, top, refine), shapes)
+        return io_callback(host, shapes, handle, slots, q, q_codes, dep, ordered=True)
+    if path == "cuda-ffi":
+        raise PigjaxError("Store.query_ranked: the ranked query has no CUDA handler yet; use path='callback'")
+    call = jax.ffi.ffi_call("pigjax_lsh_query_ranked", shapes, has_side_effect=True)
+    return call(handle, slots, q, q_codes, dep, rank_tables=np.int32(rank_tables), radius=np.int32(radius), top=np.float64(top),
+                refine=np.float64(refine))
 
 
 def _free_quietly(handle: int):

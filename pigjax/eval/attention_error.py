@@ -88,4 +88,7 @@ def layer_errors(model, tokens, prefill: int, backends) -> dict:
             stats = backend.stats(config, model.dtype, cache, runtime)
         err = np.linalg.norm(np.asarray(outs) - exact, axis=-1) / np.maximum(norm, 1e-30)
         results[name] = {"relative_l2": err.mean(axis=(0, 2, 3)).tolist(), "fraction_read": stats.get("fraction_read")}
+        for key in ("fraction_keys_read", "fraction_values_read"):  # the engine back-ends count both
+            if key in stats:
+                results[name][key] = stats[key]
     return results

@@ -7,13 +7,18 @@ Back-end names map to objects of the top-level `pigjax` package:
   magicpig_k10l150  pigjax.MagicPIG(K=10, L=150)
   magicpig_k10l170  pigjax.MagicPIG(K=10, L=170)
   magicpig_k8l75    pigjax.MagicPIG(K=8, L=75)
+  rankedlsh         pigjax.RankedLSH() (defaults: about 3.3% read)
+  rankedlsh_2pct    pigjax.RankedLSH(top=0.006) (about 2%)
+  rankedlsh_5pct    pigjax.RankedLSH(top=0.035) (about 5%)
   topk              pigjax.TopK(fraction=f)
   quest             pigjax.Quest(page=16, fraction=f)
+  quest_dense01     pigjax.Quest(page=16, fraction=f, dense_layers=(0, 1)): Quest's public code keeps
+                    layers 0 and 1 dense (pigjax's default is MagicPIG's (0, n_layers // 2))
   oracle            pigjax.Oracle(fraction=f)
 
 For topk/quest/oracle, `f` is a given number, or with fraction="auto" the
 `Generation.stats["fraction_read"]` that the first MagicPIG back-end of the list measured on the
-same batch of prompts: those back-ends then run after it, at equal measured fraction. Each batch
+same batch of prompts (or, without one, the first RankedLSH back-end): those back-ends then run after it, at equal measured fraction. Each batch
 is prefilled once for all back-ends (`pigjax.generate` with a list: prefill is dense for all; the
 fraction back-ends are deferred entries of that list).
 Decoding is greedy; each generate call's stats are recorded.
@@ -38,11 +43,16 @@ BACKENDS: dict[str, tuple[str, dict]] = {
     "magicpig_k10l150": ("MagicPIG", {"K": 10, "L": 150}),
     "magicpig_k10l170": ("MagicPIG", {"K": 10, "L": 170}),
     "magicpig_k8l75": ("MagicPIG", {"K": 8, "L": 75}),
+    "rankedlsh": ("RankedLSH", {}),
+    "rankedlsh_2pct": ("RankedLSH", {"top": 0.006}),
+    "rankedlsh_5pct": ("RankedLSH", {"top": 0.035}),
     "topk": ("TopK", {}),
     "quest": ("Quest", {"page": 16}),
+    "quest_dense01": ("Quest", {"page": 16, "dense_layers": (0, 1)}),
     "oracle": ("Oracle", {}),
 }
-FRACTION_BACKENDS = ("topk", "quest", "oracle")
+FRACTION_BACKENDS = ("topk", "quest", "quest_dense01", "oracle")
+ENGINE_PREFIXES = ("magicpig", "rankedlsh")  # back-ends whose measured fraction can be the reference
 DENSE_FLOOR = 20.0  # averages are taken over the cells where dense scores at least this
 
 
@@ -75,10 +85,19 @@ def check_backends(names: Sequence[str], fraction) -> None:
         raise PigjaxError("no attention back-end given")
     for name in names:
         _backend_class(name)
-    if fraction == "auto" and any(n in FRACTION_BACKENDS for n in names) and not any(
-            n.startswith("magicpig") for n in names):
-        raise PigjaxError("fraction=auto takes topk/quest/oracle's fraction from a MagicPIG back-end; "
+    if fraction == "auto" and any(n in FRACTION_BACKENDS for n in names) and reference_backend(names) is None:
+        raise PigjaxError("fraction=auto takes topk/quest/oracle's fraction from a MagicPIG (or RankedLSH) back-end; "
                           "add one (e.g. magicpig_k10l150) to the list or give a number")
+
+
+def reference_backend(names: Sequence[str]) -> str | None:
+    """The back-end whose measured fraction topk/quest/oracle take with fraction="auto": the first
+    MagicPIG one, else the first RankedLSH one, else None."""
+    for prefix in ENGINE_PREFIXES:
+        found = next((n for n in names if n.startswith(prefix)), None)
+        if found is not None:
+            return found
+    return None
 
 
 def _git_commit() -> str | None:
@@ -138,7 +157,7 @@ def run_ruler(model, *, tasks: Sequence[str] = ruler.TASKS, contexts: Sequence[i
     log(f"built {samples * len(cells)} samples in {build_seconds:.1f} s")
 
     order = [n for n in attention if n not in FRACTION_BACKENDS] + [n for n in attention if n in FRACTION_BACKENDS]
-    reference = next((n for n in attention if n.startswith("magicpig")), None)
+    reference = reference_backend(attention)
     results = {
         "config": {
             "tasks": list(tasks), "contexts": [int(c) for c in contexts], "samples": samples, "seed": seed,

@@ -55,7 +55,8 @@ from pigjax.models.mosaics_config import MosaicsConfig
 
 
 def for_attention(attention):
-    """The decoding back-end of a Memory Mosaics model for `attention` (None, Dense() or MagicPIG)."""
+    """The decoding back-end of a Memory Mosaics model for `attention` (None, Dense() or MagicPIG,
+    including its subclass RankedLSH, whose engine query the sampled retrieval then uses)."""
     if isinstance(attention, (MosaicsExact, MosaicsSampled)):
         return attention
     if attention is None or isinstance(attention, Dense):
@@ -262,8 +263,7 @@ class MosaicsSampled:
         pos, valid = window_positions(last, mp.sink, ring, width)
         seen = valid & (pos <= last[:, None] - span.gap)
         out_g, lse_g = partial_softmax(q, win_k, win_v, seen[:, None, None])
-        out_s, lse_s, sampled = engine.query(rt.handle, slots, q, self._codes(q, rt), stored, path=mp._path(),
-                                             heads=rt.heads)
+        out_s, lse_s, sampled, _ = mp.engine_query(rt, slots, q, stored)  # MagicPIG's or RankedLSH's
         y, _ = merge(out_g, lse_g, out_s, lse_s)
         read, total = count_reads(jnp.sum(sampled, axis=1).astype(jnp.float32), stored, num_new, h)
         exact = jnp.sum(jnp.sum(seen, axis=1) * (num_new > 0)).astype(jnp.float32) * h

@@ -34,7 +34,9 @@ def exact(model, tokens):
 @pytest.mark.parametrize("attention", [
     pigjax.MagicPIG(K=1, L=400, sink=2, local=4, dense_layers=(), storage="f32"),
     MosaicsSampled(pigjax.MagicPIG(K=1, L=400, sink=0, local=1, dense_layers=(0,), storage="f32"), center=True),
-], ids=["all-layers", "layer1-centered"])
+    # RankedLSH reading every pair exactly (top = 1), prompt and appended pairs alike.
+    pigjax.RankedLSH(K=6, L=20, rank_tables=8, top=1.0, sink=2, local=4, dense_layers=(), storage="f32"),
+], ids=["all-layers", "layer1-centered", "ranked-top1"])
 def test_every_pair_sampled_equals_exact(model, tokens, exact, attention):
     out = teacher_forced(model, tokens, 30, attention, return_logits=True)
     np.testing.assert_allclose(out["logits"], exact["logits"], atol=2e-4, rtol=0)

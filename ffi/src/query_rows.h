@@ -1,0 +1,206 @@
+// What the LSH store's two queries share (private to query.cc and query_ranked.cc): per-thread
+// scratch, the rows of one (slot, KV head), and the walk over the hash tables that finds the
+// tokens colliding with a query head in a range of tables. See query.h and query_ranked.h.
+#pragma once
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+#include "store_layout.h"
+
+namespace pigjax {
+
+constexpr int kGroupChunk = 8;  // query heads of one GQA group handled together
+
+// Per-thread query scratch. Collision counting uses two bitmaps (>= 1 and >= 2 collisions,
+// n/4 bytes together: 32 KiB at n = 128K, i.e. L1/L2-resident), cleared per query head by
+// memset; this saturating count is exact for any K and L since only ">= 2" matters. Each query
+// head of a chunk (up to 8) keeps its ">= 2" bitmap (n/8 bytes per head); the union is listed
+// in token order from the OR of the chunk's bitmaps, a word at a time.
+struct QueryScratch {
+  std::vector<uint64_t> seen1;         // bit i: token i collided >= 1 times
+  std::vector<uint64_t> heads;         // [kGroupChunk][words]: bit i: >= 2 collisions
+  struct Range { const uint16_t* ids; int32_t beg, end, base; };
+  std::vector<Range> ranges;           // bucket ranges of one query head in direct blocks
+  // A bucket range of a compact block ((index, code) pairs): entries with code `code` collide.
+  struct CodedRange { const uint16_t* pairs; int32_t beg, end, base, code; };
+  std::vector<CodedRange> coded;       // bucket ranges of one query head in compact blocks
+  struct Entry { int32_t i; uint32_t mask; };
+  std::vector<Entry> uni;              // union of the chunk's candidate sets
+  std::vector<float> acc;              // [kGroupChunk][d]
+  void ensure(int64_t n) {
+    const size_t words = static_cast<size_t>((n + 63) / 64);
+    if (seen1.size() < words) seen1.resize(words);
+    if (heads.size() < kGroupChunk * words) heads.resize(kGroupChunk * words);
+  }
+};
+
+
+inline QueryScratch& query_scratch() {
+  thread_local QueryScratch s;
+  return s;
+}
+
+template <typename T>
+const T* stored_keys(const SlotData& s);
+template <>
+inline const float* stored_keys<float>(const SlotData& s) { return s.k32.data(); }
+template <>
+inline const uint16_t* stored_keys<uint16_t>(const SlotData& s) { return s.k16.data(); }
+template <typename T>
+const T* stored_values(const SlotData& s);
+template <>
+inline const float* stored_values<float>(const SlotData& s) { return s.v32.data(); }
+template <>
+inline const uint16_t* stored_values<uint16_t>(const SlotData& s) { return s.v16.data(); }
+
+template <typename T>
+const T* pick(const std::vector<uint16_t>& h, const std::vector<float>& f);
+template <>
+inline const float* pick<float>(const std::vector<uint16_t>&, const std::vector<float>& f) { return f.data(); }
+template <>
+inline const uint16_t* pick<uint16_t>(const std::vector<uint16_t>& h, const std::vector<float>&) { return h.data(); }
+
+// The rows of one (slot, KV head): middle token i < n from the tables' arrays, appended token
+// n + t from the append buffer.
+template <typename T>
+struct HeadRows {
+  int64_t d = 0, L = 0, n = 0, na = 0;
+  int K = 0;
+  const TableLayout* layout = nullptr;
+  const int32_t* off = nullptr;   // per block [L][2^bits + 1] at block.off
+  const uint16_t* idx = nullptr;  // per block [L][len] or [L][len][2] at block.idx
+  const T* keys = nullptr; const T* vals = nullptr; const float* norms = nullptr;
+  const T* akeys = nullptr; const T* avals = nullptr; const float* anorms = nullptr;
+  const int32_t* acodes = nullptr;  // [na][L]
+  int64_t total() const { return n + na; }
+  const T* key(int64_t i) const { return i < n ? keys + i * d : akeys + (i - n) * d; }
+  const T* val(int64_t i) const { return i < n ? vals + i * d : avals + (i - n) * d; }
+  float norm(int64_t i) const { return *norm_ptr(i); }
+  const float* norm_ptr(int64_t i) const { return i < n ? norms + i : anorms + (i - n); }
+};
+
+template <typename T>
+inline HeadRows<T> head_rows(const StoreConfig& c, const SlotData& s, int64_t kvh) {
+  HeadRows<T> R;
+  R.d = c.head_dim; R.L = c.L; R.K = c.K;
+  if (!s.prefilled) return R;
+  R.n = s.n; R.na = s.na;
+  R.layout = &s.layout;
+  R.off = s.offsets.data() + kvh * s.layout.offsets_per_head;
+  R.idx = s.indices.data() + kvh * s.layout.entries_per_head;
+  R.keys = stored_keys<T>(s) + kvh * R.n * R.d;
+  R.vals = stored_values<T>(s) + kvh * R.n * R.d;
+  R.norms = s.norms.data() + kvh * R.n;
+  if (R.na > 0) {
+    const SlotData::Appended& a = s.app[static_cast<size_t>(kvh)];
+    R.akeys = pick<T>(a.k16, a.k32);
+    R.avals = pick<T>(a.v16, a.v32);
+    R.anorms = a.norms.data();
+    R.acodes = a.codes.data();
+  }
+  return R;
+}
+
+// Calls hit(i, match) for every (token i, table l) with l in [l0, l1) whose bucket holds token i
+// for the query codes qc[L]: match is 1 when the token's code equals qc[l] (always in direct
+// blocks; compact blocks share a bucket between codes, so match is 0 for the others). Middle
+// tokens only; the caller scans the appended tokens. Bucket ranges are found first (independent
+// loads), then walked with the next ranges prefetched; hit should be branch-free in match.
+template <typename T, typename Hit>
+inline void visit_hits(const HeadRows<T>& R, const int32_t* qc, int64_t l0, int64_t l1,
+                       QueryScratch& sc, Hit&& hit) {
+  const size_t nblocks = R.layout == nullptr ? 0 : R.layout->blocks.size();
+  const int64_t nt = l1 - l0;
+  sc.ranges.resize(static_cast<size_t>(nt) * nblocks);
+  sc.coded.resize(static_cast<size_t>(nt) * nblocks);
+  QueryScratch::Range* rg = sc.ranges.data();
+  QueryScratch::CodedRange* cr = sc.coded.data();
+  int64_t nr = 0, nc = 0;
+  for (size_t bk = 0; bk < nblocks; ++bk) {
+    const BlockLayout& blk = R.layout->blocks[bk];
+    const int64_t blen = blk.len, stride = (int64_t{1} << blk.bits) + 1;
+    const uint16_t* ids_block = R.idx + blk.idx;
+    const int32_t* ob = R.off + blk.off;
+    const int32_t base = static_cast<int32_t>(blk.start);
+    if (blk.bits == R.K) {  // direct: the bucket is the code
+      for (int64_t l = l0; l < l1; ++l) {
+        const int32_t* o = ob + l * stride + qc[l];
+        rg[nr++] = {ids_block + l * blen, o[0], o[1], base};
+      }
+    } else {  // compact: the bucket is the code's top bits; entries are filtered by code
+      const int shift = R.K - blk.bits;
+      for (int64_t l = l0; l < l1; ++l) {
+        const int32_t* o = ob + l * stride + (qc[l] >> shift);
+        cr[nc++] = {ids_block + l * blen * 2, o[0], o[1], base, qc[l]};
+      }
+    }
+  }
+  constexpr int64_t kAhead = 8;
+  for (int64_t r = 0; r < std::min(nr, kAhead); ++r) __builtin_prefetch(rg[r].ids + rg[r].beg);
+  for (int64_t r = 0; r < nr; ++r) {
+    if (r + kAhead < nr) {
+      const QueryScratch::Range& a = rg[r + kAhead];
+      __builtin_prefetch(a.ids + a.beg);
+      if (a.end - a.beg > 32) __builtin_prefetch(a.ids + a.beg + 32);
+    }
+    const uint16_t* ids = rg[r].ids;
+    const int32_t base = rg[r].base;
+    for (int32_t t = rg[r].beg, e = rg[r].end; t < e; ++t) hit(base + ids[t], uint32_t{1});
+  }
+  // Compact blocks: a bucket holds 1-2 entries; those with the query's code collide.
+  for (int64_t r = 0; r < nc; ++r) {
+    if (r + kAhead < nc) __builtin_prefetch(cr[r + kAhead].pairs + 2 * cr[r + kAhead].beg);
+    const uint16_t* pairs = cr[r].pairs;
+    const int32_t base = cr[r].base, code = cr[r].code;
+    for (int32_t t = cr[r].beg, e = cr[r].end; t < e; ++t)
+      hit(base + pairs[2 * t], static_cast<uint32_t>(pairs[2 * t + 1] == code));
+  }
+}
+
+// Collisions of appended token t (token n + t) with the query codes qc in tables [l0, l1).
+template <typename T>
+inline int32_t appended_hits(const HeadRows<T>& R, const int32_t* qc, int64_t t, int64_t l0, int64_t l1) {
+  const int32_t* ac = R.acodes + t * R.L;
+  int32_t hits = 0;
+  for (int64_t l = l0; l < l1; ++l) hits += ac[l] == qc[l];
+  return hits;
+}
+
+// Candidates of one query head (codes qc[L]) in tables [l0, l1): sets bit i of seen2 (words =
+// ceil(total / 64), cleared here) for every token i with >= 2 collisions there; returns their
+// count. Branch-free: a token's second hit sets its seen2 bit (random hits mispredict branches).
+template <typename T>
+inline int64_t collect_head(const HeadRows<T>& R, const int32_t* qc, int64_t l0, int64_t l1,
+                            QueryScratch& sc, uint64_t* seen2) {
+  const size_t words = static_cast<size_t>((R.total() + 63) / 64);
+  uint64_t* seen1 = sc.seen1.data();
+  std::memset(seen1, 0, words * sizeof(uint64_t));
+  std::memset(seen2, 0, words * sizeof(uint64_t));
+  visit_hits(R, qc, l0, l1, sc, [&](int32_t i, uint32_t match) {
+    const uint64_t b = uint64_t{match} << (i & 63);
+    seen2[i >> 6] |= seen1[i >> 6] & b;
+    seen1[i >> 6] |= b;
+  });
+  // Appended tokens: a linear scan comparing the codes.
+  for (int64_t t = 0; t < R.na; ++t) {
+    const int64_t i = R.n + t;
+    seen2[i >> 6] |= uint64_t{appended_hits(R, qc, t, l0, l1) >= 2} << (i & 63);
+  }
+  int64_t count = 0;
+  for (size_t w = 0; w < words; ++w) count += __builtin_popcountll(seen2[w]);
+  return count;
+}
+
+inline void query_norms(const float* qg, int gc, int64_t d, double* qnorm) {
+  for (int jj = 0; jj < gc; ++jj) {
+    double ss = 0;
+    for (int64_t i = 0; i < d; ++i) ss += double(qg[jj * d + i]) * qg[jj * d + i];
+    qnorm[jj] = std::sqrt(ss);
+  }
+}
+
+}  // namespace pigjax

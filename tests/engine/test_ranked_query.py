@@ -1,0 +1,179 @@
+"""The engine's ranked query (ffi/src/query_ranked.h, docs/algorithm.md §2.9) against its NumPy
+reference, its unbiasedness over independent projections, its limits, and bad settings."""
+
+import numpy as np
+import pytest
+
+from pigjax import PigjaxError
+from pigjax import _engine
+from pigjax.attention import reference as ref
+from pigjax.engine import Store
+
+
+def _store_with(store, k, v, k_codes, n0=None):
+    """Prefill slots 0..B-1 of `store` with k, v [B, Hkv, n, d] (all middle); with n0, only the
+    first n0 tokens are prefilled and the rest appended."""
+    b, _, n, _ = k.shape
+    n0 = n if n0 is None else n0
+    slots = np.arange(b, dtype=np.int32)
+    _engine.store_prefill_np(store.handle, slots, k[:, :, :n0], v[:, :, :n0], k_codes[:, :, :n0],
+                             np.full(b, n0, np.int32), 0, 0)
+    if n0 < n:
+        _engine.store_append_np(store.handle, slots, k[:, :, n0:], v[:, :, n0:], k_codes[:, :, n0:],
+                                np.full(b, n - n0, np.int32))
+    return slots
+
+
+def _inputs(seed, b=2, hq=6, hkv=2, n=600, d=16, K=6, L=40):
+    rng = np.random.default_rng(seed)
+    q = rng.normal(size=(b, hq, d)).astype(np.float32)
+    k = rng.normal(size=(b, hkv, n, d)).astype(np.float32)
+    v = rng.normal(size=(b, hkv, n, d)).astype(np.float32)
+    proj = rng.normal(size=(d, K * L))
+    return q, k, v, ref.simhash_codes(k, proj, K), ref.simhash_codes(q, proj, K)
+
+
+@pytest.mark.parametrize("top, refine, radius, n0", [
+    (0.03, 1.0, 0, None), (0.03, 3.0, 0, None), (0.1, 2.0, 0, 450), (0.5, 1.0, 0, None),
+    (0.03, 1.0, 2, None), (0.05, 2.0, 1, 450), (0.03, 2.0, 3, None)])
+@pytest.mark.parametrize("layout", [-1, 1])  # auto (direct at n = 600, K = 6) and forced compact
+def test_selection_matches_numpy_reference(top, refine, radius, n0, layout):
+    """Same codes in: the same top set, sample, reads and output (middle and appended tokens)."""
+    K, L, lr = 6, 40, 15
+    q, k, v, k_codes, q_codes = _inputs(1)
+    _engine.set_table_layout(layout)
+    try:
+        with Store(2, 2, 16, 600, K, L, storage="f32") as store:
+            slots = _store_with(store, k, v, k_codes, n0)
+            out, lse, keys, values = _engine.store_query_ranked_np(store.handle, slots, q, q_codes, lr, radius, top,
+                                                                   refine)
+    finally:
+        _engine.set_table_layout(-1)
+    for r in range(2):
+        o, l, kr, vr, t_mask = ref.ranked_attention(q[r], k[r], v[r], k_codes[r], q_codes[r], K, L, lr, top, refine,
+                                                    radius)
+        np.testing.assert_array_equal(keys[r], kr)
+        np.testing.assert_array_equal(values[r], vr)
+        np.testing.assert_allclose(out[r], o, atol=2e-5)
+        np.testing.assert_allclose(lse[r], l, atol=2e-5)
+        assert 0 < t_mask.sum(-1).min() and vr.max() < 600  # a real selection, not everything
+
+
+def test_ties_in_collision_counts_break_by_index():
+    """Every key collides in every ranking table: the top set is the lowest indices (refine = 1);
+    the query's codes differ from the keys' by 3 bits in the sampling tables (never sampled)."""
+    n, d, K, L, lr = 200, 8, 4, 10, 4
+    rng = np.random.default_rng(2)
+    k = rng.normal(size=(1, 1, n, d)).astype(np.float32)
+    v = np.zeros((1, 1, n, d), np.float32)
+    v[0, 0, :20, 0] = 1.0  # the first 20 keys carry a value
+    k_codes = np.zeros((1, 1, n, L), np.int32)
+    k_codes[..., lr:] = 7  # never sampled: the query's codes are all 0
+    with Store(1, 1, d, n, K, L, storage="f32") as store:
+        slots = _store_with(store, k, v, k_codes)
+        q = rng.normal(size=(1, 1, d)).astype(np.float32)
+        out, _, keys, values = _engine.store_query_ranked_np(store.handle, slots, q, np.zeros((1, 1, L), np.int32),
+                                                             lr, 0, 0.1, 1.0)
+    assert keys[0, 0] == values[0, 0] == 20 and out[0, 0, 0] == pytest.approx(1.0)
+
+
+def test_full_top_is_exact_and_zero_top_is_magicpig():
+    K, L, lr = 6, 40, 15
+    q, k, v, k_codes, q_codes = _inputs(3)
+    with Store(2, 2, 16, 600, K, L, storage="f32") as full, Store(2, 2, 16, 600, K, L - lr, storage="f32") as tail:
+        slots = _store_with(full, k, v, k_codes)
+        out, lse, keys, values = _engine.store_query_ranked_np(full.handle, slots, q, q_codes, lr, 2, 1.0, 1.0)
+        out0, lse0, keys0, values0 = _engine.store_query_ranked_np(full.handle, slots, q, q_codes, lr, 2, 0.0, 1.0)
+        _store_with(tail, k, v, np.ascontiguousarray(k_codes[..., lr:]))
+        pig, pig_lse, sampled = _engine.store_query_np(tail.handle, slots, q, np.ascontiguousarray(q_codes[..., lr:]))
+    kk, vv = (np.repeat(x.astype(np.float64), 3, axis=1) for x in (k, v))
+    s = np.einsum("bhd,bhnd->bhn", q, kk) / 4.0
+    p = np.exp(s - s.max(-1, keepdims=True))
+    np.testing.assert_allclose(out, np.einsum("bhn,bhnd->bhd", p / p.sum(-1, keepdims=True), vv), atol=1e-5)
+    np.testing.assert_allclose(lse, s.max(-1) + np.log(p.sum(-1)), atol=1e-4)
+    assert np.all(keys == 600) and np.all(values == 600)
+    np.testing.assert_allclose(out0, pig, atol=1e-5)
+    np.testing.assert_allclose(lse0, pig_lse, atol=1e-5)
+    assert np.array_equal(keys0, sampled) and np.array_equal(values0, sampled)
+
+
+def test_remainder_is_unbiased_given_the_top_set():
+    """Over independent projections, the estimate's denominator and numerator minus their
+    expectation given the top set T (exact part + sum over keys outside T of e^s·u/(u+eps), u for
+    the sampling tables) average to 0 within 4 standard errors; dropping the weights does not."""
+    rng = np.random.default_rng(0)
+    trials, n, d, K, lr, ls, eps, top = 600, 400, 16, 3, 4, 8, 1e-4, 0.05
+    L = lr + ls
+    k = rng.normal(size=(n, d))
+    k -= k.mean(0)
+    v = rng.normal(size=(n, d))
+    q = rng.normal(size=d) * 0.5
+    s = k @ q / np.sqrt(d)
+    u = ref.sampling_probability(k @ q / (np.linalg.norm(k, axis=1) * np.linalg.norm(q)), K, ls)
+    keep = u / (u + eps)
+    projs = rng.normal(size=(trials, d, K * L))
+    k_codes = np.stack([ref.simhash_codes(k, p, K) for p in projs])[:, None].astype(np.int32)
+    q_codes = np.stack([ref.simhash_codes(q[None], p, K) for p in projs]).astype(np.int32)
+    kb = np.ascontiguousarray(np.broadcast_to(k, (trials, 1, n, d)), np.float32)
+    vb = np.ascontiguousarray(np.broadcast_to(v, (trials, 1, n, d)), np.float32)
+    qb = np.ascontiguousarray(np.broadcast_to(q, (trials, 1, d)), np.float32)
+    with Store(trials, 1, d, n, K, L, eps, storage="f32") as store:
+        slots = _store_with(store, kb, vb, k_codes)
+        out, lse, _, _ = _engine.store_query_ranked_np(store.handle, slots, qb, q_codes, lr, 1, top, 2.0)
+    denom = np.exp(np.asarray(lse, np.float64))[:, 0]
+    numer = denom[:, None] * np.asarray(out, np.float64)[:, 0]
+    e = np.exp(s)
+    t = np.stack([ref.ranked_attention(qb[i], kb[i], vb[i], k_codes[i], q_codes[i], K, L, lr, top, 2.0, 1)[4][0]
+                  for i in range(trials)])  # T per trial [trials, n]
+    assert np.all(t.sum(1) == 20) and 0.05 < t.mean(0).max() < 1.0  # T varies with the projection
+    cond_denom = (t * e).sum(1) + (~t * e * keep).sum(1)
+    cond_numer = (t * e) @ v + (~t * e * keep) @ v
+    dev = denom - cond_denom
+    se = dev.std() / np.sqrt(trials)
+    assert abs(dev.mean()) < 4 * se, (dev.mean(), se)
+    dev_n = numer - cond_numer
+    assert np.all(np.abs(dev_n.mean(0)) < 4 * dev_n.std(0) / np.sqrt(trials) + 1e-9)
+    # The test can fail: without the 1/(u + eps) weights the remainder is visibly biased.
+    unweighted = (t * e).sum(1) + (~t * e * u).sum(1)
+    assert abs((denom - unweighted).mean()) > 8 * se
+
+
+@pytest.mark.parametrize("args, match", [
+    ((39, 0, 0.1, 1.0), r"rank_tables must be in \[1, L - 2\] = \[1, 38\]"),
+    ((0, 0, 0.1, 1.0), "rank_tables must be in"),
+    ((10, 4, 0.1, 1.0), r"radius must be in \[0, min\(3, K\)\] = \[0, 3\], got 4"),
+    ((10, -1, 0.1, 1.0), "radius must be in"),
+    ((10, 0, 1.5, 1.0), r"top must be a fraction in \[0, 1\]"),
+    ((10, 0, float("nan"), 1.0), "top must be"),
+    ((10, 0, 0.1, 0.5), r"refine must be a number in \[1, 1e6\]"),
+])
+def test_bad_settings_raise_clear_errors(args, match):
+    q, k, v, k_codes, q_codes = _inputs(4, n=100)
+    with Store(2, 2, 16, 100, 6, 40, storage="f32") as store:
+        slots = _store_with(store, k, v, k_codes)
+        with pytest.raises(ValueError, match="store_query_ranked_np: " + match):
+            _engine.store_query_ranked_np(store.handle, slots, q, q_codes, *args)
+        with pytest.raises(ValueError, match="values_read|q_codes must have shape"):
+            _engine.store_query_ranked_np(store.handle, slots, q, q_codes[:, :, :5], 10, 0, 0.1, 1.0)
+
+
+def test_ffi_path_equals_numpy_path_and_reports_bad_settings():
+    import jax
+    import jax.numpy as jnp
+    from pigjax.engine import store as engine_store
+
+    q, k, v, k_codes, q_codes = _inputs(5)
+    with Store(2, 2, 16, 600, 6, 40, storage="f32") as store:
+        slots = _store_with(store, k, v, k_codes)
+        want = _engine.store_query_ranked_np(store.handle, slots, q, q_codes, 15, 2, 0.05, 2.0)
+        dep = jnp.full((2,), 600, jnp.int32)
+        got = store.query_ranked(jnp.asarray(slots), jnp.asarray(q), jnp.asarray(q_codes), dep, rank_tables=15,
+                                 radius=2, top=0.05, refine=2.0)
+        for a, b in zip(got, want):
+            np.testing.assert_allclose(np.asarray(a), b, atol=1e-6)
+        with pytest.raises(jax.errors.JaxRuntimeError, match="pigjax_lsh_query_ranked: rank_tables must be"):
+            jax.block_until_ready(engine_store.query_ranked(store.handle_array, jnp.asarray(slots), jnp.asarray(q),
+                                                            jnp.asarray(q_codes), dep, rank_tables=40, top=0.1))
+    with pytest.raises(PigjaxError, match="q must be a rank-3 float32"):
+        engine_store.query_ranked(jnp.int32(1), jnp.zeros(2, jnp.int32), jnp.zeros((2, 6)), jnp.zeros((2, 6, 40), jnp.int32),
+                                  dep, rank_tables=10, top=0.1)
