@@ -61,7 +61,8 @@ PROMPTS = [np.random.default_rng(1).integers(0, 97, n).tolist() for n in (300, 1
 def test_generate_equals_one_device(hq, hkv, shapes):
     """Greedy tokens of a ragged batch; heads split over "model" (4/2) or replicated (3 KV heads)."""
     model = tiny(hq, hkv, layers=4, head_dim=16)
-    backends = [pigjax.Dense(), pigjax.MagicPIG(K=4, L=20, local=16)]
+    backends = [pigjax.Dense(), pigjax.MagicPIG(K=4, L=20, local=16),
+                pigjax.RankedLSH(K=4, L=20, rank_tables=8, top=0.05, local=16)]
     refs = pigjax.generate(model, PROMPTS, max_new_tokens=12, attention=backends)
     for shape in shapes:
         gens = pigjax.generate(model, PROMPTS, max_new_tokens=12, attention=backends, mesh=mesh(*shape))
