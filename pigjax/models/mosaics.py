@@ -31,7 +31,6 @@ MLP's: the embeddings, the contextual retrieval weights, and each residual branc
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from functools import partial
 from typing import Callable
@@ -44,16 +43,10 @@ from flax import struct
 from pigjax.errors import ConfigError
 from pigjax.model import Model
 from pigjax.models.inputs import check_step, embed_checked, mark_overflow
+from pigjax.models import mosaics_v2
 from pigjax.models.mosaics_config import MosaicsConfig
-
-_NORM_EPS = 1e-12
-
-
-def normalize(x: jax.Array) -> jax.Array:
-    """x / max(‖x‖, 1e-12) over the last axis; finite gradient at x = 0 (unlike ‖x‖ itself)."""
-    sq = jnp.sum(x * x, axis=-1, keepdims=True)
-    return x * jax.lax.rsqrt(jnp.maximum(sq, _NORM_EPS**2))
-
+from pigjax.models.mosaics_parts import (Span, _at, _layer_norm, _linear, _merge_heads, _split_heads,  # noqa: F401
+                                         exact_memory, normalize, peek_values, retrieve)
 
 LEAKY_CHUNK = 64  # time steps per chunk of the parallel leaky average
 
@@ -85,43 +78,6 @@ def leaky_average(x: jax.Array, beta: jax.Array, init: jax.Array) -> jax.Array:
     return ys.transpose(1, 2, 0, 3, 4).reshape(b, h, n * c, hs)[:, :, :t]
 
 
-def retrieve(q: jax.Array, keys: jax.Array, values: jax.Array, visible: jax.Array, dropout=None) -> jax.Array:
-    """Σ_s softmax_s(q·k_s) v_s over visible slots; a query that sees no slot gets 0.
-
-    q [B, H, T, hs]; keys, values [B, H, S, hs]; visible [B or 1, T, S] bool.
-    """
-    scores = jnp.einsum("bhtd,bhsd->bhts", q, keys)
-    mask = visible[:, None]
-    scores = jnp.where(mask, scores, jnp.finfo(scores.dtype).min)
-    # A fully masked row softmaxes to a uniform distribution; the mask then zeroes it (y_0 = 0).
-    weights = jax.nn.softmax(scores, axis=-1) * mask
-    if dropout is not None:
-        weights = dropout(weights)
-    return jnp.einsum("bhts,bhsd->bhtd", weights, values)
-
-
-def _linear(features: int, fan_in: int, name: str, scale: float = 1.0) -> nn.Dense:
-    """Linear without bias, N(0, scale / sqrt(fan_in))."""
-    return nn.Dense(features, use_bias=False, kernel_init=nn.initializers.normal(scale / math.sqrt(fan_in)), name=name)
-
-
-# Heads are laid out [B, H, T, hs] inside the memories (the buffers' layout; measured faster on
-# XLA:CPU than [B, T, H, hs] for the retrieval einsums).
-def _split_heads(x: jax.Array, config: MosaicsConfig) -> jax.Array:
-    b, t, _ = x.shape
-    return x.reshape(b, t, config.num_attention_heads, config.head_size).transpose(0, 2, 1, 3)
-
-
-def _merge_heads(y: jax.Array) -> jax.Array:
-    b, h, t, hs = y.shape
-    return y.transpose(0, 2, 1, 3).reshape(b, t, h * hs)
-
-
-def _at(x: jax.Array, index: jax.Array) -> jax.Array:
-    """x [B, H, T, hs] at time index[b] of each row -> [B, H, hs]."""
-    return jnp.take_along_axis(x, index[:, None, None, None], axis=2)[:, :, 0]
-
-
 @struct.dataclass
 class LayerState:
     """One block's recurrent state (stacked over layers in `State`, leading axis n_layers)."""
@@ -150,9 +106,7 @@ def init_state(config: MosaicsConfig, batch: int, capacity: int | None = None, d
     """An empty state for `batch` rows that holds up to `capacity` tokens (default: the context)."""
     capacity = config.max_position_embeddings if capacity is None else capacity
     if config.version == 2:
-        from pigjax.models import mosaics_v2
-
-        return mosaics_v2.zero_state(config, batch, capacity, jnp.dtype(dtype))
+        return State(mosaics_v2.zero_layers(config, batch, capacity, jnp.dtype(dtype)), jnp.zeros((batch,), jnp.int32))
     return _zero_state(config, batch, capacity, jnp.dtype(dtype))
 
 
@@ -181,61 +135,6 @@ class LeakyKeys(nn.Module):
         kbar = leaky_average(x, 10.0 * jnp.abs(a), init)
         k = normalize(kbar) * jnp.exp(jnp.minimum(10.0 * s, 5.0))[:, None, None]
         return k, kbar
-
-
-@dataclasses.dataclass(frozen=True)
-class Span:
-    """Which pairs the query at position T sees: t with gap <= T - t (<= window, if one).
-
-    v1's contextual memory is Span() (every earlier pair); v2's short-term memory
-    Span(1, h) and its long-term memory Span(m) (docs/algorithm.md §3A.3). `gap` may be traced.
-    """
-
-    gap: int | jax.Array = 1
-    window: int | None = None
-
-    def visible(self, query_pos: jax.Array, slot_pos: jax.Array) -> jax.Array:
-        """[..., T, S] bool for query positions [..., T] and slot positions [..., S]."""
-        age = query_pos[..., :, None] - slot_pos[..., None, :]
-        ok = age >= self.gap
-        return ok if self.window is None else ok & (age <= self.window)
-
-    def count(self, query_pos: jax.Array) -> jax.Array:
-        """n = |S(T)|, the pairs the query at each position sees."""
-        n = jnp.maximum(query_pos - self.gap + 1, 0)
-        return n if self.window is None else jnp.minimum(n, jnp.maximum(self.window - self.gap + 1, 0))
-
-
-def exact_memory(state: LayerState, q, k, vals, count, span: Span = Span()):
-    """The recurrent form's contextual memory: write keys k [B, H, T, hs] to slots count..count+T-1
-    and values vals (of slots count-1..count+T-2) to the buffers, then retrieve with queries q over
-    the slots `span` lets each position see. -> (y [B, H, T, hs], the new buffer fields).
-    `ContextMemory.memory` may replace it (e.g. sampled retrieval, pigjax.models.mosaics_memory)
-    with another function of the same signature."""
-    b, _, t, _ = k.shape
-    rows, steps = jnp.arange(b)[:, None], jnp.arange(t)[None, :]
-    capacity = state.keys.shape[2]
-    key_slots = count[:, None] + steps
-    value_slots = key_slots - 1
-    value_slots = jnp.where(value_slots < 0, capacity, value_slots)  # no slot -1: dropped
-    # (the scatter's update is laid out [B, T, H, hs]: indexed axes first)
-    keys = state.keys.at[rows, :, key_slots].set(k.transpose(0, 2, 1, 3).astype(state.keys.dtype), mode="drop")
-    values = state.values.at[rows, :, value_slots].set(vals.transpose(0, 2, 1, 3).astype(state.values.dtype),
-                                                      mode="drop")
-    visible = span.visible(key_slots, jnp.arange(capacity)[None, :])
-    return retrieve(q, keys, values, visible), dict(keys=keys, values=values)
-
-
-def peek_values(module: nn.Module, heads: int) -> Callable:
-    """Create `module`'s value parameters (peek m_h, scale r_h; docs/algorithm.md §3.2) and return
-    values(this, nxt) = e^{10 r_h} · normalize((1 - m_h) nxt + m_h this) for [B, H, T, hs] inputs."""
-    m = module.param("peek", nn.initializers.uniform(1.0), (heads,))[:, None, None]
-    r = module.param("value_scale", nn.initializers.constant(-0.05), (heads,))
-
-    def values(this, nxt):
-        return jnp.exp(10.0 * r)[:, None, None] * normalize((1.0 - m) * nxt + m * this)
-
-    return values
 
 
 class ContextMemory(nn.Module):
@@ -304,10 +203,6 @@ class PersistentMemory(nn.Module):
         return out(y), new_state
 
 
-def _layer_norm(config: MosaicsConfig, name: str) -> nn.LayerNorm:
-    return nn.LayerNorm(epsilon=config.layer_norm_eps, use_bias=False, use_fast_variance=False, name=name)
-
-
 class Block(nn.Module):
     """Pre-LN: x += CtxMem(LN(x)); x += PMem(LN(x))."""
 
@@ -329,11 +224,7 @@ class Block(nn.Module):
 
 def block_class(config: MosaicsConfig):
     """The block of the config's version: `Block` (v1) or `mosaics_v2.Block` (v2)."""
-    if config.version == 1:
-        return Block
-    from pigjax.models import mosaics_v2
-
-    return mosaics_v2.Block
+    return Block if config.version == 1 else mosaics_v2.Block
 
 
 class MosaicsModel(nn.Module):

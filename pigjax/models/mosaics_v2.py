@@ -28,9 +28,9 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
-from pigjax.models.mosaics import (Span, _at, _layer_norm, _linear, _merge_heads, _split_heads, exact_memory,
-                                   normalize, peek_values, retrieve)
 from pigjax.models.mosaics_config import MosaicsConfig
+from pigjax.models.mosaics_parts import (Span, _at, _layer_norm, _linear, _merge_heads, _split_heads, exact_memory,
+                                         normalize, peek_values, retrieve)
 
 GATED_CHUNK = 16  # time steps per chunk of the parallel gated average
 
@@ -112,16 +112,15 @@ class LayerState:
 
 
 @partial(jax.jit, static_argnums=(0, 1, 2, 3))
-def zero_state(config: MosaicsConfig, batch: int, capacity: int, dtype):
-    from pigjax.models.mosaics import State
-
+def zero_layers(config: MosaicsConfig, batch: int, capacity: int, dtype) -> LayerState:
+    """The empty layers of a v2 state (`mosaics.init_state` wraps them in a `mosaics.State`)."""
     n, h, hs = config.num_hidden_layers, config.num_attention_heads, config.head_size
 
     def memory():
         return MemoryState(*(jnp.zeros((n, batch, h, hs), dtype) for _ in range(2)),
                            *(jnp.zeros((n, batch, h, capacity, hs), dtype) for _ in range(2)))
 
-    return State(LayerState(memory(), memory()), jnp.zeros((batch,), jnp.int32))
+    return LayerState(memory(), memory())
 
 
 class Memory(nn.Module):
