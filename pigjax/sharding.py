@@ -174,8 +174,6 @@ def replicate(mesh: Mesh | None, tree):
     def place(a):
         if isinstance(a, jax.Array) and getattr(a.sharding, "mesh", None) == mesh:
             return a
-        if isinstance(a, jax.Array) and jax.dtypes.issubdtype(a.dtype, jax.dtypes.prng_key):
-            return jax.random.wrap_key_data(place(jax.random.key_data(a)), impl=jax.random.key_impl(a))
         host = np.asarray(a)
         return jax.make_array_from_callback(host.shape, sharding, lambda idx: host[idx])
 
@@ -215,9 +213,8 @@ def engine_shards(fn, handle, slots, args, out_ranks, heads: str | None):
 
     in_specs = (P(DATA, MODEL), P(DATA), *(_spec(a.ndim, heads) for a in args))
     out_specs = tuple(_spec(r, heads) for r in out_ranks)
-    out = jax.shard_map(local, in_specs=in_specs, out_specs=out_specs if len(out_specs) > 1 else out_specs[0],
-                        check_vma=False)(handle, slots, *args)
-    return out
+    return jax.shard_map(local, in_specs=in_specs, out_specs=out_specs if len(out_specs) > 1 else out_specs[0],
+                         check_vma=False)(handle, slots, *args)
 
 
 def rows_and_heads(fn, x, *replicated, heads: str | None):

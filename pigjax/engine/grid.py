@@ -60,7 +60,8 @@ class StoreGrid(Closing):
         """This process's stores together: bytes summed; per-slot counts of model shard 0's stores
         (the other model shards hold the same rows, other heads or copies)."""
         infos = {idx: store.info() for idx, store in self.stores.items()}
-        first = [info for (i, j), info in sorted(infos.items()) if j == min(jj for _, jj in infos)]
+        j0 = min(j for _, j in infos)
+        first = [info for (_, j), info in sorted(infos.items()) if j == j0]
         return {"bytes_allocated": sum(info["bytes_allocated"] for info in infos.values()),
                 "middle_counts": [c for info in first for c in info["middle_counts"]],
                 "appended_counts": [c for info in first for c in info["appended_counts"]]}

@@ -391,4 +391,5 @@ def _check(op: str, **arrays):
         ranks = (0, 2) if name == "handle" else (rank,)  # a handle, or a StoreGrid's [data, model] grid
         if not hasattr(a, "dtype") or a.dtype != dtype or a.ndim not in ranks:
             got = f"{getattr(a, 'dtype', type(a).__name__)} {getattr(a, 'shape', '')}"
-            raise PigjaxError(f"Store.{op}: {name} must be a rank-{rank} {jnp.dtype(dtype).name} array, got {got}")
+            want = "rank-0 (or a StoreGrid's [data, model])" if name == "handle" else f"rank-{rank}"
+            raise PigjaxError(f"Store.{op}: {name} must be a {want} {jnp.dtype(dtype).name} array, got {got}")
