@@ -217,13 +217,15 @@ def engine_shards(fn, handle, slots, args, out_ranks, heads: str | None):
                          check_vma=False)(handle, slots, *args)
 
 
-def rows_and_heads(fn, x, *replicated, heads: str | None):
-    """fn(x, *replicated) per shard for x [batch, heads, ...] (e.g. the SimHash kernel's FFI call,
-    which XLA cannot partition itself); a plain call outside a mesh."""
+def rows_and_heads(fn, *sharded, replicated=(), heads: str | None):
+    """fn(*sharded, *replicated) per shard for arrays `sharded` laid out [batch, heads, ...] (or
+    [batch]) and the first result likewise (e.g. an FFI kernel, which XLA cannot partition
+    itself); a plain call outside a mesh."""
     if current_mesh() is None:
-        return fn(x, *replicated)
-    return jax.shard_map(fn, in_specs=(_spec(x.ndim, heads), *(P() for _ in replicated)),
-                         out_specs=_spec(x.ndim, heads), check_vma=False)(x, *replicated)
+        return fn(*sharded, *replicated)
+    in_specs = (*(_spec(a.ndim, heads) for a in sharded), *(P() for _ in replicated))
+    return jax.shard_map(fn, in_specs=in_specs, out_specs=_spec(sharded[0].ndim, heads),
+                         check_vma=False)(*sharded, *replicated)
 
 
 def make_mesh(data: int, model: int) -> Mesh:

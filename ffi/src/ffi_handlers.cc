@@ -6,6 +6,7 @@
 
 #include <string>
 
+#include "decode_attention.h"
 #include "ffi_store_calls.h"
 #include "query.h"
 #include "query_ranked.h"
@@ -50,6 +51,30 @@ ffi::Error SimhashCodesImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> proj,
     if (err.empty())
       simhash_codes_planned(plan, x.typed_data(), proj.typed_data(), out->typed_data());
     return err;
+  });
+}
+
+// Dense decode attention (decode_attention.h): q f32 [B,Hq,d], k and v f32 or bf16 [B,Hkv,S,d]
+// (the same dtype), lengths s32 [B] -> out f32 [B,Hq,d].
+ffi::Error DecodeAttentionImpl(ffi::Buffer<ffi::F32> q, ffi::AnyBuffer k, ffi::AnyBuffer v,
+                               ffi::Buffer<ffi::S32> lengths, ffi::ResultBuffer<ffi::F32> out) {
+  return run("pigjax_decode_attention", [&]() -> std::string {
+    DecodeAttentionShape shape;
+    std::string err = plan_decode_attention(to_vec(q.dimensions()), to_vec(k.dimensions()),
+                                            to_vec(v.dimensions()), to_vec(lengths.dimensions()),
+                                            to_vec(out->dimensions()), &shape);
+    if (!err.empty()) return err;
+    if (k.element_type() != v.element_type())
+      return "k and v must have one dtype (both f32 or both bf16)";
+    if (k.element_type() == ffi::DataType::F32)
+      return decode_attention(shape, q.typed_data(), static_cast<const float*>(k.untyped_data()),
+                              static_cast<const float*>(v.untyped_data()), lengths.typed_data(),
+                              out->typed_data());
+    if (k.element_type() == ffi::DataType::BF16)
+      return decode_attention(shape, q.typed_data(), static_cast<const uint16_t*>(k.untyped_data()),
+                              static_cast<const uint16_t*>(v.untyped_data()), lengths.typed_data(),
+                              out->typed_data());
+    return "k and v must be f32 or bf16";
   });
 }
 
@@ -121,6 +146,15 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(PigjaxSimhashCodes, SimhashCodesImpl,
                                   .Ret<ffi::Buffer<ffi::S32>>()  // codes
 );
 
+XLA_FFI_DEFINE_HANDLER_SYMBOL(PigjaxDecodeAttention, DecodeAttentionImpl,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // q
+                                  .Arg<ffi::AnyBuffer>()         // k
+                                  .Arg<ffi::AnyBuffer>()         // v
+                                  .Arg<ffi::Buffer<ffi::S32>>()  // lengths
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // out
+);
+
 XLA_FFI_DEFINE_HANDLER_SYMBOL(PigjaxLshPrefill, LshPrefillImpl,
                               ffi::Ffi::Bind()
                                   .Arg<ffi::Buffer<ffi::S32>>()  // handle (rank 0)
@@ -178,6 +212,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(PigjaxLshAppend, LshAppendImpl,
 const FfiTarget* ffi_targets(int* count) {
   static const FfiTarget kTargets[] = {
       {"pigjax_simhash_codes", PigjaxSimhashCodes},
+      {"pigjax_decode_attention", PigjaxDecodeAttention},
       {"pigjax_lsh_prefill", PigjaxLshPrefill},
       {"pigjax_lsh_query", PigjaxLshQuery},
       {"pigjax_lsh_query_ranked", PigjaxLshQueryRanked},

@@ -5,7 +5,10 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
+from pigjax import sharding
 from pigjax.attention.backend import KV, Backend, Cache, StepContext, init_kv, write_kv
+from pigjax.engine import native
+from pigjax.engine import store as engine
 
 
 REDUCE_MIN_BATCH = 2  # decode batches from this size use the fused multiply+reduce form
@@ -18,9 +21,12 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, positions: jax.Array, fresh
     q: [B, T, H, d]; k, v: [B, Hkv, S, d] (slot s holds position s); positions: [B, T] int32.
     `fresh` (static) says every row's queries sit at positions 0..T-1 (a prefill into an empty
     cache): query block i then needs only slots below (i+1)·PREFILL_BLOCK, which skips the masked
-    upper triangle and the unused capacity.
+    upper triangle and the unused capacity. A decode step (T = 1) on the CPU backend runs the
+    engine's kernel, which reads each row only up to its own position.
     """
     t, s = q.shape[1], k.shape[2]
+    if t == 1 and not fresh and engine.default_path() == "ffi":
+        return _decode_native(q, k, v, positions)
     if not fresh:
         return _attend_block(q, k, v, positions)
     outs = []
@@ -29,6 +35,17 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, positions: jax.Array, fresh
         kv = min(hi, s)
         outs.append(_attend_block(q[:, lo:hi], k[:, :, :kv], v[:, :, :kv], positions[:, lo:hi]))
     return jnp.concatenate(outs, axis=1) if len(outs) > 1 else outs[0]
+
+
+def _decode_native(q, k, v, positions):
+    """`attend` of one query per row by `native.decode_attention` (per shard under a mesh). The
+    same function as `_attend_block` for positions >= 0 (a row at position p sees slots 0..p)."""
+    b, _, h, d = q.shape
+    lengths = jnp.clip(positions[:, 0] + 1, 0, k.shape[2]).astype(jnp.int32)
+    heads = sharding.heads_axis(h, k.shape[1])
+    out = sharding.rows_and_heads(native.decode_attention, q[:, 0].astype(jnp.float32), k, v, lengths,
+                                  heads=heads)
+    return out[:, None].astype(q.dtype)
 
 
 def _attend_block(q, k, v, positions):

@@ -18,6 +18,8 @@ uses columns ``[l*K, (l+1)*K)``; bit ``j`` is ``x @ proj[:, l*K+j] > 0``; the co
   the **CPU backend only** (the target is registered for ``platform="cpu"``).
 * :func:`simhash_codes_reference` is the same function in plain ``jnp``; use it on
   other backends, or when differentiating through code that calls it.
+* :func:`decode_attention` is exact attention of one decode query per head over a dense KV
+  cache, each row read only up to its own length (the CPU path of ``attention.dense``).
 * :func:`simhash_codes_np` runs the same kernel on NumPy arrays outside JAX, or (with
   ``kernel="legacy"``) the single-thread kernel of commit 4ac4b4a; for tests and benchmarks.
 
@@ -52,6 +54,7 @@ __all__ = [
     "cpu_features",
     "num_threads",
     "simhash_codes_np",
+    "decode_attention",
     "cuda_handlers",
     "cuda_unavailable_reason",
     "load_fake_cuda_handlers",
@@ -59,6 +62,7 @@ __all__ = [
 
 MAX_K = 16
 SIMHASH_TARGET = "pigjax_simhash_codes"
+DECODE_ATTENTION_TARGET = "pigjax_decode_attention"
 
 simd_level = _engine.simd_level
 hardware_simd_level = _engine.hardware_simd_level
@@ -203,3 +207,27 @@ def simhash_codes_reference(x, proj, K) -> jax.Array:
     bits = (dots > 0).reshape(tuple(x.shape[:-1]) + (L, k)).astype(jnp.int32)
     weights = jnp.left_shift(jnp.int32(1), jnp.arange(k, dtype=jnp.int32))
     return jnp.sum(bits * weights, axis=-1, dtype=jnp.int32)
+
+
+def decode_attention(q, k, v, lengths) -> jax.Array:
+    """softmax(q k^T / sqrt(d)) v of one query per head over the first ``lengths[b]`` slots of
+    row b, by the C++ kernel (CPU backend; ffi/src/decode_attention.h).
+
+    Args:
+      q: float32 ``[B, Hq, d]``; query head h reads KV head ``h // (Hq / Hkv)``.
+      k, v: ``[B, Hkv, S, d]``, both float32 or both bfloat16.
+      lengths: int32 ``[B]`` in ``[0, S]``; slots past a row's length are never read, and a row
+        of length 0 gets zeros.
+
+    Returns:
+      float32 ``[B, Hq, d]``, accumulated in float32.
+    """
+    if q.dtype != jnp.float32:
+        raise ValueError(f"decode_attention: q must be float32, got {q.dtype}")
+    if k.dtype != v.dtype or k.dtype not in (jnp.float32, jnp.bfloat16):
+        raise ValueError(f"decode_attention: k and v must both be float32 or both bfloat16, got {k.dtype} and {v.dtype}")
+    if lengths.dtype != jnp.int32:
+        raise ValueError(f"decode_attention: lengths must be int32, got {lengths.dtype}")
+    call = jax.ffi.ffi_call(DECODE_ATTENTION_TARGET, jax.ShapeDtypeStruct(q.shape, jnp.float32),
+                            vmap_method="sequential")
+    return call(q, k, v, lengths)

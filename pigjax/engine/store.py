@@ -284,7 +284,8 @@ def simhash_codes(x, proj, K: int, path: str | None = None, heads: str | None = 
     same function in jnp elsewhere (the FFI target exists for the CPU backend only). Under a mesh,
     x is [batch, heads, ..., d] and the kernel runs per shard (`heads`: see `pigjax.sharding`)."""
     if (path or default_path()) == "ffi":
-        return sharding.rows_and_heads(lambda x, p: native.simhash_codes(x, p, K), x, proj, heads=heads)
+        return sharding.rows_and_heads(lambda x, p: native.simhash_codes(x, p, K), x, replicated=(proj,),
+                                       heads=heads)
     return native.simhash_codes_reference(x, proj, K)
 
 
