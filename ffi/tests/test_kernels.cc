@@ -9,6 +9,8 @@
 #include <string>
 #include <vector>
 
+#include "bf16.h"
+#include "decode_attention.h"
 #include "simd.h"
 #include "simhash.h"
 #include "thread_pool.h"
@@ -254,12 +256,71 @@ static void test_blocked_matches_legacy() {
   set_num_threads(saved);
 }
 
+// Dense decode attention (decode_attention.h) vs a double-precision loop, f32 and bf16 rows,
+// ragged lengths (0, a block boundary, a tail), a head chunk past 8, every SIMD level.
+static void test_decode_attention() {
+  std::mt19937 gen(11);
+  const int64_t B = 3, Hq = 12, Hkv = 1, S = 600, d = 20;
+  const int32_t lengths[B] = {0, 256, 599};
+  const std::vector<float> q = randn(B * Hq * d, gen), k = randn(B * Hkv * S * d, gen),
+                           v = randn(B * Hkv * S * d, gen);
+  std::vector<uint16_t> kb(k.size()), vb(v.size());
+  for (size_t i = 0; i < k.size(); ++i) { kb[i] = f32_to_bf16(k[i]); vb[i] = f32_to_bf16(v[i]); }
+  DecodeAttentionShape shape;
+  CHECK(plan_decode_attention({B, Hq, d}, {B, Hkv, S, d}, {B, Hkv, S, d}, {B}, {B, Hq, d}, &shape).empty(), "plan");
+  DecodeAttentionShape unused;
+  CHECK(!plan_decode_attention({B, Hq, d}, {B, 5, S, d}, {B, 5, S, d}, {B}, {B, Hq, d}, &unused).empty(),
+        "12 query heads over 5 KV heads accepted");
+  for (bool bf16 : {false, true}) {
+    for (SimdLevel level : levels()) {
+      set_simd_level(level);
+      std::vector<float> out(q.size(), -1.0f);
+      const std::string err = bf16 ? decode_attention(shape, q.data(), kb.data(), vb.data(), lengths, out.data())
+                                   : decode_attention(shape, q.data(), k.data(), v.data(), lengths, out.data());
+      CHECK(err.empty(), "%s", err.c_str());
+      for (int64_t b = 0; b < B; ++b)
+        for (int64_t h = 0; h < Hq; ++h) {
+          std::vector<double> s(lengths[b]), o(d, 0.0);
+          double mx = -1e300, total = 0.0;
+          for (int32_t i = 0; i < lengths[b]; ++i) {
+            double dot = 0.0;
+            for (int64_t c = 0; c < d; ++c) {
+              const size_t at = (b * S + i) * d + c;
+              dot += q[(b * Hq + h) * d + c] * (bf16 ? bf16_to_f32(kb[at]) : k[at]);
+            }
+            s[i] = dot / std::sqrt(double(d));
+            mx = std::max(mx, s[i]);
+          }
+          for (int32_t i = 0; i < lengths[b]; ++i) {
+            const double p = std::exp(s[i] - mx);
+            total += p;
+            for (int64_t c = 0; c < d; ++c) {
+              const size_t at = (b * S + i) * d + c;
+              o[c] += p * (bf16 ? bf16_to_f32(vb[at]) : v[at]);
+            }
+          }
+          for (int64_t c = 0; c < d; ++c) {
+            const double want = total > 0 ? o[c] / total : 0.0;
+            const float got = out[(b * Hq + h) * d + c];
+            CHECK(std::fabs(got - want) < 1e-4, "decode_attention bf16=%d level=%d b=%ld h=%ld: %g vs %g",
+                  int(bf16), int(level), long(b), long(h), double(got), want);
+          }
+        }
+    }
+  }
+  const int32_t bad[B] = {0, 601, 1};
+  std::vector<float> out(q.size());
+  CHECK(!decode_attention(shape, q.data(), k.data(), v.data(), bad, out.data()).empty(), "length past S accepted");
+  set_simd_level(hardware_simd_level());
+}
+
 int main() {
   test_levels_and_env();
   test_random_shapes();
   test_blocked_matches_legacy();
   test_edge_values();
   test_plan();
+  test_decode_attention();
   set_simd_level(SimdLevel::kScalar);
   test_planned_broadcast();
   set_simd_level(hardware_simd_level());
