@@ -33,6 +33,39 @@ void dots_scalar(const T* k, const float* q, int64_t d, float* out) {
   for (int j = 0; j < G; ++j) out[j] = acc[j];
 }
 
+// Score kernels: one dots_<isa><T, G> per row, G fixed at compile time (a switch on gc).
+#define PIGJAX_SCORES(NAME, TARGET, DOTS)                                                        \
+  template <typename T, int G>                                                                   \
+  TARGET void NAME##_g(const T* k, int64_t n, const float* q, int64_t d, float* out) {           \
+    float s[G];                                                                                  \
+    for (int64_t i = 0; i < n; ++i) {                                                            \
+      DOTS<T, G>(k + i * d, q, d, s);                                                            \
+      for (int j = 0; j < G; ++j) out[j * n + i] = s[j];                                         \
+    }                                                                                            \
+  }                                                                                              \
+  template <typename T>                                                                          \
+  TARGET void NAME(const T* k, int64_t n, const float* q, int gc, int64_t d, float* out) {       \
+    switch (gc) {                                                                                \
+      case 1: return NAME##_g<T, 1>(k, n, q, d, out);                                            \
+      case 2: return NAME##_g<T, 2>(k, n, q, d, out);                                            \
+      case 3: return NAME##_g<T, 3>(k, n, q, d, out);                                            \
+      case 4: return NAME##_g<T, 4>(k, n, q, d, out);                                            \
+      case 5: return NAME##_g<T, 5>(k, n, q, d, out);                                            \
+      case 6: return NAME##_g<T, 6>(k, n, q, d, out);                                            \
+      case 7: return NAME##_g<T, 7>(k, n, q, d, out);                                            \
+      default: return NAME##_g<T, 8>(k, n, q, d, out);                                           \
+    }                                                                                            \
+  }
+
+#define PIGJAX_NO_TARGET
+PIGJAX_SCORES(scores_scalar, PIGJAX_NO_TARGET, dots_scalar)
+
+float exp_shift_sum_scalar(float* x, int64_t n, float m) {
+  float total = 0.0f;
+  for (int64_t i = 0; i < n; ++i) total += (x[i] = std::exp(x[i] - m));
+  return total;
+}
+
 // acc[:] += sum_k p[k] * rows[k][:] for one query head over nb rows.
 template <typename T>
 void vsum_scalar(const T* const* rows, const float* p, int nb, int64_t d, float* acc) {
@@ -70,6 +103,45 @@ PIGJAX_TARGET_AVX2 void dots_avx2(const T* k, const float* q, int64_t d, float* 
     for (int j = 0; j < G; ++j) tail[j] += kv * q[j * d + i];
   }
   for (int j = 0; j < G; ++j) out[j] = hsum8(acc[j]) + tail[j];
+}
+
+PIGJAX_SCORES(scores_avx2, PIGJAX_TARGET_AVX2, dots_avx2)
+
+// exp(y) = 2^f * p(r), f = round(y / ln 2), r = y - f ln 2 (ln 2 in two parts), p Cephes' expf
+// polynomial; y is clamped to -87.3 so that 2^f stays a normal float.
+#define PIGJAX_EXP_POLY(V, SET1, FMA, MUL, ADD, SUB, r, z, p)                                   \
+  p = FMA(SET1(1.9875691500e-4f), r, SET1(1.3981999507e-3f));                                   \
+  p = FMA(p, r, SET1(8.3334519073e-3f));                                                        \
+  p = FMA(p, r, SET1(4.1665795894e-2f));                                                        \
+  p = FMA(p, r, SET1(1.6666665459e-1f));                                                        \
+  p = FMA(p, r, SET1(5.0000001201e-1f));                                                        \
+  p = ADD(FMA(p, z, r), SET1(1.0f));
+
+PIGJAX_TARGET_AVX2 static inline __m256 exp_avx2(__m256 y) {
+  y = _mm256_max_ps(y, _mm256_set1_ps(-87.3f));
+  const __m256 f = _mm256_round_ps(_mm256_mul_ps(y, _mm256_set1_ps(1.44269504088896341f)),
+                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m256 r = _mm256_fnmadd_ps(f, _mm256_set1_ps(0.693359375f), y);
+  r = _mm256_fnmadd_ps(f, _mm256_set1_ps(-2.12194440e-4f), r);
+  const __m256 z = _mm256_mul_ps(r, r);
+  __m256 p;
+  PIGJAX_EXP_POLY(__m256, _mm256_set1_ps, _mm256_fmadd_ps, _mm256_mul_ps, _mm256_add_ps, _mm256_sub_ps, r, z, p)
+  const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(f), _mm256_set1_epi32(127)), 23);
+  return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
+}
+
+PIGJAX_TARGET_AVX2 float exp_shift_sum_avx2(float* x, int64_t n, float m) {
+  const __m256 vm = _mm256_set1_ps(m);
+  __m256 acc = _mm256_setzero_ps();
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    const __m256 e = exp_avx2(_mm256_sub_ps(_mm256_loadu_ps(x + i), vm));
+    _mm256_storeu_ps(x + i, e);
+    acc = _mm256_add_ps(acc, e);
+  }
+  float total = hsum8(acc);
+  for (; i < n; ++i) total += (x[i] = std::exp(x[i] - m));
+  return total;
 }
 
 // Up to 8 column vectors of acc stay in registers over the rows (independent FMA chains).
@@ -117,6 +189,32 @@ PIGJAX_TARGET_AVX512 void dots_avx512(const T* k, const float* q, int64_t d, flo
     for (int j = 0; j < G; ++j) tail[j] += kv * q[j * d + i];
   }
   for (int j = 0; j < G; ++j) out[j] = _mm512_reduce_add_ps(acc[j]) + tail[j];
+}
+
+PIGJAX_SCORES(scores_avx512, PIGJAX_TARGET_AVX512, dots_avx512)
+
+PIGJAX_TARGET_AVX512 static inline __m512 exp_avx512(__m512 y) {
+  y = _mm512_max_ps(y, _mm512_set1_ps(-87.3f));
+  const __m512 f = _mm512_roundscale_ps(_mm512_mul_ps(y, _mm512_set1_ps(1.44269504088896341f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(f, _mm512_set1_ps(0.693359375f), y);
+  r = _mm512_fnmadd_ps(f, _mm512_set1_ps(-2.12194440e-4f), r);
+  const __m512 z = _mm512_mul_ps(r, r);
+  __m512 p;
+  PIGJAX_EXP_POLY(__m512, _mm512_set1_ps, _mm512_fmadd_ps, _mm512_mul_ps, _mm512_add_ps, _mm512_sub_ps, r, z, p)
+  return _mm512_scalef_ps(p, f);
+}
+
+PIGJAX_TARGET_AVX512 float exp_shift_sum_avx512(float* x, int64_t n, float m) {
+  const __m512 vm = _mm512_set1_ps(m);
+  __m512 acc = _mm512_setzero_ps();
+  for (int64_t i = 0; i < n; i += 16) {
+    const __mmask16 k = n - i >= 16 ? __mmask16(0xffff) : __mmask16((1u << (n - i)) - 1);
+    const __m512 e = exp_avx512(_mm512_sub_ps(_mm512_maskz_loadu_ps(k, x + i), vm));
+    _mm512_mask_storeu_ps(x + i, k, e);
+    acc = _mm512_add_ps(acc, _mm512_maskz_mov_ps(k, e));
+  }
+  return _mm512_reduce_add_ps(acc);
 }
 
 template <typename T>
@@ -188,18 +286,24 @@ PIGJAX_TARGET_AVX512BF16 void dots_avx512bf16(const uint16_t* k, const float* qp
   for (int j = 0; j < G; ++j) out[j] = _mm512_reduce_add_ps(_mm512_add_ps(acc_hi[j], acc_lo[j]));
 }
 
+template <typename T, int G>
+PIGJAX_TARGET_AVX512BF16 void dots_avx512bf16_t(const T* k, const float* q, int64_t d, float* out) {
+  dots_avx512bf16<G>(k, q, d, out);
+}
+PIGJAX_SCORES(scores_avx512bf16, PIGJAX_TARGET_AVX512BF16, dots_avx512bf16_t)
+
 #endif  // PIGJAX_X86
 
 template <typename T>
-RowKernels<T> kernels_scalar() { return {dots_scalar<T, 1>, vsum_scalar<T>, nullptr}; }
+RowKernels<T> kernels_scalar() { return {dots_scalar<T, 1>, vsum_scalar<T>, nullptr, scores_scalar<T>}; }
 #if PIGJAX_X86
 template <typename T>
-RowKernels<T> kernels_avx2() { return {dots_avx2<T, 1>, vsum_avx2<T>, nullptr}; }
+RowKernels<T> kernels_avx2() { return {dots_avx2<T, 1>, vsum_avx2<T>, nullptr, scores_avx2<T>}; }
 template <typename T>
-RowKernels<T> kernels_avx512() { return {dots_avx512<T, 1>, vsum_avx512<T>, nullptr}; }
+RowKernels<T> kernels_avx512() { return {dots_avx512<T, 1>, vsum_avx512<T>, nullptr, scores_avx512<T>}; }
 // avx512 kernels with the AVX512_BF16 score pass (bf16 storage only).
 RowKernels<uint16_t> kernels_avx512bf16() {
-  return {dots_avx512bf16<1>, vsum_avx512<uint16_t>, prep_q_bf16x2};
+  return {dots_avx512bf16<1>, vsum_avx512<uint16_t>, prep_q_bf16x2, scores_avx512bf16<uint16_t>};
 }
 #endif
 
@@ -225,6 +329,16 @@ const RowKernels<T>& row_kernels(SimdLevel level) {
   return scalar;
 }
 
+
+float exp_shift_sum(float* x, int64_t n, float m, SimdLevel level) {
+#if PIGJAX_X86
+  if (level >= SimdLevel::kAvx512) return exp_shift_sum_avx512(x, n, m);
+  if (level >= SimdLevel::kAvx2) return exp_shift_sum_avx2(x, n, m);
+#else
+  (void)level;
+#endif
+  return exp_shift_sum_scalar(x, n, m);
+}
 
 template const RowKernels<float>& row_kernels<float>(SimdLevel level);
 template const RowKernels<uint16_t>& row_kernels<uint16_t>(SimdLevel level);

@@ -19,10 +19,18 @@ struct RowKernels {
   // Optional: rewrites a chunk's query rows q[gc][d] into buf (2 * gc * d uint16, head j at
   // float offset j * d like the f32 rows); dot then receives that buffer.
   using PrepFn = void (*)(const float*, int, int64_t, uint16_t*);
+  // out[j * n + i] = row i . query head j for n contiguous rows (stride d) and gc <= 8 heads (q as
+  // dot receives it): each row is loaded once for all heads.
+  using ScoresFn = void (*)(const T*, int64_t, const float*, int, int64_t, float*);
   DotFn dot = nullptr;
   VsumFn vsum = nullptr;
   PrepFn prep = nullptr;
+  ScoresFn scores = nullptr;
 };
+
+// x[i] <- exp(x[i] - m) for i < n; returns their sum. Vectorised at the avx2 / avx512 levels
+// (a Cephes-style polynomial, within 2 ulp of std::exp; arguments below -87.3 give ~1e-38, not 0).
+float exp_shift_sum(float* x, int64_t n, float m, SimdLevel level);
 
 // The kernels for `level` (<= hardware_simd_level()). For uint16_t (bf16) rows at the avx512
 // level, the score pass uses AVX512_BF16 when cpu_features() has it. T = float or uint16_t.
