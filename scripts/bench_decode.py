@@ -1,4 +1,4 @@
-"""End-to-end decode throughput: MagicPIG vs dense with SmolLM2 at long context, same run.
+"""End-to-end decode throughput: MagicPIG (and RankedLSH) vs dense with SmolLM2 at long context, same run.
 
   python scripts/bench_decode.py                                   # 8k, 16k, 32k tokens, batch 4
   python scripts/bench_decode.py --contexts 32768 --steps 32
@@ -30,6 +30,7 @@ _SOURCE = flags.DEFINE_integer("source_tokens", 4096, "tokens of real text whose
 _PREFILL = flags.DEFINE_integer("prefill_tokens", 8192, "prompt length of the prefill-overhead run (0: skip)")
 _K = flags.DEFINE_integer("K", 10, "MagicPIG bits per table")
 _L = flags.DEFINE_integer("L", 150, "MagicPIG tables")
+_RANKED = flags.DEFINE_bool("rankedlsh", True, "also time pigjax.RankedLSH (its defaults) in the same run")
 _WEIGHTS = flags.DEFINE_enum("weights", "smollm2", ["smollm2", "random"],
                               "the embedded SmolLM2-135M-Instruct, or random weights of its shapes")
 _ENGINE_PATHS = flags.DEFINE_list("engine_paths", [],
@@ -202,6 +203,10 @@ def main(_):
             row.setdefault("magicpig_by_path", {})[result["engine_path"]] = result
             print(f"  n={n} magicpig [{result['engine_path']}]: {result['tokens_per_second']:.1f} tok/s", flush=True)
         row["speedup"] = row["magicpig"]["tokens_per_second"] / row["dense"]["tokens_per_second"]
+        if _RANKED.value:
+            row["rankedlsh"] = bench_context(model, params, pigjax.RankedLSH(), kv, n, batch, steps)
+            row["rankedlsh_speedup"] = row["rankedlsh"]["tokens_per_second"] / row["dense"]["tokens_per_second"]
+            print(f"  n={n} rankedlsh: {row['rankedlsh']['tokens_per_second']:.1f} tok/s", flush=True)
         rows.append(row)
     prefill = prefill_overhead(base, magic, _PREFILL.value) if _PREFILL.value else None
     result = {"machine": describe(), "model": "SmolLM2-135M-Instruct (f32)" if _WEIGHTS.value == "smollm2" else "random weights, SmolLM2-135M shapes (f32)", "magicpig": {"K": _K.value, "L": _L.value},
@@ -212,6 +217,10 @@ def main(_):
         d, m = r["dense"], r["magicpig"]
         print(f"{r['context']:>8} {r['batch']:>5} {d['tokens_per_second']:>11.1f} {m['tokens_per_second']:>14.1f} "
               f"{r['speedup']:>6.2f}x {d['ms_per_step']:>13.1f} {m['ms_per_step']:>11.1f} {m['fraction_read']:>6.3f}")
+        if "rankedlsh" in r:
+            k = r["rankedlsh"]
+            print(f"{'':>8} {'':>5} {'rankedlsh':>26}: {k['tokens_per_second']:.1f} tok/s, {k['ms_per_step']:.1f} ms/step, "
+                  f"{r['rankedlsh_speedup']:.2f}x dense, read {k['fraction_read']:.3f}")
         for path, m in r["magicpig_by_path"].items():
             print(f"{'':>8} {'':>5} {'magicpig via ' + path:>26}: {m['tokens_per_second']:.1f} tok/s, "
                   f"{m['ms_per_step']:.1f} ms/step")

@@ -1,5 +1,5 @@
 // Exact attention of one decode query per head over a dense KV cache, each batch row read only up
-// to its own length (docs/algorithm.md §1.3). Pure C++17: no XLA, no Python.
+// to its own length (docs/algorithm.md §4, "Decode attention on the CPU"). Pure C++17: no XLA, no Python.
 //
 // q [B, Hq, d] f32; k, v [B, Hkv, S, d] (T = float, or uint16_t for bf16); lengths [B] int32 in
 // [0, S]: row b sees slots 0 .. lengths[b]-1. Query head h reads KV head h / (Hq / Hkv).
