@@ -1,6 +1,6 @@
 // The ranked query (query_ranked.h). One task per (row, query head): soft collision counts over
-// the ranking tables (a uint16 count per token, cleared through the list of tokens it touched), a
-// partial selection of the r_n best counted tokens and of the m best scores among them, the
+// the ranking tables (a uint16 count per token, added without branches), the r best tokens by a
+// histogram of the counts (one pass, no sort), a partial selection of the m best scores among them, the
 // sampling tables' >= 2-collision bitmap (collect_head, as MagicPIG's query), then one softmax
 // over T and S \ T. Unlike query.cc it does not share key rows between the heads of a GQA group.
 #include "query_ranked.h"
@@ -25,7 +25,7 @@ namespace {
 
 struct RankScratch {
   std::vector<uint16_t> count;     // [n] soft counts in the ranking tables (0 between heads)
-  std::vector<int32_t> touched;    // tokens with count > 0
+  std::vector<int64_t> hist;       // tokens per count value
   std::vector<std::pair<float, int32_t>> scored;  // (q.k, token) of R
   std::vector<uint64_t> in_r, in_t, in_s;  // bitmaps over the tokens
   std::vector<std::pair<float, int32_t>> entries;  // (score, token) of T u S
@@ -59,18 +59,16 @@ std::vector<std::pair<int32_t, uint16_t>> probe_masks(int K, int radius) {
   return masks;
 }
 
-// Soft collision counts of the query codes qc in tables [0, Lr) (probe_masks), into rs.count,
-// with rs.touched listing the tokens counted. Direct blocks: the probed code's bucket; compact
+// Soft collision counts of the query codes qc in tables [0, Lr) (probe_masks), into rs.count
+// (zero on entry). The walk is the ranked query's main cost (per table, one probe for each code
+// within `radius` bits, 176 at K 10 / radius 3, each a bucket of about n / 2^K tokens), so a hit is
+// one unconditional add. Direct blocks: the probed code's bucket; compact
 // blocks: the entries of its bucket whose code is the probed one; appended tokens: their codes.
 template <typename T>
 void soft_counts(const HeadRows<T>& R, const int32_t* qc, int64_t Lr, int radius,
                  const std::vector<std::pair<int32_t, uint16_t>>& masks, RankScratch& rs) {
   uint16_t* cnt = rs.count.data();
-  rs.touched.clear();
-  auto add = [&](int32_t i, uint16_t w) {
-    if (cnt[i] == 0) rs.touched.push_back(i);
-    cnt[i] = static_cast<uint16_t>(cnt[i] + w);
-  };
+  auto add = [cnt](int32_t i, uint16_t w) { cnt[i] = static_cast<uint16_t>(cnt[i] + w); };
   const size_t nblocks = R.layout == nullptr ? 0 : R.layout->blocks.size();
   for (size_t bk = 0; bk < nblocks; ++bk) {
     const BlockLayout& blk = R.layout->blocks[bk];
@@ -104,20 +102,31 @@ void soft_counts(const HeadRows<T>& R, const int32_t* qc, int64_t Lr, int radius
   }
 }
 
-// R: the r tokens first by (soft count descending, index ascending), into rs.scored's second
-// fields. Tokens never counted follow in index order when fewer were counted.
+// R: the r first tokens in the order (soft count descending, index ascending), into rs.scored's
+// second fields, in index order (tokens never counted are the count-0 class, so they follow in
+// index order when fewer were counted). Counts are at most rank_tables x (radius + 1) <= 65535
+// (validated), so a histogram finds the count c of the r-th token: every token above c is taken,
+// then the first ones at c.
 template <typename T>
 void rank_by_collisions(const HeadRows<T>& R, const int32_t* qc, const RankedQueryArgs& a, int64_t r,
                         const std::vector<std::pair<int32_t, uint16_t>>& masks, RankScratch& rs) {
   soft_counts(R, qc, a.rank_tables, static_cast<int>(a.radius), masks, rs);
-  const uint16_t* cnt = rs.count.data();
-  std::vector<int32_t>& tk = rs.touched;
-  auto better = [cnt](int32_t x, int32_t y) { return cnt[x] != cnt[y] ? cnt[x] > cnt[y] : x < y; };
-  if (static_cast<int64_t>(tk.size()) > r) std::nth_element(tk.begin(), tk.begin() + r, tk.end(), better);
-  for (int64_t j = 0; j < std::min<int64_t>(r, tk.size()); ++j) rs.scored.push_back({0.0f, tk[j]});
-  for (int64_t i = 0; i < R.total() && static_cast<int64_t>(rs.scored.size()) < r; ++i)
-    if (cnt[i] == 0) rs.scored.push_back({0.0f, static_cast<int32_t>(i)});
-  for (int32_t i : tk) rs.count[i] = 0;
+  const int64_t n = R.total();
+  uint16_t* cnt = rs.count.data();
+  const int64_t top_count = a.rank_tables * (a.radius + 1);
+  rs.hist.assign(static_cast<size_t>(top_count + 1), 0);
+  for (int64_t i = 0; i < n; ++i) ++rs.hist[cnt[i]];
+  int64_t above = 0, c = top_count;
+  for (; c > 0 && above + rs.hist[c] < r; --c) above += rs.hist[c];
+  int64_t at_c = r - above;  // tokens to take with count exactly c
+  for (int64_t i = 0; i < n; ++i) {
+    const bool take = cnt[i] > c || (cnt[i] == c && at_c > 0);
+    if (take) {
+      at_c -= cnt[i] == c;
+      rs.scored.push_back({0.0f, static_cast<int32_t>(i)});
+    }
+  }
+  std::fill(cnt, cnt + n, uint16_t{0});
 }
 
 void write_empty_head(int64_t d, float* out, float* lse, int32_t* keys, int32_t* values) {
