@@ -2,9 +2,11 @@
 //   bench_query [B Hkv Hq d n reps threads K L layout]   (default: 1 8 32 128 131072 30 2 10 150 -1)
 // layout: the table layout (set_table_layout: -1 auto, 0 direct, 1 compact).
 // Prints the median query time, |S|/n, a checksum of the outputs and the caller's CPU time.
+// RANKED=<radius> times the ranked query instead (query_ranked.h: 50 ranking tables, top 0.018,
+// refine 1, the RankedLSH defaults but the radius).
 // Repeats one query, so rows stay cached as far as the L3 holds them. Build (no Python needed):
 //   g++ -O3 -std=c++17 -Iffi/src \
-//       ffi/src/{simd,thread_pool,simhash,row_kernels,weight_table,store_args,store,query}.cc \
+//       ffi/src/{simd,thread_pool,simhash,row_kernels,weight_table,store_args,store,query,query_ranked}.cc \
 //       ffi/tests/bench_query.cc -lpthread -o bench_query
 #include <algorithm>
 #include <chrono>
@@ -17,6 +19,7 @@
 #include <vector>
 
 #include "query.h"
+#include "query_ranked.h"
 #include "simhash.h"
 #include "store.h"
 #include "store_args.h"
@@ -70,6 +73,12 @@ int main(int argc, char** argv) {
   qio.out.data = out.data(); qio.out.dims = {B, Hq, d};
   qio.lse.data = lse.data(); qio.lse.dims = {B, Hq};
   qio.sampled.data = sampled.data(); qio.sampled.dims = {B, Hq};
+  const char* ranked = std::getenv("RANKED");
+  std::vector<int32_t> values_read(B * Hq);
+  RankedQueryArgs rio;
+  rio.base = qio;
+  rio.values_read.data = values_read.data(); rio.values_read.dims = {B, Hq};
+  rio.rank_tables = 50; rio.radius = ranked ? std::atoi(ranked) : 0; rio.top = 0.018; rio.refine = 1.0;
   std::vector<double> t, tc;
   auto cpu_ms = [] {
     timespec ts;
@@ -79,7 +88,7 @@ int main(int argc, char** argv) {
   for (int64_t r = 0; r < reps + 2; ++r) {
     const double c0 = cpu_ms();
     const auto t0 = std::chrono::steady_clock::now();
-    err = store_query(h, qio);
+    err = ranked ? store_query_ranked(h, rio) : store_query(h, qio);
     const auto t1 = std::chrono::steady_clock::now();
     const double c1 = cpu_ms();
     if (r >= 2) tc.push_back(c1 - c0);
