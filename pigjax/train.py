@@ -206,6 +206,20 @@ def _run_record(cfg: TrainConfig) -> dict:
     return {k: v for k, v in dataclasses.asdict(cfg).items() if k not in _RESUMABLE_CHANGES}
 
 
+def saved_config(workdir) -> TrainConfig:
+    """The TrainConfig of the run in `workdir`, read from its run.json (settings it does not record,
+    those a resume may change, take their defaults)."""
+    run_file = Path(workdir) / "run.json"
+    if not run_file.is_file():
+        raise TrainError(f"{run_file} does not exist: is {workdir} a training run's --workdir?")
+    try:
+        saved = json.loads(run_file.read_text())
+        fields = {f.name for f in dataclasses.fields(TrainConfig)} - {"workdir"}
+        return TrainConfig(**{k: v for k, v in saved.items() if k in fields}, workdir=str(workdir))
+    except (json.JSONDecodeError, TypeError, AttributeError) as e:
+        raise TrainError(f"{run_file}: not a run record: {type(e).__name__}: {e}") from None
+
+
 def _check_run(workdir: Path, cfg: TrainConfig, resuming: bool, write: bool = True):
     run_file = workdir / "run.json"
     record = _run_record(cfg)
@@ -222,11 +236,12 @@ def _check_run(workdir: Path, cfg: TrainConfig, resuming: bool, write: bool = Tr
 
 
 class Evaluator:
-    """Validation loss over the first n windows of the validation split, and per position."""
+    """Validation loss over the first n windows of seq_len tokens of the validation split, and per
+    position (training's windows; pigjax.eval.long_context uses longer ones)."""
 
-    def __init__(self, losses: Callable, corpus: data_lib.Corpus, cfg: TrainConfig, mesh=None):
-        self.packer = data_lib.Packer(corpus.val, cfg.seq_len, corpus.eos_id, shuffle=False)
-        self.batch = cfg.batch
+    def __init__(self, losses: Callable, corpus: data_lib.Corpus, seq_len: int, batch: int, mesh=None):
+        self.packer = data_lib.Packer(corpus.val, seq_len, corpus.eos_id, shuffle=False)
+        self.batch = batch
         self._losses = losses  # (params, windows [B, T + 1]) -> per-token losses [B, T]
         self.mesh = mesh
 
@@ -234,18 +249,23 @@ class Evaluator:
     def num_windows(self) -> int:
         return self.packer.windows_per_epoch
 
-    def __call__(self, params, n: int | None = None) -> tuple[float, np.ndarray, int]:
+    def losses(self, params, n: int | None = None) -> np.ndarray:
+        """Per-token losses [n, seq_len] (float64) of the first n windows (None or 0: all)."""
         n = self.num_windows if not n else min(n, self.num_windows)
-        total = np.zeros(self.packer.seq_len, np.float64)
+        out = np.zeros((n, self.packer.seq_len), np.float64)
         for lo in range(0, n, self.batch):
             ids = [min(g, n - 1) for g in range(lo, lo + self.batch)]  # pad the last batch, then drop it
             windows = np.stack([self.packer.window(g) for g in ids])
             with sharding.use(self.mesh):
                 losses = sharding.gather(self._losses(params, *sharding.put_batch(self.mesh, windows)))
-            losses = losses.astype(np.float64)
-            total += losses[: min(self.batch, n - lo)].sum(axis=0)
-        per_position = total / n
-        return float(per_position.mean()), per_position, n
+            out[lo:lo + self.batch] = losses[: min(self.batch, n - lo)]
+        return out
+
+    def __call__(self, params, n: int | None = None) -> tuple[float, np.ndarray, int]:
+        """(mean loss, mean loss at each position [seq_len], windows) over the first n windows."""
+        losses = self.losses(params, n)
+        per_position = losses.mean(axis=0)
+        return float(per_position.mean()), per_position, len(losses)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -312,7 +332,7 @@ def _plot(metrics: dict, path: Path):
     plt.close(fig)
 
 
-def _prepare_data(cfg: TrainConfig, log):
+def prepare_data(cfg: TrainConfig, log=print) -> data_lib.Corpus:
     """The corpus; process 0 of a multi-process run trains and caches the tokenizer, the others read it."""
     return distributed.main_first(lambda: data_lib.prepare(cfg.data, cfg.data_cache, vocab_size=cfg.vocab_size,
                                                            val_fraction=cfg.val_fraction, log=log))
@@ -328,7 +348,7 @@ def train(cfg: TrainConfig, log=print) -> dict:
         raise TrainError("workdir is required")
     workdir = Path(cfg.workdir).absolute()
     workdir.mkdir(parents=True, exist_ok=True)
-    corpus = _prepare_data(cfg, log)
+    corpus = prepare_data(cfg, log)
     progs = programs(dataclasses.replace(cfg, **_NOT_COMPUTATION), len(corpus.tokenizer), corpus.eos_id)
     built, tx = progs.built, progs.optimizer
     steps = cfg.num_steps
@@ -366,7 +386,7 @@ def train(cfg: TrainConfig, log=print) -> dict:
         f"{steps} steps of {cfg.tokens_per_step} tokens; {len(corpus.train.tokens):,} training tokens")
 
     packer = data_lib.Packer(corpus.train, cfg.seq_len, corpus.eos_id, seed=cfg.seed)
-    evaluate = Evaluator(progs.eval_losses, corpus, cfg, mesh)
+    evaluate = Evaluator(progs.eval_losses, corpus, cfg.seq_len, cfg.batch, mesh)
     train_step = progs.train_step
 
     def save(step):

@@ -22,7 +22,7 @@ def _load_run(workdir) -> dict:
     return metrics
 
 
-def _position_means(per_position: list[float], edges=(0, 8, 32, 64, 128)) -> dict:
+def position_means(per_position: list[float], edges=(0, 8, 32, 64, 128)) -> dict:
     """Mean loss over position ranges [a, b) (the last range runs to the window's end)."""
     x = np.asarray(per_position)
     bounds = [e for e in edges if e < len(x)] + [len(x)]
@@ -50,7 +50,7 @@ def compare(runs: dict[str, str], out_prefix) -> dict:
             "final_train_loss": float(np.mean(m["train"]["loss"][-20:])),
             "val_loss": f["val_loss"], "val_tokens": f["val_tokens"],
             "val_loss_ratio_to_" + first: f["val_loss"] / metrics[first]["final"]["val_loss"],
-            "per_position_loss_by_range": _position_means(f["per_position_loss"]),
+            "per_position_loss_by_range": position_means(f["per_position_loss"]),
             "per_position_loss": f["per_position_loss"],
         }
     out_prefix = Path(out_prefix)
