@@ -1,4 +1,4 @@
-"""Validation loss past the training window (issue 19): per-position teacher-forced loss of a
+"""Validation loss past the training window: per-position teacher-forced loss of a
 finished training run's model on held-out windows `factor` times longer than it was trained on.
 
 For a `pigjax.train` work directory (run.json, and model/ written when the run stopped):
