@@ -74,6 +74,8 @@ void softmax_part(const HeadRows<T>& R, const LogWeightTable& weights, const Row
     for (int64_t b = 0; b < row_bytes; b += 64) __builtin_prefetch(r + b);
   };
   float score[kBatch][kGroupChunk];
+  const T* vrows[kGroupChunk][kBatch];
+  float vp[kGroupChunk][kBatch];
   for (size_t e0 = 0; e0 < nu; e0 += kBatch) {
     const size_t e1 = std::min(nu, e0 + kBatch);
     float bmx[kGroupChunk];
@@ -105,6 +107,9 @@ void softmax_part(const HeadRows<T>& R, const LogWeightTable& weights, const Row
       }
       mx[jj] = bmx[jj];
     }
+    // Value pass: each head's rows and probabilities of the batch, then one vsum per head, which
+    // keeps the head's accumulators in registers over its rows (same multiply-adds, same order).
+    int nrow[kGroupChunk] = {};
     for (size_t e = e0; e < std::min(e1, e0 + kAhead); ++e) prefetch_row(R.val(uni[e].i));
     for (size_t e = e0; e < e1; ++e) {
       if (e + kAhead < e1) prefetch_row(R.val(uni[e + kAhead].i));
@@ -113,9 +118,12 @@ void softmax_part(const HeadRows<T>& R, const LogWeightTable& weights, const Row
         const int jj = __builtin_ctz(m);
         const float pj = std::exp(score[e - e0][jj] - mx[jj]);
         sums[jj] += pj;
-        kern.vsum(&val, &pj, 1, d, acc + jj * d);
+        vrows[jj][nrow[jj]] = val;
+        vp[jj][nrow[jj]++] = pj;
       }
     }
+    for (int jj = 0; jj < gc; ++jj)
+      if (nrow[jj] > 0) kern.vsum(vrows[jj], vp[jj], nrow[jj], d, acc + jj * d);
   }
 }
 
