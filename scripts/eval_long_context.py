@@ -41,8 +41,7 @@ def main(argv):
     except PigjaxError as e:
         print(f"eval_long_context: error: {e}", file=sys.stderr)
         return 1
-    print(open(_OUT.value + ".md").read())
-    print(f"wrote {_OUT.value}.json, .md, .png ({len(out['runs'])} runs)")
+    print(f"wrote {_OUT.value}.png ({len(out['runs'])} runs)")
     return 0
 
 

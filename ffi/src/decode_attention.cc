@@ -8,6 +8,7 @@
 #include <vector>
 
 #include "row_kernels.h"
+#include "shape_text.h"
 #include "simd.h"
 #include "thread_pool.h"
 
@@ -20,12 +21,6 @@ namespace {
 // in L2 between the score pass and the value pass.
 constexpr int64_t kBlockRows = 256;
 constexpr int kHeadChunk = 8;  // query heads scored together (the bf16 query preparation's limit)
-
-std::string dims_text(const std::vector<int64_t>& v) {
-  std::string s = "[";
-  for (size_t i = 0; i < v.size(); ++i) s += (i ? ", " : "") + std::to_string(v[i]);
-  return s + "]";
-}
 
 // One block's partial softmax for the G query heads of a KV head: acc[g][d] = sum exp(s - mx[g]) v,
 // sums[g] = sum exp(s - mx[g]).
@@ -65,17 +60,17 @@ void block_part(const RowKernels<T>& kern, SimdLevel level, const float* qh, int
 std::string plan_decode_attention(const std::vector<int64_t>& q, const std::vector<int64_t>& k,
                                   const std::vector<int64_t>& v, const std::vector<int64_t>& lengths,
                                   const std::vector<int64_t>& out, DecodeAttentionShape* shape) {
-  if (q.size() != 3) return "q must be [B, Hq, d], got " + dims_text(q);
-  if (k.size() != 4) return "k must be [B, Hkv, S, d], got " + dims_text(k);
-  if (v != k) return "v must have k's shape " + dims_text(k) + ", got " + dims_text(v);
+  if (q.size() != 3) return "q must be [B, Hq, d], got " + shape_text(q);
+  if (k.size() != 4) return "k must be [B, Hkv, S, d], got " + shape_text(k);
+  if (v != k) return "v must have k's shape " + shape_text(k) + ", got " + shape_text(v);
   if (k[0] != q[0] || k[3] != q[2])
-    return "k " + dims_text(k) + " does not match q " + dims_text(q) + " (batch and head size)";
+    return "k " + shape_text(k) + " does not match q " + shape_text(q) + " (batch and head size)";
   if (k[1] < 1 || q[1] % k[1] != 0)
     return "query heads (" + std::to_string(q[1]) + ") must be a multiple of KV heads (" +
            std::to_string(k[1]) + ")";
   if (lengths.size() != 1 || lengths[0] != q[0])
-    return "lengths must be [B] = [" + std::to_string(q[0]) + "], got " + dims_text(lengths);
-  if (out != q) return "out must have q's shape " + dims_text(q) + ", got " + dims_text(out);
+    return "lengths must be [B] = [" + std::to_string(q[0]) + "], got " + shape_text(lengths);
+  if (out != q) return "out must have q's shape " + shape_text(q) + ", got " + shape_text(out);
   *shape = {q[0], q[1], k[1], k[2], q[2]};
   return "";
 }

@@ -109,7 +109,7 @@ PIGJAX_SCORES(scores_avx2, PIGJAX_TARGET_AVX2, dots_avx2)
 
 // exp(y) = 2^f * p(r), f = round(y / ln 2), r = y - f ln 2 (ln 2 in two parts), p Cephes' expf
 // polynomial; y is clamped to -87.3 so that 2^f stays a normal float.
-#define PIGJAX_EXP_POLY(V, SET1, FMA, MUL, ADD, SUB, r, z, p)                                   \
+#define PIGJAX_EXP_POLY(SET1, FMA, ADD, r, z, p)                                                \
   p = FMA(SET1(1.9875691500e-4f), r, SET1(1.3981999507e-3f));                                   \
   p = FMA(p, r, SET1(8.3334519073e-3f));                                                        \
   p = FMA(p, r, SET1(4.1665795894e-2f));                                                        \
@@ -125,7 +125,7 @@ PIGJAX_TARGET_AVX2 static inline __m256 exp_avx2(__m256 y) {
   r = _mm256_fnmadd_ps(f, _mm256_set1_ps(-2.12194440e-4f), r);
   const __m256 z = _mm256_mul_ps(r, r);
   __m256 p;
-  PIGJAX_EXP_POLY(__m256, _mm256_set1_ps, _mm256_fmadd_ps, _mm256_mul_ps, _mm256_add_ps, _mm256_sub_ps, r, z, p)
+  PIGJAX_EXP_POLY(_mm256_set1_ps, _mm256_fmadd_ps, _mm256_add_ps, r, z, p)
   const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(f), _mm256_set1_epi32(127)), 23);
   return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
 }
@@ -201,7 +201,7 @@ PIGJAX_TARGET_AVX512 static inline __m512 exp_avx512(__m512 y) {
   r = _mm512_fnmadd_ps(f, _mm512_set1_ps(-2.12194440e-4f), r);
   const __m512 z = _mm512_mul_ps(r, r);
   __m512 p;
-  PIGJAX_EXP_POLY(__m512, _mm512_set1_ps, _mm512_fmadd_ps, _mm512_mul_ps, _mm512_add_ps, _mm512_sub_ps, r, z, p)
+  PIGJAX_EXP_POLY(_mm512_set1_ps, _mm512_fmadd_ps, _mm512_add_ps, r, z, p)
   return _mm512_scalef_ps(p, f);
 }
 

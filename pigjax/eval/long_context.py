@@ -179,11 +179,7 @@ def train_command(cfg) -> str:
 def report(runs: dict[str, str], out_prefix, factor: int = 4, *, windows: int | None = None, batch: int = 8,
            command: str | None = None, log=print) -> dict:
     """runs: {label: workdir}; writes <out_prefix>.json, .md and .png; returns the JSON dict."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    from pigjax.eval.output import write_json_and_markdown
     from pigjax.machine import describe
 
     results = {label: evaluate_run(d, factor, windows=windows, batch=batch, log=log) for label, d in runs.items()}
@@ -195,13 +191,19 @@ def report(runs: dict[str, str], out_prefix, factor: int = 4, *, windows: int | 
     base = labels[0]
     for label in labels[1:]:
         results[label][f"versus_{base}"] = versus(results[label], results[base], factor)
-    machine = describe()
-    out = {"factor": factor, "seq_len": t, "machine": machine, "command": command, "runs": results}
+    out = {"factor": factor, "seq_len": t, "machine": describe(), "command": command, "runs": results}
     out_prefix = Path(out_prefix)
-    out_prefix.parent.mkdir(parents=True, exist_ok=True)
-    out_prefix.with_suffix(".json").write_text(json.dumps(out, indent=1))
+    write_json_and_markdown(str(out_prefix.with_suffix("")), out,
+                            _markdown(out, out_prefix.with_suffix(".png").name))
+    _plot(results, factor, t, out_prefix.with_suffix(".png"))
+    return out
 
-    ranges = list(next(iter(results.values()))["ranges"])
+
+def _markdown(out: dict, png_name: str) -> str:
+    results, factor, t, machine, command = out["runs"], out["factor"], out["seq_len"], out["machine"], out["command"]
+    labels = list(results)
+    base = labels[0]
+    ranges = list(results[base]["ranges"])
     far = f"at_{factor}x"
     header = (["model", "parameters", "training tokens", f"val loss (windows of {t})"]
               + [f"positions {r}" for r in ranges]
@@ -220,7 +222,7 @@ def report(runs: dict[str, str], out_prefix, factor: int = 4, *, windows: int | 
         vs = r.get(f"versus_{base}")
         cells.append("–" if vs is None else f"{vs['difference']:+.4f} ± {vs['difference_se']:.4f}")
         lines.append("| " + " | ".join(cells) + " |")
-    first = results[labels[0]]
+    first = results[base]
     md = [f"# Validation loss past the training window ({factor}x)", "",
           f"Per-position teacher-forced loss on held-out Wikipedia paragraphs (the runs' validation split, "
           f"paragraphs in order joined by EOS) cut into {first['windows']} windows of {factor} x {t} = {factor * t} "
@@ -236,16 +238,22 @@ def report(runs: dict[str, str], out_prefix, factor: int = 4, *, windows: int | 
           f"{base}'s window by window (same windows), which cancels the variation of the text itself. "
           f"The validation loss column is the run's own final "
           f"evaluation on windows "
-          f"of {t}.", "", *lines, "", f"![per-position loss]({out_prefix.with_suffix('.png').name})", "",
+          f"of {t}.", "", *lines, "", f"![per-position loss]({png_name})", "",
           f"Machine: {machine['cpu']}, {machine['cores']} cores, JAX {machine['jax']} ({machine['jax_backend']}).",
           "", "Commands:", "", "```", *(results[k]["train_command"] for k in labels),
           *([command] if command else []), "```", ""]
-    out_prefix.with_suffix(".md").write_text("\n".join(md))
+    return "\n".join(md)
+
+
+def _plot(results: dict, factor: int, t: int, path: Path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
 
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.5))
     k = max(t // 16, 1)
-    for label in labels:
-        r = results[label]
+    for label, r in results.items():
         curve = np.asarray(r["per_position_loss"])
         x = np.arange(len(curve))
         xs, smooth = x[k - 1:] - (k - 1) / 2, np.convolve(curve, np.ones(k) / k, mode="valid")
@@ -268,6 +276,5 @@ def report(runs: dict[str, str], out_prefix, factor: int = 4, *, windows: int | 
     ax2.set_ylabel("loss - its mean over [T/2, T)")
     ax2.set_title(f"relative to the end of the training window (mean of {k} positions)")
     fig.tight_layout()
-    fig.savefig(out_prefix.with_suffix(".png"), dpi=120)
+    fig.savefig(path, dpi=120)
     plt.close(fig)
-    return out
