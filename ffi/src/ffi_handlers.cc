@@ -98,10 +98,9 @@ ffi::Error LshQueryImpl(ffi::Buffer<ffi::S32> handle, ffi::Buffer<ffi::S32> slot
                               lse, sampled);
 }
 
-// LSH store ranked query (query_ranked.h): the query's operands, attrs rank_tables, radius, top, refine
+// LSH store ranked query (query_ranked.h): the query's operands, attrs rank_tables, top, refine
 // -> out f32[B,Hq,d], lse f32[B,Hq], keys_read s32[B,Hq], values_read s32[B,Hq].
-ffi::Error LshQueryRankedImpl(ffi::Buffer<ffi::S32> handle_arg, int32_t rank_tables,
-                              int32_t radius, double top, double refine, ffi::Buffer<ffi::S32> slots, ffi::Buffer<ffi::F32> q,
+ffi::Error LshQueryRankedImpl(ffi::Buffer<ffi::S32> handle_arg, int32_t rank_tables, double top, double refine, ffi::Buffer<ffi::S32> slots, ffi::Buffer<ffi::F32> q,
                               ffi::Buffer<ffi::S32> q_codes, ffi::Buffer<ffi::S32> /*dep*/,
                               ffi::ResultBuffer<ffi::F32> out, ffi::ResultBuffer<ffi::F32> lse,
                               ffi::ResultBuffer<ffi::S32> keys_read,
@@ -120,7 +119,6 @@ ffi::Error LshQueryRankedImpl(ffi::Buffer<ffi::S32> handle_arg, int32_t rank_tab
     a.base.sampled = mem.out(keys_read);
     a.values_read = mem.out(values_read);
     a.rank_tables = rank_tables;
-    a.radius = radius;
     a.top = top;
     a.refine = refine;
     return store_query_ranked(handle, a);
@@ -184,7 +182,6 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(PigjaxLshQueryRanked, LshQueryRankedImpl,
                               ffi::Ffi::Bind()
                                   .Arg<ffi::Buffer<ffi::S32>>()  // handle (rank 0)
                                   .Attr<int32_t>("rank_tables")
-                                  .Attr<int32_t>("radius")
                                   .Attr<double>("top")
                                   .Attr<double>("refine")
                                   .Arg<ffi::Buffer<ffi::S32>>()  // slots

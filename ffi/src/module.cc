@@ -67,9 +67,10 @@ nb::ndarray<nb::numpy, T> new_array(const std::vector<int64_t>& shape,
 // with `name`) for K or L outside the int range the config holds, or an unknown storage.
 pigjax::StoreConfig make_config(const char* name, int64_t slots, int64_t kv_heads, int64_t head_dim,
                                 int64_t capacity, int64_t K, int64_t L, double eps,
-                                const std::string& storage, bool appends) {
+                                const std::string& storage, bool appends, int64_t sketch_tables) {
   pigjax::StoreConfig c;
   c.appends = appends;
+  c.sketch_tables = sketch_tables;
   c.slots = slots; c.kv_heads = kv_heads; c.head_dim = head_dim; c.capacity = capacity;
   const std::string pre = std::string(name) + ": ";
   if (K < 1 || K > pigjax::kLshMaxK)
@@ -131,6 +132,7 @@ NB_MODULE(_engine, m) {
     d["avx512bw"] = f.avx512bw;
     d["avx512vl"] = f.avx512vl;
     d["avx512_bf16"] = f.avx512_bf16;
+    d["avx512_vpopcntdq"] = f.avx512_vpopcntdq;
     return d;
   }, "Dict of CPU feature flags (as usable by this process).");
 
@@ -184,26 +186,28 @@ NB_MODULE(_engine, m) {
   m.def("get_table_layout", [] { return pigjax::get_table_layout(); }, "See set_table_layout.");
 
   m.def("store_create", [](int64_t slots, int64_t kv_heads, int64_t head_dim, int64_t capacity,
-                           int64_t K, int64_t L, double eps, const std::string& storage, bool appends) {
-    const pigjax::StoreConfig c =
-        make_config("store_create", slots, kv_heads, head_dim, capacity, K, L, eps, storage, appends);
+                           int64_t K, int64_t L, double eps, const std::string& storage, bool appends,
+                           int64_t sketch_tables) {
+    const pigjax::StoreConfig c = make_config("store_create", slots, kv_heads, head_dim, capacity, K, L, eps,
+                                              storage, appends, sketch_tables);
     std::string err;
     const int64_t h = pigjax::store_create(c, &err);
     if (h == 0) throw nb::value_error(("store_create: " + err).c_str());
     return h;
   }, nb::arg("slots"), nb::arg("kv_heads"), nb::arg("head_dim"), nb::arg("capacity"),
      nb::arg("K"), nb::arg("L"), nb::arg("eps") = 1e-4, nb::arg("storage") = "bf16",
-     nb::arg("appends") = true,
+     nb::arg("appends") = true, nb::arg("sketch_tables") = 0,
      "Create an LSH KV store; returns an integer handle (never reused). Storage is allocated "
      "lazily at prefill, sized to the middle count. appends=False: appending is an error and "
-     "the memory estimate counts prefills only. ValueError for a bad setting, or when "
+     "the memory estimate counts prefills only. sketch_tables > 0: the codes of tables "
+     "[0, sketch_tables) are also kept per token for ranked queries (sketch.h). ValueError for a bad setting, or when "
      "store_estimate_bytes exceeds store_memory_limit().");
 
   m.def("store_estimate_bytes", [](int64_t slots, int64_t kv_heads, int64_t head_dim,
                                    int64_t capacity, int64_t K, int64_t L, const std::string& storage,
-                                   bool appends) {
+                                   bool appends, int64_t sketch_tables) {
     const pigjax::StoreConfig c = make_config("store_estimate_bytes", slots, kv_heads, head_dim,
-                                              capacity, K, L, 1e-4, storage, appends);
+                                              capacity, K, L, 1e-4, storage, appends, sketch_tables);
     pigjax::StoreEstimate e;
     const std::string err = pigjax::estimate_store_bytes(c, &e);
     if (!err.empty()) throw nb::value_error(("store_estimate_bytes: " + err).c_str());
@@ -214,7 +218,7 @@ NB_MODULE(_engine, m) {
     d["append_per_slot_head"] = e.append_per_slot_head;
     return d;
   }, nb::arg("slots"), nb::arg("kv_heads"), nb::arg("head_dim"), nb::arg("capacity"), nb::arg("K"),
-     nb::arg("L"), nb::arg("storage") = "bf16", nb::arg("appends") = true,
+     nb::arg("L"), nb::arg("storage") = "bf16", nb::arg("appends") = true, nb::arg("sketch_tables") = 0,
      "Dict: the bytes a store with this config allocates with every slot full (bytes), per "
      "(slot, KV head) (per_slot_head: prefill_per_slot_head, `capacity` middle tokens, or with "
      "appends the larger of that and append_per_slot_head, `capacity` appended tokens). "
@@ -244,6 +248,7 @@ NB_MODULE(_engine, m) {
     d["capacity"] = c.capacity; d["K"] = c.K; d["L"] = c.L; d["eps"] = c.eps;
     d["storage"] = std::string(pigjax::store_storage_name(c.storage));
     d["appends"] = c.appends;
+    d["sketch_tables"] = c.sketch_tables;
     nb::dict bpt;
     for (const auto& kv : info.bytes_per_token) bpt[kv.first.c_str()] = kv.second;
     d["bytes_per_token"] = bpt;
@@ -332,14 +337,13 @@ NB_MODULE(_engine, m) {
      "sampled i32[B,Hq]). Same C++ code as the pigjax_lsh_query FFI handler.");
 
   m.def("store_query_ranked_np", [](int64_t handle, CArray<int32_t> slots, CArray<float> q,
-                                    CArray<int32_t> q_codes, int64_t rank_tables, int64_t radius,
-                                    double top, double refine) {
+                                    CArray<int32_t> q_codes, int64_t rank_tables, double top,
+                                    double refine) {
     pigjax::RankedQueryArgs a;
     a.base.slots = view(slots);
     a.base.q = view(q);
     a.base.q_codes = view(q_codes);
     a.rank_tables = rank_tables;
-    a.radius = radius;
     a.top = top;
     a.refine = refine;
     nb::ndarray<nb::numpy, float> out, lse;
@@ -354,7 +358,7 @@ NB_MODULE(_engine, m) {
     run("store_query_ranked_np", [&] { return pigjax::store_query_ranked(handle, a); });
     return std::make_tuple(out, lse, keys, values);
   }, nb::arg("handle"), nb::arg("slots"), nb::arg("q"), nb::arg("q_codes"), nb::arg("rank_tables"),
-     nb::arg("radius"), nb::arg("top"), nb::arg("refine"),
+     nb::arg("top"), nb::arg("refine"),
      "Direct (non-XLA) ranked query (query_ranked.h) with NumPy arrays; returns (out f32[B,Hq,d], "
      "lse f32[B,Hq], keys_read i32[B,Hq], values_read i32[B,Hq]). Same C++ code as the "
      "pigjax_lsh_query_ranked FFI handler.");

@@ -1,12 +1,14 @@
-// The ranked query (query_ranked.h). One task per (row, query head): soft collision counts over
-// the ranking tables (a uint16 count per token, added without branches), the r best tokens by a
-// histogram of the counts (one pass, no sort), a partial selection of the m best scores among them, the
-// sampling tables' >= 2-collision bitmap (collect_head, as MagicPIG's query), then one softmax
-// over T and S \ T. Unlike query.cc it does not share key rows between the heads of a GQA group.
+// The ranked query (query_ranked.h). One task per (row, query head): score estimates from the
+// sketch of the ranking tables (one linear pass of popcounts, sketch.h), the r best of them by a
+// partial selection above a sampled bound, a partial selection of the m best exact scores among
+// them, the sampling tables' >= 2-collision bitmap (collect_head, as MagicPIG's query), then one
+// softmax over T and S \ T. Unlike query.cc it does not share key rows between the heads of a
+// GQA group.
 #include "query_ranked.h"
 
 #include <algorithm>
 #include <cmath>
+#include <functional>
 #include <limits>
 #include <shared_mutex>
 #include <utility>
@@ -15,6 +17,7 @@
 #include "query_rows.h"
 #include "row_kernels.h"
 #include "simd.h"
+#include "sketch.h"
 #include "store_layout.h"
 #include "thread_pool.h"
 #include "weight_table.h"
@@ -24,15 +27,16 @@ namespace pigjax {
 namespace {
 
 struct RankScratch {
-  std::vector<uint16_t> count;     // [n] soft counts in the ranking tables (0 between heads)
-  std::vector<int64_t> hist;       // tokens per count value
-  std::vector<std::pair<float, int32_t>> scored;  // (q.k, token) of R
+  std::vector<float> est;          // [n] score estimates from the sketch
+  std::vector<float> sample;       // strided sample of est (the selection's threshold)
+  std::vector<std::pair<float, int32_t>> scored;  // (estimate, then q.k; token) of R
   std::vector<uint64_t> in_r, in_t, in_s;  // bitmaps over the tokens
   std::vector<std::pair<float, int32_t>> entries;  // (score, token) of T u S
   std::vector<uint16_t> qprep;
+  std::vector<uint64_t> qsketch;
   void ensure(int64_t n) {
     const size_t words = static_cast<size_t>((n + 63) / 64);
-    if (count.size() < static_cast<size_t>(n)) count.resize(static_cast<size_t>(n), 0);
+    if (est.size() < static_cast<size_t>(n)) est.resize(static_cast<size_t>(n));
     for (auto* b : {&in_r, &in_t, &in_s})
       if (b->size() < words) b->resize(words);
   }
@@ -46,87 +50,59 @@ RankScratch& rank_scratch() {
 bool bit(const std::vector<uint64_t>& b, int64_t i) { return b[i >> 6] >> (i & 63) & 1u; }
 void set_bit(std::vector<uint64_t>& b, int64_t i) { b[i >> 6] |= uint64_t{1} << (i & 63); }
 
-// Bucket offsets to probe around a query code: every mask of K bits with at most `radius` set
-// bits, with the weight radius + 1 - popcount(mask) (a table whose code is h <= radius bits from
-// the query's adds radius + 1 - h to a token's count).
-std::vector<std::pair<int32_t, uint16_t>> probe_masks(int K, int radius) {
-  std::vector<std::pair<int32_t, uint16_t>> masks;
-  for (int32_t m = 0; m < (int32_t{1} << K); ++m) {
-    const int h = __builtin_popcount(static_cast<uint32_t>(m));
-    if (h <= radius) masks.push_back({m, static_cast<uint16_t>(radius + 1 - h)});
-  }
-  std::stable_sort(masks.begin(), masks.end(), [](const auto& a, const auto& b) { return a.second > b.second; });
-  return masks;
+// (value descending, token ascending): the order of R and of T.
+bool higher(const std::pair<float, int32_t>& x, const std::pair<float, int32_t>& y) {
+  return x.first != y.first ? x.first > y.first : x.second < y.second;
 }
 
-// Soft collision counts of the query codes qc in tables [0, Lr) (probe_masks), into rs.count
-// (zero on entry). The walk is the ranked query's main cost (per table, one probe for each code
-// within `radius` bits, 176 at K 10 / radius 3, each a bucket of about n / 2^K tokens), so a hit is
-// one unconditional add. Direct blocks: the probed code's bucket; compact
-// blocks: the entries of its bucket whose code is the probed one; appended tokens: their codes.
+// cos(pi D / B) for D in [0, B], B = the sketch's bits: a token whose sketch differs from the
+// query's in D of B bits is at an estimated angle of pi D / B (each bit is a random hyperplane).
+std::vector<float> cos_table(int64_t bits) {
+  std::vector<float> t(static_cast<size_t>(bits + 1));
+  for (int64_t D = 0; D <= bits; ++D) t[static_cast<size_t>(D)] = static_cast<float>(std::cos(M_PI * D / bits));
+  return t;
+}
+
+// R: the r first tokens in the order (estimate descending, index ascending), into rs.scored.
+// Estimates: est_i = |k_i| cos(pi D_i / B) (middle tokens: the sketch kernel; appended tokens:
+// their stored codes). The r-th estimate is bracketed from a strided sample of 1024, so only
+// tokens above that bound are sorted (all of them if too few are).
 template <typename T>
-void soft_counts(const HeadRows<T>& R, const int32_t* qc, int64_t Lr, int radius,
-                 const std::vector<std::pair<int32_t, uint16_t>>& masks, RankScratch& rs) {
-  uint16_t* cnt = rs.count.data();
-  auto add = [cnt](int32_t i, uint16_t w) { cnt[i] = static_cast<uint16_t>(cnt[i] + w); };
-  const size_t nblocks = R.layout == nullptr ? 0 : R.layout->blocks.size();
-  for (size_t bk = 0; bk < nblocks; ++bk) {
-    const BlockLayout& blk = R.layout->blocks[bk];
-    const int64_t blen = blk.len, stride = (int64_t{1} << blk.bits) + 1;
-    const int32_t* ob = R.off + blk.off;
-    const int32_t base = static_cast<int32_t>(blk.start);
-    for (int64_t l = 0; l < Lr; ++l) {
-      for (const auto& [mask, w] : masks) {
-        const int32_t code = qc[l] ^ mask;
-        if (blk.bits == R.K) {
-          const int32_t* o = ob + l * stride + code;
-          const uint16_t* ids = R.idx + blk.idx + l * blen;
-          for (int32_t t = o[0]; t < o[1]; ++t) add(base + ids[t], w);
-        } else {
-          const int32_t* o = ob + l * stride + (code >> (R.K - blk.bits));
-          const uint16_t* pairs = R.idx + blk.idx + l * blen * 2;
-          for (int32_t t = o[0]; t < o[1]; ++t)
-            if (pairs[2 * t + 1] == code) add(base + pairs[2 * t], w);
-        }
-      }
-    }
-  }
+void rank_by_sketch(const HeadRows<T>& R, const int32_t* qc, int64_t Lr, int64_t r, const float* cos_tab,
+                    SketchScoreFn score, RankScratch& rs) {
+  const int64_t n = R.total();
+  float* est = rs.est.data();
+  rs.qsketch.resize(static_cast<size_t>(R.sketch_words));
+  pack_sketch(qc, Lr, R.K, rs.qsketch.data(), 1);
+  score(R.sketch, R.n, R.sketch_words, rs.qsketch.data(), R.norms, cos_tab, est);
   for (int64_t t = 0; t < R.na; ++t) {
     const int32_t* ac = R.acodes + t * R.L;
-    uint32_t sum = 0;
-    for (int64_t l = 0; l < Lr; ++l) {
-      const int h = __builtin_popcount(static_cast<uint32_t>(ac[l] ^ qc[l]));
-      sum += h <= radius ? static_cast<uint32_t>(radius + 1 - h) : 0u;
-    }
-    if (sum > 0) add(static_cast<int32_t>(R.n + t), static_cast<uint16_t>(sum));
+    uint32_t dist = 0;
+    for (int64_t l = 0; l < Lr; ++l) dist += static_cast<uint32_t>(__builtin_popcount(static_cast<uint32_t>(ac[l] ^ qc[l])));
+    est[R.n + t] = R.anorms[t] * cos_tab[dist];
   }
-}
-
-// R: the r first tokens in the order (soft count descending, index ascending), into rs.scored's
-// second fields, in index order (tokens never counted are the count-0 class, so they follow in
-// index order when fewer were counted). Counts are at most rank_tables x (radius + 1) <= 65535
-// (validated), so a histogram finds the count c of the r-th token: every token above c is taken,
-// then the first ones at c.
-template <typename T>
-void rank_by_collisions(const HeadRows<T>& R, const int32_t* qc, const RankedQueryArgs& a, int64_t r,
-                        const std::vector<std::pair<int32_t, uint16_t>>& masks, RankScratch& rs) {
-  soft_counts(R, qc, a.rank_tables, static_cast<int>(a.radius), masks, rs);
-  const int64_t n = R.total();
-  uint16_t* cnt = rs.count.data();
-  const int64_t top_count = a.rank_tables * (a.radius + 1);
-  rs.hist.assign(static_cast<size_t>(top_count + 1), 0);
-  for (int64_t i = 0; i < n; ++i) ++rs.hist[cnt[i]];
-  int64_t above = 0, c = top_count;
-  for (; c > 0 && above + rs.hist[c] < r; --c) above += rs.hist[c];
-  int64_t at_c = r - above;  // tokens to take with count exactly c
-  for (int64_t i = 0; i < n; ++i) {
-    const bool take = cnt[i] > c || (cnt[i] == c && at_c > 0);
-    if (take) {
-      at_c -= cnt[i] == c;
-      rs.scored.push_back({0.0f, static_cast<int32_t>(i)});
-    }
+  float bound = -std::numeric_limits<float>::infinity();
+  constexpr int64_t kSample = 1024;
+  if (n > 4 * kSample && r < n / 4) {  // else sorting everything is as cheap
+    rs.sample.resize(kSample);
+    for (int64_t j = 0; j < kSample; ++j) rs.sample[static_cast<size_t>(j)] = est[j * n / kSample];
+    // A rank in the sample well past r's expected one (r kSample / n, plus 4 standard deviations).
+    const double expect = static_cast<double>(r) * kSample / static_cast<double>(n);
+    const int64_t at = std::min<int64_t>(kSample - 1, static_cast<int64_t>(expect + 4 * std::sqrt(expect) + 8));
+    std::nth_element(rs.sample.begin(), rs.sample.begin() + at, rs.sample.end(), std::greater<float>());
+    bound = rs.sample[static_cast<size_t>(at)];
   }
-  std::fill(cnt, cnt + n, uint16_t{0});
+  for (int pass = 0; pass < 2; ++pass) {
+    rs.scored.clear();
+    for (int64_t i = 0; i < n; ++i)
+      if (est[i] >= bound) rs.scored.push_back({est[i], static_cast<int32_t>(i)});
+    if (static_cast<int64_t>(rs.scored.size()) >= r) break;
+    bound = -std::numeric_limits<float>::infinity();  // the sample misjudged: take every token
+  }
+  if (static_cast<int64_t>(rs.scored.size()) > r) {
+    std::nth_element(rs.scored.begin(), rs.scored.begin() + r, rs.scored.end(), higher);
+    rs.scored.resize(static_cast<size_t>(r));
+  }
 }
 
 void write_empty_head(int64_t d, float* out, float* lse, int32_t* keys, int32_t* values) {
@@ -139,8 +115,7 @@ void write_empty_head(int64_t d, float* out, float* lse, int32_t* keys, int32_t*
 // One (row, query head): q[d], codes qc[L] -> out[d], lse, keys and values read (query_ranked.h).
 template <typename T>
 void ranked_head(const StoreConfig& c, const LogWeightTable& wS, const SlotData& s, int64_t kvh,
-                 const RankedQueryArgs& a, const std::vector<std::pair<int32_t, uint16_t>>& masks,
-                 const float* q, const int32_t* qc, const RowKernels<T>& kern,
+                 const RankedQueryArgs& a, const float* cos_tab, SketchScoreFn score, const float* q, const int32_t* qc, const RowKernels<T>& kern,
                  float* out, float* lse, int32_t* keys_read, int32_t* values_read) {
   const HeadRows<T> R = head_rows<T>(c, s, kvh);
   const int64_t n = R.total(), d = R.d;
@@ -162,14 +137,11 @@ void ranked_head(const StoreConfig& c, const LogWeightTable& wS, const SlotData&
   }
   // R, then T: the m best scores of R.
   rs.scored.clear();
-  if (r > 0) rank_by_collisions(R, qc, a, r, masks, rs);
+  if (r > 0) rank_by_sketch(R, qc, a.rank_tables, r, cos_tab, score, rs);
   for (auto& e : rs.scored) {
     kern.dot(R.key(e.second), qdot, d, &e.first);
     set_bit(rs.in_r, e.second);
   }
-  auto higher = [](const std::pair<float, int32_t>& x, const std::pair<float, int32_t>& y) {
-    return x.first != y.first ? x.first > y.first : x.second < y.second;
-  };
   if (static_cast<int64_t>(rs.scored.size()) > m)
     std::nth_element(rs.scored.begin(), rs.scored.begin() + m, rs.scored.end(), higher);
   // S from the sampling tables.
@@ -202,11 +174,18 @@ void ranked_head(const StoreConfig& c, const LogWeightTable& wS, const SlotData&
   std::vector<float>& acc = qs.acc;
   acc.assign(static_cast<size_t>(d), 0.0f);
   double sum = 0;
-  for (const auto& e : rs.entries) {
-    const float p = std::exp(e.first - mx);
-    sum += p;
-    const T* val = R.val(e.second);
-    kern.vsum(&val, &p, 1, d, acc.data());
+  // Values in batches of 256 rows per vsum call (its accumulators stay in registers).
+  constexpr size_t kBatch = 256;
+  const T* rows[kBatch];
+  float probs[kBatch];
+  for (size_t j0 = 0; j0 < rs.entries.size(); j0 += kBatch) {
+    const size_t cnt = std::min(kBatch, rs.entries.size() - j0);
+    for (size_t j = 0; j < cnt; ++j) {
+      probs[j] = std::exp(rs.entries[j0 + j].first - mx);
+      sum += probs[j];
+      rows[j] = R.val(rs.entries[j0 + j].second);
+    }
+    kern.vsum(rows, probs, static_cast<int64_t>(cnt), d, acc.data());
   }
   for (int64_t i = 0; i < d; ++i) out[i] = static_cast<float>(acc[i] / sum);
   *lse = static_cast<float>(mx + std::log(sum));
@@ -220,10 +199,11 @@ void run_ranked(Store& st, const RankedQueryArgs& a) {
   const int64_t B = io.slots.dims[0], Hq = io.q.dims[1], G = Hq / Hkv;
   const LogWeightTable& wS = st.weights_for_tables(static_cast<int>(L - a.rank_tables));
   const RowKernels<T>& kern = row_kernels<T>(simd_level());
-  const std::vector<std::pair<int32_t, uint16_t>> masks = probe_masks(c.K, static_cast<int>(a.radius));
+  const std::vector<float> cos_tab = cos_table(a.rank_tables * c.K);
+  const SketchScoreFn score = sketch_score_kernel(simd_level());
   parallel_for(B * Hq, [&](int64_t item) {
     const int64_t b = item / Hq, h = item % Hq;
-    ranked_head<T>(c, wS, st.slots[io.slots.data[b]], h / G, a, masks, io.q.data + item * d,
+    ranked_head<T>(c, wS, st.slots[io.slots.data[b]], h / G, a, cos_tab.data(), score, io.q.data + item * d,
                    io.q_codes.data + item * L, kern, io.out.data + item * d, io.lse.data + item,
                    io.sampled.data + item, a.values_read.data + item);
   });

@@ -1,15 +1,16 @@
 // The LSH store's ranked query (docs/algorithm.md §2.9): the top of each query head's keys read
-// exactly, ranked by collision counts in some of the store's tables, and MagicPIG's importance
-// sample (query.h) over the other tables for the rest. Pure C++17: no XLA, no Python.
+// exactly, ranked by an estimate of their scores from the codes of some of the store's tables,
+// and MagicPIG's importance sample (query.h) over the other tables for the rest. Pure C++17: no
+// XLA, no Python.
 //
-// query_ranked(slot, q[Hq,d], q_codes[Hq,L], rank_tables Lr, radius rho, top f, refine r); query
-// head h uses KV head h / (Hq/Hkv); n = the slot's tokens (middle + appended, store.h):
+// query_ranked(slot, q[Hq,d], q_codes[Hq,L], rank_tables Lr, top f, refine r); query head h uses
+// KV head h / (Hq/Hkv); n = the slot's tokens (middle + appended, store.h); the store must keep
+// the sketch of the ranking tables (StoreConfig::sketch_tables == Lr):
 //   m = min(n, ceil(f n)),  r_n = min(n, max(m, ceil(r m)))
-//   h_il = popcount(codes_i[l] xor q_codes[h,l])  (bits by which table l's codes differ)
-//   c_i = sum over l < Lr of max(0, rho + 1 - h_il)    soft collision count (ranking tables;
-//         rho = 0: the number of collisions). The engine finds it by probing, in each ranking
-//         table, the buckets of every code within rho bits of the query's, not by a scan.
-//   R = the r_n tokens first in the order (c_i descending, i ascending)  keys scored
+//   D_i = sum over l < Lr of popcount(codes_i[l] xor q_codes[h,l])   (of B = Lr K bits)
+//   e_i = f32(|k_i|) * f32(cos(pi D_i / B))    estimated q.k_i / |q| (|k_i|: the stored norm);
+//         the engine scans the packed sketch of each token (sketch.h), not the tables' buckets
+//   R = the r_n tokens first in the order (e_i descending, i ascending)  keys scored
 //   T = the m tokens of R first in the order (q.k_i descending, i ascending)  read exactly
 //   S = { i : #{l >= Lr : codes_i[l] == q_codes[h,l]} >= 2 }           (sampling tables)
 //   u_i = query.h's u with L - Lr tables;  score_i = q.k_i / sqrt(d) for i in T,
@@ -20,8 +21,8 @@
 // i not in T is in S with probability u_i, so the S \ T sum stays an unbiased estimate of the
 // sum over all tokens outside T. f = 0 gives MagicPIG's estimate over the sampling tables;
 // f = 1 reads every token exactly (dense attention over the slot).
-// Settings: 1 <= Lr <= L - 2, 0 <= rho <= min(3, K), Lr (rho + 1) <= 65535, 0 <= f <= 1,
-// 1 <= r <= 1e6 (validate_ranked_query).
+// Settings: 1 <= Lr <= L - 2, Lr == the store's sketch_tables, 0 <= f <= 1, 1 <= r <= 1e6
+// (validate_ranked_query).
 #pragma once
 
 #include <cstdint>

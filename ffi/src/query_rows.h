@@ -9,6 +9,7 @@
 #include <cstring>
 #include <vector>
 
+#include "sketch.h"
 #include "store_layout.h"
 
 namespace pigjax {
@@ -76,6 +77,8 @@ struct HeadRows {
   const T* keys = nullptr; const T* vals = nullptr; const float* norms = nullptr;
   const T* akeys = nullptr; const T* avals = nullptr; const float* anorms = nullptr;
   const int32_t* acodes = nullptr;  // [na][L]
+  const uint64_t* sketch = nullptr;  // middle tokens' sketches (sketch.h), sketch_words words each
+  int64_t sketch_words = 0;
   int64_t total() const { return n + na; }
   const T* key(int64_t i) const { return i < n ? keys + i * d : akeys + (i - n) * d; }
   const T* val(int64_t i) const { return i < n ? vals + i * d : avals + (i - n) * d; }
@@ -95,6 +98,8 @@ inline HeadRows<T> head_rows(const StoreConfig& c, const SlotData& s, int64_t kv
   R.keys = stored_keys<T>(s) + kvh * R.n * R.d;
   R.vals = stored_values<T>(s) + kvh * R.n * R.d;
   R.norms = s.norms.data() + kvh * R.n;
+  R.sketch_words = sketch_words(c.sketch_tables, c.K);
+  R.sketch = s.sketch.data() + kvh * sketch_size(R.n, R.sketch_words);
   if (R.na > 0) {
     const SlotData::Appended& a = s.app[static_cast<size_t>(kvh)];
     R.akeys = pick<T>(a.k16, a.k32);

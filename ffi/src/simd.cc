@@ -21,6 +21,7 @@ CpuFeatures detect() {
   f.avx512bw = __builtin_cpu_supports("avx512bw");
   f.avx512vl = __builtin_cpu_supports("avx512vl");
   f.avx512_bf16 = __builtin_cpu_supports("avx512bf16");
+  f.avx512_vpopcntdq = __builtin_cpu_supports("avx512vpopcntdq");
 #endif
   return f;
 }

@@ -9,7 +9,7 @@
 
 // PIGJAX_X86: 1 where the AVX2 / AVX-512 paths are built (x86), else 0 (scalar only).
 // PIGJAX_TARGET_*: put on a function to compile it for that ISA; call it only when
-// simd_level() (or cpu_features(), for AVX512_BF16) says the CPU has it. A file that uses
+// simd_level() (or cpu_features(), for AVX512_BF16 / VPOPCNTDQ) says the CPU has it. A file that uses
 // intrinsics includes <immintrin.h> itself under `#if PIGJAX_X86`.
 #if defined(__x86_64__) || defined(__i386__)
 #define PIGJAX_X86 1
@@ -17,6 +17,8 @@
 #define PIGJAX_TARGET_AVX512 __attribute__((target("avx2,fma,avx512f,avx512bw,avx512vl")))
 #define PIGJAX_TARGET_AVX512BF16 \
   __attribute__((target("avx2,fma,avx512f,avx512bw,avx512vl,avx512bf16")))
+#define PIGJAX_TARGET_AVX512VPOPCNT \
+  __attribute__((target("avx2,fma,avx512f,avx512bw,avx512vl,avx512vpopcntdq,popcnt")))
 #else
 #define PIGJAX_X86 0
 #endif
@@ -33,6 +35,7 @@ struct CpuFeatures {
   bool avx512bw = false;
   bool avx512vl = false;
   bool avx512_bf16 = false;
+  bool avx512_vpopcntdq = false;
 };
 
 // What the CPU (and OS, via XGETBV as checked by libgcc) supports. Cached.

@@ -17,6 +17,7 @@
 #include <unordered_map>
 
 #include "bf16.h"
+#include "sketch.h"
 #include "store_layout.h"
 #include "thread_pool.h"
 
@@ -79,6 +80,9 @@ std::string validate_store_config(const StoreConfig& c) {
     return "K·L must be <= " + str(kLshMaxKL) + " (the SimHash projection has K·L columns and " +
            "every stored token L table entries), got K=" + str(c.K) + ", L=" + str(c.L) +
            " (K·L = " + str(int64_t{c.K} * c.L) + ")";
+  if (c.sketch_tables < 0 || c.sketch_tables > c.L - 2)
+    return "sketch_tables must be in [0, L - 2] = [0, " + str(c.L - 2) + "] (a ranked query samples " +
+           "with the other tables, at least 2), got " + str(c.sketch_tables);
   if (!(c.eps > 0) || !std::isfinite(c.eps))
     return "eps must be a finite number > 0, got " + std::to_string(c.eps);
   if (c.storage != StoreStorage::kF32 && c.storage != StoreStorage::kBF16)
@@ -99,7 +103,8 @@ std::string validate_store_config(const StoreConfig& c) {
 int64_t prefill_bytes_per_head(const StoreConfig& c, int64_t m) {
   const int64_t elem = c.storage == StoreStorage::kBF16 ? 2 : 4;
   const TableLayout t = table_layout(c.K, c.L, m);
-  return 2 * elem * c.head_dim * m + 4 * m + 4 * t.offsets_per_head + 2 * t.entries_per_head;
+  return 2 * elem * c.head_dim * m + 4 * m + 4 * t.offsets_per_head + 2 * t.entries_per_head +
+         8 * sketch_size(m, sketch_words(c.sketch_tables, c.K));
 }
 
 std::string estimate_store_bytes(const StoreConfig& c, StoreEstimate* out) {
@@ -244,7 +249,7 @@ bool store_info(int64_t handle, StoreInfo* info, std::string* err) {
     info->table_bits.push_back(bits);
     bytes += s.k16.capacity() * 2 + s.v16.capacity() * 2 + s.k32.capacity() * 4 +
              s.v32.capacity() * 4 + s.norms.capacity() * 4 + s.offsets.capacity() * 4 +
-             s.indices.capacity() * 2;
+             s.indices.capacity() * 2 + s.sketch.capacity() * 8;
     for (const SlotData::Appended& a : s.app)
       bytes += a.k16.capacity() * 2 + a.v16.capacity() * 2 + a.k32.capacity() * 4 +
                a.v32.capacity() * 4 + a.norms.capacity() * 4 + a.codes.capacity() * 4;
@@ -260,6 +265,7 @@ bool store_info(int64_t handle, StoreInfo* info, std::string* err) {
       {"table_indices", 2.0 * c.L},
       {"table_offsets", per_block / kBlockTokens},
       {"table_offsets_per_block", per_block},
+      {"sketch", 8.0 * sketch_words(c.sketch_tables, c.K)},
   };
   return true;
 }
@@ -349,12 +355,22 @@ std::string store_prefill(int64_t handle, const PrefillArgs& io) {
     s.layout = table_layout(c.K, L, m);
     s.offsets.resize(static_cast<size_t>(Hkv * s.layout.offsets_per_head));
     s.indices.resize(static_cast<size_t>(Hkv * s.layout.entries_per_head));
+    s.sketch.resize(static_cast<size_t>(Hkv * sketch_size(m, sketch_words(c.sketch_tables, c.K))));
   }
 
-  // Keys (rounded), norms of the stored keys, values.
+  // Keys (rounded), norms of the stored keys, values, sketches.
+  const int64_t W = sketch_words(c.sketch_tables, c.K);
   parallel_for(B * Hkv, [&](int64_t task) {
     const int64_t b = task / Hkv, h = task % Hkv, m = middle[b];
     SlotData& s = st->slots[io.slots.data[b]];
+    if (W > 0) {
+      uint64_t* sk = s.sketch.data() + h * sketch_size(m, W);
+      const int32_t* cd = io.codes.data + (task * n + io.sink) * L;
+      std::fill(sk, sk + sketch_size(m, W), uint64_t{0});
+      for (int64_t i = 0; i < m; ++i)
+        pack_sketch(cd + i * L, c.sketch_tables, c.K, sk + (i / kSketchBlock) * W * kSketchBlock + i % kSketchBlock,
+                    kSketchBlock);
+    }
     const float* ks = io.keys.data + (task * n + io.sink) * d;
     const float* vs = io.values.data + (task * n + io.sink) * d;
     if (bf16) {

@@ -16,6 +16,8 @@
 //   keys          2*d bytes (bf16) or 4*d (f32)
 //   values        2*d bytes (bf16) or 4*d (f32)
 //   key norms     4 bytes (fp32)
+//   sketch        8 * ceil(sketch_tables * K / 64) bytes (0 unless sketch_tables > 0; 64 B at
+//                 50 tables of K = 10), for whole blocks of 8 tokens (sketch.h)
 //   table indices 2*L bytes: uint16 index within a block of kBlockTokens = 65536 middle tokens
 //                 (300 B at L = 150; MagicPIG's int32 indices take 600 B)
 //   table offsets per block of len tokens (store_layout.h, BlockLayout), two layouts:
@@ -71,6 +73,10 @@ struct StoreConfig {
   double eps = 1e-4;     // finite, > 0
   StoreStorage storage = StoreStorage::kBF16;
   bool appends = true;   // false: store_append is an error, and the estimate counts prefills only
+  // Tables [0, sketch_tables) are also kept per middle token as a packed sketch of their codes
+  // (sketch.h), which the ranked query scans (query_ranked.h); 0 (MagicPIG) keeps none.
+  // 0 <= sketch_tables <= L - 2.
+  int64_t sketch_tables = 0;
 };
 
 // Parses "f32" / "bf16".

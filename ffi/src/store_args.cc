@@ -184,11 +184,11 @@ std::string validate_ranked_query(const StoreConfig& c, const RankedQueryArgs& a
   if (a.rank_tables < 1 || a.rank_tables > c.L - 2)
     return "rank_tables must be in [1, L - 2] = [1, " + str(c.L - 2) + "] (at least 2 of the L=" +
            str(c.L) + " tables must remain for sampling), got " + str(a.rank_tables);
-  if (a.radius < 0 || a.radius > std::min(3, c.K))
-    return "radius must be in [0, min(3, K)] = [0, " + str(std::min(3, c.K)) + "], got " + str(a.radius);
-  if (a.rank_tables * (a.radius + 1) > 65535)
-    return "rank_tables x (radius + 1) must be at most 65535 (16-bit counts), got " +
-           str(a.rank_tables * (a.radius + 1));
+  if (a.rank_tables != c.sketch_tables)
+    return "rank_tables must equal the store's sketch_tables = " + str(c.sketch_tables) +
+           " (the ranking scans the per-token sketch of tables [0, rank_tables), which a store keeps " +
+           "only for its sketch_tables: create it with sketch_tables=" + str(a.rank_tables) + "), got " +
+           str(a.rank_tables);
   if (!(a.top >= 0.0 && a.top <= 1.0))
     return "top must be a fraction in [0, 1], got " + std::to_string(a.top);
   if (!(a.refine >= 1.0 && a.refine <= 1e6))

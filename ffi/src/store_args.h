@@ -55,10 +55,9 @@ struct QueryArgs {
 struct RankedQueryArgs {
   QueryArgs base;                    // slots, q, q_codes, out, lse; sampled = keys read [B,Hq]
   ArrayView<int32_t> values_read;    // s32 [B,Hq] (output)
-  int64_t rank_tables = 0;           // tables [0, rank_tables) rank, the rest sample
-  int64_t radius = 0;                // ranking probes codes up to `radius` bits from the query's
+  int64_t rank_tables = 0;           // tables [0, rank_tables) rank (the store's sketch), the rest sample
   double top = 0;                    // fraction of a head's tokens read exactly
-  double refine = 1;                 // keys ranked by collisions and scored: refine x the top
+  double refine = 1;                 // keys ranked by the sketch and scored: refine x the top
 };
 
 // Each returns "" if the arguments fit a store with config c, else the message for an invalid

@@ -87,6 +87,7 @@ struct SlotData {
   HugeVector<uint16_t> k16, v16;   // bf16 storage: [Hkv][n][d]
   HugeVector<float> k32, v32;      // f32 storage:  [Hkv][n][d]
   HugeVector<float> norms;         // [Hkv][n]
+  HugeVector<uint64_t> sketch;     // [Hkv][sketch_size(n, W)]: tables [0, sketch_tables) (sketch.h)
   TableLayout layout;              // of the n middle tokens (set by prefill)
   HugeVector<int32_t> offsets;     // [Hkv][offsets_per_head]: per block [L][2^bits + 1],
                                    // entry ranges within the block's table

@@ -2,11 +2,11 @@
 //   bench_query [B Hkv Hq d n reps threads K L layout]   (default: 1 8 32 128 131072 30 2 10 150 -1)
 // layout: the table layout (set_table_layout: -1 auto, 0 direct, 1 compact).
 // Prints the median query time, |S|/n, a checksum of the outputs and the caller's CPU time.
-// RANKED=<radius> times the ranked query instead (query_ranked.h: 50 ranking tables, top 0.018,
-// refine 1, the RankedLSH defaults but the radius).
+// RANKED=1 times the ranked query instead (query_ranked.h: a store with the sketch of 50 tables,
+// top 0.018, refine 1: the RankedLSH defaults).
 // Repeats one query, so rows stay cached as far as the L3 holds them. Build (no Python needed):
 //   g++ -O3 -std=c++17 -Iffi/src \
-//       ffi/src/{simd,thread_pool,simhash,row_kernels,weight_table,store_args,store,query,query_ranked}.cc \
+//       ffi/src/{simd,thread_pool,simhash,row_kernels,weight_table,store_args,store,query,query_ranked,sketch}.cc \
 //       ffi/tests/bench_query.cc -lpthread -o bench_query
 #include <algorithm>
 #include <chrono>
@@ -48,7 +48,9 @@ int main(int argc, char** argv) {
     simhash_codes(keys.data() + r0 * d, m, d, proj.data(), int(K), L, codes.data() + r0 * L);
   });
   simhash_codes(q.data(), B * Hq, d, proj.data(), int(K), L, qcodes.data());
+  const char* ranked = std::getenv("RANKED");
   StoreConfig cfg;
+  cfg.sketch_tables = ranked ? 50 : 0;
   cfg.slots = B; cfg.kv_heads = Hkv; cfg.head_dim = d; cfg.capacity = n; cfg.K = int(K); cfg.L = int(L);
   std::string err;
   const int64_t h = store_create(cfg, &err);
@@ -73,12 +75,11 @@ int main(int argc, char** argv) {
   qio.out.data = out.data(); qio.out.dims = {B, Hq, d};
   qio.lse.data = lse.data(); qio.lse.dims = {B, Hq};
   qio.sampled.data = sampled.data(); qio.sampled.dims = {B, Hq};
-  const char* ranked = std::getenv("RANKED");
   std::vector<int32_t> values_read(B * Hq);
   RankedQueryArgs rio;
   rio.base = qio;
   rio.values_read.data = values_read.data(); rio.values_read.dims = {B, Hq};
-  rio.rank_tables = 50; rio.radius = ranked ? std::atoi(ranked) : 0; rio.top = 0.018; rio.refine = 1.0;
+  rio.rank_tables = 50; rio.top = 0.018; rio.refine = 1.0;
   std::vector<double> t, tc;
   auto cpu_ms = [] {
     timespec ts;

@@ -205,8 +205,9 @@ static QueryArgs query_io(const Case& c, const Data& D, QueryOut* o) {
   return io;
 }
 
-static int64_t create(const Case& c, double eps = 1e-4, int64_t capacity = 0) {
+static int64_t create(const Case& c, double eps = 1e-4, int64_t capacity = 0, int64_t sketch_tables = 0) {
   StoreConfig cfg;
+  cfg.sketch_tables = sketch_tables;
   cfg.slots = c.slots; cfg.kv_heads = c.Hkv; cfg.head_dim = c.d;
   cfg.capacity = capacity > 0 ? capacity : std::max<int64_t>(1, c.n); cfg.K = c.K; cfg.L = c.L; cfg.eps = eps;
   cfg.storage = c.storage;
@@ -824,7 +825,8 @@ static void test_memory() {
 
 // The ranked query (query_ranked.h): top = 1 is exact softmax over the stored middle; top = 0
 // reads as MagicPIG on the sampling tables (values read = keys read); a small top reads more
-// values than the sample alone; unprefilled slots and bad settings.
+// values than the sample alone; every SIMD level of the sketch kernel selects the same keys;
+// unprefilled slots and bad settings.
 static void test_ranked_query() {
   const Case cases[] = {
       {"ranked f32", StoreStorage::kF32, 4, 12, 2, 3, 33, 200, 3, 5, 4, 16, 21},
@@ -833,20 +835,25 @@ static void test_ranked_query() {
   };
   for (const Case& c : cases) {
     const Data D = make_data(c);
-    const int64_t h = create(c), Hq = c.Hkv * c.G;
+    const int64_t h = create(c, 1e-4, 0, c.L / 2), Hq = c.Hkv * c.G;
     std::vector<int32_t> mc;
     std::string err = store_prefill(h, prefill_io(c, D, &mc));
     CHECK(err.empty(), "%s prefill: %s", c.name, err.c_str());
-    for (int radius = 0; radius <= std::min(3, c.K); ++radius) {
-      for (double top : {1.0, 0.0, 0.1}) {
+    for (double top : {1.0, 0.0, 0.1}) {
+      std::vector<int32_t> first_keys, first_values;
+      for (SimdLevel level : {SimdLevel::kScalar, SimdLevel::kAvx2, SimdLevel::kAvx512}) {
+        if (set_simd_level(level) != level) continue;
         QueryOut Q;
         std::vector<int32_t> values(c.B * Hq, -7);
         RankedQueryArgs a;
         a.base = query_io(c, D, &Q);
         a.values_read.data = values.data(); a.values_read.dims = {c.B, Hq};
-        a.rank_tables = c.L / 2; a.radius = radius; a.top = top; a.refine = 2.0;
+        a.rank_tables = c.L / 2; a.top = top; a.refine = 2.0;
         err = store_query_ranked(h, a);
         CHECK(err.empty(), "%s ranked: %s", c.name, err.c_str());
+        if (first_keys.empty()) { first_keys = Q.sampled; first_values = values; }
+        CHECK(Q.sampled == first_keys && values == first_values, "%s top %g: level %s reads other keys",
+              c.name, top, simd_level_name(level));
         for (int64_t b = 0; b < c.B; ++b) {
           const int64_t n = mc[b];
           for (int64_t j = 0; j < Hq; ++j) {
@@ -888,30 +895,37 @@ static void test_ranked_query() {
     store_free(h, &err);
   }
   // Bad settings: a message naming the setting, never a crash.
+  set_simd_level(hardware_simd_level());
   const Case c = cases[0];
   const Data D = make_data(c);
-  const int64_t h = create(c), Hq = c.Hkv * c.G;
+  const int64_t h = create(c, 1e-4, 0, 4), Hq = c.Hkv * c.G;
   QueryOut Q;
   std::vector<int32_t> values(c.B * Hq);
-  auto run = [&](int64_t rank_tables, int64_t radius, double top, double refine, std::vector<int64_t> vdims) {
+  auto run = [&](int64_t rank_tables, double top, double refine, std::vector<int64_t> vdims) {
     RankedQueryArgs a;
     a.base = query_io(c, D, &Q);
     a.values_read.data = values.data(); a.values_read.dims = vdims;
-    a.rank_tables = rank_tables; a.radius = radius; a.top = top; a.refine = refine;
+    a.rank_tables = rank_tables; a.top = top; a.refine = refine;
     return store_query_ranked(h, a);
   };
   const std::vector<int64_t> ok = {c.B, Hq};
-  CHECK(run(4, 1, 0.1, 1.0, ok).empty(), "unprefilled ranked query is fine");
-  CHECK(contains(run(11, 1, 0.1, 1.0, ok), "rank_tables must be in [1, L - 2] = [1, 10]"), "rank_tables");
-  CHECK(contains(run(0, 1, 0.1, 1.0, ok), "rank_tables must be in"), "rank_tables 0");
-  CHECK(contains(run(4, 4, 0.1, 1.0, ok), "radius must be in [0, min(3, K)] = [0, 3]"), "radius");
-  CHECK(contains(run(4, 1, -0.5, 1.0, ok), "top must be a fraction in [0, 1]"), "top");
-  CHECK(contains(run(4, 1, std::nan(""), 1.0, ok), "top must be"), "top nan");
-  CHECK(contains(run(4, 1, 0.1, 0.5, ok), "refine must be a number in [1, 1e6]"), "refine");
-  CHECK(contains(run(4, 1, 0.1, 1.0, {c.B}), "values_read must have shape"), "values_read shape");
+  CHECK(run(4, 0.1, 1.0, ok).empty(), "unprefilled ranked query is fine");
+  CHECK(contains(run(11, 0.1, 1.0, ok), "rank_tables must be in [1, L - 2] = [1, 10]"), "rank_tables");
+  CHECK(contains(run(0, 0.1, 1.0, ok), "rank_tables must be in"), "rank_tables 0");
+  CHECK(contains(run(5, 0.1, 1.0, ok), "rank_tables must equal the store's sketch_tables = 4"), "sketch");
+  CHECK(contains(run(4, -0.5, 1.0, ok), "top must be a fraction in [0, 1]"), "top");
+  CHECK(contains(run(4, std::nan(""), 1.0, ok), "top must be"), "top nan");
+  CHECK(contains(run(4, 0.1, 0.5, ok), "refine must be a number in [1, 1e6]"), "refine");
+  CHECK(contains(run(4, 0.1, 1.0, {c.B}), "values_read must have shape"), "values_read shape");
   std::string err;
   store_free(h, &err);
-  CHECK(contains(run(4, 1, 0.1, 1.0, ok), "unknown"), "freed handle: %s", run(4, 1, 0.1, 1.0, ok).c_str());
+  CHECK(contains(run(4, 0.1, 1.0, ok), "unknown"), "freed handle: %s", run(4, 0.1, 1.0, ok).c_str());
+  // A store's sketch must leave two tables for sampling.
+  StoreConfig bad;
+  bad.slots = 1; bad.kv_heads = 1; bad.head_dim = 8; bad.capacity = 8; bad.K = 4; bad.L = 12;
+  bad.sketch_tables = 11;
+  CHECK(store_create(bad, &err) == 0 && contains(err, "sketch_tables must be in [0, L - 2] = [0, 10]"),
+        "sketch_tables: %s", err.c_str());
 }
 
 int main() {

@@ -92,6 +92,11 @@ class MagicPIG(SparseBackend):
         if self.path is not None and self.path not in engine.PATHS:
             raise ConfigError(f"{self.name}: path must be None, 'ffi', 'cuda-ffi' or 'callback', got {self.path!r}")
 
+    @property
+    def sketch_tables(self) -> int:
+        """Tables whose codes the engine store also keeps per token (RankedLSH's ranking; none here)."""
+        return 0
+
     def exact_width(self, prompt_capacity: int) -> int:
         """Window slots for the exact prompt tokens (sink and local) of prompts up to that length."""
         return min(self.sink + self.local, prompt_capacity)
@@ -110,7 +115,8 @@ class MagicPIG(SparseBackend):
         slots = max(1, len(self.sparse_layers(config.num_hidden_layers)) * batch)
         try:  # MagicPIG never appends: the estimate counts the prompt's tables only
             store = open_store(slots, config.num_key_value_heads, config.head_dim, capacity, self.K, self.L,
-                               self.eps, self.storage, self.path, appends=False, num_heads=config.num_attention_heads)
+                               self.eps, self.storage, self.path, appends=False, num_heads=config.num_attention_heads,
+                               sketch_tables=self.sketch_tables)
         except PigjaxError as e:
             raise ConfigError(f"{self.name} (K={self.K}, L={self.L}, batch {batch}, {capacity} prompt tokens): {e}") from None
         with store:

@@ -53,17 +53,25 @@ def sampled_attention(q, k, v, k_codes, q_codes, K: int, L: int, eps: float = 1e
     return out, lse, mask.sum(-1), mask
 
 
-def ranked_selection(q, k, codes, q_codes, K: int, rank_tables: int, top: float, refine: float, radius: int):
+def sketch_estimates(k, codes, q_codes, K: int, rank_tables: int) -> np.ndarray:
+    """The ranked query's score estimates (docs/algorithm.md §2.9) for keys k [n, d] with codes
+    [n, L] and query codes q_codes [L]: f32 |k| · f32 cos(π·D/B), D = the bits of tables
+    [0, rank_tables) by which a key's codes differ from the query's, B = rank_tables·K."""
+    xor = (codes[:, :rank_tables] ^ q_codes[None, :rank_tables]).astype(np.int64)
+    dist = sum((xor >> b) & 1 for b in range(K)).sum(-1)
+    norms = np.sqrt(np.sum(np.asarray(k, np.float64) ** 2, axis=-1)).astype(np.float32)
+    return norms * np.cos(np.pi * dist / (rank_tables * K)).astype(np.float32)
+
+
+def ranked_selection(q, k, codes, q_codes, K: int, rank_tables: int, top: float, refine: float):
     """The ranked query's sets for one query head q [d] over keys k [n, d] with codes [n, L] and
     query codes q_codes [L] (docs/algorithm.md §2.9) -> masks [n] of R (keys scored), T (read
     exactly) and S (sampled by the tables from rank_tables on)."""
     n, lr = k.shape[0], rank_tables
     m = min(n, int(np.ceil(top * n)))
     r = min(n, max(m, int(np.ceil(refine * m))))
-    xor = (codes[:, :lr] ^ q_codes[None, :lr]).astype(np.int64)
-    hamming = sum((xor >> b) & 1 for b in range(K))
-    counts = np.maximum(0, radius + 1 - hamming).sum(-1)
-    ranked = np.lexsort((np.arange(n), -counts))[:r]
+    est = sketch_estimates(k, codes, q_codes, K, rank_tables)
+    ranked = np.lexsort((np.arange(n), -est))[:r]
     dots = np.asarray(k, np.float64)[ranked] @ np.asarray(q, np.float64)
     r_mask, t_mask = np.zeros(n, bool), np.zeros(n, bool)
     r_mask[ranked] = True
@@ -73,11 +81,10 @@ def ranked_selection(q, k, codes, q_codes, K: int, rank_tables: int, top: float,
 
 
 def ranked_attention(q, k, v, k_codes, q_codes, K: int, L: int, rank_tables: int, top: float, refine: float,
-                     radius: int = 0, eps: float = 1e-4):
+                     eps: float = 1e-4):
     """The engine's ranked query (docs/algorithm.md §2.9) for one sequence, arguments as
     `sampled_attention`: T = the ⌈top·n⌉ highest q·k among the ⌈refine·top·n⌉ keys with the highest
-    soft count Σ_{l < rank_tables} max(0, radius + 1 − Hamming(code_il, q_l)) (ties: lower index
-    first), weight 1; S = ≥ 2 collisions
+    `sketch_estimates` (ties: lower index first), weight 1; S = ≥ 2 collisions
     in the other tables, weight 1/(u + eps) with u for L − rank_tables tables.
     -> out [Hq, d], lse [Hq], keys read [Hq] (|R ∪ S|), values read [Hq] (|T ∪ S|), T mask [Hq, n]."""
     q, k, v = (np.asarray(a, np.float64) for a in (q, k, v))
@@ -88,7 +95,7 @@ def ranked_attention(q, k, v, k_codes, q_codes, K: int, L: int, rank_tables: int
     keys, values, t_mask = np.zeros(hq, np.int64), np.zeros(hq, np.int64), np.zeros((hq, n), bool)
     for h in range(hq):
         kh, vh, codes = k[h // group], v[h // group], k_codes[h // group]
-        r_mask, t_mask[h], s_mask = ranked_selection(q[h], kh, codes, q_codes[h], K, rank_tables, top, refine, radius)
+        r_mask, t_mask[h], s_mask = ranked_selection(q[h], kh, codes, q_codes[h], K, rank_tables, top, refine)
         rest = s_mask & ~t_mask[h]
         keys[h] = (r_mask | s_mask).sum()
         values[h] = (t_mask[h] | s_mask).sum()

@@ -25,14 +25,14 @@ class StoreGrid(Closing):
 
     def __init__(self, mesh, heads: str | None, slots: int, kv_heads: int, head_dim: int, capacity: int,
                  K: int, L: int, eps: float = 1e-4, storage: str = "bf16", path: str | None = None,
-                 appends: bool = True):
+                 appends: bool = True, sketch_tables: int = 0):
         d, m = sharding.axis_size(mesh, sharding.DATA), sharding.axis_size(mesh, sharding.MODEL)
         if slots % d:
             raise PigjaxError(f"StoreGrid: {slots} slots do not split over a 'data' axis of {d}")
         local_heads = kv_heads // m if heads else kv_heads
         args = (slots // d, local_heads, head_dim, capacity, K, L)
         devices = [(idx, dev) for idx, dev in np.ndenumerate(mesh.devices) if dev.process_index == jax.process_index()]
-        total = estimate_bytes(*args, storage=storage, appends=appends) * len(devices)
+        total = estimate_bytes(*args, storage=storage, appends=appends, sketch_tables=sketch_tables) * len(devices)
         limit = memory_limit()
         if limit is not None and total > limit:
             raise PigjaxError(f"StoreGrid: {len(devices)} stores of this process need ~{total / 2**30:.2f} GiB, "
@@ -41,7 +41,8 @@ class StoreGrid(Closing):
         self.stores: dict[tuple, Store] = {}
         try:
             for idx, _ in devices:
-                self.stores[idx] = Store(*args, eps=eps, storage=storage, path=path, appends=appends)
+                self.stores[idx] = Store(*args, eps=eps, storage=storage, path=path, appends=appends,
+                                         sketch_tables=sketch_tables)
         except PigjaxError:
             self.close()
             raise
@@ -86,11 +87,12 @@ class StoreGrid(Closing):
 
 
 def open_store(slots: int, kv_heads: int, head_dim: int, capacity: int, K: int, L: int, eps: float = 1e-4,
-               storage: str = "bf16", path: str | None = None, appends: bool = True, num_heads: int | None = None):
+               storage: str = "bf16", path: str | None = None, appends: bool = True, num_heads: int | None = None,
+               sketch_tables: int = 0):
     """A `Store`, or under a mesh (`jax.set_mesh`) a `StoreGrid` splitting heads as the model does
     (`num_heads`: the query heads, default `kv_heads`)."""
     mesh = jax.sharding.get_mesh()
     if mesh.empty:
-        return Store(slots, kv_heads, head_dim, capacity, K, L, eps, storage, path, appends)
+        return Store(slots, kv_heads, head_dim, capacity, K, L, eps, storage, path, appends, sketch_tables)
     heads = sharding.heads_axis(num_heads or kv_heads, kv_heads, mesh)
-    return StoreGrid(mesh, heads, slots, kv_heads, head_dim, capacity, K, L, eps, storage, path, appends)
+    return StoreGrid(mesh, heads, slots, kv_heads, head_dim, capacity, K, L, eps, storage, path, appends, sketch_tables)

@@ -64,22 +64,27 @@ class Store(Closing):
     """A handle to an engine store; free it with `close()` or a `with` block (also freed at exit)."""
 
     def __init__(self, slots: int, kv_heads: int, head_dim: int, capacity: int, K: int, L: int,
-                 eps: float = 1e-4, storage: str = "bf16", path: str | None = None, appends: bool = True):
+                 eps: float = 1e-4, storage: str = "bf16", path: str | None = None, appends: bool = True,
+                 sketch_tables: int = 0):
         """Raises PigjaxError naming the argument for a bad one, and for a store whose estimated
         bytes with every slot full (`estimate_bytes`) exceed `memory_limit()`. `appends=False`
         (a store that is only prefilled, as MagicPIG's) makes `append` an error and the estimate
-        count prefilled tokens only."""
+        count prefilled tokens only. `sketch_tables` > 0 also keeps the codes of tables
+        [0, sketch_tables) per token, packed, for `query_ranked` (docs/algorithm.md §2.9)."""
         self.path = check_path("Store", path)
         slots, kv_heads, head_dim, capacity, K, L, eps, storage = _store_args(
             "Store", slots=slots, kv_heads=kv_heads, head_dim=head_dim, capacity=capacity, K=K, L=L, eps=eps,
             storage=storage)
         appends = _bool_arg("Store", "appends", appends)
+        sketch_tables = _int_arg("Store", "sketch_tables", sketch_tables, 0)
         try:
-            self.handle = int(_engine.store_create(slots, kv_heads, head_dim, capacity, K, L, eps, storage, appends))
+            self.handle = int(_engine.store_create(slots, kv_heads, head_dim, capacity, K, L, eps, storage, appends,
+                                                   sketch_tables))
         except ValueError as e:
             raise PigjaxError(f"Store: {_strip(e)}") from None
         self.slots, self.kv_heads, self.head_dim, self.capacity = slots, kv_heads, head_dim, capacity
         self.K, self.L, self.eps, self.storage, self.appends = K, L, eps, storage, appends
+        self.sketch_tables = sketch_tables
         self._finalizer = weakref.finalize(self, _free_quietly, self.handle)
 
     def close(self):
@@ -121,10 +126,9 @@ class Store(Closing):
     def query(self, slots, q, q_codes, dep):
         return self._track(query(self.handle_array, slots, q, q_codes, dep, path=self.path))
 
-    def query_ranked(self, slots, q, q_codes, dep, *, rank_tables: int, top: float, radius: int = 0,
-                     refine: float = 1.0):
+    def query_ranked(self, slots, q, q_codes, dep, *, rank_tables: int, top: float, refine: float = 1.0):
         return self._track(query_ranked(self.handle_array, slots, q, q_codes, dep, rank_tables=rank_tables, top=top,
-                                        radius=radius, refine=refine, path=self.path))
+                                        refine=refine, path=self.path))
 
     def _track(self, result):
         """JAX dispatches asynchronously: keep the newest result so that `close()` waits for the
@@ -186,8 +190,9 @@ def _strip(e: ValueError) -> str:
 
 
 def estimate_bytes(slots: int, kv_heads: int, head_dim: int, capacity: int, K: int, L: int,
-                   storage: str = "bf16", appends: bool = True) -> int:
-    """Bytes a `Store(slots, kv_heads, head_dim, capacity, K, L, storage=storage, appends=appends)`
+                   storage: str = "bf16", appends: bool = True, sketch_tables: int = 0) -> int:
+    """Bytes a `Store(slots, kv_heads, head_dim, capacity, K, L, storage=storage, appends=appends,
+    sketch_tables=sketch_tables)`
     allocates with every slot full: each (slot, KV head) holding `capacity` prefilled middle tokens
     or, with `appends`, `capacity` appended tokens if that takes more (4·L code bytes per token, vs
     2·L index bytes plus the tables' directories for a prefill). That is what `info()["bytes_allocated"]`
@@ -197,8 +202,10 @@ def estimate_bytes(slots: int, kv_heads: int, head_dim: int, capacity: int, K: i
         "estimate_bytes", slots=slots, kv_heads=kv_heads, head_dim=head_dim, capacity=capacity, K=K, L=L,
         eps=1e-4, storage=storage)
     appends = _bool_arg("estimate_bytes", "appends", appends)
+    sketch_tables = _int_arg("estimate_bytes", "sketch_tables", sketch_tables, 0)
     try:
-        return int(_engine.store_estimate_bytes(slots, kv_heads, head_dim, capacity, K, L, storage, appends)["bytes"])
+        return int(_engine.store_estimate_bytes(slots, kv_heads, head_dim, capacity, K, L, storage, appends,
+                                                sketch_tables)["bytes"])
     except ValueError as e:
         raise PigjaxError(f"estimate_bytes: {_strip(e)}") from None
 
@@ -352,30 +359,31 @@ def _query(handle, slots, q, q_codes, dep, *, path):
     return call(handle, slots, q, q_codes, dep)
 
 
-def query_ranked(handle, slots, q, q_codes, dep, *, rank_tables: int, top: float, radius: int = 0,
-                 refine: float = 1.0, path: str = "ffi", heads: str | None = None):
+def query_ranked(handle, slots, q, q_codes, dep, *, rank_tables: int, top: float, refine: float = 1.0,
+                 path: str = "ffi", heads: str | None = None):
     """The ranked query (docs/algorithm.md §2.9): per query head, the ⌈top·n⌉ best-scoring of the
-    ⌈refine·top·n⌉ tokens with the highest soft collision counts in tables [0, rank_tables) (codes
-    within `radius` bits of the query's count) read exactly, plus MagicPIG's importance sample over
-    the other tables for the rest. Arguments as `query`.
+    ⌈refine·top·n⌉ tokens with the highest score estimates |k|·cos(π·D/B) (D of the B bits of
+    tables [0, rank_tables) differ from the query's; the store must keep their sketch:
+    `sketch_tables=rank_tables`) read exactly, plus MagicPIG's importance sample over the other
+    tables for the rest. Arguments as `query`.
     -> out [B, Hq, d] f32, lse [B, Hq] f32, keys_read [B, Hq] int32, values_read [B, Hq] int32."""
     _check("query_ranked", handle=(handle, jnp.int32, 0), slots=(slots, jnp.int32, 1), q=(q, jnp.float32, 3),
            q_codes=(q_codes, jnp.int32, 3), dep=(dep, jnp.int32, 1))
-    return sharding.engine_shards(partial(_query_ranked, rank_tables=rank_tables, top=top, radius=radius, refine=refine,
-                                          path=path), handle, slots, (q, q_codes, dep), (3, 2, 2, 2), heads)
+    return sharding.engine_shards(partial(_query_ranked, rank_tables=rank_tables, top=top, refine=refine, path=path),
+                                  handle, slots, (q, q_codes, dep), (3, 2, 2, 2), heads)
 
 
-def _query_ranked(handle, slots, q, q_codes, dep, *, rank_tables, top, radius, refine, path):
+def _query_ranked(handle, slots, q, q_codes, dep, *, rank_tables, top, refine, path):
     b, hq, d = q.shape
     shapes = (jax.ShapeDtypeStruct((b, hq, d), jnp.float32), jax.ShapeDtypeStruct((b, hq), jnp.float32),
               jax.ShapeDtypeStruct((b, hq), jnp.int32), jax.ShapeDtypeStruct((b, hq), jnp.int32))
     if path == "callback":
-        host = _host(lambda h, *a: _engine.store_query_ranked_np(h, *a[:-1], rank_tables, radius, top, refine), shapes)
+        host = _host(lambda h, *a: _engine.store_query_ranked_np(h, *a[:-1], rank_tables, top, refine), shapes)
         return io_callback(host, shapes, handle, slots, q, q_codes, dep, ordered=True)
     if path == "cuda-ffi":
         raise PigjaxError("Store.query_ranked: the ranked query has no CUDA handler yet; use path='callback'")
     call = jax.ffi.ffi_call("pigjax_lsh_query_ranked", shapes, has_side_effect=True)
-    return call(handle, slots, q, q_codes, dep, rank_tables=np.int32(rank_tables), radius=np.int32(radius), top=np.float64(top),
+    return call(handle, slots, q, q_codes, dep, rank_tables=np.int32(rank_tables), top=np.float64(top),
                 refine=np.float64(refine))
 
 

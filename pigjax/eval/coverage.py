@@ -51,7 +51,7 @@ def _ranked_layer_coverage(q, km, backend, rng, draws: int) -> dict:
         for p in range(q.shape[0]):
             for h in range(q.shape[1]):
                 r, t, s = ranked_selection(q[p, h], kc[g[h]], codes[g[h]], q_codes[p, h], K, backend.rank_tables,
-                                           backend.top, backend.refine, backend.radius)
+                                           backend.top, backend.refine)
                 read[p, h] += (t | s) / draws
                 fraction += (r | s).sum() / (n * draws * q.shape[0] * q.shape[1])
     top1 = np.take_along_axis(read, a.argmax(-1)[..., None], -1)[..., 0]

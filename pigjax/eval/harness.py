@@ -10,8 +10,6 @@ Back-end names map to objects of the top-level `pigjax` package:
   rankedlsh         pigjax.RankedLSH() (defaults: about 3.3% read)
   rankedlsh_2pct    pigjax.RankedLSH(top=0.006) (about 2%)
   rankedlsh_5pct    pigjax.RankedLSH(top=0.035) (about 5%)
-  rankedlsh_r2      pigjax.RankedLSH(radius=2) (a cheaper ranking walk: 56 probes per table, not 176)
-  rankedlsh_r1      pigjax.RankedLSH(radius=1) (11 probes per table)
   topk              pigjax.TopK(fraction=f)
   quest             pigjax.Quest(page=16, fraction=f)
   quest_dense01     pigjax.Quest(page=16, fraction=f, dense_layers=(0, 1)): Quest's public code keeps
@@ -48,8 +46,6 @@ BACKENDS: dict[str, tuple[str, dict]] = {
     "rankedlsh": ("RankedLSH", {}),
     "rankedlsh_2pct": ("RankedLSH", {"top": 0.006}),
     "rankedlsh_5pct": ("RankedLSH", {"top": 0.035}),
-    "rankedlsh_r2": ("RankedLSH", {"radius": 2}),
-    "rankedlsh_r1": ("RankedLSH", {"radius": 1}),
     "topk": ("TopK", {}),
     "quest": ("Quest", {"page": 16}),
     "quest_dense01": ("Quest", {"page": 16, "dense_layers": (0, 1)}),

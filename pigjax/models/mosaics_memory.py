@@ -175,7 +175,7 @@ class MosaicsSampled:
         mp = self.magicpig
         slots = max(1, len(self.sparse_layers(config)) * batch)
         store = open_store(slots, config.num_attention_heads, config.head_size, capacity, mp.K, mp.L, mp.eps,
-                           mp.storage, mp.path)
+                           mp.storage, mp.path, sketch_tables=mp.sketch_tables)
         with store:
             yield Runtime(EngineRef(store.handle_array, mp.projection(config.head_size), getattr(store, "heads", None)),
                           store)

@@ -83,8 +83,6 @@ def test_generate_and_memory_mosaics_accept_it(tiny):
     (dict(refine=0.5), r"refine must be a number in \[1, 1e6\]"),
     (dict(refine=float("nan")), "refine"),
     (dict(K=0), "rankedlsh: K must"),
-    (dict(radius=4), r"radius must be an int in \[0, min\(3, K\)\] = \[0, 3\]"),
-    (dict(K=2, L=20, rank_tables=10, radius=3), r"= \[0, 2\]"),
 ])
 def test_bad_configs(kwargs, match):
     with pytest.raises(pigjax.ConfigError, match=match):
@@ -98,7 +96,7 @@ def test_coverage_of_ranked_sets(tiny):
     from pigjax.eval.coverage import coverage
 
     toks = _tokens(240, rows=1, seed=4)
-    small = pigjax.RankedLSH(K=6, L=40, rank_tables=15, radius=1, top=0.05)
+    small = pigjax.RankedLSH(K=6, L=40, rank_tables=15, top=0.05)
     full = pigjax.RankedLSH(K=6, L=40, rank_tables=15, top=1.0)
     sparse = small.sparse_layers(tiny.config.num_hidden_layers)
     got = coverage(tiny, toks[0], 200, configs=[], sink=4, local=64, sparse_layers=sparse,

@@ -204,7 +204,7 @@ def test_engine_queries():
     assert "pigjax_simhash_codes" in native._engine.registrations()
     assert native.simd_level() in LEVELS
     feats = native.cpu_features()
-    assert set(feats) == {"avx2", "fma", "avx512f", "avx512bw", "avx512vl", "avx512_bf16"}
+    assert set(feats) == {"avx2", "fma", "avx512f", "avx512bw", "avx512vl", "avx512_bf16", "avx512_vpopcntdq"}
     assert all(isinstance(v, bool) for v in feats.values())
     hw = native.hardware_simd_level()
     if hw == "avx512":

@@ -33,57 +33,65 @@ def _inputs(seed, b=2, hq=6, hkv=2, n=600, d=16, K=6, L=40):
     return q, k, v, ref.simhash_codes(k, proj, K), ref.simhash_codes(q, proj, K)
 
 
-@pytest.mark.parametrize("top, refine, radius, n0", [
-    (0.03, 1.0, 0, None), (0.03, 3.0, 0, None), (0.1, 2.0, 0, 450), (0.5, 1.0, 0, None),
-    (0.03, 1.0, 2, None), (0.05, 2.0, 1, 450), (0.03, 2.0, 3, None)])
+@pytest.mark.parametrize("top, refine, n0, n", [
+    (0.03, 1.0, None, 600), (0.03, 3.0, None, 600), (0.1, 2.0, 450, 600), (0.5, 1.0, None, 600),
+    (0.05, 2.0, 450, 600), (0.01, 1.0, None, 9000), (0.02, 2.0, 8500, 9000)])  # n 9000: the sampled bound
 @pytest.mark.parametrize("layout", [-1, 1])  # auto (direct at n = 600, K = 6) and forced compact
-def test_selection_matches_numpy_reference(top, refine, radius, n0, layout):
-    """Same codes in: the same top set, sample, reads and output (middle and appended tokens)."""
+@pytest.mark.parametrize("simd", ["scalar", "avx2", "avx512"])
+def test_selection_matches_numpy_reference(top, refine, n0, n, layout, simd):
+    """Same codes in: the same top set, sample, reads and output (middle and appended tokens), at
+    each SIMD level of the sketch kernel."""
     K, L, lr = 6, 40, 15
-    q, k, v, k_codes, q_codes = _inputs(1)
+    q, k, v, k_codes, q_codes = _inputs(1, n=n)
     _engine.set_table_layout(layout)
+    previous = _engine.simd_level()
+    if _engine.set_simd_level(simd) != simd:
+        _engine.set_simd_level(previous)
+        pytest.skip(f"this CPU has no {simd}")
     try:
-        with Store(2, 2, 16, 600, K, L, storage="f32") as store:
+        with Store(2, 2, 16, n, K, L, storage="f32", sketch_tables=lr) as store:
             slots = _store_with(store, k, v, k_codes, n0)
-            out, lse, keys, values = _engine.store_query_ranked_np(store.handle, slots, q, q_codes, lr, radius, top,
-                                                                   refine)
+            out, lse, keys, values = _engine.store_query_ranked_np(store.handle, slots, q, q_codes, lr, top, refine)
     finally:
         _engine.set_table_layout(-1)
+        _engine.set_simd_level(previous)
     for r in range(2):
-        o, l, kr, vr, t_mask = ref.ranked_attention(q[r], k[r], v[r], k_codes[r], q_codes[r], K, L, lr, top, refine,
-                                                    radius)
+        o, l, kr, vr, t_mask = ref.ranked_attention(q[r], k[r], v[r], k_codes[r], q_codes[r], K, L, lr, top, refine)
         np.testing.assert_array_equal(keys[r], kr)
         np.testing.assert_array_equal(values[r], vr)
         np.testing.assert_allclose(out[r], o, atol=2e-5)
         np.testing.assert_allclose(lse[r], l, atol=2e-5)
-        assert 0 < t_mask.sum(-1).min() and vr.max() < 600  # a real selection, not everything
+        assert 0 < t_mask.sum(-1).min() and vr.max() < n  # a real selection, not everything
 
 
-def test_ties_in_collision_counts_break_by_index():
-    """Every key collides in every ranking table: the top set is the lowest indices (refine = 1);
-    the query's codes differ from the keys' by 3 bits in the sampling tables (never sampled)."""
+def test_ties_in_estimates_break_by_index():
+    """Equal norms, and every key's ranking codes equal the query's: the top set is the lowest
+    indices (refine = 1); the query's codes differ from the keys' by 3 bits in the sampling tables
+    (never sampled)."""
     n, d, K, L, lr = 200, 8, 4, 10, 4
     rng = np.random.default_rng(2)
-    k = rng.normal(size=(1, 1, n, d)).astype(np.float32)
+    k = np.zeros((1, 1, n, d), np.float32)
+    k[..., 0] = 1.0
     v = np.zeros((1, 1, n, d), np.float32)
     v[0, 0, :20, 0] = 1.0  # the first 20 keys carry a value
     k_codes = np.zeros((1, 1, n, L), np.int32)
     k_codes[..., lr:] = 7  # never sampled: the query's codes are all 0
-    with Store(1, 1, d, n, K, L, storage="f32") as store:
+    with Store(1, 1, d, n, K, L, storage="f32", sketch_tables=lr) as store:
         slots = _store_with(store, k, v, k_codes)
         q = rng.normal(size=(1, 1, d)).astype(np.float32)
         out, _, keys, values = _engine.store_query_ranked_np(store.handle, slots, q, np.zeros((1, 1, L), np.int32),
-                                                             lr, 0, 0.1, 1.0)
+                                                             lr, 0.1, 1.0)
     assert keys[0, 0] == values[0, 0] == 20 and out[0, 0, 0] == pytest.approx(1.0)
 
 
 def test_full_top_is_exact_and_zero_top_is_magicpig():
     K, L, lr = 6, 40, 15
     q, k, v, k_codes, q_codes = _inputs(3)
-    with Store(2, 2, 16, 600, K, L, storage="f32") as full, Store(2, 2, 16, 600, K, L - lr, storage="f32") as tail:
+    with (Store(2, 2, 16, 600, K, L, storage="f32", sketch_tables=lr) as full,
+          Store(2, 2, 16, 600, K, L - lr, storage="f32") as tail):
         slots = _store_with(full, k, v, k_codes)
-        out, lse, keys, values = _engine.store_query_ranked_np(full.handle, slots, q, q_codes, lr, 2, 1.0, 1.0)
-        out0, lse0, keys0, values0 = _engine.store_query_ranked_np(full.handle, slots, q, q_codes, lr, 2, 0.0, 1.0)
+        out, lse, keys, values = _engine.store_query_ranked_np(full.handle, slots, q, q_codes, lr, 1.0, 1.0)
+        out0, lse0, keys0, values0 = _engine.store_query_ranked_np(full.handle, slots, q, q_codes, lr, 0.0, 1.0)
         _store_with(tail, k, v, np.ascontiguousarray(k_codes[..., lr:]))
         pig, pig_lse, sampled = _engine.store_query_np(tail.handle, slots, q, np.ascontiguousarray(q_codes[..., lr:]))
     kk, vv = (np.repeat(x.astype(np.float64), 3, axis=1) for x in (k, v))
@@ -117,13 +125,13 @@ def test_remainder_is_unbiased_given_the_top_set():
     kb = np.ascontiguousarray(np.broadcast_to(k, (trials, 1, n, d)), np.float32)
     vb = np.ascontiguousarray(np.broadcast_to(v, (trials, 1, n, d)), np.float32)
     qb = np.ascontiguousarray(np.broadcast_to(q, (trials, 1, d)), np.float32)
-    with Store(trials, 1, d, n, K, L, eps, storage="f32") as store:
+    with Store(trials, 1, d, n, K, L, eps, storage="f32", sketch_tables=lr) as store:
         slots = _store_with(store, kb, vb, k_codes)
-        out, lse, _, _ = _engine.store_query_ranked_np(store.handle, slots, qb, q_codes, lr, 1, top, 2.0)
+        out, lse, _, _ = _engine.store_query_ranked_np(store.handle, slots, qb, q_codes, lr, top, 2.0)
     denom = np.exp(np.asarray(lse, np.float64))[:, 0]
     numer = denom[:, None] * np.asarray(out, np.float64)[:, 0]
     e = np.exp(s)
-    t = np.stack([ref.ranked_attention(qb[i], kb[i], vb[i], k_codes[i], q_codes[i], K, L, lr, top, 2.0, 1)[4][0]
+    t = np.stack([ref.ranked_attention(qb[i], kb[i], vb[i], k_codes[i], q_codes[i], K, L, lr, top, 2.0)[4][0]
                   for i in range(trials)])  # T per trial [trials, n]
     assert np.all(t.sum(1) == 20) and 0.05 < t.mean(0).max() < 1.0  # T varies with the projection
     cond_denom = (t * e).sum(1) + (~t * e * keep).sum(1)
@@ -139,22 +147,44 @@ def test_remainder_is_unbiased_given_the_top_set():
 
 
 @pytest.mark.parametrize("args, match", [
-    ((39, 0, 0.1, 1.0), r"rank_tables must be in \[1, L - 2\] = \[1, 38\]"),
-    ((0, 0, 0.1, 1.0), "rank_tables must be in"),
-    ((10, 4, 0.1, 1.0), r"radius must be in \[0, min\(3, K\)\] = \[0, 3\], got 4"),
-    ((10, -1, 0.1, 1.0), "radius must be in"),
-    ((10, 0, 1.5, 1.0), r"top must be a fraction in \[0, 1\]"),
-    ((10, 0, float("nan"), 1.0), "top must be"),
-    ((10, 0, 0.1, 0.5), r"refine must be a number in \[1, 1e6\]"),
+    ((39, 0.1, 1.0), r"rank_tables must be in \[1, L - 2\] = \[1, 38\]"),
+    ((0, 0.1, 1.0), "rank_tables must be in"),
+    ((12, 0.1, 1.0), r"rank_tables must equal the store's sketch_tables = 10 .*sketch_tables=12"),
+    ((10, 1.5, 1.0), r"top must be a fraction in \[0, 1\]"),
+    ((10, float("nan"), 1.0), "top must be"),
+    ((10, 0.1, 0.5), r"refine must be a number in \[1, 1e6\]"),
 ])
 def test_bad_settings_raise_clear_errors(args, match):
     q, k, v, k_codes, q_codes = _inputs(4, n=100)
-    with Store(2, 2, 16, 100, 6, 40, storage="f32") as store:
+    with Store(2, 2, 16, 100, 6, 40, storage="f32", sketch_tables=10) as store:
         slots = _store_with(store, k, v, k_codes)
         with pytest.raises(ValueError, match="store_query_ranked_np: " + match):
             _engine.store_query_ranked_np(store.handle, slots, q, q_codes, *args)
         with pytest.raises(ValueError, match="values_read|q_codes must have shape"):
-            _engine.store_query_ranked_np(store.handle, slots, q, q_codes[:, :, :5], 10, 0, 0.1, 1.0)
+            _engine.store_query_ranked_np(store.handle, slots, q, q_codes[:, :, :5], 10, 0.1, 1.0)
+
+
+def test_a_store_without_the_sketch_refuses_a_ranked_query():
+    q, k, v, k_codes, q_codes = _inputs(4, n=100)
+    with Store(2, 2, 16, 100, 6, 40, storage="f32") as store:
+        slots = _store_with(store, k, v, k_codes)
+        with pytest.raises(ValueError, match="sketch_tables = 0 .*create it with sketch_tables=10"):
+            _engine.store_query_ranked_np(store.handle, slots, q, q_codes, 10, 0.1, 1.0)
+    with pytest.raises(PigjaxError, match=r"sketch_tables must be in \[0, L - 2\] = \[0, 38\] .*got 39"):
+        Store(1, 1, 16, 100, 6, 40, sketch_tables=39)
+    with pytest.raises(PigjaxError, match="sketch_tables must be >= 0"):
+        Store(1, 1, 16, 100, 6, 40, sketch_tables=-1)
+
+
+def test_sketch_memory_is_counted():
+    """64 bytes a token for 50 tables of K = 10 (500 bits), in the estimate and the allocation."""
+    from pigjax.engine import estimate_bytes
+
+    base = estimate_bytes(2, 3, 64, 1000, 10, 150, storage="bf16", appends=False)
+    with_sketch = estimate_bytes(2, 3, 64, 1000, 10, 150, storage="bf16", appends=False, sketch_tables=50)
+    assert with_sketch - base == 2 * 3 * 1000 * 64
+    with Store(1, 1, 16, 1000, 10, 150, sketch_tables=50) as store:
+        assert store.info()["bytes_per_token"]["sketch"] == 64.0 and store.info()["sketch_tables"] == 50
 
 
 def test_ffi_path_equals_numpy_path_and_reports_bad_settings():
@@ -163,12 +193,12 @@ def test_ffi_path_equals_numpy_path_and_reports_bad_settings():
     from pigjax.engine import store as engine_store
 
     q, k, v, k_codes, q_codes = _inputs(5)
-    with Store(2, 2, 16, 600, 6, 40, storage="f32") as store:
+    with Store(2, 2, 16, 600, 6, 40, storage="f32", sketch_tables=15) as store:
         slots = _store_with(store, k, v, k_codes)
-        want = _engine.store_query_ranked_np(store.handle, slots, q, q_codes, 15, 2, 0.05, 2.0)
+        want = _engine.store_query_ranked_np(store.handle, slots, q, q_codes, 15, 0.05, 2.0)
         dep = jnp.full((2,), 600, jnp.int32)
         got = store.query_ranked(jnp.asarray(slots), jnp.asarray(q), jnp.asarray(q_codes), dep, rank_tables=15,
-                                 radius=2, top=0.05, refine=2.0)
+                                 top=0.05, refine=2.0)
         for a, b in zip(got, want):
             np.testing.assert_allclose(np.asarray(a), b, atol=1e-6)
         with pytest.raises(jax.errors.JaxRuntimeError, match="pigjax_lsh_query_ranked: rank_tables must be"):
