@@ -1,9 +1,17 @@
-// The ranked query (query_ranked.h). One task per (row, query head): score estimates from the
-// sketch of the ranking tables (one linear pass of popcounts, sketch.h), the r best of them by a
-// partial selection above a sampled bound, a partial selection of the m best exact scores among
-// them, the sampling tables' >= 2-collision bitmap (collect_head, as MagicPIG's query), then one
-// softmax over T and S \ T. Unlike query.cc it does not share key rows between the heads of a
-// GQA group.
+// The ranked query (query_ranked.h) in three parallel passes:
+//  1. per (row, query head): m, r, the query's sketch and a bound below the r-th best estimate,
+//     from the estimates of 1024 tokens in evenly spaced blocks (rows of > 4096 tokens with
+//     r < n / 4; else no bound);
+//  2. per (row, KV head, chunk of 8192 tokens): one scan of the sketches (sketch.h) for all the
+//     group's query heads, keeping the tokens whose estimate reaches their head's bound; the
+//     sketches are read once per group, not once per head;
+//  3. per (row, query head): R = the r best candidates (rows without a bound, or whose bound let
+//     too few or too many through, scan alone here with room for every token), their exact
+//     scores, T = the m best of them, the sampling tables' >= 2-collision bitmap (collect_head,
+//     as MagicPIG's query), then one softmax over T and S \ T. Unlike query.cc, key rows are
+//     not shared between the heads of a GQA group.
+// The candidates of 2 hold every token at or above the bound, and when there are at least r of
+// them they hold the r best: the selection is exactly query_ranked.h's whatever the sample.
 #include "query_ranked.h"
 
 #include <algorithm>
@@ -26,17 +34,33 @@ namespace pigjax {
 
 namespace {
 
+constexpr int64_t kSample = 1024;       // tokens whose estimates place the bound
+constexpr int64_t kScanChunk = 8192;    // tokens per scan task (a multiple of kSketchBlock)
+
+// What pass 1 decides for one (row, query head).
+struct HeadPlan {
+  int64_t n = 0, m = 0, r = 0;
+  bool bounded = false;                 // pass 2 scans for this head
+  float bound = -std::numeric_limits<float>::infinity();
+  int64_t chunk_cap = 0;                // candidates kept per chunk of pass 2
+};
+
+struct CallScratch {
+  std::vector<uint64_t> qsk;                        // [B][Hq][W] query sketches
+  std::vector<HeadPlan> plan;                       // [B][Hq]
+  std::vector<Candidates> cand;                     // [B][Hq][chunk]
+  std::vector<std::pair<float, int32_t>> items;     // the candidates' storage
+  std::vector<float> bounds;                        // [B][Hq]
+};
+
 struct RankScratch {
-  std::vector<float> est;          // [n] score estimates from the sketch
-  std::vector<float> sample;       // strided sample of est (the selection's threshold)
+  std::vector<float> sample;
   std::vector<std::pair<float, int32_t>> scored;  // (estimate, then q.k; token) of R
   std::vector<uint64_t> in_r, in_t, in_s;  // bitmaps over the tokens
   std::vector<std::pair<float, int32_t>> entries;  // (score, token) of T u S
   std::vector<uint16_t> qprep;
-  std::vector<uint64_t> qsketch;
   void ensure(int64_t n) {
     const size_t words = static_cast<size_t>((n + 63) / 64);
-    if (est.size() < static_cast<size_t>(n)) est.resize(static_cast<size_t>(n));
     for (auto* b : {&in_r, &in_t, &in_s})
       if (b->size() < words) b->resize(words);
   }
@@ -55,53 +79,78 @@ bool higher(const std::pair<float, int32_t>& x, const std::pair<float, int32_t>&
   return x.first != y.first ? x.first > y.first : x.second < y.second;
 }
 
-// cos(pi D / B) for D in [0, B], B = the sketch's bits: a token whose sketch differs from the
-// query's in D of B bits is at an estimated angle of pi D / B (each bit is a random hyperplane).
+// cos(pi D / B) for D in [0, B], B = the sketch's bits (sketch.h).
 std::vector<float> cos_table(int64_t bits) {
   std::vector<float> t(static_cast<size_t>(bits + 1));
   for (int64_t D = 0; D <= bits; ++D) t[static_cast<size_t>(D)] = static_cast<float>(std::cos(M_PI * D / bits));
   return t;
 }
 
-// R: the r first tokens in the order (estimate descending, index ascending), into rs.scored.
-// Estimates: est_i = |k_i| cos(pi D_i / B) (middle tokens: the sketch kernel; appended tokens:
-// their stored codes). The r-th estimate is bracketed from a strided sample of 1024, so only
-// tokens above that bound are sorted (all of them if too few are).
+// Pass 1 for one (row, query head): sizes, and for a long row a bound at a rank of the sample
+// (kSample tokens: evenly spaced blocks of 8) well past r's expected one (r kSample / n plus 4
+// standard deviations plus 8).
 template <typename T>
-void rank_by_sketch(const HeadRows<T>& R, const int32_t* qc, int64_t Lr, int64_t r, const float* cos_tab,
-                    SketchScoreFn score, RankScratch& rs) {
-  const int64_t n = R.total();
-  float* est = rs.est.data();
-  rs.qsketch.resize(static_cast<size_t>(R.sketch_words));
-  pack_sketch(qc, Lr, R.K, rs.qsketch.data(), 1);
-  score(R.sketch, R.n, R.sketch_words, rs.qsketch.data(), R.norms, cos_tab, est);
-  for (int64_t t = 0; t < R.na; ++t) {
+HeadPlan plan_head(const HeadRows<T>& R, const RankedQueryArgs& a, const uint64_t* qsk, const float* cos_tab,
+                   SketchScanFn scan, RankScratch& rs) {
+  HeadPlan p;
+  p.n = R.total();
+  p.m = std::min<int64_t>(p.n, static_cast<int64_t>(std::ceil(a.top * static_cast<double>(p.n))));
+  p.r = std::min<int64_t>(p.n, std::max<int64_t>(p.m, static_cast<int64_t>(std::ceil(a.refine * p.m))));
+  if (R.n <= 4 * kSample || p.r == 0 || p.r >= p.n / 4) return p;
+  rs.scored.resize(kSample);
+  Candidates sample{rs.scored.data(), kSample, 0, false};
+  const float none = -std::numeric_limits<float>::infinity();
+  const int64_t blocks = R.n / kSketchBlock, picks = kSample / kSketchBlock;
+  for (int64_t j = 0; j < picks; ++j) {
+    const int64_t b = j * blocks / picks * kSketchBlock;
+    scan(R.sketch, b, b + kSketchBlock, R.sketch_words, qsk, 1, R.norms, cos_tab, &none, &sample);
+  }
+  rs.sample.resize(kSample);
+  for (int64_t j = 0; j < kSample; ++j) rs.sample[static_cast<size_t>(j)] = rs.scored[static_cast<size_t>(j)].first;
+  const double expect = static_cast<double>(p.r) * kSample / static_cast<double>(p.n);
+  const int64_t at = std::min<int64_t>(kSample - 1, static_cast<int64_t>(expect + 4 * std::sqrt(expect) + 8));
+  std::nth_element(rs.sample.begin(), rs.sample.begin() + at, rs.sample.end(), std::greater<float>());
+  p.bounded = true;
+  p.bound = rs.sample[static_cast<size_t>(at)];
+  p.chunk_cap = 2 * (at + 1) * kScanChunk / kSample + 64;  // twice the sample's share, plus slack
+  return p;
+}
+
+// R: the r first tokens in the order (estimate descending, index ascending), into rs.scored.
+// From the chunks' candidates of pass 2 when they suffice, else from a scan of every token.
+template <typename T>
+void select_r(const HeadRows<T>& R, const HeadPlan& p, const Candidates* chunks, int64_t nchunks,
+              const int32_t* qc, int64_t Lr, const uint64_t* qsk, const float* cos_tab, SketchScanFn scan,
+              RankScratch& rs) {
+  rs.scored.clear();
+  bool complete = p.bounded;
+  for (int64_t c = 0; complete && c < nchunks; ++c) {
+    complete = !chunks[c].overflow;
+    rs.scored.insert(rs.scored.end(), chunks[c].items, chunks[c].items + chunks[c].count);
+  }
+  float bound = p.bound;
+  if (!complete) {  // no bound, or a chunk overflowed: every middle token
+    bound = -std::numeric_limits<float>::infinity();
+    rs.scored.resize(static_cast<size_t>(R.n));
+    Candidates all{rs.scored.data(), R.n, 0, false};
+    scan(R.sketch, 0, R.n, R.sketch_words, qsk, 1, R.norms, cos_tab, &bound, &all);
+    rs.scored.resize(static_cast<size_t>(all.count));
+  }
+  for (int64_t t = 0; t < R.na; ++t) {  // appended tokens: their stored codes
     const int32_t* ac = R.acodes + t * R.L;
     uint32_t dist = 0;
     for (int64_t l = 0; l < Lr; ++l) dist += static_cast<uint32_t>(__builtin_popcount(static_cast<uint32_t>(ac[l] ^ qc[l])));
-    est[R.n + t] = R.anorms[t] * cos_tab[dist];
+    const float e = R.anorms[t] * cos_tab[dist];
+    if (e >= bound) rs.scored.push_back({e, static_cast<int32_t>(R.n + t)});
   }
-  float bound = -std::numeric_limits<float>::infinity();
-  constexpr int64_t kSample = 1024;
-  if (n > 4 * kSample && r < n / 4) {  // else sorting everything is as cheap
-    rs.sample.resize(kSample);
-    for (int64_t j = 0; j < kSample; ++j) rs.sample[static_cast<size_t>(j)] = est[j * n / kSample];
-    // A rank in the sample well past r's expected one (r kSample / n, plus 4 standard deviations).
-    const double expect = static_cast<double>(r) * kSample / static_cast<double>(n);
-    const int64_t at = std::min<int64_t>(kSample - 1, static_cast<int64_t>(expect + 4 * std::sqrt(expect) + 8));
-    std::nth_element(rs.sample.begin(), rs.sample.begin() + at, rs.sample.end(), std::greater<float>());
-    bound = rs.sample[static_cast<size_t>(at)];
+  if (static_cast<int64_t>(rs.scored.size()) < p.r && bound > -std::numeric_limits<float>::infinity()) {
+    HeadPlan all = p;  // the sample misjudged: too few reached the bound
+    all.bounded = false;
+    return select_r(R, all, nullptr, 0, qc, Lr, qsk, cos_tab, scan, rs);
   }
-  for (int pass = 0; pass < 2; ++pass) {
-    rs.scored.clear();
-    for (int64_t i = 0; i < n; ++i)
-      if (est[i] >= bound) rs.scored.push_back({est[i], static_cast<int32_t>(i)});
-    if (static_cast<int64_t>(rs.scored.size()) >= r) break;
-    bound = -std::numeric_limits<float>::infinity();  // the sample misjudged: take every token
-  }
-  if (static_cast<int64_t>(rs.scored.size()) > r) {
-    std::nth_element(rs.scored.begin(), rs.scored.begin() + r, rs.scored.end(), higher);
-    rs.scored.resize(static_cast<size_t>(r));
+  if (static_cast<int64_t>(rs.scored.size()) > p.r) {
+    std::nth_element(rs.scored.begin(), rs.scored.begin() + p.r, rs.scored.end(), higher);
+    rs.scored.resize(static_cast<size_t>(p.r));
   }
 }
 
@@ -112,16 +161,14 @@ void write_empty_head(int64_t d, float* out, float* lse, int32_t* keys, int32_t*
   *values = 0;
 }
 
-// One (row, query head): q[d], codes qc[L] -> out[d], lse, keys and values read (query_ranked.h).
+// Pass 3 for one (row, query head): q[d], codes qc[L] -> out[d], lse, keys and values read.
 template <typename T>
-void ranked_head(const StoreConfig& c, const LogWeightTable& wS, const SlotData& s, int64_t kvh,
-                 const RankedQueryArgs& a, const float* cos_tab, SketchScoreFn score, const float* q, const int32_t* qc, const RowKernels<T>& kern,
+void ranked_head(const HeadRows<T>& R, const LogWeightTable& wS, const RankedQueryArgs& a, const HeadPlan& p,
+                 const Candidates* chunks, int64_t nchunks, const uint64_t* qsk, const float* cos_tab,
+                 SketchScanFn scan, const float* q, const int32_t* qc, int64_t L, const RowKernels<T>& kern,
                  float* out, float* lse, int32_t* keys_read, int32_t* values_read) {
-  const HeadRows<T> R = head_rows<T>(c, s, kvh);
-  const int64_t n = R.total(), d = R.d;
+  const int64_t n = p.n, m = p.m, d = R.d;
   if (n == 0) return write_empty_head(d, out, lse, keys_read, values_read);
-  const int64_t m = std::min<int64_t>(n, static_cast<int64_t>(std::ceil(a.top * static_cast<double>(n))));
-  const int64_t r = std::min<int64_t>(n, std::max<int64_t>(m, static_cast<int64_t>(std::ceil(a.refine * m))));
   QueryScratch& qs = query_scratch();
   RankScratch& rs = rank_scratch();
   qs.ensure(n);
@@ -135,17 +182,27 @@ void ranked_head(const StoreConfig& c, const LogWeightTable& wS, const SlotData&
     kern.prep(q, 1, d, rs.qprep.data());
     qdot = reinterpret_cast<const float*>(rs.qprep.data());
   }
+  // Rows are read in scattered order: each loop prefetches kAhead rows ahead (as query.cc).
+  constexpr size_t kAhead = 12;
+  const int64_t row_bytes = d * static_cast<int64_t>(sizeof(T));
+  auto prefetch_row = [row_bytes](const T* row) {
+    const char* at = reinterpret_cast<const char*>(row);
+    for (int64_t b = 0; b < row_bytes; b += 64) __builtin_prefetch(at + b);
+  };
   // R, then T: the m best scores of R.
   rs.scored.clear();
-  if (r > 0) rank_by_sketch(R, qc, a.rank_tables, r, cos_tab, score, rs);
-  for (auto& e : rs.scored) {
+  if (p.r > 0) select_r(R, p, chunks, nchunks, qc, a.rank_tables, qsk, cos_tab, scan, rs);
+  for (size_t j = 0; j < std::min(kAhead, rs.scored.size()); ++j) prefetch_row(R.key(rs.scored[j].second));
+  for (size_t j = 0; j < rs.scored.size(); ++j) {
+    if (j + kAhead < rs.scored.size()) prefetch_row(R.key(rs.scored[j + kAhead].second));
+    auto& e = rs.scored[j];
     kern.dot(R.key(e.second), qdot, d, &e.first);
     set_bit(rs.in_r, e.second);
   }
   if (static_cast<int64_t>(rs.scored.size()) > m)
     std::nth_element(rs.scored.begin(), rs.scored.begin() + m, rs.scored.end(), higher);
   // S from the sampling tables.
-  collect_head(R, qc, a.rank_tables, c.L, qs, rs.in_s.data());
+  collect_head(R, qc, a.rank_tables, L, qs, rs.in_s.data());
   // Entries: T with weight 1, S \ T with MagicPIG's weight for L - Lr tables.
   const double inv_sqrt_d = 1.0 / std::sqrt(static_cast<double>(d));
   double qnorm;
@@ -156,15 +213,21 @@ void ranked_head(const StoreConfig& c, const LogWeightTable& wS, const SlotData&
     rs.entries.push_back({static_cast<float>(rs.scored[j].first * inv_sqrt_d), rs.scored[j].second});
   }
   int64_t keys = static_cast<int64_t>(rs.scored.size());
+  const size_t first_s = rs.entries.size();
   for (size_t w = 0; w < words; ++w) {
     for (uint64_t b = rs.in_s[w]; b; b &= b - 1) {
       const int32_t i = static_cast<int32_t>(w * 64 + __builtin_ctzll(b));
       keys += !bit(rs.in_r, i);
-      if (bit(rs.in_t, i)) continue;
-      float dot;
-      kern.dot(R.key(i), qdot, d, &dot);
-      rs.entries.push_back({static_cast<float>(dot * inv_sqrt_d + wS(dot, qnorm, R.norm(i))), i});
+      if (!bit(rs.in_t, i)) rs.entries.push_back({0.0f, i});
     }
+  }
+  for (size_t j = first_s; j < std::min(first_s + kAhead, rs.entries.size()); ++j) prefetch_row(R.key(rs.entries[j].second));
+  for (size_t j = first_s; j < rs.entries.size(); ++j) {
+    if (j + kAhead < rs.entries.size()) prefetch_row(R.key(rs.entries[j + kAhead].second));
+    const int32_t i = rs.entries[j].second;
+    float dot;
+    kern.dot(R.key(i), qdot, d, &dot);
+    rs.entries[j].first = static_cast<float>(dot * inv_sqrt_d + wS(dot, qnorm, R.norm(i)));
   }
   *keys_read = static_cast<int32_t>(keys);
   *values_read = static_cast<int32_t>(rs.entries.size());
@@ -181,9 +244,10 @@ void ranked_head(const StoreConfig& c, const LogWeightTable& wS, const SlotData&
   for (size_t j0 = 0; j0 < rs.entries.size(); j0 += kBatch) {
     const size_t cnt = std::min(kBatch, rs.entries.size() - j0);
     for (size_t j = 0; j < cnt; ++j) {
+      rows[j] = R.val(rs.entries[j0 + j].second);
+      prefetch_row(rows[j]);
       probs[j] = std::exp(rs.entries[j0 + j].first - mx);
       sum += probs[j];
-      rows[j] = R.val(rs.entries[j0 + j].second);
     }
     kern.vsum(rows, probs, static_cast<int64_t>(cnt), d, acc.data());
   }
@@ -195,17 +259,69 @@ template <typename T>
 void run_ranked(Store& st, const RankedQueryArgs& a) {
   const StoreConfig& c = st.cfg;
   const QueryArgs& io = a.base;
-  const int64_t Hkv = c.kv_heads, d = c.head_dim, L = c.L;
+  const int64_t Hkv = c.kv_heads, d = c.head_dim, L = c.L, W = sketch_words(a.rank_tables, c.K);
   const int64_t B = io.slots.dims[0], Hq = io.q.dims[1], G = Hq / Hkv;
   const LogWeightTable& wS = st.weights_for_tables(static_cast<int>(L - a.rank_tables));
   const RowKernels<T>& kern = row_kernels<T>(simd_level());
   const std::vector<float> cos_tab = cos_table(a.rank_tables * c.K);
-  const SketchScoreFn score = sketch_score_kernel(simd_level());
+  const SketchScanFn scan = sketch_scan_kernel(simd_level());
+  auto rows = [&](int64_t b, int64_t kvh) { return head_rows<T>(c, st.slots[io.slots.data[b]], kvh); };
+  // Per-call arrays, kept by the calling thread between calls (the pool's threads fill them
+  // while it waits in parallel_for).
+  thread_local CallScratch call;
+  std::vector<uint64_t>& qsk = call.qsk;
+  std::vector<HeadPlan>& plan = call.plan;
+  qsk.resize(static_cast<size_t>(B * Hq * W));
+  plan.assign(static_cast<size_t>(B * Hq), HeadPlan{});
+  // Pass 1: sizes, query sketches, bounds.
+  parallel_for(B * Hq, [&](int64_t item) {
+    uint64_t* qs = qsk.data() + item * W;
+    pack_sketch(io.q_codes.data + item * L, a.rank_tables, c.K, qs, 1);
+    plan[static_cast<size_t>(item)] = plan_head(rows(item / Hq, item % Hq / G), a, qs, cos_tab.data(), scan,
+                                                  rank_scratch());
+  });
+  // Pass 2: chunks of the bounded rows' middle tokens, each scanned once for its group's heads.
+  int64_t nchunks = 0;
+  for (int64_t b = 0; b < B; ++b) nchunks = std::max(nchunks, (rows(b, 0).n + kScanChunk - 1) / kScanChunk);
+  std::vector<Candidates>& cand = call.cand;  // [b][h][chunk]
+  cand.assign(static_cast<size_t>(B * Hq * nchunks), Candidates{});
+  int64_t room = 0;
+  for (int64_t item = 0; item < B * Hq; ++item) {
+    if (!plan[static_cast<size_t>(item)].bounded) continue;
+    for (int64_t k = 0; k < nchunks; ++k) cand[static_cast<size_t>(item * nchunks + k)].cap = plan[static_cast<size_t>(item)].chunk_cap;
+    room += plan[static_cast<size_t>(item)].chunk_cap * nchunks;
+  }
+  std::vector<std::pair<float, int32_t>>& items = call.items;
+  items.resize(static_cast<size_t>(room));
+  room = 0;
+  for (Candidates& x : cand) { x.items = items.data() + room; room += x.cap; }
+  std::vector<float>& bounds = call.bounds;
+  bounds.resize(static_cast<size_t>(B * Hq));
+  for (int64_t item = 0; item < B * Hq; ++item) bounds[static_cast<size_t>(item)] = plan[static_cast<size_t>(item)].bound;
+  parallel_for(B * Hkv * nchunks, [&](int64_t task) {
+    const int64_t b = task / (Hkv * nchunks), kvh = task / nchunks % Hkv, k = task % nchunks;
+    const int64_t h0 = b * Hq + kvh * G;
+    if (!plan[static_cast<size_t>(h0)].bounded) return;  // the same for every head of a row
+    const HeadRows<T> R = rows(b, kvh);
+    const int64_t begin = k * kScanChunk, end = std::min(R.n, begin + kScanChunk);
+    if (begin >= end) return;
+    // The group's candidate lists of this chunk sit nchunks apart: gather them.
+    Candidates local[kGroupChunk];
+    for (int64_t g0 = 0; g0 < G; g0 += kGroupChunk) {
+      const int64_t gc = std::min<int64_t>(kGroupChunk, G - g0);
+      for (int64_t g = 0; g < gc; ++g) local[g] = cand[static_cast<size_t>((h0 + g0 + g) * nchunks + k)];
+      scan(R.sketch, begin, end, R.sketch_words, qsk.data() + (h0 + g0) * W, gc, R.norms, cos_tab.data(),
+           bounds.data() + h0 + g0, local);
+      for (int64_t g = 0; g < gc; ++g) cand[static_cast<size_t>((h0 + g0 + g) * nchunks + k)] = local[g];
+    }
+  });
+  // Pass 3: per query head.
   parallel_for(B * Hq, [&](int64_t item) {
     const int64_t b = item / Hq, h = item % Hq;
-    ranked_head<T>(c, wS, st.slots[io.slots.data[b]], h / G, a, cos_tab.data(), score, io.q.data + item * d,
-                   io.q_codes.data + item * L, kern, io.out.data + item * d, io.lse.data + item,
-                   io.sampled.data + item, a.values_read.data + item);
+    ranked_head<T>(rows(b, h / G), wS, a, plan[static_cast<size_t>(item)], cand.data() + item * nchunks, nchunks,
+                   qsk.data() + item * W, cos_tab.data(), scan, io.q.data + item * d, io.q_codes.data + item * L, L,
+                   kern, io.out.data + item * d, io.lse.data + item, io.sampled.data + item,
+                   a.values_read.data + item);
   });
 }
 

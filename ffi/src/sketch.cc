@@ -20,66 +20,82 @@ void pack_sketch(const int32_t* codes, int64_t tables, int K, uint64_t* words, i
 
 namespace {
 
-// One block of 8 tokens (or the `count` first of a partial one), any ISA the caller compiles for.
-#define PIGJAX_SKETCH_BLOCK(POPCOUNT)                                              \
-  for (int64_t t = 0; t < count; ++t) {                                            \
-    uint32_t dist = 0;                                                             \
-    for (int64_t w = 0; w < W; ++w) dist += POPCOUNT(blk[w * kSketchBlock + t] ^ q[w]); \
-    est[t] = norms[t] * cos_table[dist];                                           \
+// Tokens [b, b + count) of one block, one query at a time; any ISA the caller compiles for.
+#define PIGJAX_SCAN_BLOCK(POPCOUNT)                                                   \
+  for (int64_t g = 0; g < G; ++g) {                                                   \
+    const uint64_t* qg = q + g * W;                                                   \
+    for (int64_t t = 0; t < count; ++t) {                                             \
+      uint32_t dist = 0;                                                              \
+      for (int64_t w = 0; w < W; ++w) dist += POPCOUNT(blk[w * kSketchBlock + t] ^ qg[w]); \
+      const float e = norms[b + t] * cos_table[dist];                                 \
+      if (e >= bounds[g]) out[g].add(e, static_cast<int32_t>(b + t));                 \
+    }                                                                                 \
   }
 
-void score_scalar(const uint64_t* sketch, int64_t n, int64_t W, const uint64_t* q,
-                  const float* norms, const float* cos_table, float* est) {
-  for (int64_t b = 0; b < n; b += kSketchBlock, norms += kSketchBlock, est += kSketchBlock) {
+void scan_scalar(const uint64_t* sketch, int64_t begin, int64_t end, int64_t W, const uint64_t* q, int64_t G,
+                 const float* norms, const float* cos_table, const float* bounds, Candidates* out) {
+  for (int64_t b = begin; b < end; b += kSketchBlock) {
     const uint64_t* blk = sketch + b * W;
-    const int64_t count = n - b < kSketchBlock ? n - b : kSketchBlock;
-    PIGJAX_SKETCH_BLOCK(__builtin_popcountll)
+    const int64_t count = end - b < kSketchBlock ? end - b : kSketchBlock;
+    PIGJAX_SCAN_BLOCK(__builtin_popcountll)
   }
 }
 
 #if PIGJAX_X86
 __attribute__((target("popcnt")))
-void score_popcnt(const uint64_t* sketch, int64_t n, int64_t W, const uint64_t* q,
-                  const float* norms, const float* cos_table, float* est) {
-  for (int64_t b = 0; b < n; b += kSketchBlock, norms += kSketchBlock, est += kSketchBlock) {
+void scan_popcnt(const uint64_t* sketch, int64_t begin, int64_t end, int64_t W, const uint64_t* q, int64_t G,
+                 const float* norms, const float* cos_table, const float* bounds, Candidates* out) {
+  for (int64_t b = begin; b < end; b += kSketchBlock) {
     const uint64_t* blk = sketch + b * W;
-    const int64_t count = n - b < kSketchBlock ? n - b : kSketchBlock;
-    PIGJAX_SKETCH_BLOCK(__builtin_popcountll)
+    const int64_t count = end - b < kSketchBlock ? end - b : kSketchBlock;
+    PIGJAX_SCAN_BLOCK(__builtin_popcountll)
   }
 }
 
-// Eight tokens per step: word w of the block's 8 tokens is one load, XORed with the query's
-// word w broadcast; the per-token bit counts accumulate in the 8 lanes.
+// Eight tokens per step: word w of a block's 8 tokens is one load, XORed with the query's word w
+// broadcast; the per-token bit counts accumulate in the 8 lanes. A block with no estimate at or
+// above the bound (most of them) costs one compare.
 PIGJAX_TARGET_AVX512VPOPCNT
-void score_avx512(const uint64_t* sketch, int64_t n, int64_t W, const uint64_t* q,
-                  const float* norms, const float* cos_table, float* est) {
-  const int64_t whole = n / kSketchBlock * kSketchBlock;
-  for (int64_t b = 0; b < whole; b += kSketchBlock) {
+void scan_avx512(const uint64_t* sketch, int64_t begin, int64_t end, int64_t W, const uint64_t* q, int64_t G,
+                 const float* norms, const float* cos_table, const float* bounds, Candidates* out) {
+  const int64_t whole = begin + (end - begin) / kSketchBlock * kSketchBlock;
+  alignas(32) float est[kSketchBlock];
+  for (int64_t b = begin; b < whole; b += kSketchBlock) {
     const uint64_t* blk = sketch + b * W;
-    __m512i acc = _mm512_setzero_si512();
-    for (int64_t w = 0; w < W; ++w) {
-      const __m512i x = _mm512_xor_si512(_mm512_loadu_si512(blk + w * kSketchBlock),
-                                         _mm512_set1_epi64(static_cast<long long>(q[w])));
-      acc = _mm512_add_epi64(acc, _mm512_popcnt_epi64(x));
+    const __m256 nv = _mm256_loadu_ps(norms + b);
+    for (int64_t g = 0; g < G; ++g) {
+      const uint64_t* qg = q + g * W;
+      __m512i acc = _mm512_setzero_si512();
+      for (int64_t w = 0; w < W; ++w) {
+        const __m512i x = _mm512_xor_si512(_mm512_loadu_si512(blk + w * kSketchBlock),
+                                           _mm512_set1_epi64(static_cast<long long>(qg[w])));
+        acc = _mm512_add_epi64(acc, _mm512_popcnt_epi64(x));
+      }
+      const __m256 e = _mm256_mul_ps(nv, _mm512_mask_i64gather_ps(_mm256_setzero_ps(), 0xFF, acc, cos_table, 4));
+      unsigned mask = _mm256_cmp_ps_mask(e, _mm256_set1_ps(bounds[g]), _CMP_GE_OQ);
+      if (mask == 0) continue;
+      _mm256_store_ps(est, e);
+      for (; mask; mask &= mask - 1) {
+        const int t = __builtin_ctz(mask);
+        out[g].add(est[t], static_cast<int32_t>(b + t));
+      }
     }
-    const __m256 cosv = _mm512_mask_i64gather_ps(_mm256_setzero_ps(), 0xFF, acc, cos_table, 4);
-    _mm256_storeu_ps(est + b, _mm256_mul_ps(_mm256_loadu_ps(norms + b), cosv));
   }
-  if (whole < n) score_popcnt(sketch + whole * W, n - whole, W, q, norms + whole, cos_table, est + whole);
+  if (whole < end) scan_popcnt(sketch, whole, end, W, q, G, norms, cos_table, bounds, out);
 }
 #endif
 
-#undef PIGJAX_SKETCH_BLOCK
+#undef PIGJAX_SCAN_BLOCK
 
 }  // namespace
 
-SketchScoreFn sketch_score_kernel(SimdLevel level) {
+SketchScanFn sketch_scan_kernel(SimdLevel level) {
 #if PIGJAX_X86
-  if (level >= SimdLevel::kAvx512 && cpu_features().avx512_vpopcntdq) return score_avx512;
-  if (level >= SimdLevel::kAvx2) return score_popcnt;
+  if (level >= SimdLevel::kAvx512 && cpu_features().avx512_vpopcntdq) return scan_avx512;
+  if (level >= SimdLevel::kAvx2) return scan_popcnt;
 #endif
   (void)level;
-  return score_scalar;
+  return scan_scalar;
 }
 
 }  // namespace pigjax
