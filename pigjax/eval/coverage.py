@@ -10,11 +10,20 @@ mass in expectation. At one budget (the expected fraction f of the middle read):
   RankedLSH r_i = P(i in T ∪ S) (docs/algorithm.md §2.9), estimated over `draws` random projections
             (the reference's selection on the centred keys); its f is the measured fraction of keys
             read (|R ∪ S| / n), and TopK / oracle are evaluated again at that f.
+  Quest     r_i = 1 for the middle keys of the pages pigjax.Quest selects (`quest_selection`); its f
+            is the fraction of middle keys those pages hold, TopK is evaluated at each head's own
+            count of keys read, and "best pages" is the largest mass any choice of as many pages
+            could cover (the pages ranked by their true mass): Quest <= best pages, and the gaps
+            Quest -> best pages -> TopK split Quest's loss into what its upper bound mis-ranks and
+            what reading whole pages costs (best pages may hold a few more middle keys than
+            Quest's pages where pages straddle the sink or the local window).
 The key with the largest weight matters most for retrieval: its u is reported too. Queries,
 keys and values are those of a dense forward, as in `attention_error`.
 """
 
 from __future__ import annotations
+
+import math
 
 import numpy as np
 
@@ -72,11 +81,61 @@ def _layer_coverage(q, km, K: int, L: int) -> dict:
             "top1_weight": float(a.max(-1).mean()), "top1_u": float(top1.mean())}
 
 
+def quest_selection(q, k, lo: int, hi: int, page: int, m: int):
+    """pigjax.Quest's choice (baselines.Quest) in NumPy: q [P, Hq, d] decode queries, k [Hkv, S, d]
+    the keys of positions 0..S-1, middle [lo, hi). Pages are [i·page, (i+1)·page) of absolute
+    positions, each bounded by the elementwise min/max of its middle keys; each query head keeps the
+    m pages with the largest Σ_j max(q_j·max_j, q_j·min_j). Returns (chosen [P, Hq, S] bool, the
+    middle keys of the kept pages; bound [P, Hq, pages], −inf for pages without middle keys)."""
+    hq, (hkv, s, d) = q.shape[1], k.shape
+    g = np.repeat(np.arange(hkv), hq // hkv)
+    pages = -(-s // page)
+    pos = np.arange(pages * page)
+    in_mid = (pos >= lo) & (pos < hi)
+    kp = np.zeros((hkv, pages * page, d))
+    kp[:, :s] = k
+    kmax = np.where(in_mid[None, :, None], kp, -np.inf).reshape(hkv, pages, page, d).max(2)
+    kmin = np.where(in_mid[None, :, None], kp, np.inf).reshape(hkv, pages, page, d).min(2)
+    has = in_mid.reshape(pages, page).any(-1)
+    with np.errstate(invalid="ignore"):  # q_j = 0 times ±inf on pages without middle keys
+        bound = np.maximum(q[:, :, None, :] * kmax[g][None], q[:, :, None, :] * kmin[g][None]).sum(-1)
+    bound = np.where(has, bound, -np.inf)
+    top = np.argsort(-bound, axis=-1, kind="stable")[..., :m]
+    kept = np.zeros(bound.shape, bool)
+    np.put_along_axis(kept, top, True, axis=-1)
+    chosen = np.repeat(kept, page, axis=-1)[..., :s] & in_mid[None, None, :s]
+    return chosen, bound
+
+
+def _quest_layer_coverage(q, k, lo: int, hi: int, page: int, fraction: float) -> dict:
+    """Quest's coverage (module docstring) at `fraction` of the middle: q [P, Hq, d], k [Hkv, S, d]."""
+    n, s = hi - lo, k.shape[1]
+    m = max(1, math.ceil(fraction * n / page))  # pigjax.Quest's page budget
+    chosen, _ = quest_selection(q, k, lo, hi, page, m)
+    a, _, _ = _weights(q, k[:, lo:hi])
+    c = chosen[..., lo:hi]
+    t = c.sum(-1)  # keys read per query head
+    cum = np.cumsum(-np.sort(-a, axis=-1), axis=-1)
+    topk = np.take_along_axis(cum, np.maximum(t, 1)[..., None] - 1, -1)[..., 0]
+    pages = -(-s // page)
+    full = np.zeros(a.shape[:2] + (pages * page,))
+    full[..., lo:hi] = a
+    page_mass = full.reshape(a.shape[:2] + (pages, page)).sum(-1)
+    best = -np.sort(-page_mass, axis=-1)[..., :m]
+    top1 = np.take_along_axis(c, a.argmax(-1)[..., None], -1)[..., 0]
+    return {"fraction": float(t.mean() / n), "pages": m, "quest": float((a * c).sum(-1).mean()),
+            "best_pages": float(best.sum(-1).mean()), "topk": float(topk.mean()),
+            "top1_weight": float(a.max(-1).mean()), "top1_read": float(top1.mean())}
+
+
 def coverage(model, tokens: np.ndarray, prefill: int, *, configs, sink: int, local: int,
-             sparse_layers, ranked=(), draws: int = 4, seed: int = 0) -> dict:
+             sparse_layers, ranked=(), draws: int = 4, seed: int = 0, quest=(), page: int = 16,
+             quest_layers=None) -> dict:
     """{(K, L): per sparse layer, the coverage of decode positions prefill..T-1} of one sequence
     `tokens` [T] whose first `prefill` tokens were prefilled (middle = [sink, prefill - local)); and
-    {name: the same} for each (name, RankedLSH back-end) of `ranked` (`draws` projections each)."""
+    {name: the same} for each (name, RankedLSH back-end) of `ranked` (`draws` projections each);
+    and {("quest", f): the same for pigjax.Quest(page, fraction=f)} for each f of `quest`, over
+    `quest_layers` (default: `sparse_layers`)."""
     _, middle = split(prefill, sink, local)
     if len(middle) == 0 or prefill >= len(tokens):
         raise ValueError(f"coverage: need sink + local < prefill < {len(tokens)} tokens, got prefill {prefill}")
@@ -89,7 +148,15 @@ def coverage(model, tokens: np.ndarray, prefill: int, *, configs, sink: int, loc
     qkv = record_qkv(params, padded[None], config=model.config)
     out = {tuple(c): [] for c in configs}
     out.update({name: [] for name, _ in ranked})
+    out.update({("quest", f): [] for f in quest})
     rng = np.random.default_rng(seed)
+    lo, hi = int(middle[0]), int(middle[-1]) + 1
+    for layer in (sparse_layers if quest_layers is None else quest_layers) if quest else ():
+        q, k, _ = qkv[layer]
+        q = np.asarray(q[0, prefill:t], np.float64)
+        kt = np.asarray(k[0][:, :t], np.float64)
+        for f in quest:
+            out[("quest", f)].append({"layer": int(layer), **_quest_layer_coverage(q, kt, lo, hi, page, f)})
     for layer in sparse_layers:
         q, k, _ = qkv[layer]
         q = np.asarray(q[0, prefill:t], np.float64)

@@ -14,6 +14,8 @@ Back-end names map to objects of the top-level `pigjax` package:
   quest             pigjax.Quest(page=16, fraction=f)
   quest_dense01     pigjax.Quest(page=16, fraction=f, dense_layers=(0, 1)): Quest's public code keeps
                     layers 0 and 1 dense (pigjax's default is MagicPIG's (0, n_layers // 2))
+  quest_p8          pigjax.Quest(page=8, fraction=f)   (analysis: Quest with smaller pages at the same
+  quest_p4          pigjax.Quest(page=4, fraction=f)    budget; Quest's public default is 16)
   oracle            pigjax.Oracle(fraction=f)
 
 For topk/quest/oracle, `f` is a given number, or with fraction="auto" the
@@ -49,9 +51,11 @@ BACKENDS: dict[str, tuple[str, dict]] = {
     "topk": ("TopK", {}),
     "quest": ("Quest", {"page": 16}),
     "quest_dense01": ("Quest", {"page": 16, "dense_layers": (0, 1)}),
+    "quest_p8": ("Quest", {"page": 8}),
+    "quest_p4": ("Quest", {"page": 4}),
     "oracle": ("Oracle", {}),
 }
-FRACTION_BACKENDS = ("topk", "quest", "quest_dense01", "oracle")
+FRACTION_BACKENDS = ("topk", "quest", "quest_dense01", "quest_p8", "quest_p4", "oracle")
 ENGINE_PREFIXES = ("magicpig", "rankedlsh")  # back-ends whose measured fraction can be the reference
 DENSE_FLOOR = 20.0  # averages are taken over the cells where dense scores at least this
 

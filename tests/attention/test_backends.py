@@ -315,3 +315,64 @@ def test_magicpig_that_will_not_fit_is_refused_before_allocating(tiny, monkeypat
     monkeypatch.setenv("PIGJAX_ENGINE_MAX_BYTES", "1M")
     with pytest.raises(pigjax.ConfigError, match=r"magicpig \(K=10, L=150, batch 1, .*needs ~.* more than the 1 MB"):
         pigjax.generate(tiny, [_tokens(300, 1)[0].tolist()], max_new_tokens=4, attention=pigjax.MagicPIG())
+
+
+def test_quest_backend_follows_the_numpy_page_rule():
+    """pigjax.Quest's decode attention equals attention over the window plus the middle keys of the
+    pages `quest_selection` (Quest's public rule: per-page min/max of the cached keys, per query
+    head Σ_j max(q_j·max_j, q_j·min_j), top pages) keeps; the bound is an upper bound of q·k on every
+    page, and a key planted along a query is always read."""
+    from pigjax.attention.backend import KV
+    from pigjax.attention.baselines import BaselineShared
+    from pigjax.eval.coverage import quest_selection
+
+    rng = np.random.default_rng(1)
+    b, hkv, g, s, d, page, n = 1, 2, 3, 230, 16, 16, 200
+    q = rng.normal(size=(b, hkv * g, d))
+    k = rng.normal(size=(b, hkv, s, d))
+    v = rng.normal(size=(b, hkv, s, d))
+    k[0, 1, 77] = 4 * q[0, 5]  # query head 5 (KV head 1) has one outstanding middle key
+    lo, hi = 4, n - 64
+    backend = pigjax.Quest(page=page, fraction=0.1)
+    m = int(np.ceil(0.1 * (hi - lo) / page))
+    shared = BaselineShared(jnp.array([n]), jnp.zeros(()), jnp.zeros(()), jnp.float32(0.1), jnp.zeros((2,), jnp.uint32))
+    pos = np.arange(s)
+    visible = jnp.asarray(pos[None] <= 210)
+    middle = jnp.asarray(((pos >= lo) & (pos < hi))[None])
+    f32 = lambda x: jnp.asarray(x, jnp.float32)  # noqa: E731
+    out, read = backend.sparse_attend(3, f32(q), KV(f32(k), f32(v)), visible, middle, jnp.array([hi - lo]), shared, None)
+    chosen, bound = quest_selection(q[0][None], k[0], lo, hi, page, m)
+    chosen = chosen[0]  # [Hq, S]
+    assert chosen[5, 77] and chosen.any(-1).all()
+    assert int(read[0]) == chosen.sum()
+    gi = np.repeat(np.arange(hkv), g)
+    mask = (pos <= 210)[None] & (~((pos >= lo) & (pos < hi))[None] | chosen)
+    sc = np.einsum("hd,hsd->hs", q[0], k[0][gi]) / np.sqrt(d)
+    w = np.where(mask, np.exp(sc - sc.max(-1, keepdims=True)), 0.0)
+    want = np.einsum("hs,hsd->hd", w / w.sum(-1, keepdims=True), v[0][gi])
+    np.testing.assert_allclose(np.asarray(out[0]), want, atol=2e-5)
+    # the bound is >= every middle key's q·k in its page
+    qk = np.einsum("hd,hsd->hs", q[0], k[0][gi])
+    for p in range(bound.shape[-1]):
+        keys = [i for i in range(p * page, min(s, (p + 1) * page)) if lo <= i < hi]
+        if keys:
+            assert np.all(bound[0, :, p] >= qk[:, keys].max(-1) - 1e-9)
+        else:
+            assert np.all(np.isneginf(bound[0, :, p]))
+
+
+def test_quest_coverage_matches_quest_reads(tiny):
+    """Quest's coverage counts the keys the Quest back-end reads on the same q/k; reading every page
+    covers the whole middle; Quest covers no more than the best pages or TopK at its count of keys."""
+    from pigjax.eval.attention_error import layer_errors
+    from pigjax.eval.coverage import coverage
+
+    toks = _tokens(240, rows=1, seed=4)
+    backend = pigjax.Quest(fraction=0.1)
+    read = layer_errors(tiny, toks, 200, {"quest": backend})["quest"]["fraction_read"]
+    sparse = pigjax.MagicPIG().sparse_layers(tiny.config.num_hidden_layers)
+    got = coverage(tiny, toks[0], 200, configs=[], sink=4, local=64, sparse_layers=sparse, quest=(0.1, 1.0))
+    assert np.mean([x["fraction"] for x in got[("quest", 0.1)]]) == pytest.approx(read, rel=1e-6)
+    assert all(x["quest"] == pytest.approx(1.0) and x["fraction"] == 1.0 for x in got[("quest", 1.0)])
+    for x in got[("quest", 0.1)]:
+        assert 0 < x["quest"] <= min(x["best_pages"], x["topk"]) + 1e-12 and x["pages"] == 1
