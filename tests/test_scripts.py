@@ -82,3 +82,35 @@ def test_eval_coverage_rejects_bad_configs_and_tokenizerless_checkpoints(convert
     assert bad.returncode == 1 and "KxL" in bad.stderr
     result = run("scripts/eval_coverage.py", f"--checkpoint={out}", "--configs=4x8")
     assert result.returncode == 1 and "tokenizer" in result.stderr
+
+
+def test_plot_frontier_joins_the_runs(tmp_path):
+    """The frontier's points come from the runs given: RULER averages over the cells where dense
+    scores >= 20 that every back-end has; attention error over the sparse (non-zero) layers."""
+    import json
+
+    def cell(attention, task, score, fraction):
+        return {"attention": attention, "task": task, "context": 2048, "score": score, "fraction_read": fraction}
+
+    (tmp_path / "r1.json").write_text(json.dumps({"cells": [
+        cell("dense", "a", 100.0, None), cell("dense", "b", 10.0, None), cell("dense", "c", 50.0, None),
+        cell("topk", "a", 90.0, 0.03), cell("topk", "b", 0.0, 0.03), cell("topk", "c", 40.0, 0.03)]}))
+    (tmp_path / "r2.json").write_text(json.dumps({"cells": [cell("rankedlsh", "a", 80.0, 0.02)]}))
+    err = {"attention_error": {"backends": {"rankedlsh": {"relative_l2": [0.0, 0.1, 0.3], "fraction_read": 0.03}}}}
+    (tmp_path / "e.json").write_text(json.dumps(err))
+    (tmp_path / "c.json").write_text(json.dumps({"rows": [
+        {"config": "10x150", "fraction": 0.03, "lsh": 0.3, "topk": 0.7, "oracle": 0.5}]}))
+    (tmp_path / "p.json").write_text(json.dumps({"perplexity": {"backends": {
+        "dense": {"fraction_read": None, "perplexity": 10.0}, "rankedlsh": {"fraction_read": 0.03, "perplexity": 10.1}}}}))
+    out = tmp_path / "f.png"
+    result = run("scripts/plot_frontier.py", f"--errors={tmp_path / 'e.json'}", f"--coverage={tmp_path / 'c.json'}",
+                 f"--ruler={tmp_path / 'r1.json'},{tmp_path / 'r2.json'}", f"--perplexity={tmp_path / 'p.json'}",
+                 f"--out={out}")
+    assert result.returncode == 0, result.stderr
+    assert out.is_file()
+    panels = list(json.loads((tmp_path / "f.json").read_text()).values())
+    assert panels[0]["points"]["rankedlsh"] == [0.03, pytest.approx(0.2)]
+    assert panels[1]["points"]["magicpig_k10l150"] == [0.03, 0.3] and panels[1]["points"]["topk@magicpig_k10l150"][1] == 0.7
+    ruler = panels[2]  # only cell "a" is common to all with dense >= 20
+    assert ruler["dense"] == 100.0 and ruler["points"]["topk"] == [0.03, 90.0] and ruler["points"]["rankedlsh"] == [0.02, 80.0]
+    assert panels[3]["dense"] == 10.0 and panels[3]["points"] == {"rankedlsh": [0.03, 10.1]}
