@@ -7,12 +7,13 @@ parameters and equal steps: accuracy against sequence length and number of pairs
 Each model is trained on sequences of --train_len with a number of pairs drawn from --pairs
 (pigjax.eval.mqar), then scored at every --eval_lengths x --eval_pairs cell (cells with T < 4P are
 skipped). With --engine KxL,... the v2 model is also scored by teacher-forced decoding with its
-long-term memory read by the engine (MagicPIG(K, L) for each setting, sink --sink, local --local, every layer
-sampled) against exact decoding, at lengths up to --engine_max_len, with the fraction of the
+long-term memory read by the engine (MagicPIG(K, L), or RankedLSH for a KxLrRtF setting, sink
+--sink, local --local, every layer sampled) against exact decoding, at lengths up to --engine_max_len, with the fraction of the
 long-term memory's engine pairs read. Writes <out>.json, <out>.md and <out>.png.
 """
 
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -36,7 +37,8 @@ _GAP_MAX = flags.DEFINE_integer("long_gap_max", 64, "v2: largest m in training")
 _LENGTHS = flags.DEFINE_list("eval_lengths", ["64", "128", "256", "512", "1024"], "evaluation lengths")
 _EVAL_PAIRS = flags.DEFINE_list("eval_pairs", ["4", "8", "16"], "evaluation numbers of pairs")
 _SEQS = flags.DEFINE_integer("eval_sequences", 96, "evaluation sequences per cell")
-_ENGINE = flags.DEFINE_list("engine", [], "KxL settings (e.g. 10x150,16x150c; c: centered keys): also score v2 "
+_ENGINE = flags.DEFINE_list("engine", [], "KxL settings (e.g. 10x150,16x150c; c: centered keys; KxLrRtF: "
+                            "RankedLSH with R ranking tables reading the top F exactly): also score v2 "
                             "with its long-term memory read by the engine")
 _SINK = flags.DEFINE_integer("sink", 0, "engine: exact sink pairs")
 _LOCAL = flags.DEFINE_integer("local", 1, "engine: exact pairs just past the gap (>= 1)")
@@ -68,6 +70,16 @@ def run_model(name, task, lengths, pairs, log):
         "train_seconds": seconds, "final_loss": float(sum(losses[-50:]) / len(losses[-50:])), "accuracy": acc}
 
 
+def parse_engine_setting(setting: str):
+    """"KxL" (MagicPIG), "KxLrRtF" (RankedLSH: R ranking tables, top F), either with a trailing "c"
+    (centered keys) -> (K, L, R or 0, F, centered)."""
+    m = re.fullmatch(r"(\d+)x(\d+)(?:r(\d+)t([0-9.]+))?(c?)", setting)
+    if m is None:
+        raise app.UsageError(f"--engine: {setting!r} is not KxL, KxLc, KxLrRtF or KxLrRtFc (e.g. 16x52r50t0.05)")
+    k, l, rank, top, center = m.groups()
+    return int(k), int(l), int(rank or 0), float(top or 0.0), center == "c"
+
+
 def engine_eval(model, task, lengths, pairs, log):
     """v2 by teacher-forced decoding: exact retrieval vs the long-term memory read by the engine."""
     import numpy as np
@@ -79,11 +91,16 @@ def engine_eval(model, task, lengths, pairs, log):
     from pigjax.models.mosaics_memory import MosaicsSampled
 
     backends = {}
-    for setting in _ENGINE.value:  # KxL, or KxLc for centered keys
-        center = setting.endswith("c")
-        k, l = (int(x) for x in setting.rstrip("c").split("x"))
-        mp = pigjax.MagicPIG(K=k, L=l, sink=_SINK.value, local=_LOCAL.value, dense_layers=(), storage="f32")
-        backends[f"K{k}L{l}" + (" centered" if center else "")] = MosaicsSampled(mp, center=center)
+    for setting in _ENGINE.value:
+        k, l, rank, top, center = parse_engine_setting(setting)
+        common = dict(K=k, L=l, sink=_SINK.value, local=_LOCAL.value, dense_layers=(), storage="f32")
+        if rank:
+            mp = pigjax.RankedLSH(rank_tables=rank, top=top, **common)
+            label = f"RankedLSH K{k}L{l} rank {rank} top {top:g}"
+        else:
+            mp = pigjax.MagicPIG(**common)
+            label = f"K{k}L{l}"
+        backends[label + (" centered" if center else "")] = MosaicsSampled(mp, center=center)
     out = {"settings": list(backends), "sequences": _ENGINE_SEQS.value, "sink": _SINK.value, "local": _LOCAL.value, "cells": {}}
     for t in [t for t in lengths if t <= _ENGINE_MAX.value]:
         for p in [p for p in pairs if t >= 4 * p]:
@@ -153,6 +170,8 @@ def main(argv):
     from pigjax.eval import mqar
 
     lengths, pairs = [int(x) for x in _LENGTHS.value], [int(x) for x in _EVAL_PAIRS.value]
+    for setting in _ENGINE.value:  # fail before training
+        parse_engine_setting(setting)
     task = mqar.Task(vocab_size=_VOCAB.value, seq_len=_TRAIN_LEN.value, pairs=tuple(int(x) for x in _PAIRS.value),
                      batch=_BATCH.value)
     log = lambda msg: print(msg, flush=True)
