@@ -204,9 +204,9 @@ def main(_):
         a = r["at_largest"] or {}
         print(f"{r['cap_gb']:>6g} {r['context']:>8} {r['backend']:>9} {str(r['largest_batch']):>5} "
               f"{a.get('tokens_per_second', float('nan')):>8.1f} {a.get('ms_per_token', float('nan')):>9.1f}")
-    os.makedirs(os.path.dirname(_OUT.value) or ".", exist_ok=True)
-    json.dump(result, open(_OUT.value, "w"), indent=1)
-    print(f"wrote {_OUT.value}")
+    from pigjax.eval.output import write_json
+
+    write_json(_OUT.value, result)
 
 
 if __name__ == "__main__":

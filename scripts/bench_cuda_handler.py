@@ -17,8 +17,6 @@ against the fake runtime of ffi/tests/fake_cuda (scripts/test_cuda_handlers.sh b
 logic without a GPU. Prints a table and writes JSON.
 """
 
-import json
-import os
 import time
 
 from absl import app, flags
@@ -119,9 +117,9 @@ def main(_):
     for r in rows:
         print(f"{r['batch']:>5} {r['n']:>6} " + " ".join(
             f"{r[p]['query_us']:>14.0f} {r[p]['overhead_us']:>6.0f} {r[p]['prefill_ms']:>10.1f}" for p in paths))
-    os.makedirs(os.path.dirname(_OUT.value) or ".", exist_ok=True)
-    json.dump(result, open(_OUT.value, "w"), indent=1)
-    print(f"wrote {_OUT.value}")
+    from pigjax.eval.output import write_json
+
+    write_json(_OUT.value, result)
 
 
 if __name__ == "__main__":

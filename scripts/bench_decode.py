@@ -16,8 +16,6 @@ hashing, table build) is measured separately on a real `--prefill_tokens` prefil
 """
 
 import dataclasses
-import json
-import os
 import time
 from functools import partial
 
@@ -229,9 +227,9 @@ def main(_):
               f"dense {prefill['dense_cache_build_seconds']:.2f} s, magicpig {prefill['magicpig_cache_build_seconds']:.2f} s "
               f"(MagicPIG prefill / dense prefill = {prefill['overhead_ratio']:.2f}x)")
     print(f"machine: {result['machine']}")
-    os.makedirs(os.path.dirname(_OUT.value) or ".", exist_ok=True)
-    json.dump(result, open(_OUT.value, "w"), indent=1)
-    print(f"wrote {_OUT.value}")
+    from pigjax.eval.output import write_json
+
+    write_json(_OUT.value, result)
 
 
 if __name__ == "__main__":

@@ -10,8 +10,6 @@ row into the layer's cache (in place, as a decode step does) and then attending 
 SmolLM2 shapes: 3 KV / 9 query heads, d 64, f32 cache. Prints a table and writes JSON.
 """
 
-import json
-import os
 import time
 
 from absl import app, flags
@@ -89,9 +87,9 @@ def main(_):
         print(f"| {r['batch']} | {r['slots']} | {r['jnp_ms_per_layer']:.3f} | {r['kernel_ms_per_layer']:.3f} | "
               f"{r['speedup']:.2f}x | {r['kernel_gb_per_s']:.1f} |")
     print(f"machine: {result['machine']}")
-    os.makedirs(os.path.dirname(_OUT.value) or ".", exist_ok=True)
-    json.dump(result, open(_OUT.value, "w"), indent=1)
-    print(f"wrote {_OUT.value}")
+    from pigjax.eval.output import write_json
+
+    write_json(_OUT.value, result)
 
 
 if __name__ == "__main__":

@@ -49,13 +49,13 @@ size_t bitmap_union(const uint64_t* const* bm, int gc, int64_t w0, int64_t w1,
 // Each key and value row is read once for the whole chunk; dot products and value sums are
 // done only for the heads that sample the row (about one per row at K = 10, L = 150). Batches
 // of kBatch entries: a key pass (scores), an online-softmax rescale of a head's acc and sum if
-// the batch raised its max, then a value pass. Each pass prefetches its rows kAhead entries
+// the batch raised its max, then a value pass. Each pass prefetches its rows kPrefetchAhead entries
 // ahead (one array per pass keeps the misses in flight; interleaving K and V rows was slower).
 template <typename T>
 void softmax_part(const HeadRows<T>& R, const LogWeightTable& weights, const RowKernels<T>& kern,
                   const QueryScratch::Entry* uni, size_t nu, const float* qg, const double* qnorm,
                   int gc, float* mx, double* sums, float* acc) {
-  constexpr size_t kBatch = 256, kAhead = 12;
+  constexpr size_t kBatch = 256, kAhead = kPrefetchAhead;
   const int64_t d = R.d;
   const float* qdot = qg;  // what the dot kernel reads: the f32 rows or the prepared buffer
   if (kern.prep != nullptr) {
@@ -68,11 +68,6 @@ void softmax_part(const HeadRows<T>& R, const LogWeightTable& weights, const Row
   const float ninf = -std::numeric_limits<float>::infinity();
   std::fill(mx, mx + gc, ninf);
   std::fill(sums, sums + gc, 0.0);
-  const int64_t row_bytes = d * int64_t(sizeof(T));
-  auto prefetch_row = [&](const T* row) {
-    const char* r = reinterpret_cast<const char*>(row);
-    for (int64_t b = 0; b < row_bytes; b += 64) __builtin_prefetch(r + b);
-  };
   float score[kBatch][kGroupChunk];
   const T* vrows[kGroupChunk][kBatch];
   float vp[kGroupChunk][kBatch];
@@ -80,10 +75,10 @@ void softmax_part(const HeadRows<T>& R, const LogWeightTable& weights, const Row
     const size_t e1 = std::min(nu, e0 + kBatch);
     float bmx[kGroupChunk];
     std::fill(bmx, bmx + gc, ninf);
-    for (size_t e = e0; e < std::min(e1, e0 + kAhead); ++e) prefetch_row(R.key(uni[e].i));
+    for (size_t e = e0; e < std::min(e1, e0 + kAhead); ++e) prefetch_row(R.key(uni[e].i), d);
     for (size_t e = e0; e < e1; ++e) {
       if (e + kAhead < e1) {
-        prefetch_row(R.key(uni[e + kAhead].i));
+        prefetch_row(R.key(uni[e + kAhead].i), d);
         __builtin_prefetch(R.norm_ptr(uni[e + kAhead].i));
       }
       const int32_t i = uni[e].i;
@@ -110,9 +105,9 @@ void softmax_part(const HeadRows<T>& R, const LogWeightTable& weights, const Row
     // Value pass: each head's rows and probabilities of the batch, then one vsum per head, which
     // keeps the head's accumulators in registers over its rows (same multiply-adds, same order).
     int nrow[kGroupChunk] = {};
-    for (size_t e = e0; e < std::min(e1, e0 + kAhead); ++e) prefetch_row(R.val(uni[e].i));
+    for (size_t e = e0; e < std::min(e1, e0 + kAhead); ++e) prefetch_row(R.val(uni[e].i), d);
     for (size_t e = e0; e < e1; ++e) {
-      if (e + kAhead < e1) prefetch_row(R.val(uni[e + kAhead].i));
+      if (e + kAhead < e1) prefetch_row(R.val(uni[e + kAhead].i), d);
       const T* val = R.val(uni[e].i);
       for (uint32_t m = uni[e].mask; m; m &= m - 1) {
         const int jj = __builtin_ctz(m);

@@ -183,18 +183,13 @@ void ranked_head(const HeadRows<T>& R, const LogWeightTable& wS, const RankedQue
     qdot = reinterpret_cast<const float*>(rs.qprep.data());
   }
   // Rows are read in scattered order: each loop prefetches kAhead rows ahead (as query.cc).
-  constexpr size_t kAhead = 12;
-  const int64_t row_bytes = d * static_cast<int64_t>(sizeof(T));
-  auto prefetch_row = [row_bytes](const T* row) {
-    const char* at = reinterpret_cast<const char*>(row);
-    for (int64_t b = 0; b < row_bytes; b += 64) __builtin_prefetch(at + b);
-  };
+  constexpr size_t kAhead = kPrefetchAhead;
   // R, then T: the m best scores of R.
   rs.scored.clear();
   if (p.r > 0) select_r(R, p, chunks, nchunks, qc, a.rank_tables, qsk, cos_tab, scan, rs);
-  for (size_t j = 0; j < std::min(kAhead, rs.scored.size()); ++j) prefetch_row(R.key(rs.scored[j].second));
+  for (size_t j = 0; j < std::min(kAhead, rs.scored.size()); ++j) prefetch_row(R.key(rs.scored[j].second), d);
   for (size_t j = 0; j < rs.scored.size(); ++j) {
-    if (j + kAhead < rs.scored.size()) prefetch_row(R.key(rs.scored[j + kAhead].second));
+    if (j + kAhead < rs.scored.size()) prefetch_row(R.key(rs.scored[j + kAhead].second), d);
     auto& e = rs.scored[j];
     kern.dot(R.key(e.second), qdot, d, &e.first);
     set_bit(rs.in_r, e.second);
@@ -221,9 +216,9 @@ void ranked_head(const HeadRows<T>& R, const LogWeightTable& wS, const RankedQue
       if (!bit(rs.in_t, i)) rs.entries.push_back({0.0f, i});
     }
   }
-  for (size_t j = first_s; j < std::min(first_s + kAhead, rs.entries.size()); ++j) prefetch_row(R.key(rs.entries[j].second));
+  for (size_t j = first_s; j < std::min(first_s + kAhead, rs.entries.size()); ++j) prefetch_row(R.key(rs.entries[j].second), d);
   for (size_t j = first_s; j < rs.entries.size(); ++j) {
-    if (j + kAhead < rs.entries.size()) prefetch_row(R.key(rs.entries[j + kAhead].second));
+    if (j + kAhead < rs.entries.size()) prefetch_row(R.key(rs.entries[j + kAhead].second), d);
     const int32_t i = rs.entries[j].second;
     float dot;
     kern.dot(R.key(i), qdot, d, &dot);
@@ -245,7 +240,7 @@ void ranked_head(const HeadRows<T>& R, const LogWeightTable& wS, const RankedQue
     const size_t cnt = std::min(kBatch, rs.entries.size() - j0);
     for (size_t j = 0; j < cnt; ++j) {
       rows[j] = R.val(rs.entries[j0 + j].second);
-      prefetch_row(rows[j]);
+      prefetch_row(rows[j], d);
       probs[j] = std::exp(rs.entries[j0 + j].first - mx);
       sum += probs[j];
     }
@@ -271,14 +266,17 @@ void run_ranked(Store& st, const RankedQueryArgs& a) {
   thread_local CallScratch call;
   std::vector<uint64_t>& qsk = call.qsk;
   std::vector<HeadPlan>& plan = call.plan;
+  std::vector<float>& bounds = call.bounds;  // plan's bounds side by side, as the scan reads them
   qsk.resize(static_cast<size_t>(B * Hq * W));
   plan.assign(static_cast<size_t>(B * Hq), HeadPlan{});
+  bounds.resize(static_cast<size_t>(B * Hq));
   // Pass 1: sizes, query sketches, bounds.
   parallel_for(B * Hq, [&](int64_t item) {
     uint64_t* qs = qsk.data() + item * W;
     pack_sketch(io.q_codes.data + item * L, a.rank_tables, c.K, qs, 1);
     plan[static_cast<size_t>(item)] = plan_head(rows(item / Hq, item % Hq / G), a, qs, cos_tab.data(), scan,
                                                   rank_scratch());
+    bounds[static_cast<size_t>(item)] = plan[static_cast<size_t>(item)].bound;
   });
   // Pass 2: chunks of the bounded rows' middle tokens, each scanned once for its group's heads.
   int64_t nchunks = 0;
@@ -295,9 +293,6 @@ void run_ranked(Store& st, const RankedQueryArgs& a) {
   items.resize(static_cast<size_t>(room));
   room = 0;
   for (Candidates& x : cand) { x.items = items.data() + room; room += x.cap; }
-  std::vector<float>& bounds = call.bounds;
-  bounds.resize(static_cast<size_t>(B * Hq));
-  for (int64_t item = 0; item < B * Hq; ++item) bounds[static_cast<size_t>(item)] = plan[static_cast<size_t>(item)].bound;
   parallel_for(B * Hkv * nchunks, [&](int64_t task) {
     const int64_t b = task / (Hkv * nchunks), kvh = task / nchunks % Hkv, k = task % nchunks;
     const int64_t h0 = b * Hq + kvh * G;

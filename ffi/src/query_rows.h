@@ -15,6 +15,14 @@
 namespace pigjax {
 
 constexpr int kGroupChunk = 8;  // query heads of one GQA group handled together
+constexpr size_t kPrefetchAhead = 12;  // rows read in scattered order are prefetched this far ahead
+
+// Prefetches the cache lines of one stored row of d elements.
+template <typename T>
+inline void prefetch_row(const T* row, int64_t d) {
+  const char* at = reinterpret_cast<const char*>(row);
+  for (int64_t b = 0; b < d * static_cast<int64_t>(sizeof(T)); b += 64) __builtin_prefetch(at + b);
+}
 
 // Per-thread query scratch. Collision counting uses two bitmaps (>= 1 and >= 2 collisions,
 // n/4 bytes together: 32 KiB at n = 128K, i.e. L1/L2-resident), cleared per query head by

@@ -20,36 +20,36 @@ void pack_sketch(const int32_t* codes, int64_t tables, int K, uint64_t* words, i
 
 namespace {
 
-// Tokens [b, b + count) of one block, one query at a time; any ISA the caller compiles for.
-#define PIGJAX_SCAN_BLOCK(POPCOUNT)                                                   \
-  for (int64_t g = 0; g < G; ++g) {                                                   \
-    const uint64_t* qg = q + g * W;                                                   \
-    for (int64_t t = 0; t < count; ++t) {                                             \
-      uint32_t dist = 0;                                                              \
-      for (int64_t w = 0; w < W; ++w) dist += POPCOUNT(blk[w * kSketchBlock + t] ^ qg[w]); \
-      const float e = norms[b + t] * cos_table[dist];                                 \
-      if (e >= bounds[g]) out[g].add(e, static_cast<int32_t>(b + t));                 \
-    }                                                                                 \
-  }
-
-void scan_scalar(const uint64_t* sketch, int64_t begin, int64_t end, int64_t W, const uint64_t* q, int64_t G,
-                 const float* norms, const float* cos_table, const float* bounds, Candidates* out) {
+// The portable scan, one token and one query at a time. Inlined into each caller, so
+// __builtin_popcountll compiles to the caller's ISA (the POPCNT instruction in scan_popcnt).
+__attribute__((always_inline)) inline void scan_tokens(const uint64_t* sketch, int64_t begin, int64_t end,
+                                                       int64_t W, const uint64_t* q, int64_t G, const float* norms,
+                                                       const float* cos_table, const float* bounds, Candidates* out) {
   for (int64_t b = begin; b < end; b += kSketchBlock) {
     const uint64_t* blk = sketch + b * W;
     const int64_t count = end - b < kSketchBlock ? end - b : kSketchBlock;
-    PIGJAX_SCAN_BLOCK(__builtin_popcountll)
+    for (int64_t g = 0; g < G; ++g) {
+      const uint64_t* qg = q + g * W;
+      for (int64_t t = 0; t < count; ++t) {
+        uint32_t dist = 0;
+        for (int64_t w = 0; w < W; ++w) dist += __builtin_popcountll(blk[w * kSketchBlock + t] ^ qg[w]);
+        const float e = norms[b + t] * cos_table[dist];
+        if (e >= bounds[g]) out[g].add(e, static_cast<int32_t>(b + t));
+      }
+    }
   }
+}
+
+void scan_scalar(const uint64_t* sketch, int64_t begin, int64_t end, int64_t W, const uint64_t* q, int64_t G,
+                 const float* norms, const float* cos_table, const float* bounds, Candidates* out) {
+  scan_tokens(sketch, begin, end, W, q, G, norms, cos_table, bounds, out);
 }
 
 #if PIGJAX_X86
 __attribute__((target("popcnt")))
 void scan_popcnt(const uint64_t* sketch, int64_t begin, int64_t end, int64_t W, const uint64_t* q, int64_t G,
                  const float* norms, const float* cos_table, const float* bounds, Candidates* out) {
-  for (int64_t b = begin; b < end; b += kSketchBlock) {
-    const uint64_t* blk = sketch + b * W;
-    const int64_t count = end - b < kSketchBlock ? end - b : kSketchBlock;
-    PIGJAX_SCAN_BLOCK(__builtin_popcountll)
-  }
+  scan_tokens(sketch, begin, end, W, q, G, norms, cos_table, bounds, out);
 }
 
 // Eight tokens per step: word w of a block's 8 tokens is one load, XORed with the query's word w
@@ -85,7 +85,6 @@ void scan_avx512(const uint64_t* sketch, int64_t begin, int64_t end, int64_t W, 
 }
 #endif
 
-#undef PIGJAX_SCAN_BLOCK
 
 }  // namespace
 
