@@ -7,7 +7,7 @@ parameters and equal steps: accuracy against sequence length and number of pairs
 Each model is trained on sequences of --train_len with a number of pairs drawn from --pairs
 (pigjax.eval.mqar), then scored at every --eval_lengths x --eval_pairs cell (cells with T < 4P are
 skipped). With --engine KxL,... the v2 model is also scored by teacher-forced decoding with its
-long-term memory read by the engine (MagicPIG(K, L), or RankedLSH for a KxLrRtF setting, sink
+long-term memory read by the engine (MagicPIG(K, L), or RankedLSH for a KxLrRtF[sC] setting, sink
 --sink, local --local, every layer sampled) against exact decoding, at lengths up to --engine_max_len, with the fraction of the
 long-term memory's engine pairs read. Writes <out>.json, <out>.md and <out>.png.
 """
@@ -38,7 +38,8 @@ _LENGTHS = flags.DEFINE_list("eval_lengths", ["64", "128", "256", "512", "1024"]
 _EVAL_PAIRS = flags.DEFINE_list("eval_pairs", ["4", "8", "16"], "evaluation numbers of pairs")
 _SEQS = flags.DEFINE_integer("eval_sequences", 96, "evaluation sequences per cell")
 _ENGINE = flags.DEFINE_list("engine", [], "KxL settings (e.g. 10x150,16x150c; c: centered keys; KxLrRtF: "
-                            "RankedLSH with R ranking tables reading the top F exactly): also score v2 "
+                            "RankedLSH with R ranking tables reading the top F exactly; sC: at most C of the "
+                            "pairs sampled): also score v2 "
                             "with its long-term memory read by the engine")
 _SINK = flags.DEFINE_integer("sink", 0, "engine: exact sink pairs")
 _LOCAL = flags.DEFINE_integer("local", 1, "engine: exact pairs just past the gap (>= 1)")
@@ -71,13 +72,14 @@ def run_model(name, task, lengths, pairs, log):
 
 
 def parse_engine_setting(setting: str):
-    """"KxL" (MagicPIG), "KxLrRtF" (RankedLSH: R ranking tables, top F), either with a trailing "c"
-    (centered keys) -> (K, L, R or 0, F, centered)."""
-    m = re.fullmatch(r"(\d+)x(\d+)(?:r(\d+)t([0-9.]+))?(c?)", setting)
+    """"KxL" (MagicPIG), "KxLrRtF" or "KxLrRtFsC" (RankedLSH: R ranking tables, top F, sample cap C),
+    each with an optional trailing "c" (centered keys) -> (K, L, R or 0, F, C, centered)."""
+    m = re.fullmatch(r"(\d+)x(\d+)(?:r(\d+)t([0-9.]+)(?:s([0-9.]+))?)?(c?)", setting)
     if m is None:
-        raise app.UsageError(f"--engine: {setting!r} is not KxL, KxLc, KxLrRtF or KxLrRtFc (e.g. 16x52r50t0.05)")
-    k, l, rank, top, center = m.groups()
-    return int(k), int(l), int(rank or 0), float(top or 0.0), center == "c"
+        raise app.UsageError(f"--engine: {setting!r} is not KxL, KxLrRtF or KxLrRtFsC, each with an optional "
+                             "trailing c (e.g. 16x52r50t0.03s0.04c)")
+    k, l, rank, top, cap, center = m.groups()
+    return int(k), int(l), int(rank or 0), float(top or 0.0), float(cap or 1.0), center == "c"
 
 
 def engine_eval(model, task, lengths, pairs, log):
@@ -92,11 +94,11 @@ def engine_eval(model, task, lengths, pairs, log):
 
     backends = {}
     for setting in _ENGINE.value:
-        k, l, rank, top, center = parse_engine_setting(setting)
+        k, l, rank, top, cap, center = parse_engine_setting(setting)
         common = dict(K=k, L=l, sink=_SINK.value, local=_LOCAL.value, dense_layers=(), storage="f32")
         if rank:
-            mp = pigjax.RankedLSH(rank_tables=rank, top=top, **common)
-            label = f"RankedLSH K{k}L{l} rank {rank} top {top:g}"
+            mp = pigjax.RankedLSH(rank_tables=rank, top=top, sample_cap=cap, **common)
+            label = f"RankedLSH K{k}L{l} rank {rank} top {top:g}" + (f" cap {cap:g}" if cap < 1 else "")
         else:
             mp = pigjax.MagicPIG(**common)
             label = f"K{k}L{l}"

@@ -98,9 +98,10 @@ ffi::Error LshQueryImpl(ffi::Buffer<ffi::S32> handle, ffi::Buffer<ffi::S32> slot
                               lse, sampled);
 }
 
-// LSH store ranked query (query_ranked.h): the query's operands, attrs rank_tables, top, refine
-// -> out f32[B,Hq,d], lse f32[B,Hq], keys_read s32[B,Hq], values_read s32[B,Hq].
-ffi::Error LshQueryRankedImpl(ffi::Buffer<ffi::S32> handle_arg, int32_t rank_tables, double top, double refine, ffi::Buffer<ffi::S32> slots, ffi::Buffer<ffi::F32> q,
+// LSH store ranked query (query_ranked.h): the query's operands, attrs rank_tables, top, refine,
+// sample_cap -> out f32[B,Hq,d], lse f32[B,Hq], keys_read s32[B,Hq], values_read s32[B,Hq].
+ffi::Error LshQueryRankedImpl(ffi::Buffer<ffi::S32> handle_arg, int32_t rank_tables, double top, double refine,
+                              double sample_cap, ffi::Buffer<ffi::S32> slots, ffi::Buffer<ffi::F32> q,
                               ffi::Buffer<ffi::S32> q_codes, ffi::Buffer<ffi::S32> /*dep*/,
                               ffi::ResultBuffer<ffi::F32> out, ffi::ResultBuffer<ffi::F32> lse,
                               ffi::ResultBuffer<ffi::S32> keys_read,
@@ -121,6 +122,7 @@ ffi::Error LshQueryRankedImpl(ffi::Buffer<ffi::S32> handle_arg, int32_t rank_tab
     a.rank_tables = rank_tables;
     a.top = top;
     a.refine = refine;
+    a.sample_cap = sample_cap;
     return store_query_ranked(handle, a);
   });
 }
@@ -184,6 +186,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(PigjaxLshQueryRanked, LshQueryRankedImpl,
                                   .Attr<int32_t>("rank_tables")
                                   .Attr<double>("top")
                                   .Attr<double>("refine")
+                                  .Attr<double>("sample_cap")
                                   .Arg<ffi::Buffer<ffi::S32>>()  // slots
                                   .Arg<ffi::Buffer<ffi::F32>>()  // q
                                   .Arg<ffi::Buffer<ffi::S32>>()  // q_codes

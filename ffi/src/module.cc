@@ -338,7 +338,7 @@ NB_MODULE(_engine, m) {
 
   m.def("store_query_ranked_np", [](int64_t handle, CArray<int32_t> slots, CArray<float> q,
                                     CArray<int32_t> q_codes, int64_t rank_tables, double top,
-                                    double refine) {
+                                    double refine, double sample_cap) {
     pigjax::RankedQueryArgs a;
     a.base.slots = view(slots);
     a.base.q = view(q);
@@ -346,6 +346,7 @@ NB_MODULE(_engine, m) {
     a.rank_tables = rank_tables;
     a.top = top;
     a.refine = refine;
+    a.sample_cap = sample_cap;
     nb::ndarray<nb::numpy, float> out, lse;
     nb::ndarray<nb::numpy, int32_t> keys, values;
     if (a.base.q.dims.size() == 3) {
@@ -358,7 +359,7 @@ NB_MODULE(_engine, m) {
     run("store_query_ranked_np", [&] { return pigjax::store_query_ranked(handle, a); });
     return std::make_tuple(out, lse, keys, values);
   }, nb::arg("handle"), nb::arg("slots"), nb::arg("q"), nb::arg("q_codes"), nb::arg("rank_tables"),
-     nb::arg("top"), nb::arg("refine"),
+     nb::arg("top"), nb::arg("refine"), nb::arg("sample_cap") = 1.0,
      "Direct (non-XLA) ranked query (query_ranked.h) with NumPy arrays; returns (out f32[B,Hq,d], "
      "lse f32[B,Hq], keys_read i32[B,Hq], values_read i32[B,Hq]). Same C++ code as the "
      "pigjax_lsh_query_ranked FFI handler.");

@@ -193,6 +193,8 @@ std::string validate_ranked_query(const StoreConfig& c, const RankedQueryArgs& a
     return "top must be a fraction in [0, 1], got " + std::to_string(a.top);
   if (!(a.refine >= 1.0 && a.refine <= 1e6))
     return "refine must be a number in [1, 1e6], got " + std::to_string(a.refine);
+  if (!(a.sample_cap > 0.0 && a.sample_cap <= 1.0))
+    return "sample_cap must be a fraction in (0, 1], got " + std::to_string(a.sample_cap);
   return "";
 }
 

@@ -58,6 +58,7 @@ struct RankedQueryArgs {
   int64_t rank_tables = 0;           // tables [0, rank_tables) rank (the store's sketch), the rest sample
   double top = 0;                    // fraction of a head's tokens read exactly
   double refine = 1;                 // keys ranked by the sketch and scored: refine x the top
+  double sample_cap = 1;             // most of S \ T read, as a fraction of n (uniform thinning past it)
 };
 
 // Each returns "" if the arguments fit a store with config c, else the message for an invalid

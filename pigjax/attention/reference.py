@@ -63,10 +63,45 @@ def sketch_estimates(k, codes, q_codes, K: int, rank_tables: int) -> np.ndarray:
     return norms * np.cos(np.pi * dist / (rank_tables * K)).astype(np.float32)
 
 
-def ranked_selection(q, k, codes, q_codes, K: int, rank_tables: int, top: float, refine: float):
+def _fmix32(h):
+    h = np.asarray(h, np.uint32)
+    h = h ^ (h >> np.uint32(16))
+    h = h * np.uint32(0x85EBCA6B)
+    h = h ^ (h >> np.uint32(13))
+    h = h * np.uint32(0xC2B2AE35)
+    return h ^ (h >> np.uint32(16))
+
+
+def thin_hash(indices, n: int, q_codes, rank_tables: int) -> np.ndarray:
+    """The engine's thinning order of sampled keys (ffi/src/query_ranked.cc): a murmur3 mix of each
+    index and a seed from n and the query's codes of the sampling tables (uint32 arithmetic)."""
+    with np.errstate(over="ignore"):
+        seed = _fmix32(np.uint32(n % 2**32) ^ np.uint32(0x9E3779B9))
+        for c in np.asarray(q_codes)[rank_tables:]:
+            seed = _fmix32(seed + np.uint32(int(c) % 2**32))
+        return _fmix32(seed ^ (np.asarray(indices, np.uint32) * np.uint32(0x9E3779B1)))
+
+
+def thin_sample(rest, n: int, q_codes, rank_tables: int, sample_cap: float):
+    """The sample cap (docs/algorithm.md §2.9): rest [n] (S ∖ T) -> (kept mask, log(1/a)); past
+    c = max(1, ⌈sample_cap·n⌉) keys, the c first in the order (thin_hash, index) are kept, each with
+    probability a = c / |rest|."""
+    idx = np.flatnonzero(rest)
+    cap = max(1, int(np.ceil(sample_cap * n)))
+    if len(idx) <= cap:
+        return rest, 0.0
+    h = thin_hash(idx, n, q_codes, rank_tables).astype(np.int64)
+    kept = np.zeros_like(rest)
+    kept[idx[np.lexsort((idx, h))[:cap]]] = True
+    return kept, float(np.log(len(idx) / cap))
+
+
+def ranked_selection(q, k, codes, q_codes, K: int, rank_tables: int, top: float, refine: float,
+                     sample_cap: float = 1.0):
     """The ranked query's sets for one query head q [d] over keys k [n, d] with codes [n, L] and
     query codes q_codes [L] (docs/algorithm.md §2.9) -> masks [n] of R (keys scored), T (read
-    exactly) and S (sampled by the tables from rank_tables on)."""
+    exactly) and S' (sampled by the tables from rank_tables on, outside T, thinned to the cap),
+    and log(1/a), the thinning's extra log weight on S'."""
     n, lr = k.shape[0], rank_tables
     m = min(n, int(np.ceil(top * n)))
     r = min(n, max(m, int(np.ceil(refine * m))))
@@ -77,16 +112,18 @@ def ranked_selection(q, k, codes, q_codes, K: int, rank_tables: int, top: float,
     r_mask[ranked] = True
     t_mask[ranked[np.lexsort((ranked, -dots))[:m]]] = True
     s_mask = (codes[:, lr:] == q_codes[None, lr:]).sum(-1) >= 2
-    return r_mask, t_mask, s_mask
+    kept, log_inv_a = thin_sample(s_mask & ~t_mask, n, q_codes, lr, sample_cap)
+    return r_mask, t_mask, kept, log_inv_a
 
 
 def ranked_attention(q, k, v, k_codes, q_codes, K: int, L: int, rank_tables: int, top: float, refine: float,
-                     eps: float = 1e-4):
+                     eps: float = 1e-4, sample_cap: float = 1.0):
     """The engine's ranked query (docs/algorithm.md §2.9) for one sequence, arguments as
     `sampled_attention`: T = the ⌈top·n⌉ highest q·k among the ⌈refine·top·n⌉ keys with the highest
     `sketch_estimates` (ties: lower index first), weight 1; S = ≥ 2 collisions
-    in the other tables, weight 1/(u + eps) with u for L − rank_tables tables.
-    -> out [Hq, d], lse [Hq], keys read [Hq] (|R ∪ S|), values read [Hq] (|T ∪ S|), T mask [Hq, n]."""
+    in the other tables, S' = S ∖ T thinned to the sample cap, weight 1/((u + eps)·a) with u for
+    L − rank_tables tables.
+    -> out [Hq, d], lse [Hq], keys read [Hq] (|R ∪ S'|), values read [Hq] (|T ∪ S'|), T mask [Hq, n]."""
     q, k, v = (np.asarray(a, np.float64) for a in (q, k, v))
     hq, d = q.shape
     hkv, n = k.shape[:2]
@@ -95,15 +132,15 @@ def ranked_attention(q, k, v, k_codes, q_codes, K: int, L: int, rank_tables: int
     keys, values, t_mask = np.zeros(hq, np.int64), np.zeros(hq, np.int64), np.zeros((hq, n), bool)
     for h in range(hq):
         kh, vh, codes = k[h // group], v[h // group], k_codes[h // group]
-        r_mask, t_mask[h], s_mask = ranked_selection(q[h], kh, codes, q_codes[h], K, rank_tables, top, refine)
-        rest = s_mask & ~t_mask[h]
-        keys[h] = (r_mask | s_mask).sum()
-        values[h] = (t_mask[h] | s_mask).sum()
+        r_mask, t_mask[h], rest, log_inv_a = ranked_selection(q[h], kh, codes, q_codes[h], K, rank_tables, top,
+                                                              refine, sample_cap)
+        keys[h] = (r_mask | rest).sum()
+        values[h] = (t_mask[h] | rest).sum()
         norms = np.linalg.norm(kh[rest], axis=-1) * np.linalg.norm(q[h])
         cos = np.where(norms > 0, kh[rest] @ q[h] / np.where(norms > 0, norms, 1), 0.0)
         u = sampling_probability(cos, K, L - lr)
         scores = np.concatenate([kh[t_mask[h]] @ q[h] / np.sqrt(d),
-                                 kh[rest] @ q[h] / np.sqrt(d) + np.log(1.0 / (u + eps))])
+                                 kh[rest] @ q[h] / np.sqrt(d) + np.log(1.0 / (u + eps)) + log_inv_a])
         if len(scores) == 0:
             continue
         rows = np.concatenate([vh[t_mask[h]], vh[rest]])

@@ -126,9 +126,10 @@ class Store(Closing):
     def query(self, slots, q, q_codes, dep):
         return self._track(query(self.handle_array, slots, q, q_codes, dep, path=self.path))
 
-    def query_ranked(self, slots, q, q_codes, dep, *, rank_tables: int, top: float, refine: float = 1.0):
+    def query_ranked(self, slots, q, q_codes, dep, *, rank_tables: int, top: float, refine: float = 1.0,
+                     sample_cap: float = 1.0):
         return self._track(query_ranked(self.handle_array, slots, q, q_codes, dep, rank_tables=rank_tables, top=top,
-                                        refine=refine, path=self.path))
+                                        refine=refine, sample_cap=sample_cap, path=self.path))
 
     def _track(self, result):
         """JAX dispatches asynchronously: keep the newest result so that `close()` waits for the
@@ -360,31 +361,34 @@ def _query(handle, slots, q, q_codes, dep, *, path):
 
 
 def query_ranked(handle, slots, q, q_codes, dep, *, rank_tables: int, top: float, refine: float = 1.0,
-                 path: str = "ffi", heads: str | None = None):
+                 sample_cap: float = 1.0, path: str = "ffi", heads: str | None = None):
     """The ranked query (docs/algorithm.md §2.9): per query head, the ⌈top·n⌉ best-scoring of the
     ⌈refine·top·n⌉ tokens with the highest score estimates |k|·cos(π·D/B) (D of the B bits of
     tables [0, rank_tables) differ from the query's; the store must keep their sketch:
     `sketch_tables=rank_tables`) read exactly, plus MagicPIG's importance sample over the other
-    tables for the rest. Arguments as `query`.
+    tables for the rest; when more than ⌈sample_cap·n⌉ of the rest are sampled, a uniform subset of
+    that many is read, each weighted by the inverse of its chance of being kept. Arguments as `query`.
     -> out [B, Hq, d] f32, lse [B, Hq] f32, keys_read [B, Hq] int32, values_read [B, Hq] int32."""
     _check("query_ranked", handle=(handle, jnp.int32, 0), slots=(slots, jnp.int32, 1), q=(q, jnp.float32, 3),
            q_codes=(q_codes, jnp.int32, 3), dep=(dep, jnp.int32, 1))
-    return sharding.engine_shards(partial(_query_ranked, rank_tables=rank_tables, top=top, refine=refine, path=path),
+    return sharding.engine_shards(partial(_query_ranked, rank_tables=rank_tables, top=top, refine=refine,
+                                          sample_cap=sample_cap, path=path),
                                   handle, slots, (q, q_codes, dep), (3, 2, 2, 2), heads)
 
 
-def _query_ranked(handle, slots, q, q_codes, dep, *, rank_tables, top, refine, path):
+def _query_ranked(handle, slots, q, q_codes, dep, *, rank_tables, top, refine, sample_cap, path):
     b, hq, d = q.shape
     shapes = (jax.ShapeDtypeStruct((b, hq, d), jnp.float32), jax.ShapeDtypeStruct((b, hq), jnp.float32),
               jax.ShapeDtypeStruct((b, hq), jnp.int32), jax.ShapeDtypeStruct((b, hq), jnp.int32))
     if path == "callback":
-        host = _host(lambda h, *a: _engine.store_query_ranked_np(h, *a[:-1], rank_tables, top, refine), shapes)
+        host = _host(lambda h, *a: _engine.store_query_ranked_np(h, *a[:-1], rank_tables, top, refine, sample_cap),
+                     shapes)
         return io_callback(host, shapes, handle, slots, q, q_codes, dep, ordered=True)
     if path == "cuda-ffi":
         raise PigjaxError("Store.query_ranked: the ranked query has no CUDA handler yet; use path='callback'")
     call = jax.ffi.ffi_call("pigjax_lsh_query_ranked", shapes, has_side_effect=True)
     return call(handle, slots, q, q_codes, dep, rank_tables=np.int32(rank_tables), top=np.float64(top),
-                refine=np.float64(refine))
+                refine=np.float64(refine), sample_cap=np.float64(sample_cap))
 
 
 def _free_quietly(handle: int):

@@ -59,8 +59,8 @@ def _ranked_layer_coverage(q, km, backend, rng, draws: int) -> dict:
         codes, q_codes = simhash_codes(kc, proj, K), simhash_codes(q, proj, K)
         for p in range(q.shape[0]):
             for h in range(q.shape[1]):
-                r, t, s = ranked_selection(q[p, h], kc[g[h]], codes[g[h]], q_codes[p, h], K, backend.rank_tables,
-                                           backend.top, backend.refine)
+                r, t, s, _ = ranked_selection(q[p, h], kc[g[h]], codes[g[h]], q_codes[p, h], K, backend.rank_tables,
+                                              backend.top, backend.refine, backend.sample_cap)
                 read[p, h] += (t | s) / draws
                 fraction += (r | s).sum() / (n * draws * q.shape[0] * q.shape[1])
     top1 = np.take_along_axis(read, a.argmax(-1)[..., None], -1)[..., 0]

@@ -82,6 +82,8 @@ def test_generate_and_memory_mosaics_accept_it(tiny):
     (dict(top=-0.1), "top must"),
     (dict(refine=0.5), r"refine must be a number in \[1, 1e6\]"),
     (dict(refine=float("nan")), "refine"),
+    (dict(sample_cap=0.0), r"sample_cap must be a fraction in \(0, 1\]"),
+    (dict(sample_cap=True), "sample_cap"),
     (dict(K=0), "rankedlsh: K must"),
 ])
 def test_bad_configs(kwargs, match):

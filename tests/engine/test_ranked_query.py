@@ -33,14 +33,15 @@ def _inputs(seed, b=2, hq=6, hkv=2, n=600, d=16, K=6, L=40):
     return q, k, v, ref.simhash_codes(k, proj, K), ref.simhash_codes(q, proj, K)
 
 
-@pytest.mark.parametrize("top, refine, n0, n", [
-    (0.03, 1.0, None, 600), (0.03, 3.0, None, 600), (0.1, 2.0, 450, 600), (0.5, 1.0, None, 600),
-    (0.05, 2.0, 450, 600), (0.01, 1.0, None, 9000), (0.02, 2.0, 8500, 9000)])  # n 9000: the sampled bound
+@pytest.mark.parametrize("top, refine, n0, n, cap", [
+    (0.03, 1.0, None, 600, 1.0), (0.03, 3.0, None, 600, 1.0), (0.1, 2.0, 450, 600, 1.0), (0.5, 1.0, None, 600, 1.0),
+    (0.05, 2.0, 450, 600, 1.0), (0.01, 1.0, None, 9000, 1.0), (0.02, 2.0, 8500, 9000, 1.0),  # 9000: the sampled bound
+    (0.03, 2.0, 450, 600, 0.02), (0.01, 1.0, 8500, 9000, 0.005)])  # the sample thinned to its cap
 @pytest.mark.parametrize("layout", [-1, 1])  # auto (direct at n = 600, K = 6) and forced compact
 @pytest.mark.parametrize("simd", ["scalar", "avx2", "avx512"])
-def test_selection_matches_numpy_reference(top, refine, n0, n, layout, simd):
-    """Same codes in: the same top set, sample, reads and output (middle and appended tokens), at
-    each SIMD level of the sketch kernel."""
+def test_selection_matches_numpy_reference(top, refine, n0, n, cap, layout, simd):
+    """Same codes in: the same top set, sample (thinned to the cap), reads and output (middle and
+    appended tokens), at each SIMD level of the sketch kernel."""
     K, L, lr = 6, 40, 15
     q, k, v, k_codes, q_codes = _inputs(1, n=n)
     _engine.set_table_layout(layout)
@@ -51,17 +52,23 @@ def test_selection_matches_numpy_reference(top, refine, n0, n, layout, simd):
     try:
         with Store(2, 2, 16, n, K, L, storage="f32", sketch_tables=lr) as store:
             slots = _store_with(store, k, v, k_codes, n0)
-            out, lse, keys, values = _engine.store_query_ranked_np(store.handle, slots, q, q_codes, lr, top, refine)
+            out, lse, keys, values = _engine.store_query_ranked_np(store.handle, slots, q, q_codes, lr, top, refine,
+                                                                   cap)
     finally:
         _engine.set_table_layout(-1)
         _engine.set_simd_level(previous)
     for r in range(2):
-        o, l, kr, vr, t_mask = ref.ranked_attention(q[r], k[r], v[r], k_codes[r], q_codes[r], K, L, lr, top, refine)
+        o, l, kr, vr, t_mask = ref.ranked_attention(q[r], k[r], v[r], k_codes[r], q_codes[r], K, L, lr, top, refine,
+                                                    sample_cap=cap)
         np.testing.assert_array_equal(keys[r], kr)
         np.testing.assert_array_equal(values[r], vr)
         np.testing.assert_allclose(out[r], o, atol=2e-5)
         np.testing.assert_allclose(lse[r], l, atol=2e-5)
         assert 0 < t_mask.sum(-1).min() and vr.max() < n  # a real selection, not everything
+        if cap < 1:  # the cap binds: every head reads exactly T and ⌈cap·n⌉ sampled keys
+            _, _, _, uncapped, _ = ref.ranked_attention(q[r], k[r], v[r], k_codes[r], q_codes[r], K, L, lr, top, refine)
+            np.testing.assert_array_equal(vr, t_mask.sum(-1) + int(np.ceil(cap * n)))
+            assert np.all(uncapped > vr)
 
 
 def test_ties_in_estimates_break_by_index():
@@ -105,10 +112,12 @@ def test_full_top_is_exact_and_zero_top_is_magicpig():
     assert np.array_equal(keys0, sampled) and np.array_equal(values0, sampled)
 
 
-def test_remainder_is_unbiased_given_the_top_set():
+@pytest.mark.parametrize("cap", [1.0, 0.03])
+def test_remainder_is_unbiased_given_the_top_set(cap):
     """Over independent projections, the estimate's denominator and numerator minus their
     expectation given the top set T (exact part + sum over keys outside T of e^s·u/(u+eps), u for
-    the sampling tables) average to 0 within 4 standard errors; dropping the weights does not."""
+    the sampling tables) average to 0 within 4 standard errors; dropping the weights does not.
+    With a binding sample cap, the same holds, and dropping the thinning's 1/a weight does not."""
     rng = np.random.default_rng(0)
     trials, n, d, K, lr, ls, eps, top = 600, 400, 16, 3, 4, 8, 1e-4, 0.05
     L = lr + ls
@@ -127,12 +136,14 @@ def test_remainder_is_unbiased_given_the_top_set():
     qb = np.ascontiguousarray(np.broadcast_to(q, (trials, 1, d)), np.float32)
     with Store(trials, 1, d, n, K, L, eps, storage="f32", sketch_tables=lr) as store:
         slots = _store_with(store, kb, vb, k_codes)
-        out, lse, _, _ = _engine.store_query_ranked_np(store.handle, slots, qb, q_codes, lr, top, 2.0)
+        out, lse, _, values = _engine.store_query_ranked_np(store.handle, slots, qb, q_codes, lr, top, 2.0, cap)
     denom = np.exp(np.asarray(lse, np.float64))[:, 0]
     numer = denom[:, None] * np.asarray(out, np.float64)[:, 0]
     e = np.exp(s)
     t = np.stack([ref.ranked_attention(qb[i], kb[i], vb[i], k_codes[i], q_codes[i], K, L, lr, top, 2.0)[4][0]
                   for i in range(trials)])  # T per trial [trials, n]
+    log_inv_a = np.array([ref.ranked_selection(qb[i, 0], kb[i, 0], k_codes[i, 0], q_codes[i, 0], K, lr, top, 2.0, cap)[3]
+                          for i in range(trials)])
     assert np.all(t.sum(1) == 20) and 0.05 < t.mean(0).max() < 1.0  # T varies with the projection
     cond_denom = (t * e).sum(1) + (~t * e * keep).sum(1)
     cond_numer = (t * e) @ v + (~t * e * keep) @ v
@@ -144,6 +155,11 @@ def test_remainder_is_unbiased_given_the_top_set():
     # The test can fail: without the 1/(u + eps) weights the remainder is visibly biased.
     unweighted = (t * e).sum(1) + (~t * e * u).sum(1)
     assert abs((denom - unweighted).mean()) > 8 * se
+    if cap < 1:  # thinned in most trials; without 1/a the sampled part shrinks by a on average
+        assert np.mean(log_inv_a > 0) > 0.5 and np.all(values[log_inv_a > 0, 0] == 20 + 12)
+        exact_t = (t * e).sum(1)
+        no_thin_weight = exact_t + (denom - exact_t) * np.exp(-log_inv_a)
+        assert abs((no_thin_weight - cond_denom).mean()) > 8 * se
 
 
 @pytest.mark.parametrize("args, match", [
@@ -153,6 +169,8 @@ def test_remainder_is_unbiased_given_the_top_set():
     ((10, 1.5, 1.0), r"top must be a fraction in \[0, 1\]"),
     ((10, float("nan"), 1.0), "top must be"),
     ((10, 0.1, 0.5), r"refine must be a number in \[1, 1e6\]"),
+    ((10, 0.1, 1.0, 0.0), r"sample_cap must be a fraction in \(0, 1\]"),
+    ((10, 0.1, 1.0, 1.5), "sample_cap must be"),
 ])
 def test_bad_settings_raise_clear_errors(args, match):
     q, k, v, k_codes, q_codes = _inputs(4, n=100)

@@ -56,12 +56,13 @@ def test_eval_mqar_script_end_to_end(tmp_path):
     cmd = [sys.executable, str(root / "scripts" / "eval_mqar.py"), "--models", "mosaics2", "--hidden", "16",
            "--layers", "1", "--heads", "2", "--vocab", "32", "--train_len", "16", "--pairs", "2", "--batch", "2",
            "--steps", "2", "--warmup", "1", "--short_window", "4", "--long_gap_min", "2", "--long_gap_max", "4",
-           "--eval_lengths", "16", "--eval_pairs", "2", "--eval_sequences", "4", "--engine", "4x20",
+           "--eval_lengths", "16", "--eval_pairs", "2", "--eval_sequences", "4", "--engine", "4x20,4x20r8t0.1s0.05",
            "--engine_sequences", "2", "--engine_max_len", "16", "--out", str(out)]
     done = subprocess.run(cmd, cwd=root, capture_output=True, text=True, env=os.environ, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
     results = json.loads((out.parent / "mqar.json").read_text())
     assert 0.0 <= results["models"]["mosaics2"]["accuracy"]["16"]["2"] <= 1.0
     cell = results["engine"]["cells"]["16/2"]
-    assert set(cell) == {"exact", "K4L20", "K4L20 read"}
+    ranked = "RankedLSH K4L20 rank 8 top 0.1 cap 0.05"
+    assert set(cell) == {"exact", "K4L20", "K4L20 read", ranked, ranked + " read"}
     assert "| 16 | 2 |" in (out.parent / "mqar.md").read_text() and (out.parent / "mqar.png").stat().st_size > 1000
