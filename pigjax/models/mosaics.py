@@ -99,7 +99,7 @@ class State:
     @property
     def capacity(self) -> int:
         layers = self.layers
-        return (layers.keys if isinstance(layers, LayerState) else layers.short.keys).shape[3]
+        return (layers.keys if isinstance(layers, LayerState) else layers.long.keys).shape[3]
 
 
 def init_state(config: MosaicsConfig, batch: int, capacity: int | None = None, dtype=jnp.float32) -> State:

@@ -85,9 +85,15 @@ class MosaicsExact:
     def stats(self, config, cache_dtype, cache=None, runtime=None) -> dict:
         itemsize = jnp.dtype(cache_dtype).itemsize
         return {"attention": self.name, "fraction_read": 1.0,
-                # a key and a value per memory (v1: one contextual memory; v2: short- and long-term)
-                "cache_bytes_per_token_per_layer": 2 * config.hidden_size * itemsize * config.version,
-                "host_bytes_per_token_per_layer": 0.0}
+                # a key and a value per context token (v1's contextual memory, v2's long-term memory)
+                "cache_bytes_per_token_per_layer": 2 * config.hidden_size * itemsize,
+                "host_bytes_per_token_per_layer": 0.0, **short_term_bytes(config, itemsize)}
+
+
+def short_term_bytes(config: MosaicsConfig, itemsize: int) -> dict:
+    """v2's short-term memory: a ring of h pairs per layer and row, whatever the context length."""
+    return {} if config.version == 1 else {"short_term_bytes_per_layer": 2 * config.hidden_size * itemsize *
+                                           config.short_window}
 
 
 @struct.dataclass
@@ -305,11 +311,10 @@ class MosaicsSampled:
                  "sink": mp.sink,
                  "local": mp.local, "dense_layers": [i for i in range(n) if i not in sparse],
                  "fraction_read": None, "fraction_read_sampled_layers": None,
-                 # Per context token, averaged over layers: a key and a value per exact memory (v2's
-                 # short-term memory stays exact in sampled layers).
-                 "cache_bytes_per_token_per_layer":
-                     2 * config.hidden_size * itemsize * (n * config.version - len(sparse)) / n,
-                 "host_bytes_per_token_per_layer": 0.0}
+                 # Per context token, averaged over layers: a key and a value in each layer whose
+                 # growing memory stays exact (the dense layers).
+                 "cache_bytes_per_token_per_layer": 2 * config.hidden_size * itemsize * (n - len(sparse)) / n,
+                 "host_bytes_per_token_per_layer": 0.0, **short_term_bytes(config, itemsize)}
         if cache is not None:
             sampled = [_sampled_part(cache.layers[i]) for i in sparse]
             read, total, exact = (sum(float(getattr(s, f)) for s in sampled) for f in ("read", "total", "exact"))

@@ -103,6 +103,38 @@ def exact_memory(state, q, k, vals, count, span: Span = Span()):
     return retrieve(q, keys, values, visible), dict(keys=keys, values=values)
 
 
+def ring_memory(state, q, k, vals, count, num_new, span: Span):
+    """`exact_memory` for a memory with a window (v2's short-term memory, Span(gap, h)) in a ring
+    of W >= h slots instead of a buffer per position: slot s holds the key of the newest position
+    p ≡ s (mod W) below `count`, and its value from one step later on (the value of p = count − 1
+    arrives now, as vals[:, :, 0]). Each query reads the ring (patched with that value) and the
+    new pairs; then only the newest W of the row's `num_new` [B] new keys and values are written,
+    so padded positions never overwrite a pair still in reach."""
+    b, _, t, _ = k.shape
+    width, rows = state.keys.shape[2], jnp.arange(b)[:, None]
+    last = count[:, None] - 1
+    old_pos = last - jnp.mod(last - jnp.arange(width)[None, :], width)  # [B, W]; < 0: empty slot
+    old_values = jnp.where((old_pos == last)[:, None, :, None], vals[:, :, :1].astype(state.values.dtype), state.values)
+    new_pos = count[:, None] + jnp.arange(t)[None, :]  # [B, T]
+    keys = jnp.concatenate([state.keys, k.astype(state.keys.dtype)], axis=2)
+    values = jnp.concatenate([old_values, vals[:, :, 1:].astype(state.values.dtype),
+                              jnp.zeros_like(old_values[:, :, :1])], axis=2)  # the newest pair's value: unknown yet
+    filled = jnp.concatenate([old_pos >= 0, jnp.ones((b, t), bool)], axis=1)
+    visible = span.visible(new_pos, jnp.concatenate([old_pos, new_pos], axis=1)) & filled[:, None, :]
+    y = retrieve(q, keys, values, visible)
+    end = (count + num_new)[:, None]
+
+    def slots(pos, stop):  # ring slots of positions in [end - W, stop), else out of range (dropped)
+        return jnp.where((pos >= jnp.maximum(end - width, 0)) & (pos < stop), jnp.mod(pos, width), width)
+
+    # (the scatter's update is laid out [B, T, H, hs]: indexed axes first)
+    new_keys = state.keys.at[rows, :, slots(new_pos, end)].set(
+        k.transpose(0, 2, 1, 3).astype(state.keys.dtype), mode="drop")
+    new_values = state.values.at[rows, :, slots(new_pos - 1, end - 1)].set(
+        vals.transpose(0, 2, 1, 3).astype(state.values.dtype), mode="drop")
+    return y, dict(keys=new_keys, values=new_values)
+
+
 def peek_values(module: nn.Module, heads: int) -> Callable:
     """Create `module`'s value parameters (peek m_h, scale r_h; docs/algorithm.md §3.2) and return
     values(this, nxt) = e^{10 r_h} · normalize((1 - m_h) nxt + m_h this) for [B, H, T, hs] inputs."""

@@ -30,7 +30,7 @@ from flax import struct
 
 from pigjax.models.mosaics_config import MosaicsConfig
 from pigjax.models.mosaics_parts import (Span, _at, _layer_norm, _linear, _merge_heads, _split_heads, exact_memory,
-                                         normalize, peek_values, retrieve)
+                                         normalize, peek_values, retrieve, ring_memory)
 
 GATED_CHUNK = 16  # time steps per chunk of the parallel gated average
 
@@ -99,8 +99,8 @@ class MemoryState:
 
     leak: jax.Array  # [B, H, hs] the gated average k̄ of the last token
     pending_value: jax.Array  # [B, H, hs] W_v x of the last token: its value needs the next token
-    keys: jax.Array  # [B, H, capacity, hs] slot t holds k_t
-    values: jax.Array  # [B, H, capacity, hs] slot t holds v_t (written one step later)
+    keys: jax.Array  # [B, H, S, hs] long-term: S = capacity, slot t holds k_t; short-term: a ring (ring_memory)
+    values: jax.Array  # [B, H, S, hs] the same for v_t (written one step later)
 
 
 @struct.dataclass
@@ -116,11 +116,12 @@ def zero_layers(config: MosaicsConfig, batch: int, capacity: int, dtype) -> Laye
     """The empty layers of a v2 state (`mosaics.init_state` wraps them in a `mosaics.State`)."""
     n, h, hs = config.num_hidden_layers, config.num_attention_heads, config.head_size
 
-    def memory():
+    def memory(slots):
         return MemoryState(*(jnp.zeros((n, batch, h, hs), dtype) for _ in range(2)),
-                           *(jnp.zeros((n, batch, h, capacity, hs), dtype) for _ in range(2)))
+                           *(jnp.zeros((n, batch, h, slots, hs), dtype) for _ in range(2)))
 
-    return LayerState(memory(), memory())
+    # the short-term memory sees the last h pairs: a ring of h slots (fewer if the capacity is smaller)
+    return LayerState(memory(min(config.short_window, capacity)), memory(capacity))
 
 
 class Memory(nn.Module):
@@ -147,8 +148,11 @@ class Memory(nn.Module):
             y, new_state = retrieve(q, k, values(vx, nxt), span.visible(pos, pos), dropout), None
         else:
             prev = jnp.concatenate([state.pending_value[:, :, None], vx], axis=2)
-            y, stored = (self.memory or exact_memory)(state, q, k, values(prev[:, :, :-1], prev[:, :, 1:]), count,
-                                                      span)
+            vals = values(prev[:, :, :-1], prev[:, :, 1:])
+            if span.window is not None:  # the short-term memory: a ring of h slots
+                y, stored = ring_memory(state, q, k, vals, count, num_new, span)
+            else:
+                y, stored = (self.memory or exact_memory)(state, q, k, vals, count, span)
             last, has_new = jnp.maximum(num_new - 1, 0), (num_new > 0)[:, None, None]
             new_state = dict(leak=jnp.where(has_new, _at(kbar, last), state.leak),
                              pending_value=jnp.where(has_new, _at(vx, last), state.pending_value), **stored)

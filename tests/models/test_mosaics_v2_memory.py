@@ -2,6 +2,7 @@
 docs/algorithm.md §3A.4): equal to exact retrieval where the sampling reads everything, close with
 a large budget, through teacher-forced decoding and generate; the fraction read is reported."""
 
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -52,7 +53,8 @@ def test_large_budget_is_close_and_fraction_read_reported(model, tokens, exact, 
           f"mean log p - exact {np.mean(out['logp']) - np.mean(exact['logp']):.2e}")
     assert 0.0 < s["fraction_read"] <= s["fraction_read_sampled_layers"] <= 1.0
     assert abs(np.mean(out["logp"]) - np.mean(exact["logp"])) < max_dlogp
-    assert s["cache_bytes_per_token_per_layer"] == 2 * 64 * 4  # f32 key + value of the exact short-term memory
+    assert s["cache_bytes_per_token_per_layer"] == 0  # every layer sampled: nothing grows on the model side
+    assert s["short_term_bytes_per_layer"] == 2 * 64 * 4 * 16  # the short-term ring: h = 16 f32 pairs
 
 
 def test_generate_with_ragged_rows(model):
@@ -64,3 +66,25 @@ def test_generate_with_ragged_rows(model):
     assert approx.stats["fraction_read"] == pytest.approx(1.0, abs=1e-3)
     gen = pigjax.generate(model, prompts, max_new_tokens=30, attention=pigjax.MagicPIG(sink=2, local=4))
     assert [len(t) for t in gen.tokens] == [30, 30, 30] and gen.stats["dense_layers"] == [0, 1]
+
+
+def test_short_term_memory_is_a_ring_of_h_pairs(model, tokens, exact):
+    """The recurrent state's short-term buffers hold h pairs whatever the capacity (the long-term
+    ones hold the capacity); decoding past several windows still equals the parallel form (the
+    `exact` fixture decodes 100 tokens with h = 16)."""
+    state = mosaics.init_state(model.config, 2, capacity=200)
+    assert state.layers.short.keys.shape[3] == 16 and state.layers.long.keys.shape[3] == 200
+    assert state.capacity == 200
+    parallel = np.asarray(mosaics.apply(model.params, model.config, np.asarray(tokens)))
+    np.testing.assert_allclose(exact["logits"], parallel[:, 29:-1], atol=2e-5)
+
+
+def test_bf16_model_decodes_close_to_f32(model, tokens, exact):
+    half = model.astype(jnp.bfloat16)
+    for attention in (None, pigjax.MagicPIG(K=1, L=400, sink=2, local=4, dense_layers=())):
+        out = teacher_forced(half, tokens, 30, attention)
+        assert np.all(np.isfinite(out["logp"]))
+        assert np.max(np.abs(out["logp"] - exact["logp"])) < 0.1
+    gen = pigjax.generate(half, [[5, 17, 33] * 10], max_new_tokens=12,
+                          attention=pigjax.MagicPIG(sink=2, local=4, dense_layers=()))
+    assert len(gen.tokens[0]) == 12 and 0.0 < gen.stats["fraction_read"] <= 1.0
