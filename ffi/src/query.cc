@@ -300,6 +300,10 @@ std::string store_query(int64_t handle, const QueryArgs& io) {
   const StoreConfig& c = st->cfg;
   err = validate_query(c, io);
   if (!err.empty()) return err;
+  if (c.sketch_tables > 0)
+    return "this store keeps tables [0, " + std::to_string(c.sketch_tables) + ") as a sketch without bucket lists " +
+           "(sketch_tables = " + std::to_string(c.sketch_tables) + "): it serves the ranked query (query_ranked) " +
+           "only; create the store with sketch_tables=0 for this query";
   const int64_t Hkv = c.kv_heads, d = c.head_dim, L = c.L;
   const int64_t B = io.slots.dims[0], Hq = io.q.dims[1];
 

@@ -78,10 +78,11 @@ inline const uint16_t* pick<uint16_t>(const std::vector<uint16_t>& h, const std:
 template <typename T>
 struct HeadRows {
   int64_t d = 0, L = 0, n = 0, na = 0;
+  int64_t t0 = 0;                 // the first indexed table (StoreConfig::sketch_tables)
   int K = 0;
   const TableLayout* layout = nullptr;
-  const int32_t* off = nullptr;   // per block [L][2^bits + 1] at block.off
-  const uint16_t* idx = nullptr;  // per block [L][len] or [L][len][2] at block.idx
+  const int32_t* off = nullptr;   // per block [L - t0][2^bits + 1] at block.off
+  const uint16_t* idx = nullptr;  // per block [L - t0][len] or [L - t0][len][2] at block.idx
   const T* keys = nullptr; const T* vals = nullptr; const float* norms = nullptr;
   const T* akeys = nullptr; const T* avals = nullptr; const float* anorms = nullptr;
   const int32_t* acodes = nullptr;  // [na][L]
@@ -97,7 +98,7 @@ struct HeadRows {
 template <typename T>
 inline HeadRows<T> head_rows(const StoreConfig& c, const SlotData& s, int64_t kvh) {
   HeadRows<T> R;
-  R.d = c.head_dim; R.L = c.L; R.K = c.K;
+  R.d = c.head_dim; R.L = c.L; R.K = c.K; R.t0 = c.sketch_tables;
   if (!s.prefilled) return R;
   R.n = s.n; R.na = s.na;
   R.layout = &s.layout;
@@ -118,7 +119,8 @@ inline HeadRows<T> head_rows(const StoreConfig& c, const SlotData& s, int64_t kv
   return R;
 }
 
-// Calls hit(i, match) for every (token i, table l) with l in [l0, l1) whose bucket holds token i
+// Calls hit(i, match) for every (token i, table l) with l in [l0, l1) (indexed: l0 >= R.t0)
+// whose bucket holds token i
 // for the query codes qc[L]: match is 1 when the token's code equals qc[l] (always in direct
 // blocks; compact blocks share a bucket between codes, so match is 0 for the others). Middle
 // tokens only; the caller scans the appended tokens. Bucket ranges are found first (independent
@@ -141,14 +143,14 @@ inline void visit_hits(const HeadRows<T>& R, const int32_t* qc, int64_t l0, int6
     const int32_t base = static_cast<int32_t>(blk.start);
     if (blk.bits == R.K) {  // direct: the bucket is the code
       for (int64_t l = l0; l < l1; ++l) {
-        const int32_t* o = ob + l * stride + qc[l];
-        rg[nr++] = {ids_block + l * blen, o[0], o[1], base};
+        const int32_t* o = ob + (l - R.t0) * stride + qc[l];
+        rg[nr++] = {ids_block + (l - R.t0) * blen, o[0], o[1], base};
       }
     } else {  // compact: the bucket is the code's top bits; entries are filtered by code
       const int shift = R.K - blk.bits;
       for (int64_t l = l0; l < l1; ++l) {
-        const int32_t* o = ob + l * stride + (qc[l] >> shift);
-        cr[nc++] = {ids_block + l * blen * 2, o[0], o[1], base, qc[l]};
+        const int32_t* o = ob + (l - R.t0) * stride + (qc[l] >> shift);
+        cr[nc++] = {ids_block + (l - R.t0) * blen * 2, o[0], o[1], base, qc[l]};
       }
     }
   }

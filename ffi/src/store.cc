@@ -102,7 +102,7 @@ std::string validate_store_config(const StoreConfig& c) {
 
 int64_t prefill_bytes_per_head(const StoreConfig& c, int64_t m) {
   const int64_t elem = c.storage == StoreStorage::kBF16 ? 2 : 4;
-  const TableLayout t = table_layout(c.K, c.L, m);
+  const TableLayout t = table_layout(c.K, indexed_tables(c), m);
   return 2 * elem * c.head_dim * m + 4 * m + 4 * t.offsets_per_head + 2 * t.entries_per_head +
          8 * sketch_size(m, sketch_words(c.sketch_tables, c.K));
 }
@@ -257,12 +257,12 @@ bool store_info(int64_t handle, StoreInfo* info, std::string* err) {
   info->bytes_allocated = bytes;
   const double elem = c.storage == StoreStorage::kBF16 ? 2.0 : 4.0;
   info->bytes_per_appended_token = 2.0 * elem * c.head_dim + 4.0 + 4.0 * c.L;
-  const double per_block = 4.0 * c.L * ((int64_t{1} << c.K) + 1);
+  const double per_block = 4.0 * indexed_tables(c) * ((int64_t{1} << c.K) + 1);
   info->bytes_per_token = {
       {"keys", elem * c.head_dim},
       {"values", elem * c.head_dim},
       {"key_norms", 4.0},
-      {"table_indices", 2.0 * c.L},
+      {"table_indices", 2.0 * indexed_tables(c)},
       {"table_offsets", per_block / kBlockTokens},
       {"table_offsets_per_block", per_block},
       {"sketch", 8.0 * sketch_words(c.sketch_tables, c.K)},
@@ -352,7 +352,7 @@ std::string store_prefill(int64_t handle, const PrefillArgs& io) {
     const size_t kv = static_cast<size_t>(Hkv * m * d);
     if (bf16) { s.k16.resize(kv); s.v16.resize(kv); } else { s.k32.resize(kv); s.v32.resize(kv); }
     s.norms.resize(static_cast<size_t>(Hkv * m));
-    s.layout = table_layout(c.K, L, m);
+    s.layout = table_layout(c.K, indexed_tables(c), m);
     s.offsets.resize(static_cast<size_t>(Hkv * s.layout.offsets_per_head));
     s.indices.resize(static_cast<size_t>(Hkv * s.layout.entries_per_head));
     s.sketch.resize(static_cast<size_t>(Hkv * sketch_size(m, sketch_words(c.sketch_tables, c.K))));
@@ -385,9 +385,11 @@ std::string store_prefill(int64_t handle, const PrefillArgs& io) {
   });
 
   // Tables: one task per (row, head, block, group of 16 tables); counting sort by bucket (the
-  // code, or its top bits in a compact block: see BlockLayout in store_layout.h).
+  // code, or its top bits in a compact block: see BlockLayout in store_layout.h). Only the
+  // indexed tables [t0, L) get bucket lists (table l at position l - t0).
   constexpr int64_t kTablesPerTask = 16;
-  const int64_t groups = (L + kTablesPerTask - 1) / kTablesPerTask;
+  const int64_t t0 = c.sketch_tables;
+  const int64_t groups = (L - t0 + kTablesPerTask - 1) / kTablesPerTask;
   struct Task { int64_t b, h, bk, g; };
   std::vector<Task> tasks;
   for (int64_t b = 0; b < B; ++b) {
@@ -405,7 +407,7 @@ std::string store_prefill(int64_t handle, const PrefillArgs& io) {
     const int32_t* cd = io.codes.data + ((t.b * Hkv + t.h) * n + io.sink + blk.start) * L;
     int32_t* off = s.offsets.data() + t.h * s.layout.offsets_per_head + blk.off;
     uint16_t* idx = s.indices.data() + t.h * s.layout.entries_per_head + blk.idx;
-    const int64_t l0 = t.g * kTablesPerTask, l1 = std::min(L, l0 + kTablesPerTask);
+    const int64_t l0 = t0 + t.g * kTablesPerTask, l1 = std::min(L, l0 + kTablesPerTask);
     const int64_t nl = l1 - l0;
     // Transpose this group's codes to [table][token] (uint16: K <= 16), then one counting
     // sort per table: 2^bits counters and 2^bits write cursors stay cache-resident.
@@ -420,16 +422,16 @@ std::string store_prefill(int64_t handle, const PrefillArgs& io) {
     int32_t* cur = bs.cursor.data();
     for (int64_t l = l0; l < l1; ++l) {
       const uint16_t* col = tc + (l - l0) * blen;
-      int32_t* o = off + l * (NB + 1);
+      int32_t* o = off + (l - t0) * (NB + 1);
       std::fill(o, o + NB + 1, 0);
       for (int64_t r = 0; r < blen; ++r) ++o[(col[r] >> shift) + 1];
       for (int64_t c2 = 1; c2 <= NB; ++c2) o[c2] += o[c2 - 1];
       std::copy(o, o + NB, cur);
       if (shift == 0) {  // direct: token indices
-        uint16_t* dst = idx + l * blen;
+        uint16_t* dst = idx + (l - t0) * blen;
         for (int64_t r = 0; r < blen; ++r) dst[cur[col[r]]++] = static_cast<uint16_t>(r);
       } else {  // compact: (token index, code) pairs
-        uint16_t* dst = idx + l * blen * 2;
+        uint16_t* dst = idx + (l - t0) * blen * 2;
         for (int64_t r = 0; r < blen; ++r) {
           const int32_t at = cur[col[r] >> shift]++;
           dst[2 * at] = static_cast<uint16_t>(r);

@@ -18,10 +18,11 @@
 //   key norms     4 bytes (fp32)
 //   sketch        8 * ceil(sketch_tables * K / 64) bytes (0 unless sketch_tables > 0; 64 B at
 //                 50 tables of K = 10), for whole blocks of 8 tokens (sketch.h)
-//   table indices 2*L bytes: uint16 index within a block of kBlockTokens = 65536 middle tokens
-//                 (300 B at L = 150; MagicPIG's int32 indices take 600 B)
+//   table indices 2*L' bytes, L' = L - sketch_tables (the indexed tables): uint16 index within
+//                 a block of kBlockTokens = 65536 middle tokens (300 B at L' = 150; MagicPIG's
+//                 int32 indices take 600 B)
 //   table offsets per block of len tokens (store_layout.h, BlockLayout), two layouts:
-//     direct: L * (2^K + 1) int32, i.e. amortised 4*L*(2^K+1)/len bytes per token (9.4 B at
+//     direct: L' * (2^K + 1) int32, i.e. amortised 4*L'*(2^K+1)/len bytes per token (9.4 B at
 //       K=10, L=150 and a full block; 37.5 B at n = 16384);
 //     compact, used when it takes less than half the bytes (blocks of fewer than ~2^K / 3
 //       tokens): L * (2^b + 1) int32 with 2^b in [len/2, len), and each index stored with its
@@ -73,11 +74,16 @@ struct StoreConfig {
   double eps = 1e-4;     // finite, > 0
   StoreStorage storage = StoreStorage::kBF16;
   bool appends = true;   // false: store_append is an error, and the estimate counts prefills only
-  // Tables [0, sketch_tables) are also kept per middle token as a packed sketch of their codes
-  // (sketch.h), which the ranked query scans (query_ranked.h); 0 (MagicPIG) keeps none.
+  // Tables [0, sketch_tables) are kept per middle token as a packed sketch of their codes
+  // (sketch.h), which the ranked query scans (query_ranked.h), instead of as bucket lists: only
+  // tables [sketch_tables, L) are indexed, so such a store serves ranked queries only (the
+  // plain query, which walks every table, refuses it). 0 (MagicPIG) indexes all L.
   // 0 <= sketch_tables <= L - 2.
   int64_t sketch_tables = 0;
 };
+
+// The tables a store keeps bucket lists for: [sketch_tables, L).
+inline int64_t indexed_tables(const StoreConfig& c) { return c.L - c.sketch_tables; }
 
 // Parses "f32" / "bf16".
 bool parse_store_storage(const std::string& name, StoreStorage* out);

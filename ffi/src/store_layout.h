@@ -89,10 +89,11 @@ struct SlotData {
   HugeVector<float> norms;         // [Hkv][n]
   HugeVector<uint64_t> sketch;     // [Hkv][sketch_size(n, W)]: tables [0, sketch_tables) (sketch.h)
   TableLayout layout;              // of the n middle tokens (set by prefill)
-  HugeVector<int32_t> offsets;     // [Hkv][offsets_per_head]: per block [L][2^bits + 1],
+  HugeVector<int32_t> offsets;     // [Hkv][offsets_per_head]: per block [L'][2^bits + 1] (L' =
+                                   // indexed_tables: table l at l - sketch_tables),
                                    // entry ranges within the block's table
-  HugeVector<uint16_t> indices;    // [Hkv][entries_per_head]: per block [L][len] token indices
-                                   // (direct) or [L][len][2] (index, code) pairs (compact)
+  HugeVector<uint16_t> indices;    // [Hkv][entries_per_head]: per block [L'][len] token indices
+                                   // (direct) or [L'][len][2] (index, code) pairs (compact)
   // Append buffer: token t of a head is token n + t of the slot (same count for every head).
   struct Appended {
     std::vector<uint16_t> k16, v16;  // [na][d]

@@ -195,14 +195,25 @@ def test_a_store_without_the_sketch_refuses_a_ranked_query():
 
 
 def test_sketch_memory_is_counted():
-    """64 bytes a token for 50 tables of K = 10 (500 bits), in the estimate and the allocation."""
+    """50 tables of K = 10 kept as a sketch: + 64 bytes a token (500 bits), and no bucket lists for
+    them: - 100 bytes of indices a token and 50 tables' offsets, in the estimate and the allocation."""
     from pigjax.engine import estimate_bytes
 
     base = estimate_bytes(2, 3, 64, 1000, 10, 150, storage="bf16", appends=False)
     with_sketch = estimate_bytes(2, 3, 64, 1000, 10, 150, storage="bf16", appends=False, sketch_tables=50)
-    assert with_sketch - base == 2 * 3 * 1000 * 64
+    assert with_sketch - base == 2 * 3 * (1000 * (64 - 2 * 50) - 4 * 50 * (2**10 + 1))
     with Store(1, 1, 16, 1000, 10, 150, sketch_tables=50) as store:
-        assert store.info()["bytes_per_token"]["sketch"] == 64.0 and store.info()["sketch_tables"] == 50
+        per_token = store.info()["bytes_per_token"]
+        assert per_token["sketch"] == 64.0 and per_token["table_indices"] == 200.0
+        assert store.info()["sketch_tables"] == 50
+
+
+def test_a_sketch_store_refuses_the_plain_query():
+    q, k, v, k_codes, q_codes = _inputs(4, n=100)
+    with Store(2, 2, 16, 100, 6, 40, storage="f32", sketch_tables=10) as store:
+        slots = _store_with(store, k, v, k_codes)
+        with pytest.raises(ValueError, match=r"sketch without bucket lists \(sketch_tables = 10\).*ranked query"):
+            _engine.store_query_np(store.handle, slots, q, q_codes)
 
 
 def test_ffi_path_equals_numpy_path_and_reports_bad_settings():
