@@ -221,13 +221,13 @@ ffi::Error LshPrefillImpl(cudaStream_t stream, ffi::Buffer<ffi::S32> handle, int
                                 slots, keys, values, codes, lengths, middle_counts);
 }
 
-ffi::Error LshQueryImpl(cudaStream_t stream, ffi::Buffer<ffi::S32> handle,
+ffi::Error LshQueryImpl(cudaStream_t stream, ffi::Buffer<ffi::S32> handle, double sample_cap,
                         ffi::Buffer<ffi::S32> slots, ffi::Buffer<ffi::F32> q,
                         ffi::Buffer<ffi::S32> q_codes, ffi::Buffer<ffi::S32> /*dep*/,
                         ffi::ResultBuffer<ffi::F32> out, ffi::ResultBuffer<ffi::F32> lse,
                         ffi::ResultBuffer<ffi::S32> sampled) {
   DeviceMem mem(stream);
-  return ffi_calls::lsh_query(PIGJAX_CUDA_TARGET("lsh_query"), kOps, mem, handle, slots, q,
+  return ffi_calls::lsh_query(PIGJAX_CUDA_TARGET("lsh_query"), kOps, mem, handle, sample_cap, slots, q,
                               q_codes, out, lse, sampled);
 }
 
@@ -262,6 +262,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(PigjaxCudaLshQuery, LshQueryImpl,
                               ffi::Ffi::Bind()
                                   .Ctx<PIGJAX_CUDA_STREAM_CTX>()
                                   .Arg<ffi::Buffer<ffi::S32>>()  // handle (rank 0)
+                                  .Attr<double>("sample_cap")
                                   .Arg<ffi::Buffer<ffi::S32>>()  // slots
                                   .Arg<ffi::Buffer<ffi::F32>>()  // q
                                   .Arg<ffi::Buffer<ffi::S32>>()  // q_codes

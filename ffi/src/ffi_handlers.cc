@@ -89,13 +89,13 @@ ffi::Error LshPrefillImpl(ffi::Buffer<ffi::S32> handle, int32_t sink, int32_t lo
                                 keys, values, codes, lengths, middle_counts);
 }
 
-ffi::Error LshQueryImpl(ffi::Buffer<ffi::S32> handle, ffi::Buffer<ffi::S32> slots,
+ffi::Error LshQueryImpl(ffi::Buffer<ffi::S32> handle, double sample_cap, ffi::Buffer<ffi::S32> slots,
                         ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::S32> q_codes,
                         ffi::Buffer<ffi::S32> /*dep*/, ffi::ResultBuffer<ffi::F32> out,
                         ffi::ResultBuffer<ffi::F32> lse, ffi::ResultBuffer<ffi::S32> sampled) {
   HostMem mem;
-  return ffi_calls::lsh_query("pigjax_lsh_query", kStoreOps, mem, handle, slots, q, q_codes, out,
-                              lse, sampled);
+  return ffi_calls::lsh_query("pigjax_lsh_query", kStoreOps, mem, handle, sample_cap, slots, q, q_codes,
+                              out, lse, sampled);
 }
 
 // LSH store ranked query (query_ranked.h): the query's operands, attrs rank_tables, top, refine,
@@ -122,7 +122,7 @@ ffi::Error LshQueryRankedImpl(ffi::Buffer<ffi::S32> handle_arg, int32_t rank_tab
     a.rank_tables = rank_tables;
     a.top = top;
     a.refine = refine;
-    a.sample_cap = sample_cap;
+    a.base.sample_cap = sample_cap;
     return store_query_ranked(handle, a);
   });
 }
@@ -171,6 +171,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(PigjaxLshPrefill, LshPrefillImpl,
 XLA_FFI_DEFINE_HANDLER_SYMBOL(PigjaxLshQuery, LshQueryImpl,
                               ffi::Ffi::Bind()
                                   .Arg<ffi::Buffer<ffi::S32>>()  // handle (rank 0)
+                                  .Attr<double>("sample_cap")
                                   .Arg<ffi::Buffer<ffi::S32>>()  // slots
                                   .Arg<ffi::Buffer<ffi::F32>>()  // q
                                   .Arg<ffi::Buffer<ffi::S32>>()  // q_codes

@@ -109,7 +109,7 @@ ffi::Error lsh_prefill(const char* name, const StoreOps& ops, Mem& mem,
 // lse f32[B,Hq], sampled s32[B,Hq].
 template <class Mem>
 ffi::Error lsh_query(const char* name, const StoreOps& ops, Mem& mem,
-                     ffi::Buffer<ffi::S32> handle_arg, ffi::Buffer<ffi::S32> slots,
+                     ffi::Buffer<ffi::S32> handle_arg, double sample_cap, ffi::Buffer<ffi::S32> slots,
                      ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::S32> q_codes,
                      ffi::ResultBuffer<ffi::F32> out, ffi::ResultBuffer<ffi::F32> lse,
                      ffi::ResultBuffer<ffi::S32> sampled) {
@@ -125,6 +125,7 @@ ffi::Error lsh_query(const char* name, const StoreOps& ops, Mem& mem,
     a.out = mem.out(out);
     a.lse = mem.out(lse);
     a.sampled = mem.out(sampled);
+    a.sample_cap = sample_cap;
     mem.fetch();
     int64_t handle;
     std::string err;

@@ -317,8 +317,9 @@ NB_MODULE(_engine, m) {
      "totals int32[B] (middle + appended). Same C++ code as the pigjax_lsh_append FFI handler.");
 
   m.def("store_query_np", [](int64_t handle, CArray<int32_t> slots, CArray<float> q,
-                             CArray<int32_t> q_codes) {
+                             CArray<int32_t> q_codes, double sample_cap) {
     pigjax::QueryArgs a;
+    a.sample_cap = sample_cap;
     a.slots = view(slots);
     a.q = view(q);
     a.q_codes = view(q_codes);
@@ -332,7 +333,7 @@ NB_MODULE(_engine, m) {
     }
     run("store_query_np", [&] { return pigjax::store_query(handle, a); });
     return std::make_tuple(out, lse, sampled);
-  }, nb::arg("handle"), nb::arg("slots"), nb::arg("q"), nb::arg("q_codes"),
+  }, nb::arg("handle"), nb::arg("slots"), nb::arg("q"), nb::arg("q_codes"), nb::arg("sample_cap") = 1.0,
      "Direct (non-XLA) query with NumPy arrays; returns (out f32[B,Hq,d], lse f32[B,Hq], "
      "sampled i32[B,Hq]). Same C++ code as the pigjax_lsh_query FFI handler.");
 
@@ -346,7 +347,7 @@ NB_MODULE(_engine, m) {
     a.rank_tables = rank_tables;
     a.top = top;
     a.refine = refine;
-    a.sample_cap = sample_cap;
+    a.base.sample_cap = sample_cap;
     nb::ndarray<nb::numpy, float> out, lse;
     nb::ndarray<nb::numpy, int32_t> keys, values;
     if (a.base.q.dims.size() == 3) {

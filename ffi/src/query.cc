@@ -131,7 +131,7 @@ void write_empty(int64_t G, int64_t d, float* out, float* lse, int32_t* sampled)
 // One (row, KV head): the G query heads q[G][d], q_codes[G][L] -> out[G][d], lse[G], sampled[G].
 template <typename T>
 void query_group(const StoreConfig& c, const LogWeightTable& weights, const SlotData& s, int64_t kvh,
-                 int64_t G,
+                 int64_t G, double sample_cap,
                  const float* q, const int32_t* qcodes, float* out, float* lse, int32_t* sampled,
                  const RowKernels<T>& kern) {
   const int64_t d = c.head_dim, L = c.L;
@@ -146,12 +146,17 @@ void query_group(const StoreConfig& c, const LogWeightTable& weights, const Slot
   for (int64_t j0 = 0; j0 < G; j0 += kGroupChunk) {
     const int gc = static_cast<int>(std::min<int64_t>(kGroupChunk, G - j0));
     int64_t counts[kGroupChunk] = {};
+    double log_inv_a[kGroupChunk] = {};
     const uint64_t* bm[kGroupChunk];
-    // 1. Candidates per head (>= 2 collisions), merged into one union with head masks.
+    // 1. Candidates per head (>= 2 collisions, thinned to the sample cap), merged into one union
+    // with head masks. A head's thinning weight is common to all its keys: it moves only its lse.
     int64_t bound = 0;
     for (int jj = 0; jj < gc; ++jj) {
       uint64_t* hb = sc.heads.data() + jj * words;
-      counts[jj] = collect_head(R, qcodes + (j0 + jj) * L, 0, L, sc, hb);
+      const int32_t* qc = qcodes + (j0 + jj) * L;
+      counts[jj] = collect_head(R, qc, 0, L, sc, hb);
+      log_inv_a[jj] = thin_sample(hb, static_cast<size_t>(words), &counts[jj], sample_cap_keys(sample_cap, total),
+                                  thin_seed(total, qc, 0, L), sc.order);
       bm[jj] = hb;
       bound += counts[jj];
     }
@@ -178,7 +183,7 @@ void query_group(const StoreConfig& c, const LogWeightTable& weights, const Slot
       }
       const double inv = 1.0 / sums[jj];
       for (int64_t i = 0; i < d; ++i) oh[i] = static_cast<float>(acc[jj * d + i] * inv);
-      lse[h] = static_cast<float>(mx[jj] + std::log(sums[jj]));
+      lse[h] = static_cast<float>(mx[jj] + std::log(sums[jj]) + log_inv_a[jj]);
     }
   }
 }
@@ -206,13 +211,18 @@ void query_split(const Store& st, const QueryArgs& io, int64_t B, int64_t Hq, co
   }
   std::vector<uint64_t> bitmaps(static_cast<size_t>(bm_off[B * Hq]));
   std::vector<int64_t> counts(static_cast<size_t>(B * Hq), 0);
+  std::vector<double> log_inv_a(static_cast<size_t>(B * Hq), 0.0);  // the sample cap's weight (query_group)
   parallel_for(B * Hq, [&](int64_t item) {
     const int64_t b = item / Hq, h = item % Hq;
     if (words[b] == 0) return;
     const HeadRows<T> R = head_rows<T>(c, st.slots[io.slots.data[b]], h / G);
     QueryScratch& sc = query_scratch();
     sc.ensure(R.total());
-    counts[item] = collect_head(R, io.q_codes.data + item * L, 0, L, sc, bitmaps.data() + bm_off[item]);
+    const int32_t* qc = io.q_codes.data + item * L;
+    uint64_t* bits = bitmaps.data() + bm_off[item];
+    counts[item] = collect_head(R, qc, 0, L, sc, bits);
+    log_inv_a[item] = thin_sample(bits, static_cast<size_t>(words[b]), &counts[item],
+                                  sample_cap_keys(io.sample_cap, R.total()), thin_seed(R.total(), qc, 0, L), sc.order);
   });
   // Phase 2: parts of each (row, KV head, chunk).
   const int64_t groups = B * Hkv * chunks;
@@ -283,7 +293,7 @@ void query_split(const Store& st, const QueryArgs& io, int64_t B, int64_t Hq, co
         for (int64_t i = 0; i < d; ++i) o[i] += f * a[i];
       }
       for (int64_t i = 0; i < d; ++i) oh[i] = static_cast<float>(o[i] / S);
-      io.lse.data[h] = static_cast<float>(M + std::log(S));
+      io.lse.data[h] = static_cast<float>(M + std::log(S) + log_inv_a[h]);
     }
   }
 }
@@ -323,11 +333,11 @@ std::string store_query(int64_t handle, const QueryArgs& io) {
     const SlotData& s = st->slots[io.slots.data[b]];
     const int64_t h0 = b * Hq + g * G;
     if (bf16)
-      query_group<uint16_t>(c, st->weights, s, g, G, io.q.data + h0 * d, io.q_codes.data + h0 * L,
+      query_group<uint16_t>(c, st->weights, s, g, G, io.sample_cap, io.q.data + h0 * d, io.q_codes.data + h0 * L,
                             io.out.data + h0 * d, io.lse.data + h0, io.sampled.data + h0,
                             row_kernels<uint16_t>(level));
     else
-      query_group<float>(c, st->weights, s, g, G, io.q.data + h0 * d, io.q_codes.data + h0 * L,
+      query_group<float>(c, st->weights, s, g, G, io.sample_cap, io.q.data + h0 * d, io.q_codes.data + h0 * L,
                          io.out.data + h0 * d, io.lse.data + h0, io.sampled.data + h0,
                          row_kernels<float>(level));
   });

@@ -1,12 +1,14 @@
 // The LSH store's query: MagicPIG's sampled attention over one slot per row (docs/algorithm.md
 // §2.4-2.6, CPU side). Pure C++17: no XLA, no Python.
 //
-// query(slot, q[Hq,d], q_codes[Hq,L]); query head h uses KV head h / (Hq/Hkv):
-//   S = { i : #{l : codes_i[l] == q_codes[h,l]} >= 2 }
+// query(slot, q[Hq,d], q_codes[Hq,L], sample_cap c); query head h uses KV head h / (Hq/Hkv):
+//   S = { i : #{l : codes_i[l] == q_codes[h,l]} >= 2 }; n = the slot's tokens
+//   if |S| > c_n = max(1, ceil(c n)): S = its c_n tokens first in the order (thin_hash(i), i)
+//   (query_rows.h: a uniform subset, each kept with probability a = c_n / |S|), else a = 1
 //   cos_i = clamp(q.k_i / (|q||k_i|), -1, 1)  (0 if |q| == 0 or |k_i| == 0)
 //   p = 1 - acos(cos_i)/pi;  P = p^K;  u = 1 - (1-P)^L - L P (1-P)^(L-1)  (double, clamp [0,1])
 //   score_i = q.k_i / sqrt(d) + log(1 / (u + eps))
-//   lse = logsumexp_i score_i;  o = sum_i exp(score_i - lse) v_i;  sampled = |S|
+//   lse = logsumexp_i score_i + log(1 / a);  o = sum_i exp(score_i - lse) v_i;  sampled = |S|
 //   Empty S: o = 0, lse = -inf, sampled = 0 (also for a slot that was never prefilled).
 // i ranges over the slot's middle tokens and its appended ones (store.h). log(1 / (u + eps))
 // comes from the store's LogWeightTable (weight_table.h).

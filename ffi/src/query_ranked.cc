@@ -58,7 +58,6 @@ struct RankScratch {
   std::vector<std::pair<float, int32_t>> scored;  // (estimate, then q.k; token) of R
   std::vector<uint64_t> in_r, in_t, in_s;  // bitmaps over the tokens
   std::vector<std::pair<float, int32_t>> entries;  // (score, token) of T u S'
-  std::vector<std::pair<uint32_t, int32_t>> order;  // (thin_hash, token) of S \ T when thinned
   std::vector<uint16_t> qprep;
   void ensure(int64_t n) {
     const size_t words = static_cast<size_t>((n + 63) / 64);
@@ -78,42 +77,6 @@ void set_bit(std::vector<uint64_t>& b, int64_t i) { b[i >> 6] |= uint64_t{1} << 
 // (value descending, token ascending): the order of R and of T.
 bool higher(const std::pair<float, int32_t>& x, const std::pair<float, int32_t>& y) {
   return x.first != y.first ? x.first > y.first : x.second < y.second;
-}
-
-// The thinning order of S \ T (query_ranked.h): a 32-bit mix (murmur3's finaliser) of the token
-// index and a seed from n and the query's codes in the sampling tables, so a call's choice is a
-// pure function of its inputs and differs between queries and steps. The NumPy reference
-// (reference.thin_hash) computes the same numbers.
-uint32_t fmix32(uint32_t h) {
-  h ^= h >> 16;
-  h *= 0x85ebca6bu;
-  h ^= h >> 13;
-  h *= 0xc2b2ae35u;
-  return h ^ (h >> 16);
-}
-
-uint32_t thin_seed(int64_t n, const int32_t* qc, int64_t Lr, int64_t L) {
-  uint32_t h = fmix32(static_cast<uint32_t>(n) ^ 0x9e3779b9u);
-  for (int64_t l = Lr; l < L; ++l) h = fmix32(h + static_cast<uint32_t>(qc[l]));
-  return h;
-}
-
-uint32_t thin_hash(uint32_t seed, int32_t i) { return fmix32(seed ^ (static_cast<uint32_t>(i) * 0x9e3779b1u)); }
-
-// Keeps the cap first of rest in the order (thin_hash, index); returns log(|rest| / cap), the
-// log of the inverse inclusion probability, or 0 when nothing is dropped. rest stays in index order.
-double thin(std::vector<std::pair<float, int32_t>>& rest, size_t first, int64_t cap, uint32_t seed,
-            std::vector<std::pair<uint32_t, int32_t>>& order) {
-  const size_t count = rest.size() - first;
-  if (static_cast<int64_t>(count) <= cap) return 0.0;
-  order.clear();
-  for (size_t j = first; j < rest.size(); ++j) order.push_back({thin_hash(seed, rest[j].second), rest[j].second});
-  std::nth_element(order.begin(), order.begin() + cap, order.end());
-  order.resize(static_cast<size_t>(cap));
-  std::sort(order.begin(), order.end(), [](const auto& x, const auto& y) { return x.second < y.second; });
-  rest.resize(first);
-  for (const auto& o : order) rest.push_back({0.0f, o.second});
-  return std::log(static_cast<double>(count) / static_cast<double>(cap));
 }
 
 // cos(pi D / B) for D in [0, B], B = the sketch's bits (sketch.h).
@@ -233,9 +196,8 @@ void ranked_head(const HeadRows<T>& R, const LogWeightTable& wS, const RankedQue
   }
   if (static_cast<int64_t>(rs.scored.size()) > m)
     std::nth_element(rs.scored.begin(), rs.scored.begin() + m, rs.scored.end(), higher);
-  // S from the sampling tables.
-  collect_head(R, qc, a.rank_tables, L, qs, rs.in_s.data());
-  // Entries: T with weight 1, S \ T with MagicPIG's weight for L - Lr tables.
+  // Entries: T with weight 1, then S' (S \ T from the sampling tables, thinned to the sample
+  // cap) with MagicPIG's weight for L - Lr tables times 1/a.
   const double inv_sqrt_d = 1.0 / std::sqrt(static_cast<double>(d));
   double qnorm;
   query_norms(q, 1, d, &qnorm);
@@ -244,17 +206,20 @@ void ranked_head(const HeadRows<T>& R, const LogWeightTable& wS, const RankedQue
     set_bit(rs.in_t, rs.scored[j].second);
     rs.entries.push_back({static_cast<float>(rs.scored[j].first * inv_sqrt_d), rs.scored[j].second});
   }
+  collect_head(R, qc, a.rank_tables, L, qs, rs.in_s.data());
+  int64_t rest = 0;
+  for (size_t w = 0; w < words; ++w) rest += __builtin_popcountll(rs.in_s[w] &= ~rs.in_t[w]);
+  const double log_inv_a = thin_sample(rs.in_s.data(), words, &rest, sample_cap_keys(a.base.sample_cap, n),
+                                       thin_seed(n, qc, a.rank_tables, L), qs.order);
+  int64_t keys = static_cast<int64_t>(rs.scored.size());
   const size_t first_s = rs.entries.size();
   for (size_t w = 0; w < words; ++w) {
     for (uint64_t b = rs.in_s[w]; b; b &= b - 1) {
       const int32_t i = static_cast<int32_t>(w * 64 + __builtin_ctzll(b));
-      if (!bit(rs.in_t, i)) rs.entries.push_back({0.0f, i});
+      keys += !bit(rs.in_r, i);
+      rs.entries.push_back({0.0f, i});
     }
   }
-  const int64_t cap = std::max<int64_t>(1, static_cast<int64_t>(std::ceil(a.sample_cap * static_cast<double>(n))));
-  const double log_inv_a = thin(rs.entries, first_s, cap, thin_seed(n, qc, a.rank_tables, L), rs.order);
-  int64_t keys = static_cast<int64_t>(rs.scored.size());
-  for (size_t j = first_s; j < rs.entries.size(); ++j) keys += !bit(rs.in_r, rs.entries[j].second);
   for (size_t j = first_s; j < std::min(first_s + kAhead, rs.entries.size()); ++j) prefetch_row(R.key(rs.entries[j].second), d);
   for (size_t j = first_s; j < rs.entries.size(); ++j) {
     if (j + kAhead < rs.entries.size()) prefetch_row(R.key(rs.entries[j + kAhead].second), d);

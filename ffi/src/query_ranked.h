@@ -16,7 +16,7 @@
 //   S = { i : #{l >= Lr : codes_i[l] == q_codes[h,l]} >= 2 }           (sampling tables)
 //   N = |S \ T|, c_n = max(1, ceil(c n)); if N > c_n, S' = the c_n tokens of S \ T first in the
 //   order (thin_hash(i), i) ascending (a uniform c_n-subset: each kept with probability
-//   a = c_n / N), else S' = S \ T and a = 1; thin_hash: query_ranked.cc, seeded by n and the
+//   a = c_n / N), else S' = S \ T and a = 1; thin_hash: query_rows.h, seeded by n and the
 //   query's codes of the sampling tables
 //   u_i = query.h's u with L - Lr tables;  score_i = q.k_i / sqrt(d) for i in T,
 //   q.k_i / sqrt(d) + log(1 / (u_i + eps)) + log(1 / a) for i in S'

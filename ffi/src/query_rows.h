@@ -7,6 +7,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <utility>
 #include <vector>
 
 #include "sketch.h"
@@ -40,6 +41,7 @@ struct QueryScratch {
   struct Entry { int32_t i; uint32_t mask; };
   std::vector<Entry> uni;              // union of the chunk's candidate sets
   std::vector<float> acc;              // [kGroupChunk][d]
+  std::vector<std::pair<uint32_t, int32_t>> order;  // (thin_hash, token) of a thinned sample
   void ensure(int64_t n) {
     const size_t words = static_cast<size_t>((n + 63) / 64);
     if (seen1.size() < words) seen1.resize(words);
@@ -208,6 +210,51 @@ inline int64_t collect_head(const HeadRows<T>& R, const int32_t* qc, int64_t l0,
   int64_t count = 0;
   for (size_t w = 0; w < words; ++w) count += __builtin_popcountll(seen2[w]);
   return count;
+}
+
+// The sample cap (docs/algorithm.md §2.6): a head that samples more than
+// max(1, ceil(sample_cap * n)) keys reads a uniform subset of that many, the first in the order
+// (thin_hash, index). The hash mixes (murmur3's 32-bit finaliser) the index with a seed from n
+// and the query's codes of tables [l0, L), so a call's choice is a pure function of its inputs and
+// differs between queries and steps; the NumPy reference (reference.thin_hash) computes the same.
+inline uint32_t fmix32(uint32_t h) {
+  h ^= h >> 16;
+  h *= 0x85ebca6bu;
+  h ^= h >> 13;
+  h *= 0xc2b2ae35u;
+  return h ^ (h >> 16);
+}
+
+inline uint32_t thin_seed(int64_t n, const int32_t* qc, int64_t l0, int64_t L) {
+  uint32_t h = fmix32(static_cast<uint32_t>(n) ^ 0x9e3779b9u);
+  for (int64_t l = l0; l < L; ++l) h = fmix32(h + static_cast<uint32_t>(qc[l]));
+  return h;
+}
+
+inline uint32_t thin_hash(uint32_t seed, int32_t i) { return fmix32(seed ^ (static_cast<uint32_t>(i) * 0x9e3779b1u)); }
+
+inline int64_t sample_cap_keys(double sample_cap, int64_t n) {
+  return std::max<int64_t>(1, static_cast<int64_t>(std::ceil(sample_cap * static_cast<double>(n))));
+}
+
+// Thins the sample bits[0, words) (*count bits set) to `cap` keys in place; returns
+// log(count / cap), the extra log weight of each kept key (1 / its inclusion probability), or 0
+// when nothing is dropped, and sets *count to the keys kept.
+inline double thin_sample(uint64_t* bits, size_t words, int64_t* count, int64_t cap, uint32_t seed,
+                          std::vector<std::pair<uint32_t, int32_t>>& order) {
+  if (*count <= cap) return 0.0;
+  order.clear();
+  for (size_t w = 0; w < words; ++w)
+    for (uint64_t b = bits[w]; b; b &= b - 1) {
+      const int32_t i = static_cast<int32_t>(w * 64 + __builtin_ctzll(b));
+      order.push_back({thin_hash(seed, i), i});
+    }
+  std::nth_element(order.begin(), order.begin() + cap, order.end());
+  std::memset(bits, 0, words * sizeof(uint64_t));
+  for (int64_t j = 0; j < cap; ++j) bits[order[j].second >> 6] |= uint64_t{1} << (order[j].second & 63);
+  const double log_inv_a = std::log(static_cast<double>(*count) / static_cast<double>(cap));
+  *count = cap;
+  return log_inv_a;
 }
 
 inline void query_norms(const float* qg, int gc, int64_t d, double* qnorm) {

@@ -163,6 +163,8 @@ std::string validate_query(const StoreConfig& c, const QueryArgs& a) {
     return "lse must have shape " + shape_text({B, Hq}) + ", got " + shape_text(a.lse.dims);
   if (a.sampled.dims != std::vector<int64_t>{B, Hq})
     return "sampled must have shape " + shape_text({B, Hq}) + ", got " + shape_text(a.sampled.dims);
+  if (!(a.sample_cap > 0.0 && a.sample_cap <= 1.0))
+    return "sample_cap must be a fraction in (0, 1], got " + std::to_string(a.sample_cap);
   for (int64_t b = 0; b < B; ++b) {
     const std::string err = check_slot(c, a.slots.data, b, nullptr, "query");
     if (!err.empty()) return err;
@@ -193,8 +195,6 @@ std::string validate_ranked_query(const StoreConfig& c, const RankedQueryArgs& a
     return "top must be a fraction in [0, 1], got " + std::to_string(a.top);
   if (!(a.refine >= 1.0 && a.refine <= 1e6))
     return "refine must be a number in [1, 1e6], got " + std::to_string(a.refine);
-  if (!(a.sample_cap > 0.0 && a.sample_cap <= 1.0))
-    return "sample_cap must be a fraction in (0, 1], got " + std::to_string(a.sample_cap);
   return "";
 }
 

@@ -48,6 +48,7 @@ struct QueryArgs {
   ArrayView<float> out;              // f32 [B,Hq,d] (output)
   ArrayView<float> lse;              // f32 [B,Hq] (output)
   ArrayView<int32_t> sampled;        // s32 [B,Hq] (output)
+  double sample_cap = 1;             // most sampled keys read, as a fraction of n (uniform thinning past it)
 };
 
 // The ranked query (query_ranked.h): the query's arrays, with `base.sampled` holding the keys
@@ -58,7 +59,6 @@ struct RankedQueryArgs {
   int64_t rank_tables = 0;           // tables [0, rank_tables) rank (the store's sketch), the rest sample
   double top = 0;                    // fraction of a head's tokens read exactly
   double refine = 1;                 // keys ranked by the sketch and scored: refine x the top
-  double sample_cap = 1;             // most of S \ T read, as a fraction of n (uniform thinning past it)
 };
 
 // Each returns "" if the arguments fit a store with config c, else the message for an invalid
@@ -72,6 +72,7 @@ std::string validate_prefill(const StoreConfig& c, const PrefillArgs& a,
 std::string validate_append(const StoreConfig& c, const AppendArgs& a);
 std::string validate_query(const StoreConfig& c, const QueryArgs& a);
 // validate_query on `base`, then values_read's shape, then the settings (ranges in query_ranked.h).
+// validate_query checks sample_cap (in (0, 1]) after the shapes.
 std::string validate_ranked_query(const StoreConfig& c, const RankedQueryArgs& a);
 
 }  // namespace pigjax

@@ -3,7 +3,9 @@
 Prefill is dense. For every sparse layer it then centers the prompt's keys by the mean of their
 middle, hashes them with one shared SimHash projection (drawn from `seed`) and hands the middle to
 the engine (slot = sparse-layer index × batch + row), keeping only the exact window — sink, local
-and the tokens generated later — in the model-side cache. A decode step computes q, its codes and
+and the tokens generated later — in the model-side cache. `sample_cap` < 1 bounds what a head
+reads: past ⌈sample_cap·n⌉ sampled keys, a uniform subset of that many, reweighted so the estimate
+stays unbiased (docs/algorithm.md §2.6). A decode step computes q, its codes and
 the window's partial softmax on the model side, calls the engine once per layer for all rows and
 heads, and merges the two by log-sum-exp. Dense layers keep a full cache.
 """
@@ -74,6 +76,7 @@ class MagicPIG(SparseBackend):
     seed: int = dataclasses.field(default=0, compare=False)  # data (the projection): no recompile per seed
     storage: str = "bf16"  # the engine's K/V precision ("bf16" or "f32")
     path: str | None = None  # "ffi", "cuda-ffi" or "callback" (default: engine.default_path())
+    sample_cap: float = 1.0  # most keys a head's sample reads, as a fraction of n (1: no cap)
     name = "magicpig"
 
     def __post_init__(self):
@@ -91,10 +94,14 @@ class MagicPIG(SparseBackend):
             raise ConfigError(f"{self.name}: storage must be 'bf16' or 'f32', got {self.storage!r}")
         if self.path is not None and self.path not in engine.PATHS:
             raise ConfigError(f"{self.name}: path must be None, 'ffi', 'cuda-ffi' or 'callback', got {self.path!r}")
+        if (isinstance(self.sample_cap, bool) or not isinstance(self.sample_cap, (int, float))
+                or not 0 < self.sample_cap <= 1):
+            raise ConfigError(f"{self.name}: sample_cap must be a fraction in (0, 1], got {self.sample_cap!r}")
 
     @property
     def sketch_tables(self) -> int:
-        """Tables whose codes the engine store also keeps per token (RankedLSH's ranking; none here)."""
+        """Tables the engine store keeps per token as a sketch instead of bucket lists (RankedLSH's
+        ranking; none here)."""
         return 0
 
     def exact_width(self, prompt_capacity: int) -> int:
@@ -213,8 +220,8 @@ class MagicPIG(SparseBackend):
         """The engine's partial softmax of q [B, Hq, d] f32 over `slots`' stored tokens (`dep`: an
         int32 [B] produced after their prefill) -> (out, lse, keys read [B, Hq], values read [B, Hq]).
         MagicPIG reads a key and its value for each sampled token (docs/algorithm.md §2.4)."""
-        out, lse, sampled = engine.query(rt.handle, slots, q, self._codes(q, rt), dep, path=self._path(),
-                                         heads=rt.heads)
+        out, lse, sampled = engine.query(rt.handle, slots, q, self._codes(q, rt), dep, sample_cap=self.sample_cap,
+                                         path=self._path(), heads=rt.heads)
         return out, lse, sampled, sampled
 
     def finish_step(self, shared: EngineShared, ctx: StepContext, reads):
@@ -233,7 +240,7 @@ class MagicPIG(SparseBackend):
         n_sparse = len(self.sparse_layers(n))
         # Per prompt token, averaged over layers: only dense layers keep it on the model side.
         stats["cache_bytes_per_token_per_layer"] *= (n - n_sparse) / n
-        stats.update(K=self.K, L=self.L, storage=self.storage)
+        stats.update(K=self.K, L=self.L, storage=self.storage, sample_cap=self.sample_cap)
         # fraction_read counts a middle token whose key or value row is read; here each apart.
         total = float(cache.shared.total) if cache is not None else 0.0
         stats["fraction_keys_read"] = stats["fraction_read"]

@@ -7,10 +7,10 @@ query's (each bit is a random hyperplane, so D/B estimates the angle; the engine
 per token as a packed sketch and scans it with popcounts); the ⌈refine·top·n⌉ best are scored
 exactly and the ⌈top·n⌉ highest scores are read exactly, with weight 1. The other L − rank_tables tables sample the rest as MagicPIG does (≥ 2 collisions,
 weight 1/(u + eps) for that many tables): they are independent of the ranking, so the sampled
-part stays an unbiased estimate of everything outside the exact set. `sample_cap` bounds what the
-sample reads: past ⌈sample_cap·n⌉ sampled keys, a uniform subset of that many is read, each
-weighted by the inverse of its chance of being kept (still unbiased; it matters where many keys
-share the query's codes, e.g. repeated tokens). Everything else (prefill,
+part stays an unbiased estimate of everything outside the exact set. MagicPIG's `sample_cap`
+bounds the sample outside the exact set (past ⌈sample_cap·n⌉ keys, a uniform subset of that many,
+each weighted by the inverse of its chance of being kept; it matters where many keys share the
+query's codes, e.g. repeated tokens). Everything else (prefill,
 centering, window, dense layers, the engine store) is MagicPIG's.
 """
 
@@ -33,7 +33,6 @@ class RankedLSH(MagicPIG):
     rank_tables: int = 50
     top: float = 0.018
     refine: float = 1.0
-    sample_cap: float = 1.0
     name = "rankedlsh"
 
     def __post_init__(self):
@@ -47,9 +46,6 @@ class RankedLSH(MagicPIG):
         if (isinstance(self.refine, bool) or not isinstance(self.refine, (int, float))
                 or not (math.isfinite(self.refine) and 1 <= self.refine <= 1e6)):
             raise ConfigError(f"{self.name}: refine must be a number in [1, 1e6], got {self.refine!r}")
-        if (isinstance(self.sample_cap, bool) or not isinstance(self.sample_cap, (int, float))
-                or not 0 < self.sample_cap <= 1):
-            raise ConfigError(f"{self.name}: sample_cap must be a fraction in (0, 1], got {self.sample_cap!r}")
 
     @property
     def sketch_tables(self) -> int:
@@ -62,5 +58,5 @@ class RankedLSH(MagicPIG):
 
     def stats(self, config, cache_dtype, cache=None, runtime=None) -> dict:
         stats = super().stats(config, cache_dtype, cache, runtime)
-        stats.update(rank_tables=self.rank_tables, top=self.top, refine=self.refine, sample_cap=self.sample_cap)
+        stats.update(rank_tables=self.rank_tables, top=self.top, refine=self.refine)
         return stats

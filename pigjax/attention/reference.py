@@ -25,10 +25,11 @@ def sampling_probability(cos: np.ndarray, K: int, L: int) -> np.ndarray:
     return np.clip(u, 0.0, 1.0)
 
 
-def sampled_attention(q, k, v, k_codes, q_codes, K: int, L: int, eps: float = 1e-4):
+def sampled_attention(q, k, v, k_codes, q_codes, K: int, L: int, eps: float = 1e-4, sample_cap: float = 1.0):
     """The sampled part for one sequence: q [Hq, d]; centered middle keys k, values v [Hkv, n, d];
-    k_codes [Hkv, n, L]; q_codes [Hq, L]. -> out [Hq, d], lse [Hq] (−inf if S is empty),
-    sampled [Hq] (|S|), mask [Hq, n] (S)."""
+    k_codes [Hkv, n, L]; q_codes [Hq, L]. S is thinned to the sample cap (`thin_sample`, its
+    1/a weight added to lse). -> out [Hq, d], lse [Hq] (−inf if S is empty), sampled [Hq] (|S|),
+    mask [Hq, n] (S)."""
     q, k, v = (np.asarray(a, np.float64) for a in (q, k, v))
     hq, d = q.shape
     hkv, n = k.shape[:2]
@@ -38,7 +39,7 @@ def sampled_attention(q, k, v, k_codes, q_codes, K: int, L: int, eps: float = 1e
     for h in range(hq):
         kh, vh = k[h // group], v[h // group]
         collisions = (k_codes[h // group] == q_codes[h][None, :]).sum(-1)
-        mask[h] = collisions >= 2
+        mask[h], log_inv_a = thin_sample(collisions >= 2, n, q_codes[h], 0, sample_cap)
         if not mask[h].any():
             continue
         ks, vs = kh[mask[h]], vh[mask[h]]
@@ -48,7 +49,7 @@ def sampled_attention(q, k, v, k_codes, q_codes, K: int, L: int, eps: float = 1e
         scores = ks @ q[h] / np.sqrt(d) + np.log(1.0 / (u + eps))
         m = scores.max()
         weights = np.exp(scores - m)
-        lse[h] = m + np.log(weights.sum())
+        lse[h] = m + np.log(weights.sum()) + log_inv_a
         out[h] = weights @ vs / weights.sum()
     return out, lse, mask.sum(-1), mask
 
@@ -72,25 +73,26 @@ def _fmix32(h):
     return h ^ (h >> np.uint32(16))
 
 
-def thin_hash(indices, n: int, q_codes, rank_tables: int) -> np.ndarray:
-    """The engine's thinning order of sampled keys (ffi/src/query_ranked.cc): a murmur3 mix of each
-    index and a seed from n and the query's codes of the sampling tables (uint32 arithmetic)."""
+def thin_hash(indices, n: int, q_codes, first_table: int) -> np.ndarray:
+    """The engine's thinning order of sampled keys (ffi/src/query_rows.h): a murmur3 mix of each
+    index and a seed from n and the query's codes of the sampling tables [first_table, L) (uint32
+    arithmetic)."""
     with np.errstate(over="ignore"):
         seed = _fmix32(np.uint32(n % 2**32) ^ np.uint32(0x9E3779B9))
-        for c in np.asarray(q_codes)[rank_tables:]:
+        for c in np.asarray(q_codes)[first_table:]:
             seed = _fmix32(seed + np.uint32(int(c) % 2**32))
         return _fmix32(seed ^ (np.asarray(indices, np.uint32) * np.uint32(0x9E3779B1)))
 
 
-def thin_sample(rest, n: int, q_codes, rank_tables: int, sample_cap: float):
-    """The sample cap (docs/algorithm.md §2.9): rest [n] (S ∖ T) -> (kept mask, log(1/a)); past
-    c = max(1, ⌈sample_cap·n⌉) keys, the c first in the order (thin_hash, index) are kept, each with
-    probability a = c / |rest|."""
+def thin_sample(rest, n: int, q_codes, first_table: int, sample_cap: float):
+    """The sample cap (docs/algorithm.md §2.6): rest [n] (MagicPIG's S, RankedLSH's S ∖ T) ->
+    (kept mask, log(1/a)); past c = max(1, ⌈sample_cap·n⌉) keys, the c first in the order
+    (thin_hash, index) are kept, each with probability a = c / |rest|."""
     idx = np.flatnonzero(rest)
     cap = max(1, int(np.ceil(sample_cap * n)))
     if len(idx) <= cap:
         return rest, 0.0
-    h = thin_hash(idx, n, q_codes, rank_tables).astype(np.int64)
+    h = thin_hash(idx, n, q_codes, first_table).astype(np.int64)
     kept = np.zeros_like(rest)
     kept[idx[np.lexsort((idx, h))[:cap]]] = True
     return kept, float(np.log(len(idx) / cap))
@@ -182,7 +184,7 @@ def split(n: int, sink: int, local: int):
 
 
 def lsh_attention(q, k, v, proj, K: int, L: int, sink: int = 4, local: int = 64, eps: float = 1e-4,
-                  lengths=None):
+                  lengths=None, sample_cap: float = 1.0):
     """Whole estimator (docs/algorithm.md §2) for q [B, Hq, d], k, v [B, Hkv, n, d] -> (out [B, Hq, d], sampled [B, Hq])."""
     q, k, v = (np.asarray(a, np.float64) for a in (q, k, v))
     b, hq, d = q.shape
@@ -196,6 +198,6 @@ def lsh_attention(q, k, v, proj, K: int, L: int, sink: int = 4, local: int = 64,
         o_g, lse_g = exact_attention(q[r], kc, v[r], exact)
         o_s, lse_s, sampled[r], _ = sampled_attention(
             q[r], kc[:, middle], v[r][:, middle], simhash_codes(kc[:, middle], proj, K),
-            simhash_codes(q[r], proj, K), K, L, eps)
+            simhash_codes(q[r], proj, K), K, L, eps, sample_cap)
         out[r] = merge(o_g, lse_g, o_s, lse_s)
     return out, sampled

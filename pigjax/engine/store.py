@@ -123,8 +123,8 @@ class Store(Closing):
     def append(self, slots, keys, values, codes, counts, dep):
         return self._track(append(self.handle_array, slots, keys, values, codes, counts, dep, path=self.path))
 
-    def query(self, slots, q, q_codes, dep):
-        return self._track(query(self.handle_array, slots, q, q_codes, dep, path=self.path))
+    def query(self, slots, q, q_codes, dep, *, sample_cap: float = 1.0):
+        return self._track(query(self.handle_array, slots, q, q_codes, dep, sample_cap=sample_cap, path=self.path))
 
     def query_ranked(self, slots, q, q_codes, dep, *, rank_tables: int, top: float, refine: float = 1.0,
                      sample_cap: float = 1.0):
@@ -340,24 +340,27 @@ def _append(handle, slots, keys, values, codes, counts, dep, *, path):
     return call(handle, slots, keys, values, codes, counts, dep)
 
 
-def query(handle, slots, q, q_codes, dep, *, path: str = "ffi", heads: str | None = None):
+def query(handle, slots, q, q_codes, dep, *, sample_cap: float = 1.0, path: str = "ffi", heads: str | None = None):
     """Sampled partial attention of q [B, Hq, d] (codes [B, Hq, L]) over `slots`; `dep` [B] is
-    any int32 produced after the prefill (its middle counts), to order the calls.
-    -> out [B, Hq, d] f32, lse [B, Hq] f32 (−inf where S is empty), sampled [B, Hq] int32."""
+    any int32 produced after the prefill (its middle counts), to order the calls. A head that
+    samples more than ⌈sample_cap·n⌉ keys reads a uniform subset of that many, reweighted
+    (docs/algorithm.md §2.6).
+    -> out [B, Hq, d] f32, lse [B, Hq] f32 (−inf where S is empty), sampled [B, Hq] int32 (keys read)."""
     _check("query", handle=(handle, jnp.int32, 0), slots=(slots, jnp.int32, 1), q=(q, jnp.float32, 3),
            q_codes=(q_codes, jnp.int32, 3), dep=(dep, jnp.int32, 1))
-    return sharding.engine_shards(partial(_query, path=path), handle, slots, (q, q_codes, dep), (3, 2, 2), heads)
+    return sharding.engine_shards(partial(_query, sample_cap=sample_cap, path=path), handle, slots, (q, q_codes, dep),
+                                  (3, 2, 2), heads)
 
 
-def _query(handle, slots, q, q_codes, dep, *, path):
+def _query(handle, slots, q, q_codes, dep, *, sample_cap, path):
     b, hq, d = q.shape
     shapes = (jax.ShapeDtypeStruct((b, hq, d), jnp.float32), jax.ShapeDtypeStruct((b, hq), jnp.float32),
               jax.ShapeDtypeStruct((b, hq), jnp.int32))
     if path == "callback":
-        host = _host(lambda h, *a: _engine.store_query_np(h, *a[:-1]), shapes)  # a[-1]: dep
+        host = _host(lambda h, *a: _engine.store_query_np(h, *a[:-1], sample_cap), shapes)  # a[-1]: dep
         return io_callback(host, shapes, handle, slots, q, q_codes, dep, ordered=True)
     call = jax.ffi.ffi_call(_FFI_TARGETS[path] + "_query", shapes, has_side_effect=True)
-    return call(handle, slots, q, q_codes, dep)
+    return call(handle, slots, q, q_codes, dep, sample_cap=np.float64(sample_cap))
 
 
 def query_ranked(handle, slots, q, q_codes, dep, *, rank_tables: int, top: float, refine: float = 1.0,

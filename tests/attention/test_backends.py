@@ -38,6 +38,18 @@ def test_k1_with_many_tables_equals_dense(tiny):
     assert pig["stats"]["fraction_read"] > 0.999
 
 
+def test_sample_cap_bounds_the_read_and_stays_close(tiny):
+    """K=1, L=400 samples every key; a cap of 10% reads a tenth of them, reweighted (its
+    unbiasedness: tests/engine/test_store.py): the decode stays close to dense."""
+    toks = _tokens(300)
+    dense = teacher_forced(tiny, toks, 200)
+    capped = teacher_forced(tiny, toks, 200, pigjax.MagicPIG(K=1, L=400, storage="f32", sample_cap=0.1))
+    assert capped["stats"]["fraction_read"] == pytest.approx(0.1, abs=0.01)
+    assert capped["stats"]["sample_cap"] == 0.1
+    assert abs(np.mean(capped["logp"]) - np.mean(dense["logp"])) < 0.3
+    assert np.all(np.isfinite(capped["logp"]))
+
+
 def test_window_covering_the_prompt_equals_dense(tiny):
     """sink + local >= n: nothing is sampled; every decode step past the window is exact."""
     toks = _tokens(120)
@@ -156,6 +168,8 @@ def test_memory_stats(tiny):
     (dict(K=0), "K must"),
     (dict(L=1), "L must"),
     (dict(storage="f16"), "storage"),
+    (dict(sample_cap=0.0), r"sample_cap must be a fraction in \(0, 1\]"),
+    (dict(sample_cap=2), "sample_cap"),
 ])
 def test_bad_magicpig_configs(kwargs, match):
     with pytest.raises(pigjax.ConfigError, match=match):

@@ -39,10 +39,10 @@ def _unbiased_setup(rng, trials, n, d, K, L):
     return k, v, q, s, u, k_codes, q_codes
 
 
-def _check_unbiased(out, lse, sampled, s, u, v, eps):
-    """Over the trials (rows), the sampled softmax's denominator, numerator and |S| match their
-    expectations (sum of e^s·u/(u+eps), of that times v, and of u) within 4 standard errors.
-    -> (expected denominator, its standard error, u/(u+eps))."""
+def _check_unbiased(out, lse, sampled, s, u, v, eps, count_sample=True):
+    """Over the trials (rows), the sampled softmax's denominator, numerator and (with
+    count_sample) |S| match their expectations (sum of e^s·u/(u+eps), of that times v, and of u)
+    within 4 standard errors. -> (expected denominator, its standard error, u/(u+eps))."""
     trials = out.shape[0]
     denom = np.where(np.isfinite(np.asarray(lse)), np.exp(np.asarray(lse, np.float64)), 0.0)[:, 0]
     numer = denom[:, None] * np.asarray(out, np.float64)[:, 0]
@@ -53,7 +53,8 @@ def _check_unbiased(out, lse, sampled, s, u, v, eps):
     se_n = numer.std(0) / np.sqrt(trials)
     assert np.all(np.abs(numer.mean(0) - exp_numer) < 4 * se_n + 1e-9)
     counts_s = np.asarray(sampled, np.float64)[:, 0]
-    assert abs(counts_s.mean() - u.sum()) < 4 * counts_s.std() / np.sqrt(trials)
+    if count_sample:
+        assert abs(counts_s.mean() - u.sum()) < 4 * counts_s.std() / np.sqrt(trials)
     return exp_denom, se, keep
 
 
@@ -120,9 +121,12 @@ def test_short_sequences_and_empty_sample():
     assert np.all(np.asarray(out) == 0)
 
 
-def test_importance_weights_are_unbiased():
+@pytest.mark.parametrize("cap", [1.0, 0.03])
+def test_importance_weights_are_unbiased(cap):
     """Over many independent projections, E[Σ_S e^s w] and E[Σ_S e^s w v] match the exact sums
-    (up to the eps of w = 1/(u+eps)), and E|S| = Σ u."""
+    (up to the eps of w = 1/(u+eps)), and E|S| = Σ u. With a binding sample cap (12 of the ~30
+    sampled keys read), the same sums stay unbiased through the 1/a weight, and dropping it is
+    visibly biased."""
     rng = np.random.default_rng(0)
     trials, n, d, K, L, eps = 600, 400, 16, 3, 8, 1e-4
     k, v, q, s, u, k_codes, q_codes = _unbiased_setup(rng, trials, n, d, K, L)
@@ -132,12 +136,19 @@ def test_importance_weights_are_unbiased():
                                jnp.asarray(np.broadcast_to(v, (trials, 1, n, d)), jnp.float32),
                                jnp.asarray(k_codes), jnp.full((trials,), n, jnp.int32), sink=0, local=1)
         out, lse, sampled = store.query(slots, jnp.asarray(np.broadcast_to(q, (trials, 1, d)), jnp.float32),
-                                        jnp.asarray(q_codes), counts)
+                                        jnp.asarray(q_codes), counts, sample_cap=cap)
     # local=1 keeps the last token exact: it is not in the store.
     s, u, v = s[:-1], u[:-1], v[:-1]
-    exp_denom, se, keep = _check_unbiased(out, lse, sampled, s, u, v, eps)
+    exp_denom, se, keep = _check_unbiased(out, lse, sampled, s, u, v, eps, count_sample=cap == 1.0)
     # The test can fail: ignoring the weights (w = 1) is visibly biased.
     assert abs((np.exp(s) * u).sum() - exp_denom) > 8 * se
+    if cap < 1:
+        full = ((k_codes[:, 0, :-1] == q_codes[:, :, None, :][:, 0]).sum(-1) >= 2).sum(-1)  # |S| per trial
+        thinned = full > 12
+        assert thinned.mean() > 0.5 and np.all(np.asarray(sampled)[thinned, 0] == 12)
+        denom = np.exp(np.asarray(lse, np.float64))[:, 0]
+        no_thin_weight = np.where(thinned, denom * 12 / np.maximum(full, 1), denom)
+        assert abs(no_thin_weight.mean() - exp_denom) > 8 * se
 
 
 def test_ffi_calls_run_every_scan_step():
@@ -397,9 +408,10 @@ def test_prefill_again_clears_appended_tokens():
 
 
 @pytest.mark.parametrize("split", [0, 1])
-@pytest.mark.parametrize("storage", ["f32", "bf16"])
-def test_query_split_within_kv_head_matches_reference(split, storage):
-    """Batch-1 parallelism: each (row, KV head)'s candidates split over threads, merged by log-sum-exp."""
+@pytest.mark.parametrize("storage, cap", [("f32", 1.0), ("bf16", 1.0), ("f32", 0.01)])
+def test_query_split_within_kv_head_matches_reference(split, storage, cap):
+    """Batch-1 parallelism: each (row, KV head)'s candidates split over threads, merged by
+    log-sum-exp; with and without a binding sample cap (30 of 3000 keys)."""
     from pigjax.engine import native
     K, L, d, hkv, hq = 6, 40, 32, 3, 9
     rng, proj, q, k, v, k_codes, q_codes = _append_setup(21, b=1, hq=hq, hkv=hkv, n=3000, d=d, K=K, L=L)
@@ -413,14 +425,17 @@ def test_query_split_within_kv_head_matches_reference(split, storage):
                                 jnp.asarray([2600], jnp.int32), sink=0, local=0)
             dep = store.append(slots, jnp.asarray(k[:, :, 2600:]), jnp.asarray(v[:, :, 2600:]),
                                jnp.asarray(k_codes[:, :, 2600:]), jnp.asarray([400], jnp.int32), dep)
-            out, lse, sampled = store.query(slots, jnp.asarray(q), jnp.asarray(q_codes), dep)
+            out, lse, sampled = store.query(slots, jnp.asarray(q), jnp.asarray(q_codes), dep, sample_cap=cap)
     finally:
         eng.set_query_split(old)
     kr = k[0] if storage == "f32" else np.asarray(jnp.asarray(k[0]).astype(jnp.bfloat16).astype(jnp.float32))
     vr = v[0] if storage == "f32" else np.asarray(jnp.asarray(v[0]).astype(jnp.bfloat16).astype(jnp.float32))
-    o_s, lse_s, count, _ = ref.sampled_attention(q[0], kr, vr, k_codes[0], q_codes[0], K, L)
+    o_s, lse_s, count, _ = ref.sampled_attention(q[0], kr, vr, k_codes[0], q_codes[0], K, L, sample_cap=cap)
     np.testing.assert_array_equal(np.asarray(sampled[0]), count)
     assert count.min() > 0
+    if cap < 1:
+        uncapped = ref.sampled_attention(q[0], kr, vr, k_codes[0], q_codes[0], K, L)[2]
+        assert np.all(count == 30) and np.all(uncapped > 30)
     rel = np.abs(np.asarray(out[0]) - o_s).max() / np.abs(o_s).max()
     assert rel < (1e-5 if storage == "f32" else 1e-4), rel
     np.testing.assert_allclose(np.asarray(lse[0]), lse_s, rtol=1e-5, atol=1e-5)
