@@ -38,8 +38,8 @@ _LENGTHS = flags.DEFINE_list("eval_lengths", ["64", "128", "256", "512", "1024"]
 _EVAL_PAIRS = flags.DEFINE_list("eval_pairs", ["4", "8", "16"], "evaluation numbers of pairs")
 _SEQS = flags.DEFINE_integer("eval_sequences", 96, "evaluation sequences per cell")
 _ENGINE = flags.DEFINE_list("engine", [], "KxL settings (e.g. 10x150,16x150c; c: centered keys; KxLrRtF: "
-                            "RankedLSH with R ranking tables reading the top F exactly; sC: at most C of the "
-                            "pairs sampled): also score v2 "
+                            "RankedLSH with R ranking tables reading the top F exactly; sC: each sample capped at "
+                            "C of the pairs): also score v2 "
                             "with its long-term memory read by the engine")
 _SINK = flags.DEFINE_integer("sink", 0, "engine: exact sink pairs")
 _LOCAL = flags.DEFINE_integer("local", 1, "engine: exact pairs just past the gap (>= 1)")
@@ -72,12 +72,12 @@ def run_model(name, task, lengths, pairs, log):
 
 
 def parse_engine_setting(setting: str):
-    """"KxL" (MagicPIG), "KxLrRtF" or "KxLrRtFsC" (RankedLSH: R ranking tables, top F, sample cap C),
-    each with an optional trailing "c" (centered keys) -> (K, L, R or 0, F, C, centered)."""
-    m = re.fullmatch(r"(\d+)x(\d+)(?:r(\d+)t([0-9.]+)(?:s([0-9.]+))?)?(c?)", setting)
+    """"KxL" (MagicPIG) or "KxLrRtF" (RankedLSH: R ranking tables, top F), each with an optional
+    "sC" (sample cap C) and a trailing "c" (centered keys) -> (K, L, R or 0, F, C, centered)."""
+    m = re.fullmatch(r"(\d+)x(\d+)(?:r(\d+)t([0-9.]+))?(?:s([0-9.]+))?(c?)", setting)
     if m is None:
-        raise app.UsageError(f"--engine: {setting!r} is not KxL, KxLrRtF or KxLrRtFsC, each with an optional "
-                             "trailing c (e.g. 16x52r50t0.03s0.04c)")
+        raise app.UsageError(f"--engine: {setting!r} is not KxL or KxLrRtF, each with an optional sC and a "
+                             "trailing c (e.g. 16x150s0.05c, 16x52r50t0.03s0.04c)")
     k, l, rank, top, cap, center = m.groups()
     return int(k), int(l), int(rank or 0), float(top or 0.0), float(cap or 1.0), center == "c"
 
@@ -95,13 +95,14 @@ def engine_eval(model, task, lengths, pairs, log):
     backends = {}
     for setting in _ENGINE.value:
         k, l, rank, top, cap, center = parse_engine_setting(setting)
-        common = dict(K=k, L=l, sink=_SINK.value, local=_LOCAL.value, dense_layers=(), storage="f32")
+        common = dict(K=k, L=l, sink=_SINK.value, local=_LOCAL.value, dense_layers=(), storage="f32", sample_cap=cap)
         if rank:
-            mp = pigjax.RankedLSH(rank_tables=rank, top=top, sample_cap=cap, **common)
-            label = f"RankedLSH K{k}L{l} rank {rank} top {top:g}" + (f" cap {cap:g}" if cap < 1 else "")
+            mp = pigjax.RankedLSH(rank_tables=rank, top=top, **common)
+            label = f"RankedLSH K{k}L{l} rank {rank} top {top:g}"
         else:
             mp = pigjax.MagicPIG(**common)
             label = f"K{k}L{l}"
+        label += f" cap {cap:g}" if cap < 1 else ""
         backends[label + (" centered" if center else "")] = MosaicsSampled(mp, center=center)
     out = {"settings": list(backends), "sequences": _ENGINE_SEQS.value, "sink": _SINK.value, "local": _LOCAL.value, "cells": {}}
     for t in [t for t in lengths if t <= _ENGINE_MAX.value]:
