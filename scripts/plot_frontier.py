@@ -21,7 +21,8 @@ _COVERAGE = flags.DEFINE_string("coverage", "docs/results/ranked/coverage.json",
 _RULER = flags.DEFINE_list("ruler", ["docs/results/ruler/ruler.json", "docs/results/ruler_ranked_sketch/ruler.json"],
                            "eval_ruler.py JSONs (the first must hold dense)")
 _PPL = flags.DEFINE_list("perplexity", ["docs/results/decode_quality_8k.json",
-                                        "docs/results/decode_quality_8k_rankedlsh.json"],
+                                        "docs/results/decode_quality_8k_rankedlsh.json",
+                                        "docs/results/decode_quality_8k_rankedlsh_budgets.json"],
                          "eval_decode_quality.py JSONs with perplexity")
 _OUT = flags.DEFINE_string("out", "docs/results/ranked/frontier.png", "PNG (the points go to the same name .json)")
 
