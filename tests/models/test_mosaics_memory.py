@@ -91,12 +91,18 @@ def test_bad_configurations_fail_clearly(model, tokens):
         == "magicpig-memory"
 
 
-def test_bf16_model_decodes_close_to_f32(model, tokens, exact):
+def check_bf16_decodes_close_to_f32(model, tokens, exact, prompt):
+    """The model in bf16, exact and through the engine, decodes within 0.1 nats of f32's `exact`
+    (teacher-forced from 30 tokens), and generates from `prompt` through the engine.
+    Shared with test_mosaics_v2_memory.py."""
     half = model.astype(jnp.bfloat16)
     for attention in (None, pigjax.MagicPIG(K=1, L=400, sink=2, local=4, dense_layers=())):
         out = teacher_forced(half, tokens, 30, attention)
         assert np.all(np.isfinite(out["logp"]))
         assert np.max(np.abs(out["logp"] - exact["logp"])) < 0.1
-    gen = pigjax.generate(half, [[5, 17, 33] * 5], max_new_tokens=12,
-                          attention=pigjax.MagicPIG(sink=2, local=4, dense_layers=()))
+    gen = pigjax.generate(half, [prompt], max_new_tokens=12, attention=pigjax.MagicPIG(sink=2, local=4, dense_layers=()))
     assert len(gen.tokens[0]) == 12 and 0.0 < gen.stats["fraction_read"] <= 1.0
+
+
+def test_bf16_model_decodes_close_to_f32(model, tokens, exact):
+    check_bf16_decodes_close_to_f32(model, tokens, exact, [5, 17, 33] * 5)

@@ -2,9 +2,9 @@
 docs/algorithm.md §3A.4): equal to exact retrieval where the sampling reads everything, close with
 a large budget, through teacher-forced decoding and generate; the fraction read is reported."""
 
-import jax.numpy as jnp
 import numpy as np
 import pytest
+from test_mosaics_memory import check_bf16_decodes_close_to_f32
 
 import pigjax
 from pigjax import mosaics
@@ -80,11 +80,4 @@ def test_short_term_memory_is_a_ring_of_h_pairs(model, tokens, exact):
 
 
 def test_bf16_model_decodes_close_to_f32(model, tokens, exact):
-    half = model.astype(jnp.bfloat16)
-    for attention in (None, pigjax.MagicPIG(K=1, L=400, sink=2, local=4, dense_layers=())):
-        out = teacher_forced(half, tokens, 30, attention)
-        assert np.all(np.isfinite(out["logp"]))
-        assert np.max(np.abs(out["logp"] - exact["logp"])) < 0.1
-    gen = pigjax.generate(half, [[5, 17, 33] * 10], max_new_tokens=12,
-                          attention=pigjax.MagicPIG(sink=2, local=4, dense_layers=()))
-    assert len(gen.tokens[0]) == 12 and 0.0 < gen.stats["fraction_read"] <= 1.0
+    check_bf16_decodes_close_to_f32(model, tokens, exact, [5, 17, 33] * 10)
