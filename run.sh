@@ -10,8 +10,14 @@ shift || true
 case "$cmd" in
   generate) exec python scripts/generate.py "$@" ;;
   test)
+    # Two pytest workers (pytest-xdist), one test file per worker at a time so module fixtures are
+    # built once: most tests are bound by XLA's single-threaded compiles, so this halves the time
+    # on 2 cores. PIGJAX_TEST_WORKERS=0 runs everything in one process.
+    workers="${PIGJAX_TEST_WORKERS:-2}"
+    par=()
+    [ "$workers" != "0" ] && par=(-n "$workers" --dist loadfile)
     status=0
-    python -m pytest "$@" || status=$?
+    python -m pytest "${par[@]}" "$@" || status=$?
     # pytest exits 5 when it collected no test: that is a failure here, not a pass.
     [ "$status" -eq 5 ] && echo "run.sh: pytest ran no test" >&2 && exit 1
     exit "$status" ;;
