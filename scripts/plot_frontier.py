@@ -18,7 +18,8 @@ _ERRORS = flags.DEFINE_list("errors", [f"docs/results/ranked/error_{n}.json" for
     "rankedlsh_2pct", "rankedlsh", "rankedlsh_5pct", "magicpig", "magicpig_k10l170")],
     "eval_decode_quality.py attention-error JSONs")
 _COVERAGE = flags.DEFINE_string("coverage", "docs/results/ranked/coverage.json", "eval_coverage.py JSON")
-_RULER = flags.DEFINE_list("ruler", ["docs/results/ruler/ruler.json", "docs/results/ruler_ranked_sketch/ruler.json"],
+_RULER = flags.DEFINE_list("ruler", ["docs/results/ruler/ruler.json", "docs/results/ruler_ranked_sketch/ruler.json",
+                                     "docs/results/ruler_ranked_2pct/ruler.json"],
                            "eval_ruler.py JSONs (the first must hold dense)")
 _PPL = flags.DEFINE_list("perplexity", ["docs/results/decode_quality_8k.json",
                                         "docs/results/decode_quality_8k_rankedlsh.json",
@@ -61,11 +62,10 @@ def coverage_points(path) -> dict:
 def ruler_points(paths) -> tuple[dict, float, int]:
     """({back-end: (mean fraction read, mean score)} over the cells where dense >= 20 that every
     back-end has, dense's mean over those cells, the number of cells)."""
-    cells = [c for p in paths if os.path.exists(p) for c in json.load(open(p))["cells"]]
-    dense = {(c["task"], c["context"]): c["score"] for c in cells if c["attention"] == "dense"}
-    by = {}
-    for c in cells:
-        by.setdefault(c["attention"], {})[(c["task"], c["context"])] = c
+    from pigjax.eval.harness import load_cells
+
+    by = load_cells([p for p in paths if os.path.exists(p)])
+    dense = {k: c["score"] for k, c in by.get("dense", {}).items()}
     keep = {k for k, s in dense.items() if s >= DENSE_FLOOR}
     for got in by.values():
         keep &= set(got)

@@ -342,5 +342,21 @@ def markdown(results: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-__all__ = ["BACKENDS", "FRACTION_BACKENDS", "check_backends", "make_backend", "markdown", "run_ruler",
+def load_cells(paths: Sequence) -> dict[str, dict[tuple[str, int], dict]]:
+    """{back-end: {(task, context): cell}} from several ruler.json files. Runs that measured one
+    back-end on different cells are merged; a back-end measured again on a cell it already has (TopK
+    at another budget) is kept apart under `name@<the run's folder>`."""
+    by: dict[str, dict] = {}
+    for path in paths:
+        run: dict[str, dict] = {}
+        for c in json.loads(Path(path).read_text())["cells"]:
+            run.setdefault(c["attention"], {})[(c["task"], c["context"])] = c
+        for name, cells in run.items():
+            if name in by and by[name].keys() & cells.keys():
+                name = f"{name}@{Path(path).parent.name}"
+            by.setdefault(name, {}).update(cells)
+    return by
+
+
+__all__ = ["BACKENDS", "FRACTION_BACKENDS", "check_backends", "load_cells", "make_backend", "markdown", "run_ruler",
            "write_results"]

@@ -271,3 +271,30 @@ def test_resume_keeps_complete_cells(tiny_with_tokenizer, monkeypatch, tmp_path)
     assert "resumed_from" in both["config"]
     with pytest.raises(pigjax.PigjaxError, match="cannot resume"):
         harness.run_ruler(model, tasks=["fwe"], resume=True, **{**run, "samples": 3})
+
+
+def _ruler_json(path, cells):
+    """A ruler.json holding `cells`: (back-end, task, context, per-prompt scores)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"cells": [
+        {"attention": n, "task": t, "context": c, "score": sum(s) / len(s), "fraction_read": 0.03,
+         "predictions": [{"index": i, "score": x} for i, x in enumerate(s)]} for n, t, c, s in cells]}))
+    return path
+
+
+def test_load_cells_merges_runs_and_keeps_remeasured_ones_apart(tmp_path):
+    a = _ruler_json(tmp_path / "base" / "ruler.json", [
+        ("dense", "vt", 2048, [100, 0, 100]), ("topk", "vt", 2048, [100, 100, 0]), ("x", "vt", 2048, [0, 0, 100])])
+    b = _ruler_json(tmp_path / "more" / "ruler.json", [
+        ("topk", "vt", 2048, [0, 0, 0]), ("x", "fwe", 4096, [100, 100, 100])])
+    by = harness.load_cells([a, b])
+    assert sorted(by) == ["dense", "topk", "topk@more", "x"]
+    assert sorted(by["x"]) == [("fwe", 4096), ("vt", 2048)]  # another cell: merged
+    assert by["topk@more"][("vt", 2048)]["score"] == 0  # the same cell again: kept apart
+    out = subprocess.run([sys.executable, "scripts/ruler_agreement.py", f"--ruler={a},{b}"], capture_output=True,
+                         text=True, cwd=Path(__file__).resolve().parents[2])
+    assert out.returncode == 0, out.stderr
+    rows = {line.split(" | ")[0].strip("| "): line.split(" | ") for line in out.stdout.splitlines()[2:]}
+    # topk vs dense (100, 0, 100): gains prompt 1, loses prompt 2; x loses prompt 0 on the shared cell
+    assert rows["topk"][1:5] == ["1", "3", "1.0", "1.0"] and rows["x"][1:5] == ["1", "3", "0.0", "1.0"]
+    assert rows["topk@more"][1:5] == ["1", "3", "0.0", "2.0"]
