@@ -22,11 +22,16 @@ else
   extra=(-DPIGJAX_CUDA=${CUDA:-AUTO})
 fi
 mkdir -p "$(dirname "$build")"
+# One build at a time (pytest-xdist workers may both ask for it): hold a lock on the build folder
+# until the modules are built and copied.
+exec 9> "$build.lock"
+flock 9
 [ -f "$build/build.ninja" ] || cmake -S . -B "$build" -G Ninja -DCMAKE_BUILD_TYPE=Release -DPython_EXECUTABLE="$(command -v "$PY")" \
   -DPIGJAX_CUDA_FAKE=ON "${extra[@]}" > "$build.configure.log" 2>&1 || { tail -20 "$build.configure.log"; exit 1; }
 grep "pigjax:" "$build.configure.log" || true
 cmake --build "$build" -j "${JOBS:-2}"
 if [ "${SANITIZE:-0}" = 1 ]; then
+  flock -u 9  # the tests below build again (a no-op) from a child process
   tree=$(mktemp -d)
   trap 'rm -rf "$tree"' EXIT
   cp -r pigjax tests "$tree"/
@@ -56,5 +61,6 @@ if ls "$build"/_engine_cuda.*.so > /dev/null 2>&1; then
   cp "$build"/_engine_cuda.*.so pigjax/
   echo "built and linked: $(ls "$build"/_engine_cuda.*.so) ($(ldd "$build"/_engine_cuda.*.so | grep -o 'libcudart[^ ]*' | head -1))"
 fi
+flock -u 9
 [ "${BUILD_ONLY:-0}" = 1 ] && exit 0
 "$PY" -m pytest -q -p no:cacheprovider tests/engine/test_cuda_handlers.py "$@"

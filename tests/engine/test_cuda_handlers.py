@@ -32,11 +32,15 @@ def _build_fake():
     return native.load_fake_cuda_handlers()
 
 
-fake = _build_fake()
+@pytest.fixture(scope="module")
+def fake():
+    """Built when a test of this file first runs (not at collection: each pytest-xdist worker collects
+    every file, and only the one that runs this file should build)."""
+    return _build_fake()
 
 
 @pytest.fixture(autouse=True)
-def fake_cuda_path(monkeypatch):
+def fake_cuda_path(monkeypatch, fake):
     """Route the "cuda-ffi" path to the fake-runtime targets (registered for the CPU)."""
     monkeypatch.setitem(engine_store._FFI_TARGETS, "cuda-ffi", "pigjax_test_cuda_lsh")
     monkeypatch.setattr(native, "cuda_handlers", lambda: True)
@@ -89,7 +93,7 @@ def test_lsh_attention_cuda_path_equals_callback_path():
     np.testing.assert_array_equal(np.asarray(b[0]), np.asarray(a[0]))
 
 
-def test_one_synchronization_and_exact_copies_per_call():
+def test_one_synchronization_and_exact_copies_per_call(fake):
     """A query copies handle, slots, q and q_codes to the host, synchronizes once and copies out,
     lse and sampled back (dep is never copied); a jitted loop of queries makes one round trip each."""
     b, hq, d, L = 2, 6, 32, 40
@@ -160,7 +164,7 @@ def test_bad_input_same_errors_as_cpu_path():
 @pytest.mark.parametrize("n, what", [(0, "cudaEventSynchronize"), (2, r"cudaMemcpyAsync \(device to host\)"),
                                      (5, "cudaStreamSynchronize"), (7, r"cudaMemcpyAsync \(host to device\)"),
                                      (9, "cudaEventRecord")])
-def test_cuda_runtime_failure_is_internal_error_and_recovers(n, what):
+def test_cuda_runtime_failure_is_internal_error_and_recovers(n, what, fake):
     x = _data(4)
     slots = jnp.arange(2, dtype=jnp.int32)
     with Store(2, 2, 32, 400, 6, 40, storage="f32", path="cuda-ffi") as s:
@@ -175,7 +179,7 @@ def test_cuda_runtime_failure_is_internal_error_and_recovers(n, what):
         np.testing.assert_array_equal(g, w)
 
 
-def test_staging_grows_for_a_larger_call():
+def test_staging_grows_for_a_larger_call(fake):
     x = _data(5, n=64)
     y = _data(6, n=2000)
     slots = jnp.arange(2, dtype=jnp.int32)
