@@ -10,6 +10,8 @@ dense; runs are combined as `pigjax.eval.harness.load_cells` does (a back-end me
 the same cells, e.g. TopK at another budget, is suffixed with the run's folder).
 """
 
+import sys
+
 from absl import app, flags
 
 _RULER = flags.DEFINE_list("ruler", ["docs/results/ruler/ruler.json"], "eval_ruler.py JSONs (the first holds dense)")
@@ -17,10 +19,15 @@ _TASKS = flags.DEFINE_list("tasks", [], "only these tasks (default: all)")
 
 
 def main(_):
+    from pigjax.errors import PigjaxError
     from pigjax.eval.harness import load_cells
 
-    by = {name: {k: [p["score"] for p in c["predictions"]] for k, c in cells.items()}
-          for name, cells in load_cells(_RULER.value).items()}
+    try:
+        by = {name: {k: [p["score"] for p in c["predictions"]] for k, c in cells.items()}
+              for name, cells in load_cells(_RULER.value).items()}
+    except PigjaxError as e:
+        print(f"ruler_agreement: error: {e}", file=sys.stderr)
+        return 1
     if "dense" not in by:
         raise app.UsageError("the first --ruler JSON holds no dense back-end")
     dense = by.pop("dense")

@@ -349,8 +349,11 @@ def load_cells(paths: Sequence) -> dict[str, dict[tuple[str, int], dict]]:
     by: dict[str, dict] = {}
     for path in paths:
         run: dict[str, dict] = {}
-        for c in json.loads(Path(path).read_text())["cells"]:
-            run.setdefault(c["attention"], {})[(c["task"], c["context"])] = c
+        try:
+            for c in json.loads(Path(path).read_text())["cells"]:
+                run.setdefault(c["attention"], {})[(c["task"], c["context"])] = c
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise PigjaxError(f"cannot read RULER results {path}: {e!r}") from None
         for name, cells in run.items():
             if name in by and by[name].keys() & cells.keys():
                 name = f"{name}@{Path(path).parent.name}"

@@ -298,3 +298,9 @@ def test_load_cells_merges_runs_and_keeps_remeasured_ones_apart(tmp_path):
     # topk vs dense (100, 0, 100): gains prompt 1, loses prompt 2; x loses prompt 0 on the shared cell
     assert rows["topk"][1:5] == ["1", "3", "1.0", "1.0"] and rows["x"][1:5] == ["1", "3", "0.0", "1.0"]
     assert rows["topk@more"][1:5] == ["1", "3", "0.0", "2.0"]
+    (tmp_path / "bad.json").write_text("{}")
+    with pytest.raises(pigjax.PigjaxError, match="cannot read RULER results .*bad.json"):
+        harness.load_cells([a, tmp_path / "bad.json"])
+    out = subprocess.run([sys.executable, "scripts/ruler_agreement.py", f"--ruler={a},{tmp_path / 'missing.json'}"],
+                         capture_output=True, text=True, cwd=Path(__file__).resolve().parents[2])
+    assert out.returncode == 1 and "cannot read RULER results" in out.stderr and "Traceback" not in out.stderr
