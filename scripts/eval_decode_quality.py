@@ -35,17 +35,16 @@ _OUT = flags.DEFINE_string("out", "docs/results/decode_quality", "output prefix 
 
 
 def run_with_fraction(names, run_one, fraction=None):
-    """run_one(name, backend) for each name; topk/quest/oracle get `fraction`, else the reference
-    engine back-end's measured fraction (harness.reference_backend)."""
-    from pigjax.eval.harness import FRACTION_BACKENDS, make_backend, reference_backend
+    """run_one(name, backend) for each name; topk/quest/oracle get `fraction`, else the measured
+    fraction of their reference engine back-end (harness.reference_backend), which runs first."""
+    from pigjax.eval.harness import make_backend, reference_backend, takes_fraction
 
     results = {}
-    reference = reference_backend(names)
-    for name in [n for n in names if n not in FRACTION_BACKENDS] + [n for n in names if n in FRACTION_BACKENDS]:
-        backend = make_backend(name, fraction if name in FRACTION_BACKENDS else None)
-        results[name] = run_one(name, backend)
-        if name == reference and fraction is None:
-            fraction = results[name]["fraction_read"]
+    for name in [n for n in names if not takes_fraction(n)] + [n for n in names if takes_fraction(n)]:
+        f = None
+        if takes_fraction(name):
+            f = fraction if fraction is not None else results[reference_backend(names, name)]["fraction_read"]
+        results[name] = run_one(name, make_backend(name, f))
         print(f"  {name}: {results[name]}"[:300], flush=True)
     return results
 

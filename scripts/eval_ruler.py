@@ -20,7 +20,9 @@ _CONTEXTS = flags.DEFINE_list("contexts", "2048,4096,8192", "context lengths in 
 _SAMPLES = flags.DEFINE_integer("samples", 20, "samples per (task, context) cell")
 _SEED = flags.DEFINE_integer("seed", 42, "sample construction seed (RULER's default is 42)")
 _ATTENTION = flags.DEFINE_list("attention", "dense", "back-ends: dense, magicpig_k10l150, magicpig_k10l170, "
-                               "magicpig_k8l75, rankedlsh, rankedlsh_2pct, rankedlsh_5pct, topk, quest, quest_dense01, quest_p8, quest_p4, oracle")
+                               "magicpig_k8l75, rankedlsh, rankedlsh_2pct, rankedlsh_5pct, topk, quest, quest_dense01, quest_p8, quest_p4, oracle; "
+                               "topk:rankedlsh_5pct (any of the last six, ':', an engine back-end of the list) runs "
+                               "at that back-end's measured fraction")
 _FRACTION = flags.DEFINE_string("fraction", "auto", "fraction of keys for topk/quest/oracle, or 'auto' (the "
                                 "first MagicPIG back-end's measured fraction on the same cell)")
 _BATCH = flags.DEFINE_integer("batch", 4, "prompts per generate call (prompts of similar length are grouped)")

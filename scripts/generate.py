@@ -74,9 +74,9 @@ def main(argv):
         checkpoint = _CHECKPOINT.value or pigjax.distributed.main_first(pigjax.default_checkpoint)
         model = pigjax.load(checkpoint,
                             dtype=jnp.bfloat16 if _DTYPE.value == "bfloat16" else None, mesh=mesh)
-        from pigjax.eval.harness import FRACTION_BACKENDS, make_backend
+        from pigjax.eval.harness import make_backend, takes_fraction
 
-        attention = make_backend(_ATTENTION.value, _FRACTION.value if _ATTENTION.value in FRACTION_BACKENDS else None)
+        attention = make_backend(_ATTENTION.value, _FRACTION.value if takes_fraction(_ATTENTION.value) else None)
         demo = not prompts
         if demo:
             prompts = [_demo(model)]

@@ -20,7 +20,9 @@ Back-end names map to objects of the top-level `pigjax` package:
 
 For topk/quest/oracle, `f` is a given number, or with fraction="auto" the
 `Generation.stats["fraction_read"]` that the first MagicPIG back-end of the list measured on the
-same batch of prompts (or, without one, the first RankedLSH back-end): those back-ends then run after it, at equal measured fraction. Each batch
+same batch of prompts (or, without one, the first RankedLSH back-end): those back-ends then run after it, at equal measured fraction.
+`topk:rankedlsh_5pct` (any fraction back-end, a colon, an engine back-end of the same list) names
+the reference explicitly, so one run can hold TopK at the fractions of several budgets. Each batch
 is prefilled once for all back-ends (`pigjax.generate` with a list: prefill is dense for all; the
 fraction back-ends are deferred entries of that list).
 Decoding is greedy; each generate call's stats are recorded.
@@ -60,9 +62,28 @@ ENGINE_PREFIXES = ("magicpig", "rankedlsh")  # back-ends whose measured fraction
 DENSE_FLOOR = 20.0  # averages are taken over the cells where dense scores at least this
 
 
+def split_name(name: str) -> tuple[str, str | None]:
+    """'topk:rankedlsh_5pct' -> ('topk', 'rankedlsh_5pct'): a fraction back-end and the engine
+    back-end whose measured fraction it takes; 'topk' -> ('topk', None)."""
+    base, _, ref = name.partition(":")
+    return base, ref or None
+
+
+def takes_fraction(name: str) -> bool:
+    """Whether the back-end runs at a given or measured fraction (topk/quest/oracle, with or
+    without an explicit reference)."""
+    return split_name(name)[0] in FRACTION_BACKENDS
+
+
 def _backend_class(name: str):
     import pigjax
 
+    base, ref = split_name(name)
+    if ref is not None and base not in FRACTION_BACKENDS:
+        raise PigjaxError(f"{name!r}: only {', '.join(FRACTION_BACKENDS)} take a ':reference' back-end")
+    if ref is not None and (ref not in BACKENDS or not ref.startswith(ENGINE_PREFIXES)):
+        raise PigjaxError(f"{name!r}: the reference must be a MagicPIG or RankedLSH back-end, got {ref!r}")
+    name = base
     if name not in BACKENDS:
         raise PigjaxError(f"unknown attention back-end {name!r}; known: {', '.join(BACKENDS)}")
     cls_name = BACKENDS[name][0]
@@ -75,8 +96,8 @@ def _backend_class(name: str):
 def make_backend(name: str, fraction: float | None = None):
     """The attention object for a back-end name (`fraction` is needed by topk/quest/oracle)."""
     cls = _backend_class(name)
-    kwargs = dict(BACKENDS[name][1])
-    if name in FRACTION_BACKENDS:
+    kwargs = dict(BACKENDS[split_name(name)[0]][1])
+    if takes_fraction(name):
         if fraction is None or not 0 < fraction <= 1:
             raise PigjaxError(f"back-end {name!r} needs a fraction in (0, 1], got {fraction!r}")
         kwargs["fraction"] = float(fraction)
@@ -87,16 +108,26 @@ def check_backends(names: Sequence[str], fraction) -> None:
     """Fail early (before any generation) on unknown/unavailable back-ends or a missing fraction."""
     if not names:
         raise PigjaxError("no attention back-end given")
+    if len(set(names)) != len(names):
+        raise PigjaxError(f"a back-end is listed twice: {', '.join(names)}")
     for name in names:
         _backend_class(name)
-    if fraction == "auto" and any(n in FRACTION_BACKENDS for n in names) and reference_backend(names) is None:
+        ref = split_name(name)[1]
+        if ref is not None and fraction != "auto":
+            raise PigjaxError(f"{name!r} takes {ref}'s measured fraction, which a given fraction ({fraction}) contradicts")
+        if ref is not None and ref not in names:
+            raise PigjaxError(f"{name!r} takes {ref}'s measured fraction: add {ref} to the list")
+    if fraction == "auto" and any(takes_fraction(n) for n in names) and reference_backend(names) is None:
         raise PigjaxError("fraction=auto takes topk/quest/oracle's fraction from a MagicPIG (or RankedLSH) back-end; "
                           "add one (e.g. magicpig_k10l150) to the list or give a number")
 
 
-def reference_backend(names: Sequence[str]) -> str | None:
-    """The back-end whose measured fraction topk/quest/oracle take with fraction="auto": the first
-    MagicPIG one, else the first RankedLSH one, else None."""
+def reference_backend(names: Sequence[str], name: str | None = None) -> str | None:
+    """The back-end whose measured fraction topk/quest/oracle (or `name`, when it names its own
+    with ':') take with fraction="auto": the first MagicPIG one, else the first RankedLSH one,
+    else None."""
+    if name is not None and split_name(name)[1] is not None:
+        return split_name(name)[1]
     for prefix in ENGINE_PREFIXES:
         found = next((n for n in names if n.startswith(prefix)), None)
         if found is not None:
@@ -160,7 +191,7 @@ def run_ruler(model, *, tasks: Sequence[str] = ruler.TASKS, contexts: Sequence[i
     build_seconds = time.perf_counter() - t0
     log(f"built {samples * len(cells)} samples in {build_seconds:.1f} s")
 
-    order = [n for n in attention if n not in FRACTION_BACKENDS] + [n for n in attention if n in FRACTION_BACKENDS]
+    order = [n for n in attention if not takes_fraction(n)] + [n for n in attention if takes_fraction(n)]
     reference = reference_backend(attention)
     results = {
         "config": {
@@ -227,27 +258,27 @@ def _run_cell(pigjax, model, names, reference, fraction, task, ctx, samples, bat
     MagicPIG back-end measured on that batch (or at the given one)."""
     spec = ruler.TASK_SPECS[task]
     order = sorted(range(len(samples)), key=lambda i: samples[i].length)  # similar lengths share a batch
-    plain = [n for n in names if n not in FRACTION_BACKENDS]
-    by_fraction = [n for n in names if n in FRACTION_BACKENDS]
+    plain = [n for n in names if not takes_fraction(n)]
+    by_fraction = [n for n in names if takes_fraction(n)]
     acc = {n: {"texts": {}, "reasons": {}, "calls": [], "seconds": 0.0, "fractions": []} for n in names}
 
-    def fraction_of(gens) -> float:
+    def fraction_of(gens, name) -> float:
         if fraction != "auto":
             return round(float(fraction), 6)
-        f = gens[plain.index(reference)].stats.get("fraction_read")
+        ref = reference_backend(names, name) if split_name(name)[1] else reference
+        f = gens[plain.index(ref)].stats.get("fraction_read")
         if f is None:
-            raise PigjaxError(f"{reference} reported no fraction_read in its stats; give --fraction")
+            raise PigjaxError(f"{ref} reported no fraction_read in its stats; give --fraction")
         return round(float(f), 6)
 
     for lo in range(0, len(order), batch):
         rows = order[lo: lo + batch]
         backends = [make_backend(n) for n in plain] + [
-            (lambda gens, n=n: make_backend(n, fraction_of(gens))) for n in by_fraction]
+            (lambda gens, n=n: make_backend(n, fraction_of(gens, n))) for n in by_fraction]
         start = time.perf_counter()
         gens = pigjax.generate(model, [samples[i].prompt_ids for i in rows], max_new_tokens=spec.tokens_to_generate,
                                temperature=0.0, attention=backends)
         shared = (time.perf_counter() - start) / len(gens)  # the shared prefill, split evenly
-        used = fraction_of(gens) if by_fraction else None
         for name, gen in zip(plain + by_fraction, gens):
             a = acc[name]
             for r, i in enumerate(rows):
@@ -255,7 +286,7 @@ def _run_cell(pigjax, model, names, reference, fraction, task, ctx, samples, bat
             a["calls"].append({"rows": [samples[i].index for i in rows], **_jsonable(gen.stats)})
             a["seconds"] += shared
             if name in by_fraction:
-                a["fractions"].append((len(rows), used))
+                a["fractions"].append((len(rows), fraction_of(gens, name)))
             advance(len(rows))
     return [_cell(name, acc[name], task, ctx, samples) for name in names]
 
@@ -362,4 +393,4 @@ def load_cells(paths: Sequence) -> dict[str, dict[tuple[str, int], dict]]:
 
 
 __all__ = ["BACKENDS", "FRACTION_BACKENDS", "check_backends", "load_cells", "make_backend", "markdown", "run_ruler",
-           "write_results"]
+           "split_name", "takes_fraction", "write_results"]

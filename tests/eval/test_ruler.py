@@ -193,6 +193,16 @@ def test_backend_names(monkeypatch):
         harness.check_backends(["dense", "topk"], "auto")
     harness.check_backends(["dense", "topk"], 0.1)
     assert harness.make_backend("topk", 0.1) == ("topk", 0.1)
+    assert harness.make_backend("topk:rankedlsh_5pct", 0.1) == ("topk", 0.1)
+    harness.check_backends(["rankedlsh_2pct", "topk:rankedlsh_2pct"], "auto")
+    for names, fraction, message in [
+            (["rankedlsh_2pct", "topk:rankedlsh_5pct"], "auto", "add rankedlsh_5pct to the list"),
+            (["rankedlsh_2pct", "topk:rankedlsh_2pct"], 0.1, "contradicts"),
+            (["dense", "topk:dense"], "auto", "reference must be a MagicPIG or RankedLSH"),
+            (["rankedlsh", "dense:rankedlsh"], "auto", "take a ':reference'"),
+            (["rankedlsh", "topk", "topk"], "auto", "listed twice")]:
+        with pytest.raises(pigjax.PigjaxError, match=message):
+            harness.check_backends(names, fraction)
 
 
 @pytest.fixture(scope="module")
@@ -253,6 +263,40 @@ def test_auto_fraction_follows_magicpig(tiny_with_tokenizer, monkeypatch, tmp_pa
     assert cells["magicpig_k8l75"]["fraction_read"] == 0.25
     assert cells["topk"]["fraction_used"] == 0.25 and "fraction=0.25" in cells["topk"]["backend"]
     assert (tmp_path / "ruler.md").read_text().count("0.2500") >= 2
+
+
+@pytest.mark.slow
+def test_explicit_references_give_each_topk_its_budget(tiny_with_tokenizer, monkeypatch, tmp_path):
+    """topk:<engine back-end> runs at that back-end's measured fraction, so one run (one prefill a
+    batch) compares two budgets each with TopK at its own fraction."""
+
+    def engine(fraction_read):
+        @dataclasses.dataclass(frozen=True)
+        class FakeEngine(pigjax.Dense):
+            def stats(self, *args, **kwargs):
+                return {**super().stats(*args, **kwargs), "fraction_read": fraction_read}
+        return FakeEngine()
+
+    @dataclasses.dataclass(frozen=True)
+    class FakeTopK(pigjax.Dense):
+        fraction: float = 1.0
+
+    monkeypatch.setattr(pigjax, "RankedLSH", lambda top: engine({0.006: 0.02, 0.035: 0.05}[top]), raising=False)
+    monkeypatch.setattr(pigjax, "TopK", FakeTopK, raising=False)
+    calls = []
+    real = pigjax.generate
+    monkeypatch.setattr(pigjax, "generate", lambda *a, **k: calls.append(1) or real(*a, **k))
+    model = pigjax.load(tiny_with_tokenizer)
+    names = ["topk:rankedlsh_5pct", "rankedlsh_2pct", "topk:rankedlsh_2pct", "rankedlsh_5pct"]
+    res = harness.run_ruler(model, tasks=["niah_single_1"], contexts=[512], samples=2, batch=2, attention=names,
+                            out_dir=tmp_path, progress=False, log=lambda s: None)
+    assert len(calls) == 1  # one prefill for the four
+    cells = {c["attention"]: c for c in res["cells"]}
+    assert [c["attention"] for c in res["cells"]] == ["rankedlsh_2pct", "rankedlsh_5pct", "topk:rankedlsh_5pct",
+                                                      "topk:rankedlsh_2pct"]
+    assert cells["topk:rankedlsh_2pct"]["fraction_used"] == 0.02 and "fraction=0.02" in cells["topk:rankedlsh_2pct"]["backend"]
+    assert cells["topk:rankedlsh_5pct"]["fraction_used"] == 0.05 and "fraction=0.05" in cells["topk:rankedlsh_5pct"]["backend"]
+    assert "| topk:rankedlsh_2pct | 0.0200 |" in (tmp_path / "ruler.md").read_text()
 
 
 @pytest.mark.slow
