@@ -36,7 +36,7 @@ _SINK = flags.DEFINE_integer("sink", 4, "exact sink tokens")
 _LOCAL = flags.DEFINE_integer("local", 64, "exact local window")
 _OUT = flags.DEFINE_string("out", "docs/results/coverage", "output stem (.json and .md)")
 
-_COLUMNS = ("fraction", "lsh", "topk", "oracle", "top1_weight", "top1_u")
+_COLUMNS = ("fraction", "lsh", "topk", "topk_pooled", "oracle", "top1_weight", "top1_u")
 _QUEST_COLUMNS = ("fraction", "quest", "best_pages", "topk", "top1_weight", "top1_read")
 
 
@@ -54,14 +54,15 @@ def markdown(result: dict) -> str:
     lines = ["# Attention coverage at equal budget", "",
              "Share of the middle's exact attention mass whose keys are read, in expectation: MagicPIG's "
              "LSH sampling (u over the centred keys, >= 2 collisions), TopK and oracle sampling at the "
-             "same fraction of the middle; `top1 u` = LSH probability of reading the key with the largest "
+             "same fraction of the middle; `TopK pooled` = as many keys per query as TopK reads, spread over the query's "
+             "heads by weight (the most any per-head budget could read); `top1 u` = LSH probability of reading the key with the largest "
              "weight. RankedLSH rows (K×L column = its name): the share read by its top set and sample (T ∪ S), "
              "at its measured fraction of keys read, over random projections. Mean over sparse layers, "
              "answer queries, heads and samples.", "",
              f"{result['machine']['cpu']}, {result['machine']['cores']} cores; commit {(result['commit'] or '?')[:10]}; "
              f"{result['samples']} samples a cell; sink {result['sink']}, local {result['local']}.", "",
-             "| task | context | K×L | fraction | LSH | TopK | oracle | top-1 weight | top-1 u |",
-             "|---|---:|---|---:|---:|---:|---:|---:|---:|"]
+             "| task | context | K×L | fraction | LSH | TopK | TopK pooled | oracle | top-1 weight | top-1 u |",
+             "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
     for row in result["rows"]:
         lines.append(f"| {row['task']} | {row['context']} | {row['config']} | "
                      + " | ".join(f"{row[c]:.3f}" for c in _COLUMNS) + " |")

@@ -60,17 +60,20 @@ def coverage_points(path) -> dict:
 
 
 def ruler_points(paths) -> tuple[dict, float, int]:
-    """({back-end: (mean fraction read, mean score)} over the cells where dense >= 20 that every
-    back-end has, dense's mean over those cells, the number of cells)."""
+    """({back-end: (mean fraction read, mean score)} over the cells where dense >= 20, dense's mean
+    over those cells, the number of cells). A back-end without all of those cells (a partial run,
+    or one of the cells where dense < 20 only) is left out, with a note, rather than averaged over
+    fewer cells."""
     from pigjax.eval.harness import load_cells
 
     by = load_cells([p for p in paths if os.path.exists(p)])
     dense = {k: c["score"] for k, c in by.get("dense", {}).items()}
     keep = {k for k, s in dense.items() if s >= DENSE_FLOOR}
-    for got in by.values():
-        keep &= set(got)
     out = {}
     for name, got in by.items():
+        if not keep <= set(got):
+            print(f"plot_frontier: RULER: {name} has {len(keep & set(got))} of the {len(keep)} cells; left out")
+            continue
         cs = [got[k] for k in keep]
         fr = [c["fraction_read"] for c in cs if c["fraction_read"] is not None]
         out[name] = (sum(fr) / len(fr) if fr else 1.0, sum(c["score"] for c in cs) / len(cs))

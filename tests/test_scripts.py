@@ -86,7 +86,8 @@ def test_eval_coverage_rejects_bad_configs_and_tokenizerless_checkpoints(convert
 
 def test_plot_frontier_joins_the_runs(tmp_path):
     """The frontier's points come from the runs given: RULER averages over the cells where dense
-    scores >= 20 that every back-end has; attention error over the sparse (non-zero) layers."""
+    scores >= 20 (a back-end without all of them is left out); attention error over the sparse
+    (non-zero) layers."""
     import json
 
     def cell(attention, task, score, fraction):
@@ -95,7 +96,8 @@ def test_plot_frontier_joins_the_runs(tmp_path):
     (tmp_path / "r1.json").write_text(json.dumps({"cells": [
         cell("dense", "a", 100.0, None), cell("dense", "b", 10.0, None), cell("dense", "c", 50.0, None),
         cell("topk", "a", 90.0, 0.03), cell("topk", "b", 0.0, 0.03), cell("topk", "c", 40.0, 0.03)]}))
-    (tmp_path / "r2.json").write_text(json.dumps({"cells": [cell("rankedlsh", "a", 80.0, 0.02)]}))
+    (tmp_path / "r2.json").write_text(json.dumps({"cells": [
+        cell("rankedlsh", "a", 80.0, 0.02), cell("rankedlsh", "c", 30.0, 0.04), cell("rankedlsh_5pct", "a", 100.0, 0.05)]}))
     err = {"attention_error": {"backends": {"rankedlsh": {"relative_l2": [0.0, 0.1, 0.3], "fraction_read": 0.03}}}}
     (tmp_path / "e.json").write_text(json.dumps(err))
     (tmp_path / "c.json").write_text(json.dumps({"rows": [
@@ -111,6 +113,8 @@ def test_plot_frontier_joins_the_runs(tmp_path):
     panels = list(json.loads((tmp_path / "f.json").read_text()).values())
     assert panels[0]["points"]["rankedlsh"] == [0.03, pytest.approx(0.2)]
     assert panels[1]["points"]["magicpig_k10l150"] == [0.03, 0.3] and panels[1]["points"]["topk@magicpig_k10l150"][1] == 0.7
-    ruler = panels[2]  # only cell "a" is common to all with dense >= 20
-    assert ruler["dense"] == 100.0 and ruler["points"]["topk"] == [0.03, 90.0] and ruler["points"]["rankedlsh"] == [0.02, 80.0]
+    ruler = panels[2]  # cells a and c (dense >= 20); rankedlsh_5pct lacks c, so it is left out, not averaged over a
+    assert ruler["dense"] == 75.0 and ruler["points"]["topk"] == [0.03, 65.0]
+    assert ruler["points"]["rankedlsh"] == [pytest.approx(0.03), 55.0] and "rankedlsh_5pct" not in ruler["points"]
+    assert "rankedlsh_5pct has 1 of the 2 cells; left out" in result.stdout
     assert panels[3]["dense"] == 10.0 and panels[3]["points"] == {"rankedlsh": [0.03, 10.1]}

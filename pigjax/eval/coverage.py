@@ -5,7 +5,8 @@ over the middle alone). A scheme that reads key i with probability r_i covers Σ
 mass in expectation. At one budget (the expected fraction f of the middle read):
   LSH       r_i = u_i, MagicPIG's sampling probability (docs/algorithm.md §2.5: q vs the centred key, >= 2
             of L tables of K bits collide), in expectation over the random projections;
-  TopK      r_i = 1 for the round(f·n) largest a_i;
+  TopK      r_i = 1 for the round(f·n) largest a_i; "pooled": the same total count per query
+            given to its heads by weight (the upper bound of any per-head budget);
   oracle    r_i = 1 - (1 - a_i)^m, m = round(f·n) draws from a (pigjax.Oracle).
   RankedLSH r_i = P(i in T ∪ S) (docs/algorithm.md §2.9), estimated over `draws` random projections
             (the reference's selection on the centred keys); its f is the measured fraction of keys
@@ -42,9 +43,16 @@ def _weights(q, km):
 
 
 def _at_fraction(a, f: float, n: int) -> dict:
+    """TopK and oracle coverage of weights a [P, Hq, n] at m = round(f·n) keys per head; and
+    `topk_pooled`: the same m·Hq keys per query spread over its heads by weight (the largest a over
+    all heads): the most mass any per-head budget at that total could read, the bound on what a
+    per-head rule such as vAttention's could add to TopK's coverage."""
     m = max(1, round(f * n))
     top = -np.sort(-a, axis=-1)[..., :m]
-    return {"topk": float(top.sum(-1).mean()), "oracle": float((a * (1.0 - (1.0 - a) ** m)).sum(-1).mean())}
+    p, hq = a.shape[0], a.shape[1]
+    pooled = -np.sort(-a.reshape(p, hq * n), axis=-1)[:, : m * hq]
+    return {"topk": float(top.sum(-1).mean()), "topk_pooled": float(pooled.sum(-1).mean() / hq),
+            "oracle": float((a * (1.0 - (1.0 - a) ** m)).sum(-1).mean())}
 
 
 def _ranked_layer_coverage(q, km, backend, rng, draws: int) -> dict:

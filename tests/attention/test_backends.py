@@ -255,6 +255,20 @@ def test_coverage_expectation_matches_simhash_draws():
     assert 0 < got["lsh"] < 1 and got["top1_weight"] == pytest.approx(a.max())
 
 
+def test_pooled_topk_spends_the_same_keys_where_the_mass_is():
+    """`topk_pooled` gives the query's m·H keys to its heads by weight: equal to TopK when the heads
+    are alike, above it when one head is peaked and one flat, and equal to a hand count."""
+    from pigjax.eval.coverage import _at_fraction
+
+    flat = np.full(10, 0.1)
+    peaked = np.array([0.5, 0.2, 0.15, 0.15, 0, 0, 0, 0, 0, 0])
+    same = _at_fraction(np.stack([peaked, peaked])[None], 0.2, 10)
+    assert same["topk_pooled"] == pytest.approx(same["topk"]) == pytest.approx(0.7)
+    got = _at_fraction(np.stack([peaked, flat])[None], 0.2, 10)  # m = 2 a head, 4 in all
+    assert got["topk"] == pytest.approx((0.7 + 0.2) / 2)
+    assert got["topk_pooled"] == pytest.approx((0.5 + 0.2 + 0.15 + 0.15) / 2)  # all 4 to the peaked head
+
+
 def test_coverage_fraction_matches_magicpig_reads(tiny):
     """On a model's own q/k, the expected fraction equals what the MagicPIG back-end reads."""
     from pigjax.eval.attention_error import layer_errors
