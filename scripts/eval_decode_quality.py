@@ -34,19 +34,13 @@ _SKIP_PPL = flags.DEFINE_bool("skip_perplexity", False, "only the attention-leve
 _OUT = flags.DEFINE_string("out", "docs/results/decode_quality", "output prefix (.json, .md)")
 
 
-def run_with_fraction(names, run_one, fraction=None):
-    """run_one(name, backend) for each name; topk/quest/oracle get `fraction`, else the measured
-    fraction of their reference engine back-end (harness.reference_backend), which runs first."""
-    from pigjax.eval.harness import make_backend, reference_backend, takes_fraction
-
-    results = {}
-    for name in [n for n in names if not takes_fraction(n)] + [n for n in names if takes_fraction(n)]:
-        f = None
-        if takes_fraction(name):
-            f = fraction if fraction is not None else results[reference_backend(names, name)]["fraction_read"]
-        results[name] = run_one(name, make_backend(name, f))
-        print(f"  {name}: {results[name]}"[:300], flush=True)
-    return results
+def _logged(run_one):
+    """run_one, printing each back-end's result as it comes."""
+    def run(name, backend):
+        out = run_one(name, backend)
+        print(f"  {name}: {out}"[:300], flush=True)
+        return out
+    return run
 
 
 def markdown(result: dict) -> str:
@@ -104,7 +98,7 @@ def main(_):
     import pigjax
     import pigjax.assets
     from pigjax.eval.attention_error import layer_errors
-    from pigjax.eval.harness import check_backends
+    from pigjax.eval.harness import check_backends, run_at_fractions
     from pigjax.eval.output import write_json_and_markdown
     from pigjax.eval.perplexity import perplexity, teacher_forced
     from pigjax.eval.text import long_text
@@ -115,7 +109,10 @@ def main(_):
         write_json_and_markdown(_OUT.value, result, markdown(result))
         return
     names = _ATTENTION.value
-    check_backends(names, "auto" if _FRACTION.value is None else _FRACTION.value)
+    try:
+        check_backends(names, "auto" if _FRACTION.value is None else _FRACTION.value)  # before the model load
+    except pigjax.PigjaxError as e:
+        raise SystemExit(f"eval_decode_quality: error: {e}") from None
     model = pigjax.load(pigjax.default_checkpoint())
     text = long_text(model.tokenizer, max(_TOKENS.value, _ERROR_PREFILL.value + _ERROR_STEPS.value), seed=_SEED.value)
     result = {"machine": describe(), "model": "SmolLM2-135M-Instruct", "text": "hotpotqa paragraphs",
@@ -124,8 +121,9 @@ def main(_):
 
     print("attention-level error ...", flush=True)
     err_tokens = text[None, : _ERROR_PREFILL.value + _ERROR_STEPS.value]
-    result["attention_error"]["backends"] = run_with_fraction(
-        names, lambda name, b: layer_errors(model, err_tokens, _ERROR_PREFILL.value, {name: b})[name], _FRACTION.value)
+    result["attention_error"]["backends"] = run_at_fractions(
+        names, _logged(lambda name, b: layer_errors(model, err_tokens, _ERROR_PREFILL.value, {name: b})[name]),
+        _FRACTION.value)
 
     if not _SKIP_PPL.value:
         print("decode-mode perplexity ...", flush=True)
@@ -139,7 +137,7 @@ def main(_):
                     "cache_bytes_per_token_per_layer": out["stats"]["cache_bytes_per_token_per_layer"],
                     "host_bytes_per_token_per_layer": out["stats"]["host_bytes_per_token_per_layer"]}
 
-        result["perplexity"]["backends"] = run_with_fraction(names, ppl, _FRACTION.value)
+        result["perplexity"]["backends"] = run_at_fractions(names, _logged(ppl), _FRACTION.value)
 
     write_json_and_markdown(_OUT.value, result, markdown(result))
 

@@ -74,6 +74,10 @@ def test_decode_quality_merge(tmp_path):
     assert "| quest | 0.5000 | 10.000 | +0.00% |" in (tmp_path / "merged.md").read_text()
     bad = run("scripts/eval_decode_quality.py", f"--merge={paths[0]},{paths[2]}", f"--out={out}")
     assert bad.returncode != 0 and "other perplexity settings" in bad.stderr
+    for names, message in (("dense,flash", "unknown attention back-end 'flash'"),
+                           ("rankedlsh,topk:rankedlsh_5pct", "add rankedlsh_5pct to the list")):
+        bad = run("scripts/eval_decode_quality.py", f"--attention={names}", f"--out={out}")
+        assert bad.returncode == 1 and message in bad.stderr and "Traceback" not in bad.stderr
 
 
 def test_eval_coverage_rejects_bad_configs_and_tokenizerless_checkpoints(converted):

@@ -135,6 +135,20 @@ def reference_backend(names: Sequence[str], name: str | None = None) -> str | No
     return None
 
 
+def run_at_fractions(names: Sequence[str], run_one: Callable[[str, object], dict], fraction: float | None = None) -> dict:
+    """{name: run_one(name, back-end)} for each name: the engine back-ends first, then
+    topk/quest/oracle at `fraction`, or (None) at the "fraction_read" that run_one returned for
+    their reference back-end (`reference_backend`). The rule RULER applies per batch, for
+    evaluations that run each back-end once (eval_decode_quality.py)."""
+    results = {}
+    for name in [n for n in names if not takes_fraction(n)] + [n for n in names if takes_fraction(n)]:
+        f = None
+        if takes_fraction(name):
+            f = fraction if fraction is not None else results[reference_backend(names, name)]["fraction_read"]
+        results[name] = run_one(name, make_backend(name, f))
+    return results
+
+
 def _git_commit() -> str | None:
     try:
         out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parent,
@@ -392,5 +406,5 @@ def load_cells(paths: Sequence) -> dict[str, dict[tuple[str, int], dict]]:
     return by
 
 
-__all__ = ["BACKENDS", "FRACTION_BACKENDS", "check_backends", "load_cells", "make_backend", "markdown", "run_ruler",
-           "split_name", "takes_fraction", "write_results"]
+__all__ = ["BACKENDS", "FRACTION_BACKENDS", "check_backends", "load_cells", "make_backend", "markdown", "run_at_fractions",
+           "run_ruler", "split_name", "takes_fraction", "write_results"]

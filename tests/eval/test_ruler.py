@@ -205,6 +205,25 @@ def test_backend_names(monkeypatch):
             harness.check_backends(names, fraction)
 
 
+def test_run_at_fractions_gives_each_fraction_backend_its_reference(monkeypatch):
+    """Engine back-ends run first; topk takes the default reference's measured fraction,
+    topk:<name> that back-end's, and a given fraction overrides both."""
+    monkeypatch.setattr(pigjax, "RankedLSH", lambda top: ("ranked", top), raising=False)
+    monkeypatch.setattr(pigjax, "TopK", lambda fraction: ("topk", fraction), raising=False)
+    measured = {0.006: 0.02, 0.035: 0.05}
+    order = []
+
+    def run_one(name, backend):
+        order.append(name)
+        return {"fraction_read": measured[backend[1]] if backend[0] == "ranked" else backend[1]}
+
+    names = ["topk:rankedlsh_5pct", "rankedlsh_2pct", "topk", "rankedlsh_5pct"]
+    got = harness.run_at_fractions(names, run_one)
+    assert order == ["rankedlsh_2pct", "rankedlsh_5pct", "topk:rankedlsh_5pct", "topk"]
+    assert got["topk"]["fraction_read"] == 0.02 and got["topk:rankedlsh_5pct"]["fraction_read"] == 0.05
+    assert harness.run_at_fractions(["rankedlsh_2pct", "topk"], run_one, 0.1)["topk"]["fraction_read"] == 0.1
+
+
 @pytest.fixture(scope="module")
 def tiny_with_tokenizer(tmp_path_factory, tok):
     """A tiny random Llama that uses SmolLM2's tokenizer (so RULER prompts can be built)."""
