@@ -77,6 +77,15 @@ def main(argv):
     if _ROLE.value:
         _, mesh_text, out = _ROLE.value.split(":", 2)
         return _worker(mesh_text, out)
+    from pigjax.errors import PigjaxError
+    from pigjax.eval.harness import check_backends, takes_fraction
+
+    try:  # before any worker starts
+        check_backends(_ATTENTION.value, None)
+        if any(takes_fraction(n) for n in _ATTENTION.value):
+            raise PigjaxError("bench_sharding runs back-ends without a fraction (not topk/quest/oracle)")
+    except PigjaxError as e:
+        raise SystemExit(f"bench_sharding: error: {e}") from None
     common = [f"--attention={','.join(_ATTENTION.value)}", f"--batch={_BATCH.value}",
               f"--prompt_len={_PROMPT_LEN.value}", f"--new_tokens={_NEW.value}"]
     from pigjax.distributed import COLLECTIVE_TIMEOUT_FLAGS

@@ -122,3 +122,9 @@ def test_plot_frontier_joins_the_runs(tmp_path):
     assert ruler["points"]["rankedlsh"] == [pytest.approx(0.03), 55.0] and "rankedlsh_5pct" not in ruler["points"]
     assert "rankedlsh_5pct has 1 of the 2 cells; left out" in result.stdout
     assert panels[3]["dense"] == 10.0 and panels[3]["points"] == {"rankedlsh": [0.03, 10.1]}
+
+
+def test_bench_sharding_rejects_bad_backends_before_starting_workers():
+    for names, message in (("dense,flash", "unknown attention back-end 'flash'"), ("dense,topk", "without a fraction")):
+        bad = run("scripts/bench_sharding.py", f"--attention={names}")
+        assert bad.returncode == 1 and message in bad.stderr and "Traceback" not in bad.stderr
