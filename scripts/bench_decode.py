@@ -171,20 +171,34 @@ def prefill_overhead(model, magic, n):
             "overhead_ratio": pig.stats["prefill_seconds"] / dense.stats["prefill_seconds"]}
 
 
+def _settings(pigjax):
+    """(contexts, the MagicPIG back-end) from the flags, or exit with a one-line error."""
+    try:
+        contexts = [int(c) if c.strip().isdigit() else -1 for c in _CONTEXTS.value]
+        if not contexts or min(contexts) < 1024:
+            raise ValueError(f"--contexts must be token counts >= 1024, got {_CONTEXTS.value}")
+        for name, flag, low in (("batch", _BATCH, 1), ("steps", _STEPS, 1), ("source_tokens", _SOURCE, 256),
+                                ("prefill_tokens", _PREFILL, 0)):
+            if flag.value < low:
+                raise ValueError(f"--{name} must be >= {low}, got {flag.value}")
+        return contexts, pigjax.MagicPIG(K=_K.value, L=_L.value)
+    except ValueError as e:  # PigjaxError is a ValueError
+        raise SystemExit(f"bench_decode: error: {e}") from None
+
+
 def main(_):
     import pigjax
     import pigjax.assets
     from pigjax.machine import describe
     from pigjax.models import llama
 
-    contexts = [int(c) for c in _CONTEXTS.value]
+    contexts, magic = _settings(pigjax)
     batch, steps = _BATCH.value, _STEPS.value
     base = random_model() if _WEIGHTS.value == "random" else pigjax.load(pigjax.default_checkpoint())
     # RoPE extends past the trained 8k; only timing is measured beyond it.
     config = dataclasses.replace(base.config, max_position_embeddings=max(contexts) + steps + 64)
     model = dataclasses.replace(base, config=config)
     params = llama.unstack_layers(model.params)
-    magic = pigjax.MagicPIG(K=_K.value, L=_L.value)
     paths = _ENGINE_PATHS.value or [None]
     print(f"K/V of {_SOURCE.value} source tokens ...", flush=True)
     kv, _ = source_kv(model, _SOURCE.value)

@@ -128,3 +128,10 @@ def test_bench_sharding_rejects_bad_backends_before_starting_workers():
     for names, message in (("dense,flash", "unknown attention back-end 'flash'"), ("dense,topk", "without a fraction")):
         bad = run("scripts/bench_sharding.py", f"--attention={names}")
         assert bad.returncode == 1 and message in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_bench_decode_rejects_bad_settings_before_loading_the_model():
+    for flag, message in (("--contexts=abc", "--contexts must be token counts"), ("--batch=0", "--batch must be >= 1"),
+                          ("--K=0", "K must be")):
+        bad = run("scripts/bench_decode.py", flag)
+        assert bad.returncode == 1 and message in bad.stderr and "Traceback" not in bad.stderr
