@@ -16,6 +16,8 @@ import time
 
 from absl import app, flags, logging
 
+from pigjax import cli
+
 SHAPES = {"llama8b": (8, 32, 128), "smollm2": (3, 9, 64)}  # (KV heads, query heads, head_dim)
 _SHAPES = flags.DEFINE_list("shapes", ["llama8b", "smollm2"], f"among {sorted(SHAPES)}")
 _LENGTHS = flags.DEFINE_list("lengths", ["16384", "65536", "131072"], "context lengths n")
@@ -24,6 +26,8 @@ _L = flags.DEFINE_integer("L", 150, "tables")
 _STORAGE = flags.DEFINE_enum("storage", "bf16", ["bf16", "f32"], "engine K/V storage")
 _REPEATS = flags.DEFINE_integer("repeats", 20, "timed query repetitions (median)")
 _OUT = flags.DEFINE_string("out", "docs/results/bench_attention.json", "JSON output")
+cli.among(_SHAPES, sorted(SHAPES))
+cli.ints(_LENGTHS, 1024)
 
 
 def median_seconds(fn, repeats):

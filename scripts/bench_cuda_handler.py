@@ -21,6 +21,8 @@ import time
 
 from absl import app, flags
 
+from pigjax import cli
+
 _PATHS = flags.DEFINE_list("paths", None, "paths to time (default: cuda-ffi,callback on a GPU; ffi,callback on a CPU)")
 _BATCHES = flags.DEFINE_list("batches", ["1", "4", "16"], "batch sizes")
 _CONTEXTS = flags.DEFINE_list("contexts", ["1024", "8192", "32768"], "stored (middle) tokens per row")
@@ -32,6 +34,9 @@ _D = flags.DEFINE_integer("d", 64, "head dim")
 _K = flags.DEFINE_integer("K", 10, "bits per table")
 _L = flags.DEFINE_integer("L", 150, "tables")
 _OUT = flags.DEFINE_string("out", "out/bench_cuda_handler.json", "JSON output")
+cli.among(_PATHS, ("cuda-ffi", "ffi", "callback"))
+cli.ints(_BATCHES)
+cli.ints(_CONTEXTS)
 
 
 def use_fake_cuda():

@@ -21,11 +21,14 @@ from functools import partial
 
 from absl import app, flags
 
+from pigjax import cli
+
 _CONTEXTS = flags.DEFINE_list("contexts", ["8192", "16384", "32768"], "context lengths")
-_BATCH = flags.DEFINE_integer("batch", 4, "rows")
-_STEPS = flags.DEFINE_integer("steps", 24, "timed decode steps")
-_SOURCE = flags.DEFINE_integer("source_tokens", 4096, "tokens of real text whose K/V are tiled")
-_PREFILL = flags.DEFINE_integer("prefill_tokens", 8192, "prompt length of the prefill-overhead run (0: skip)")
+_BATCH = flags.DEFINE_integer("batch", 4, "rows", lower_bound=1)
+_STEPS = flags.DEFINE_integer("steps", 24, "timed decode steps", lower_bound=1)
+_SOURCE = flags.DEFINE_integer("source_tokens", 4096, "tokens of real text whose K/V are tiled", lower_bound=256)
+_PREFILL = flags.DEFINE_integer("prefill_tokens", 8192, "prompt length of the prefill-overhead run (0: skip)",
+                                lower_bound=0)
 _K = flags.DEFINE_integer("K", 10, "MagicPIG bits per table")
 _L = flags.DEFINE_integer("L", 150, "MagicPIG tables")
 _RANKED = flags.DEFINE_bool("rankedlsh", True, "also time pigjax.RankedLSH (its defaults) in the same run")
@@ -35,6 +38,7 @@ _ENGINE_PATHS = flags.DEFINE_list("engine_paths", [],
                                   "MagicPIG engine paths to time in the same run, e.g. cuda-ffi,callback on a GPU "
                                   "(default: the backend's default path); the first is the 'magicpig' column")
 _OUT = flags.DEFINE_string("out", "docs/results/bench_decode.json", "JSON output")
+cli.ints(_CONTEXTS, 1024)
 
 
 # SmolLM2-135M's shapes (its checkpoint's pigjax.json), for --weights random.
@@ -171,17 +175,10 @@ def prefill_overhead(model, magic, n):
             "overhead_ratio": pig.stats["prefill_seconds"] / dense.stats["prefill_seconds"]}
 
 
-def _settings(pigjax):
-    """(contexts, the MagicPIG back-end) from the flags, or exit with a one-line error."""
+def _magicpig(pigjax):
+    """The MagicPIG back-end of --K/--L, or exit with its one-line error."""
     try:
-        contexts = [int(c) if c.strip().isdigit() else -1 for c in _CONTEXTS.value]
-        if not contexts or min(contexts) < 1024:
-            raise ValueError(f"--contexts must be token counts >= 1024, got {_CONTEXTS.value}")
-        for name, flag, low in (("batch", _BATCH, 1), ("steps", _STEPS, 1), ("source_tokens", _SOURCE, 256),
-                                ("prefill_tokens", _PREFILL, 0)):
-            if flag.value < low:
-                raise ValueError(f"--{name} must be >= {low}, got {flag.value}")
-        return contexts, pigjax.MagicPIG(K=_K.value, L=_L.value)
+        return pigjax.MagicPIG(K=_K.value, L=_L.value)
     except ValueError as e:  # PigjaxError is a ValueError
         raise SystemExit(f"bench_decode: error: {e}") from None
 
@@ -192,7 +189,7 @@ def main(_):
     from pigjax.machine import describe
     from pigjax.models import llama
 
-    contexts, magic = _settings(pigjax)
+    contexts, magic = [int(c) for c in _CONTEXTS.value], _magicpig(pigjax)
     batch, steps = _BATCH.value, _STEPS.value
     base = random_model() if _WEIGHTS.value == "random" else pigjax.load(pigjax.default_checkpoint())
     # RoPE extends past the trained 8k; only timing is measured beyond it.

@@ -14,10 +14,13 @@ import time
 
 from absl import app, flags
 
+from pigjax import cli
+
 _CASES = flags.DEFINE_list("cases", ["1x2304", "8x2304", "4x8192", "4x32768"], "BATCHxSLOTS cases")
 _LAYERS = flags.DEFINE_integer("layers", 4, "layers (separate caches) per step")
 _STEPS = flags.DEFINE_integer("steps", 20, "decode steps timed")
 _OUT = flags.DEFINE_string("out", "docs/results/bench_dense_decode.json", "JSON output")
+cli.matching(_CASES, r"[1-9]\d*x[1-9]\d*", "BATCHxSLOTS cases (e.g. 4x8192)")
 
 KV_HEADS, Q_HEADS, HEAD_DIM = 3, 9, 64
 

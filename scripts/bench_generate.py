@@ -14,11 +14,15 @@ import time
 
 from absl import app, flags, logging
 
+from pigjax import cli
+
 _BATCHES = flags.DEFINE_list("batches", ["1", "8"], "batch sizes")
 _PROMPT_LENS = flags.DEFINE_list("prompt_lens", ["512", "2048"], "prompt lengths in tokens")
 _NEW = flags.DEFINE_integer("new_tokens", 64, "tokens generated per row")
 _THREADS = flags.DEFINE_integer("threads", os.cpu_count(), "torch threads (JAX uses all cores)")
 _OUT = flags.DEFINE_string("out", "docs/results/bench_generate.json", "JSON output")
+cli.ints(_BATCHES)
+cli.ints(_PROMPT_LENS)
 
 
 def machine() -> dict:

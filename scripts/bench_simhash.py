@@ -27,6 +27,8 @@ import time
 
 from absl import app, flags
 
+from pigjax import cli
+
 _TOKENS = flags.DEFINE_list("tokens", ["16384", "131072"], "tokens per KV head")
 _KV_HEADS = flags.DEFINE_integer("kv_heads", 8, "KV heads (rows = tokens x kv_heads)")
 _DIMS = flags.DEFINE_list("dims", ["128", "64"], "head dims d")
@@ -42,6 +44,8 @@ _GHZ = flags.DEFINE_float(
 _FMA_UNITS = flags.DEFINE_integer("fma_units", 2, "vector FMA pipes per core (Zen 4/5: 2)")
 _OUT = flags.DEFINE_string("out", "docs/results/bench_simhash.json", "JSON output")
 _MD = flags.DEFINE_string("md", "docs/results/bench_simhash.md", "Markdown output ('' = none)")
+cli.ints(_TOKENS)
+cli.ints(_DIMS)
 
 LANES = {"avx512": 16, "avx2": 8, "scalar": 1}
 

@@ -16,6 +16,8 @@ import time
 
 from absl import app, flags
 
+from pigjax import cli
+
 _MODEL = flags.DEFINE_string("model", "checkpoints/runs/mosaics/model", "Memory Mosaics checkpoint")
 _RUN = flags.DEFINE_string("run", "checkpoints/runs/mosaics/run.json", "its training run (data settings)")
 _CONTEXTS = flags.DEFINE_list("contexts", "1024,4096", "sequence lengths (tokens)")
@@ -25,6 +27,10 @@ _ATTENTION = flags.DEFINE_list("attention", "exact,k10l150,k10l150_all,k10l150_a
                                "exact | k<K>l<L> (MagicPIG, default dense layers 0 and n/2) | k<K>l<L>_all "
                                "(every layer sampled); suffixes _c: centered keys, _f32: f32 engine storage")
 _OUT = flags.DEFINE_string("out", "docs/results/mosaics_decode", "output prefix (.json, .md)")
+cli.existing(_MODEL, "train one with scripts/train_mosaics.py")
+cli.existing(_RUN, "written by scripts/train_mosaics.py")
+cli.ints(_CONTEXTS, 16)
+cli.matching(_ATTENTION, r"exact|k\d+l\d+(_all)?(_c)?(_f32)?", "back-ends: exact or k<K>l<L>[_all][_c][_f32]")
 
 
 def make_attention(name: str):

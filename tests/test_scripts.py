@@ -130,8 +130,15 @@ def test_bench_sharding_rejects_bad_backends_before_starting_workers():
         assert bad.returncode == 1 and message in bad.stderr and "Traceback" not in bad.stderr
 
 
-def test_bench_decode_rejects_bad_settings_before_loading_the_model():
-    for flag, message in (("--contexts=abc", "--contexts must be token counts"), ("--batch=0", "--batch must be >= 1"),
-                          ("--K=0", "K must be")):
-        bad = run("scripts/bench_decode.py", flag)
-        assert bad.returncode == 1 and message in bad.stderr and "Traceback" not in bad.stderr
+def test_benchmarks_reject_bad_flags_while_parsing_them(tmp_path):
+    """pigjax.cli's checks: a bad list entry stops the script with absl's one-line flag error."""
+    for args, message in ((("scripts/bench_decode.py", "--contexts=8192,abc"), "integers >= 1024"),
+                          (("scripts/bench_decode.py", "--batch=0"), "--batch=0"),
+                          (("scripts/bench_attention.py", "--shapes=foo"), "takes some of: llama8b, smollm2"),
+                          (("scripts/bench_dense_decode.py", "--cases=4y8"), "BATCHxSLOTS"),
+                          (("scripts/eval_mosaics_decode.py", f"--run={tmp_path / 'none.json'}"), "train_mosaics.py")):
+        bad = run(*args)
+        assert bad.returncode == 1 and "FATAL Flags parsing error" in bad.stderr and message in bad.stderr, args
+        assert "Traceback" not in bad.stderr
+    bad = run("scripts/bench_decode.py", "--K=0")  # checked by MagicPIG itself, before the model load
+    assert bad.returncode == 1 and "K must be" in bad.stderr and "Traceback" not in bad.stderr
