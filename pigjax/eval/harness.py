@@ -235,7 +235,7 @@ def run_ruler(model, *, tasks: Sequence[str] = ruler.TASKS, contexts: Sequence[i
                 continue
             if bar is not None:
                 bar.set_postfix_str(f"{task} {ctx}")
-            cell_results = _run_cell(pigjax, model, order, reference, fraction, task, ctx, data[(task, ctx)], batch,
+            cell_results = _run_cell(pigjax, model, order, fraction, task, ctx, data[(task, ctx)], batch,
                                      lambda n: bar.update(n) if bar is not None else None)
             results["cells"].extend(cell_results)
             if out_dir is not None:
@@ -266,7 +266,7 @@ def _resumable(out_dir, config: dict, names) -> tuple[dict, dict | None]:
     return done, {k: old["config"].get(k) for k in ("commit", "date")}
 
 
-def _run_cell(pigjax, model, names, reference, fraction, task, ctx, samples, batch, advance) -> list[dict]:
+def _run_cell(pigjax, model, names, fraction, task, ctx, samples, batch, advance) -> list[dict]:
     """All back-ends on one (task, context) cell, each batch of prompts prefilled once for all of
     them. topk/quest/oracle come last, deferred: they run at the fraction that the reference
     MagicPIG back-end measured on that batch (or at the given one)."""
@@ -279,7 +279,7 @@ def _run_cell(pigjax, model, names, reference, fraction, task, ctx, samples, bat
     def fraction_of(gens, name) -> float:
         if fraction != "auto":
             return round(float(fraction), 6)
-        ref = reference_backend(names, name) if split_name(name)[1] else reference
+        ref = reference_backend(names, name)
         f = gens[plain.index(ref)].stats.get("fraction_read")
         if f is None:
             raise PigjaxError(f"{ref} reported no fraction_read in its stats; give --fraction")
