@@ -5,6 +5,12 @@
 set -euo pipefail
 cd "$(dirname "$0")"
 source scripts/setup_env.sh
+# XLA's compiled programs persist in build/jax-cache (JAX's own compilation cache; capped, so it
+# evicts the oldest and locks between processes): a second run, and the suite's workers and
+# subprocesses compiling the same programs, skip most compile time. Set JAX_COMPILATION_CACHE_DIR
+# to use another folder.
+export JAX_COMPILATION_CACHE_DIR="${JAX_COMPILATION_CACHE_DIR:-$PWD/build/jax-cache}"
+export JAX_COMPILATION_CACHE_MAX_SIZE="${JAX_COMPILATION_CACHE_MAX_SIZE:-2000000000}"
 cmd="${1:-}"
 shift || true
 case "$cmd" in

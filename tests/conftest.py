@@ -67,10 +67,22 @@ def hf_logits(model, tokens, lengths=None):
 
 @pytest.fixture(scope="session")
 def smollm2_dir(tmp_path_factory):
-    """The embedded SmolLM2-135M-Instruct, converted once per test session."""
+    """The embedded SmolLM2-135M-Instruct, converted once per test run: pytest-xdist workers share
+    the run's base folder, and the first to ask converts under a lock while the others wait."""
+    import fcntl
+
+    from pigjax.checkpoint import META_FILE
     from pigjax.convert import convert
 
-    return convert("default", tmp_path_factory.mktemp("ckpt") / "smollm2", progress=False)
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent  # each worker's base is <run>/popen-gwN
+    path = root / "smollm2-converted"
+    with open(root / "smollm2-converted.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (path / META_FILE).is_file():
+            convert("default", path, progress=False)
+    return path
 
 
 @pytest.fixture(scope="session")
@@ -90,3 +102,16 @@ def smollm2_torch():
         str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32
     )
     return model.eval()
+
+
+# The longest files start first (`./run.sh test` hands whole files to two pytest-xdist workers, in
+# collection order): started last, the 8-device suite alone left one worker idle for ~3 minutes.
+LONGEST_FIRST = ("sharding/test_multi_device.py", "sharding/test_distributed.py", "test_smollm2.py")
+
+
+def pytest_collection_modifyitems(items):
+    def rank(item):
+        path = item.path.as_posix()
+        return next((i for i, name in enumerate(LONGEST_FIRST) if path.endswith("tests/" + name)), len(LONGEST_FIRST))
+
+    items.sort(key=rank)  # stable: the rest keep their order

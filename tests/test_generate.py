@@ -1,6 +1,5 @@
 """pigjax.generate: equality with transformers, decode == forward, sampling, finishing rules."""
 
-import copy
 import dataclasses
 
 import jax
@@ -36,19 +35,6 @@ def test_tiny_ragged_batch_equals_transformers(tiny):
     for prompt, ours in zip(PROMPTS, gen.tokens):
         assert ours == hf_greedy(hf, prompt, 32)
     assert gen.texts is None and len(gen.finish_reasons) == 3
-
-
-def test_smollm2_equals_transformers(smollm2, smollm2_torch):
-    tok = smollm2.tokenizer
-    prompts = ["The three primary colors are", "Give me a short tip for staying focused."]
-    gen = pigjax.generate(smollm2, prompts[:1], max_new_tokens=32)
-    chat = pigjax.generate(smollm2, prompts[1:], max_new_tokens=32, chat=True)
-    plain_ids = tok(prompts[0])["input_ids"]
-    chat_ids = tok.apply_chat_template([{"role": "user", "content": prompts[1]}], add_generation_prompt=True,
-                                       tokenize=True, return_dict=True)["input_ids"]
-    assert gen.tokens[0] == hf_greedy(smollm2_torch, plain_ids, 32)
-    assert chat.tokens[0] == hf_greedy(smollm2_torch, chat_ids, 32)
-    print("\n", gen.texts[0], "\n", chat.texts[0])
 
 
 def test_greedy_tokens_are_forward_argmax(tiny):
@@ -148,7 +134,7 @@ def test_deferred_backend_sees_earlier_generations(tiny):
     assert len(zero) == 2 and zero[1].stats["attention"] == "topk"
 
 
-def test_bad_input(tiny, smollm2):
+def test_bad_input(tiny):
     _, model = tiny
     with pytest.raises(pigjax.PigjaxError, match="prompt 1 is empty"):
         pigjax.generate(model, [[1, 2], []], max_new_tokens=4)
@@ -164,14 +150,8 @@ def test_bad_input(tiny, smollm2):
         pigjax.generate(model, ["text"], max_new_tokens=4)
     with pytest.raises(pigjax.PigjaxError, match="top_p"):
         pigjax.generate(model, [[1]], max_new_tokens=4, temperature=1.0, top_p=1.5)
-    with pytest.raises(pigjax.PigjaxError, match="prompt 0 is empty"):
-        pigjax.generate(smollm2, [""], max_new_tokens=4)
     with pytest.raises(pigjax.PigjaxError, match="seed must be an integer"):
         pigjax.generate(model, [[1]], max_new_tokens=4, seed=2**70)
-    no_template = copy.copy(smollm2.tokenizer)
-    no_template.chat_template = None
-    with pytest.raises(pigjax.PigjaxError, match="chat template"):
-        pigjax.generate(dataclasses.replace(smollm2, tokenizer=no_template), ["hi"], max_new_tokens=4, chat=True)
 
 
 @pytest.mark.parametrize("kwargs, match", [

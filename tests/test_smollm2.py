@@ -1,11 +1,16 @@
 """The embedded SmolLM2-135M-Instruct: pigjax vs transformers loading the same GGUF."""
 
+import copy
+import dataclasses
+
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from conftest import hf_logits
 
 import pigjax
+
+torch = pytest.importorskip("torch")
 
 TEXT = (
     "The Eiffel Tower is a wrought-iron lattice tower on the Champ de Mars in Paris, France. "
@@ -59,3 +64,31 @@ def test_tokenizer_round_trip(smollm2):
     tok = smollm2.tokenizer
     assert tok.bos_token == "<|im_start|>" and tok.eos_token_id == 2
     assert tok.decode(tok(TEXT)["input_ids"]) == TEXT
+
+
+def test_generate_equals_transformers(smollm2, smollm2_torch):
+    """Greedy continuations, plain and with the chat template, equal transformers' generate."""
+    tok = smollm2.tokenizer
+    prompts = ["The three primary colors are", "Give me a short tip for staying focused."]
+    gen = pigjax.generate(smollm2, prompts[:1], max_new_tokens=32)
+    chat = pigjax.generate(smollm2, prompts[1:], max_new_tokens=32, chat=True)
+    plain_ids = tok(prompts[0])["input_ids"]
+    chat_ids = tok.apply_chat_template([{"role": "user", "content": prompts[1]}], add_generation_prompt=True,
+                                       tokenize=True, return_dict=True)["input_ids"]
+
+    def hf_greedy(ids):
+        out = smollm2_torch.generate(torch.tensor([ids]), max_new_tokens=32, do_sample=False, pad_token_id=0)
+        return out[0, len(ids):].tolist()
+
+    assert gen.tokens[0] == hf_greedy(plain_ids)
+    assert chat.tokens[0] == hf_greedy(chat_ids)
+    print("\n", gen.texts[0], "\n", chat.texts[0])
+
+
+def test_text_prompt_errors(smollm2):
+    with pytest.raises(pigjax.PigjaxError, match="prompt 0 is empty"):
+        pigjax.generate(smollm2, [""], max_new_tokens=4)
+    no_template = copy.copy(smollm2.tokenizer)
+    no_template.chat_template = None
+    with pytest.raises(pigjax.PigjaxError, match="chat template"):
+        pigjax.generate(dataclasses.replace(smollm2, tokenizer=no_template), ["hi"], max_new_tokens=4, chat=True)

@@ -61,9 +61,16 @@ def train_cmd(workdir, corpus, cache):
 
 
 def test_train_two_processes_kill_and_resume(tmp_path, corpus):
+    from pigjax import train as training
+
     cache = tmp_path / "cache"
-    run(LAUNCH + train_cmd(tmp_path / "whole", corpus, cache))
-    whole = json.loads((tmp_path / "whole" / "metrics.json").read_text())
+    # The uninterrupted reference runs here, on one device: data parallelism over 2 processes
+    # must give the same losses (and a launch costs two more model compiles).
+    flags = dict(arg[2:].split("=", 1) for arg in train_cmd("", corpus, cache)[1:] if "=" in arg)
+    ints = {k: int(v) for k, v in flags.items() if v.isdigit()}
+    cfg = training.TrainConfig(**{**flags, **ints, "workdir": str(tmp_path / "whole"), "mesh": None,
+                                  "progress": False, "dropout": 0.0})
+    whole = training.train(cfg, log=lambda *a: None)
 
     # The same run, both processes SIGKILLed once a few checkpoints exist, then resumed.
     workdir = tmp_path / "killed"
