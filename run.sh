@@ -18,10 +18,11 @@ case "$cmd" in
   test)
     # Two pytest workers (pytest-xdist), one test file per worker at a time so module fixtures are
     # built once: most tests are bound by XLA's single-threaded compiles, so this halves the time
-    # on 2 cores. PIGJAX_TEST_WORKERS=0 runs everything in one process.
+    # on 2 cores. Files go out in collection order (tests/conftest.py puts the longest first), not
+    # xdist's default of most tests first. PIGJAX_TEST_WORKERS=0 runs everything in one process.
     workers="${PIGJAX_TEST_WORKERS:-2}"
     par=()
-    [ "$workers" != "0" ] && par=(-n "$workers" --dist loadfile)
+    [ "$workers" != "0" ] && par=(-n "$workers" --dist loadfile --no-loadscope-reorder)
     status=0
     python -m pytest "${par[@]}" "$@" || status=$?
     # pytest exits 5 when it collected no test: that is a failure here, not a pass.

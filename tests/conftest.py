@@ -104,8 +104,9 @@ def smollm2_torch():
     return model.eval()
 
 
-# The longest files start first (`./run.sh test` hands whole files to two pytest-xdist workers, in
-# collection order): started last, the 8-device suite alone left one worker idle for ~3 minutes.
+# The longest files start first (`./run.sh test` hands whole files to two pytest-xdist workers in
+# collection order, --no-loadscope-reorder): started last, the 8-device suite (one test, so xdist's
+# default order put it last) left the other worker idle for its ~3 minutes.
 LONGEST_FIRST = ("sharding/test_multi_device.py", "sharding/test_distributed.py", "test_smollm2.py")
 
 
