@@ -11,7 +11,7 @@ import pytest
 
 jax.config.update("jax_default_matmul_precision", "highest")
 
-# sharding/multi_device/ needs 8 CPU devices, fixed when JAX starts: sharding/test_multi_device.py
+# sharding/multi_device/ needs 4 CPU devices, fixed when JAX starts: sharding/test_multi_device.py
 # runs it in its own pytest process (PIGJAX_MULTI_DEVICE=1).
 collect_ignore = [] if os.environ.get("PIGJAX_MULTI_DEVICE") == "1" else ["sharding/multi_device"]
 
@@ -105,7 +105,7 @@ def smollm2_torch():
 
 
 # The longest files start first (`./run.sh test` hands whole files to two pytest-xdist workers in
-# collection order, --no-loadscope-reorder): started last, the 8-device suite (one test, so xdist's
+# collection order, --no-loadscope-reorder): started last, the 4-device suite (one test, so xdist's
 # default order put it last) left the other worker idle for its ~3 minutes.
 LONGEST_FIRST = ("sharding/test_multi_device.py", "sharding/test_distributed.py", "test_smollm2.py")
 

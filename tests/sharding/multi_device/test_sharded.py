@@ -1,4 +1,7 @@
-"""Sharded forward / generate / load on 8 CPU devices equal one device (run by test_multi_device.py)."""
+"""Sharded forward / generate / load on 4 CPU devices equal one device (run by test_multi_device.py).
+
+Four devices reach every layout (data only, model only, both; heads split or replicated) at half
+the threads of eight, which on 2 cores costs a quarter less time."""
 
 import dataclasses
 
@@ -23,19 +26,19 @@ def mesh(data, model):
     return jax.make_mesh((data, model), ("data", "model"))
 
 
-def test_eight_devices():
-    assert jax.device_count() == 8
+def test_four_devices():
+    assert jax.device_count() == 4
 
 
 # GQA ratios 1, 2, 3. Heads split over "model" when both counts divide it, else attention is
 # replicated: each ratio runs on a mesh of each kind (every compile costs seconds).
-@pytest.mark.parametrize("hq,hkv,meshes", [(8, 8, ((1, 8), (8, 1))), (8, 4, ((1, 8), (2, 4))),
-                                           (6, 2, ((2, 4), (4, 2)))])
+@pytest.mark.parametrize("hq,hkv,meshes", [(8, 8, ((1, 4), (4, 1))), (4, 2, ((1, 4), (2, 2))),
+                                           (6, 2, ((1, 4), (2, 2)))])
 def test_forward_equals_one_device(hq, hkv, meshes):
     model = tiny(hq, hkv)
     rng = np.random.default_rng(0)
-    tokens = rng.integers(0, 97, (8, 12))
-    lengths = np.array([12, 5, 7, 12, 1, 3, 9, 12])
+    tokens = rng.integers(0, 97, (4, 12))
+    lengths = np.array([12, 5, 1, 9])
     ref = np.asarray(pigjax.forward(model, tokens, lengths))
     for shape in meshes:
         out = pigjax.forward(model, tokens, lengths, mesh=mesh(*shape))
@@ -44,7 +47,7 @@ def test_forward_equals_one_device(hq, hkv, meshes):
 
 
 def test_param_layout():
-    m = mesh(2, 4)
+    m = mesh(1, 4)
     split = sharding.shard_params(tiny(8, 4).config, tiny(8, 4).params, m)
     assert split["layers"]["attn"]["q_proj"]["kernel"].sharding.spec == P(None, None, "model", None)
     assert split["layers"]["mlp"]["down_proj"]["kernel"].sharding.spec == P(None, "model", None)
@@ -112,7 +115,7 @@ def test_engine_store_per_device():
 def test_load_into_mesh(tmp_path):
     model = tiny(8, 4)
     pigjax.save(model, tmp_path / "ck")
-    m = mesh(2, 4)
+    m = mesh(1, 4)
     loaded = pigjax.load(tmp_path / "ck", mesh=m)
     kernel = loaded.params["layers"]["attn"]["q_proj"]["kernel"]
     assert kernel.sharding.spec == P(None, None, "model", None)
@@ -126,17 +129,17 @@ def test_bad_meshes():
     model = tiny(4, 2)
     tokens = np.zeros((3, 4), np.int32)
     with pytest.raises(pigjax.ConfigError, match="does not divide over the mesh's 'data' axis of size 2"):
-        pigjax.forward(model, tokens, mesh=mesh(2, 4))
+        pigjax.forward(model, tokens, mesh=mesh(2, 2))
     with pytest.raises(pigjax.ConfigError, match="axes must be named"):
-        pigjax.forward(model, tokens, mesh=jax.make_mesh((2, 4), ("batch", "model")))
+        pigjax.forward(model, tokens, mesh=jax.make_mesh((2, 2), ("batch", "model")))
     with pytest.raises(pigjax.ConfigError, match="jax.sharding.Mesh"):
         pigjax.generate(model, [[1, 2]], max_new_tokens=2, mesh="2x2")
-    with pytest.raises(pigjax.ConfigError, match="needs 12 devices; there are 8"):
-        sharding.make_mesh(3, 4)
-    assert sharding.make_mesh(3, 2).devices.size == 6  # one process: the first 6
+    with pytest.raises(pigjax.ConfigError, match="needs 6 devices; there are 4"):
+        sharding.make_mesh(3, 2)
+    assert sharding.make_mesh(3, 1).devices.size == 3  # one process: the first 3
     with pytest.raises(pigjax.ConfigError, match="DATAxMODEL"):
         sharding.parse_mesh("2by2")
-    assert sharding.parse_mesh("2x4").shape == {"data": 2, "model": 4}
+    assert sharding.parse_mesh("2x2").shape == {"data": 2, "model": 2}
 
 
 def test_training_on_meshes_equals_one_device(tmp_path):
