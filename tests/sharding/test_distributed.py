@@ -53,11 +53,13 @@ def corpus(tmp_path_factory):
     return path
 
 
+TRAIN = dict(vocab_size=300, seq_len=32, batch=8, hidden=32, layers=2, heads=2, steps=40, warmup=4, save_every=8,
+             eval_every=1000, eval_windows=4, final_eval_windows=8, dropout=0.0)
+
+
 def train_cmd(workdir, corpus, cache):
     return [str(ROOT / "scripts" / "train_mosaics.py"), f"--workdir={workdir}", f"--data={corpus}",
-            f"--data_cache={cache}", "--vocab_size=300", "--seq_len=32", "--batch=8", "--hidden=32", "--layers=2",
-            "--heads=2", "--steps=40", "--warmup=4", "--save_every=8", "--eval_every=1000", "--eval_windows=4",
-            "--final_eval_windows=8", "--noprogress", "--mesh=4x1", "--dropout=0"]
+            f"--data_cache={cache}", *(f"--{k}={v}" for k, v in TRAIN.items()), "--noprogress", "--mesh=4x1"]
 
 
 def test_train_two_processes_kill_and_resume(tmp_path, corpus):
@@ -66,10 +68,8 @@ def test_train_two_processes_kill_and_resume(tmp_path, corpus):
     cache = tmp_path / "cache"
     # The uninterrupted reference runs here, on one device: data parallelism over 2 processes
     # must give the same losses (and a launch costs two more model compiles).
-    flags = dict(arg[2:].split("=", 1) for arg in train_cmd("", corpus, cache)[1:] if "=" in arg)
-    ints = {k: int(v) for k, v in flags.items() if v.isdigit()}
-    cfg = training.TrainConfig(**{**flags, **ints, "workdir": str(tmp_path / "whole"), "mesh": None,
-                                  "progress": False, "dropout": 0.0})
+    cfg = training.TrainConfig(**TRAIN, workdir=str(tmp_path / "whole"), data=str(corpus), data_cache=str(cache),
+                               progress=False)
     whole = training.train(cfg, log=lambda *a: None)
 
     # The same run, both processes SIGKILLed once a few checkpoints exist, then resumed.
