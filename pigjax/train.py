@@ -21,6 +21,7 @@ import dataclasses
 import functools
 import json
 import math
+import os
 import time
 from functools import partial
 from pathlib import Path
@@ -231,8 +232,10 @@ def _check_run(workdir: Path, cfg: TrainConfig, resuming: bool, write: bool = Tr
         if diff and resuming:
             raise TrainError(f"{workdir} holds a different run; differing settings (saved, now): {diff}. "
                              "Use another --workdir or the saved settings.")
-    if write:
-        run_file.write_text(json.dumps(record, indent=2))
+    if write:  # whole or not at all: another process may be reading it
+        tmp = run_file.with_name(f".run.json.{os.getpid()}")
+        tmp.write_text(json.dumps(record, indent=2))
+        os.replace(tmp, run_file)
 
 
 class Evaluator:
@@ -362,7 +365,8 @@ def train(cfg: TrainConfig, log=print) -> dict:
         options=ocp.CheckpointManagerOptions(max_to_keep=2, create=True, enable_async_checkpointing=False),
     )
     start = manager.latest_step() or 0
-    _check_run(workdir, cfg, resuming=start > 0, write=main)
+    # process 0 checks and writes run.json before the others read it
+    distributed.main_first(lambda: _check_run(workdir, cfg, resuming=start > 0, write=main))
     params = built.init(cfg.seed)
     state = {"params": params, "opt_state": tx.init(params), "step": jnp.zeros((), jnp.int32)}
     if mesh is not None:  # optimizer moments take their parameter's layout (same leaf names)
