@@ -13,7 +13,7 @@ HERE = Path(__file__).parent
 
 def test_multi_device_suite():
     env = dict(os.environ, PIGJAX_MULTI_DEVICE="1",
-               XLA_FLAGS=f"--xla_force_host_platform_device_count=4 {COLLECTIVE_TIMEOUT_FLAGS}")
+               XLA_FLAGS=f"{os.environ['XLA_FLAGS']} --xla_force_host_platform_device_count=4 {COLLECTIVE_TIMEOUT_FLAGS}")
     proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", str(HERE / "multi_device")],
                           env=env, capture_output=True, text=True, timeout=1200, cwd=HERE.parent.parent)
     assert proc.returncode == 0, proc.stdout[-8000:] + proc.stderr[-4000:]

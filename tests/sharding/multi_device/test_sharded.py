@@ -60,9 +60,10 @@ def test_param_layout():
 PROMPTS = [np.random.default_rng(1).integers(0, 97, n).tolist() for n in (300, 150, 220)]  # ragged, 3 rows
 
 
-@pytest.mark.parametrize("hq,hkv,shapes", [(4, 2, ((2, 2), (4, 1))), (6, 3, ((2, 2),))], ids=["split", "replicated"])
+@pytest.mark.parametrize("hq,hkv,shapes", [(4, 2, ((2, 2),)), (6, 3, ((2, 2),))], ids=["split", "replicated"])
 def test_generate_equals_one_device(hq, hkv, shapes):
-    """Greedy tokens of a ragged batch; heads split over "model" (4/2) or replicated (3 KV heads)."""
+    """Greedy tokens of a ragged batch; heads split over "model" (4/2) or replicated (3 KV heads).
+    Rows over "data" are the same code with or without a model axis (forward checks (4, 1))."""
     model = tiny(hq, hkv, layers=4, head_dim=16)
     backends = [pigjax.Dense(), pigjax.MagicPIG(K=4, L=20, local=16),
                 pigjax.RankedLSH(K=4, L=20, rank_tables=8, top=0.05, local=16)]
@@ -87,9 +88,10 @@ def test_mosaics_equals_one_device(attention):
     config = pigjax.MosaicsConfig(vocab_size=97, hidden_size=32, num_hidden_layers=4, num_attention_heads=4,
                                   max_position_embeddings=512)
     model = mosaics.init(config, seed=0)
-    tokens = np.random.default_rng(0).integers(0, 97, (4, 20))
-    np.testing.assert_allclose(np.asarray(pigjax.forward(model, tokens, mesh=mesh(2, 2))),
-                               np.asarray(pigjax.forward(model, tokens)), atol=1e-5, rtol=0)
+    if isinstance(attention, pigjax.Dense):  # the forward pass once
+        tokens = np.random.default_rng(0).integers(0, 97, (4, 20))
+        np.testing.assert_allclose(np.asarray(pigjax.forward(model, tokens, mesh=mesh(2, 2))),
+                                   np.asarray(pigjax.forward(model, tokens)), atol=1e-5, rtol=0)
     prompts = [p[:150] for p in PROMPTS]
     ref = pigjax.generate(model, prompts, max_new_tokens=10, attention=attention)
     gen = pigjax.generate(model, prompts, max_new_tokens=10, attention=attention, mesh=mesh(2, 2))
