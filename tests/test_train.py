@@ -169,3 +169,29 @@ def test_mosaics_v2_trains(text_file, cache_dir, tmp_path):
 
     v1 = param_count(mosaics.param_shapes(training.mosaics_config(config(tmp_path, text_file, cache_dir), 300, 0)))
     assert abs(metrics["param_count"] - v1) / v1 < 0.05
+
+
+def test_run_record_is_replaced_whole(tmp_path):
+    """In a multi-process run the others read run.json while process 0 rewrites it: a reader sees
+    a whole file, old or new, never a truncated one (a torn read failed a 2-process resume)."""
+    import threading
+
+    cfg = training.TrainConfig(workdir=str(tmp_path), data="x.txt", steps=10, warmup=2)
+    training._check_run(tmp_path, cfg, resuming=False)
+    stop, torn = threading.Event(), []
+
+    def read():
+        while not stop.is_set():
+            try:
+                json.loads((tmp_path / "run.json").read_text())
+            except json.JSONDecodeError:
+                torn.append(1)
+
+    reader = threading.Thread(target=read)
+    reader.start()
+    for _ in range(500):
+        training._check_run(tmp_path, cfg, resuming=True)
+    stop.set()
+    reader.join()
+    assert not torn, f"{len(torn)} torn reads"
+    assert not [p.name for p in tmp_path.iterdir() if p.name != "run.json"]  # no temporary left
