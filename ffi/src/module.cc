@@ -175,8 +175,9 @@ NB_MODULE(_engine, m) {
         "Current size of the LSH store's worker pool.");
 
   m.def("set_query_split", [](int mode) { pigjax::set_query_split(mode); }, nb::arg("mode"),
-        "Split each (row, KV head)'s query work over threads: -1 auto (default: when there are "
-        "fewer than 2 x threads tasks), 0 never, 1 always. Process-wide; for tests/benchmarks.");
+        "The query's parallel shape: -1 auto (default), 0 one task per (row, KV head), 1 split "
+        "within a KV head, 2 tasks per (row, KV head, part of its query heads). Process-wide; "
+        "for tests/benchmarks.");
   m.def("get_query_split", [] { return pigjax::get_query_split(); }, "See set_query_split.");
 
   m.def("set_table_layout", [](int mode) { pigjax::set_table_layout(mode); }, nb::arg("mode"),

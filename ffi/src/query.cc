@@ -128,23 +128,25 @@ void write_empty(int64_t G, int64_t d, float* out, float* lse, int32_t* sampled)
   std::fill(sampled, sampled + G, 0);
 }
 
-// One (row, KV head): the G query heads q[G][d], q_codes[G][L] -> out[G][d], lse[G], sampled[G].
+// One (row, KV head), its query heads [ja, jb) of the G: q[G][d], q_codes[G][L] -> out[G][d],
+// lse[G], sampled[G] at those heads. A head's result does not depend on which others share its
+// call except by float rounding (the batch boundaries of softmax_part's online rescale).
 template <typename T>
 void query_group(const StoreConfig& c, const LogWeightTable& weights, const SlotData& s, int64_t kvh,
-                 int64_t G, double sample_cap,
+                 int64_t ja, int64_t jb, double sample_cap,
                  const float* q, const int32_t* qcodes, float* out, float* lse, int32_t* sampled,
                  const RowKernels<T>& kern) {
   const int64_t d = c.head_dim, L = c.L;
   const HeadRows<T> R = head_rows<T>(c, s, kvh);
   const int64_t total = R.total();
-  if (total == 0) return write_empty(G, d, out, lse, sampled);
+  if (total == 0) return write_empty(jb - ja, d, out + ja * d, lse + ja, sampled + ja);
 
   QueryScratch& sc = query_scratch();
   sc.ensure(total);
   const int64_t words = (total + 63) / 64;
 
-  for (int64_t j0 = 0; j0 < G; j0 += kGroupChunk) {
-    const int gc = static_cast<int>(std::min<int64_t>(kGroupChunk, G - j0));
+  for (int64_t j0 = ja; j0 < jb; j0 += kGroupChunk) {
+    const int gc = static_cast<int>(std::min<int64_t>(kGroupChunk, jb - j0));
     int64_t counts[kGroupChunk] = {};
     double log_inv_a[kGroupChunk] = {};
     const uint64_t* bm[kGroupChunk];
@@ -298,9 +300,26 @@ void query_split(const Store& st, const QueryArgs& io, int64_t B, int64_t Hq, co
   }
 }
 
+// Parts each (row, KV head)'s G query heads are split into: at least 2, and enough that
+// tasks x parts >= 2 x threads where G allows.
+int64_t heads_parts(int64_t tasks, int64_t G, int threads) {
+  return std::min<int64_t>(G, std::max<int64_t>(2, (2 * int64_t{threads} + tasks - 1) / tasks));
+}
+
+// The query's parallel shape (set_query_split's modes): 0 one task per (row, KV head), 1 split
+// within a KV head (query_split), 2 tasks per (row, KV head, part of its query heads). Auto (-1)
+// takes the first that gives the pool >= 2 x threads tasks: 0, else 2, else 1 (batch 1 with more
+// threads than query heads). Splitting by query heads reads few rows twice (about one head
+// samples a row at K = 10, L = 150) and needs no merge; within a head it needs phases and one.
+int query_split_mode(int mode, int64_t B, int64_t Hkv, int64_t Hq, int threads) {
+  if (mode >= 0) return mode;
+  if (threads <= 1 || B * Hkv >= 2 * int64_t{threads}) return 0;
+  return B * Hq >= 2 * int64_t{threads} ? 2 : 1;
+}
+
 }  // namespace
 
-void set_query_split(int mode) { g_query_split.store(mode < 0 ? -1 : (mode > 0 ? 1 : 0)); }
+void set_query_split(int mode) { g_query_split.store(mode < 0 ? -1 : std::min(mode, 2)); }
 int get_query_split() { return g_query_split.load(); }
 
 std::string store_query(int64_t handle, const QueryArgs& io) {
@@ -322,24 +341,28 @@ std::string store_query(int64_t handle, const QueryArgs& io) {
   const SimdLevel level = simd_level();
   const bool bf16 = c.storage == StoreStorage::kBF16;
   const int threads = get_num_threads();
-  const int split = g_query_split.load();
-  if (split == 1 || (split == -1 && threads > 1 && B * Hkv < 2 * int64_t{threads})) {
+  const int split = query_split_mode(g_query_split.load(), B, Hkv, Hq, threads);
+  if (split == 1) {
     if (bf16) query_split<uint16_t>(*st, io, B, Hq, row_kernels<uint16_t>(level), threads);
     else query_split<float>(*st, io, B, Hq, row_kernels<float>(level), threads);
     return "";
   }
-  parallel_for(B * Hkv, [&](int64_t task) {
-    const int64_t b = task / Hkv, g = task % Hkv;
+  // One task per (row, KV head), or per (row, KV head, part of its query heads) when that is too
+  // few tasks for the pool: each part the smallest number that makes >= 2 x threads tasks.
+  const int64_t want = split == 2 ? heads_parts(B * Hkv, G, threads) : 1;
+  const int64_t per = (G + want - 1) / want, parts = (G + per - 1) / per;
+  parallel_for(B * Hkv * parts, [&](int64_t task) {
+    const int64_t b = task / (Hkv * parts), g = task / parts % Hkv, p = task % parts;
     const SlotData& s = st->slots[io.slots.data[b]];
-    const int64_t h0 = b * Hq + g * G;
+    const int64_t h0 = b * Hq + g * G, ja = p * per, jb = std::min(G, ja + per);
     if (bf16)
-      query_group<uint16_t>(c, st->weights, s, g, G, io.sample_cap, io.q.data + h0 * d, io.q_codes.data + h0 * L,
-                            io.out.data + h0 * d, io.lse.data + h0, io.sampled.data + h0,
-                            row_kernels<uint16_t>(level));
+      query_group<uint16_t>(c, st->weights, s, g, ja, jb, io.sample_cap, io.q.data + h0 * d,
+                            io.q_codes.data + h0 * L, io.out.data + h0 * d, io.lse.data + h0,
+                            io.sampled.data + h0, row_kernels<uint16_t>(level));
     else
-      query_group<float>(c, st->weights, s, g, G, io.sample_cap, io.q.data + h0 * d, io.q_codes.data + h0 * L,
-                         io.out.data + h0 * d, io.lse.data + h0, io.sampled.data + h0,
-                         row_kernels<float>(level));
+      query_group<float>(c, st->weights, s, g, ja, jb, io.sample_cap, io.q.data + h0 * d,
+                         io.q_codes.data + h0 * L, io.out.data + h0 * d, io.lse.data + h0,
+                         io.sampled.data + h0, row_kernels<float>(level));
   });
   return "";
 }

@@ -26,9 +26,10 @@ namespace pigjax {
 // store's lock shared, so queries run concurrently with each other, not with prefill / append.
 std::string store_query(int64_t handle, const QueryArgs& args);
 
-// Query parallelism within a KV head (see store_query): -1 = auto (when there are fewer than
-// 2 x threads (row, KV head) tasks and more than one thread), 0 = never, 1 = always. Process-wide;
-// for tests and benchmarks. Results differ from the unsplit ones by float rounding only.
+// The query's parallel shape (see store_query): -1 = auto, 0 = one task per (row, KV head),
+// 1 = split within a KV head (phases merged by log-sum-exp), 2 = tasks per (row, KV head, part of
+// its query heads). Auto takes 0 when it gives >= 2 x threads tasks, else 2 when that does, else 1.
+// Process-wide; for tests and benchmarks. Results differ between modes by float rounding only.
 void set_query_split(int mode);
 int get_query_split();
 

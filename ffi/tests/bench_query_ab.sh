@@ -9,13 +9,15 @@ root="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
 old="${1:?usage: bench_query_ab.sh OLD_COMMIT [bench_query_ab arguments]}"
 shift
 out="${root}/build/bench_query_ab"
-rm -rf "${out}/old" && mkdir -p "${out}/old"
+rm -rf "${out}" && mkdir -p "${out}/old"
 git -C "${root}" archive "${old}" ffi/src | tar -x -C "${out}/old"
 cxx="${CXX:-g++} -O3 -std=c++17"
-srcs="simd thread_pool simhash row_kernels weight_table store_args store query"
+# The engine's sources without the bindings (each tree's own list: files come and go).
+srcs="simd thread_pool simhash row_kernels weight_table store_args store query query_ranked sketch"
 for f in ${srcs}; do
-  ${cxx} -c -Dpigjax=pigjax_old -I"${out}/old/ffi/src" "${out}/old/ffi/src/${f}.cc" -o "${out}/old_${f}.o"
-  ${cxx} -c -I"${root}/ffi/src" "${root}/ffi/src/${f}.cc" -o "${out}/new_${f}.o"
+  [[ -f "${out}/old/ffi/src/${f}.cc" ]] &&
+    ${cxx} -c -Dpigjax=pigjax_old -I"${out}/old/ffi/src" "${out}/old/ffi/src/${f}.cc" -o "${out}/old_${f}.o"
+  [[ -f "${root}/ffi/src/${f}.cc" ]] && ${cxx} -c -I"${root}/ffi/src" "${root}/ffi/src/${f}.cc" -o "${out}/new_${f}.o"
 done
 ${cxx} -c -Dpigjax=pigjax_old -DPFX=old_ -I"${out}/old/ffi/src" "${root}/ffi/tests/bench_query_ab_api.cc" -o "${out}/api_old.o"
 ${cxx} -c -DPFX=new_ -DNEW_ENGINE -I"${root}/ffi/src" "${root}/ffi/tests/bench_query_ab_api.cc" -o "${out}/api_new.o"

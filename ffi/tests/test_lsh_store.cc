@@ -930,8 +930,9 @@ static void test_ranked_query() {
 
 int main() {
   test_bf16();
-  // Query split within a KV head: auto (default), never, always (same results up to rounding).
-  for (int split : {-1, 0, 1}) {
+  // The query's parallel shapes: auto (default), per KV head, split within a KV head, split by
+  // query heads (same results up to rounding).
+  for (int split : {-1, 0, 1, 2}) {
     set_query_split(split);
     CHECK(get_query_split() == split, "set_query_split(%d)", split);
     test_against_reference();

@@ -407,11 +407,12 @@ def test_prefill_again_clears_appended_tokens():
         assert int(dep[0]) == 125 and store.info()["appended_counts"] == [5]
 
 
-@pytest.mark.parametrize("split", [0, 1])
+@pytest.mark.parametrize("split", [0, 1, 2])
 @pytest.mark.parametrize("storage, cap", [("f32", 1.0), ("bf16", 1.0), ("f32", 0.01)])
 def test_query_split_within_kv_head_matches_reference(split, storage, cap):
-    """Batch-1 parallelism: each (row, KV head)'s candidates split over threads, merged by
-    log-sum-exp; with and without a binding sample cap (30 of 3000 keys)."""
+    """Batch-1 parallelism: one task per KV head (0), each (row, KV head)'s candidates split over
+    threads and merged by log-sum-exp (1), or tasks per part of a KV head's query heads (2); with
+    and without a binding sample cap (30 of 3000 keys)."""
     from pigjax.engine import native
     K, L, d, hkv, hq = 6, 40, 32, 3, 9
     rng, proj, q, k, v, k_codes, q_codes = _append_setup(21, b=1, hq=hq, hkv=hkv, n=3000, d=d, K=K, L=L)
