@@ -68,7 +68,8 @@ void softmax_part(const HeadRows<T>& R, const LogWeightTable& weights, const Row
   const float ninf = -std::numeric_limits<float>::infinity();
   std::fill(mx, mx + gc, ninf);
   std::fill(sums, sums + gc, 0.0);
-  float score[kBatch][kGroupChunk];
+  float score[kBatch][kGroupChunk];  // dot products, then scores
+  float knorm[kBatch];
   const T* vrows[kGroupChunk][kBatch];
   float vp[kGroupChunk][kBatch];
   for (size_t e0 = 0; e0 < nu; e0 += kBatch) {
@@ -83,16 +84,22 @@ void softmax_part(const HeadRows<T>& R, const LogWeightTable& weights, const Row
       }
       const int32_t i = uni[e].i;
       const T* key = R.key(i);
-      const float kn = R.norm(i);
+      knorm[e - e0] = R.norm(i);
       for (uint32_t m = uni[e].mask; m; m &= m - 1) {
         const int jj = __builtin_ctz(m);
-        float dot;
-        kern.dot(key, qdot + jj * d, d, &dot);
-        const float sc_ = static_cast<float>(dot * inv_sqrt_d + weights(dot, qnorm[jj], kn));
+        kern.dot(key, qdot + jj * d, d, &score[e - e0][jj]);
+      }
+    }
+    // Scores from the dot products in a loop of their own: the row loads above do not wait
+    // behind the weight table's arithmetic and lookups, so more of them are in flight.
+    for (size_t e = e0; e < e1; ++e)
+      for (uint32_t m = uni[e].mask; m; m &= m - 1) {
+        const int jj = __builtin_ctz(m);
+        const float dot = score[e - e0][jj];
+        const float sc_ = static_cast<float>(dot * inv_sqrt_d + weights(dot, qnorm[jj], knorm[e - e0]));
         score[e - e0][jj] = sc_;
         if (sc_ > bmx[jj]) bmx[jj] = sc_;
       }
-    }
     for (int jj = 0; jj < gc; ++jj) {
       if (!(bmx[jj] > mx[jj])) continue;
       if (mx[jj] != ninf) {  // else acc and sums are still 0
@@ -102,23 +109,24 @@ void softmax_part(const HeadRows<T>& R, const LogWeightTable& weights, const Row
       }
       mx[jj] = bmx[jj];
     }
-    // Value pass: each head's rows and probabilities of the batch, then one vsum per head, which
-    // keeps the head's accumulators in registers over its rows (same multiply-adds, same order).
+    // Value pass: each head's rows and scores of the batch (the rows prefetched meanwhile), the
+    // head's exp(score - max) in one vectorised call, then one vsum per head, which keeps the
+    // head's accumulators in registers over its rows.
     int nrow[kGroupChunk] = {};
-    for (size_t e = e0; e < std::min(e1, e0 + kAhead); ++e) prefetch_row(R.val(uni[e].i), d);
     for (size_t e = e0; e < e1; ++e) {
-      if (e + kAhead < e1) prefetch_row(R.val(uni[e + kAhead].i), d);
       const T* val = R.val(uni[e].i);
+      prefetch_row(val, d);
       for (uint32_t m = uni[e].mask; m; m &= m - 1) {
         const int jj = __builtin_ctz(m);
-        const float pj = std::exp(score[e - e0][jj] - mx[jj]);
-        sums[jj] += pj;
         vrows[jj][nrow[jj]] = val;
-        vp[jj][nrow[jj]++] = pj;
+        vp[jj][nrow[jj]++] = score[e - e0][jj];
       }
     }
-    for (int jj = 0; jj < gc; ++jj)
-      if (nrow[jj] > 0) kern.vsum(vrows[jj], vp[jj], nrow[jj], d, acc + jj * d);
+    for (int jj = 0; jj < gc; ++jj) {
+      if (nrow[jj] == 0) continue;
+      sums[jj] += kern.exp_sum(vp[jj], nrow[jj], mx[jj]);
+      kern.vsum(vrows[jj], vp[jj], nrow[jj], d, acc + jj * d);
+    }
   }
 }
 

@@ -295,15 +295,16 @@ PIGJAX_SCORES(scores_avx512bf16, PIGJAX_TARGET_AVX512BF16, dots_avx512bf16_t)
 #endif  // PIGJAX_X86
 
 template <typename T>
-RowKernels<T> kernels_scalar() { return {dots_scalar<T, 1>, vsum_scalar<T>, nullptr, scores_scalar<T>}; }
+RowKernels<T> kernels_scalar() { return {dots_scalar<T, 1>, vsum_scalar<T>, nullptr, scores_scalar<T>, exp_shift_sum_scalar}; }
 #if PIGJAX_X86
 template <typename T>
-RowKernels<T> kernels_avx2() { return {dots_avx2<T, 1>, vsum_avx2<T>, nullptr, scores_avx2<T>}; }
+RowKernels<T> kernels_avx2() { return {dots_avx2<T, 1>, vsum_avx2<T>, nullptr, scores_avx2<T>, exp_shift_sum_avx2}; }
 template <typename T>
-RowKernels<T> kernels_avx512() { return {dots_avx512<T, 1>, vsum_avx512<T>, nullptr, scores_avx512<T>}; }
+RowKernels<T> kernels_avx512() { return {dots_avx512<T, 1>, vsum_avx512<T>, nullptr, scores_avx512<T>, exp_shift_sum_avx512}; }
 // avx512 kernels with the AVX512_BF16 score pass (bf16 storage only).
 RowKernels<uint16_t> kernels_avx512bf16() {
-  return {dots_avx512bf16<1>, vsum_avx512<uint16_t>, prep_q_bf16x2, scores_avx512bf16<uint16_t>};
+  return {dots_avx512bf16<1>, vsum_avx512<uint16_t>, prep_q_bf16x2, scores_avx512bf16<uint16_t>,
+          exp_shift_sum_avx512};
 }
 #endif
 

@@ -22,10 +22,13 @@ struct RowKernels {
   // out[j * n + i] = row i . query head j for n contiguous rows (stride d) and gc <= 8 heads (q as
   // dot receives it): each row is loaded once for all heads.
   using ScoresFn = void (*)(const T*, int64_t, const float*, int, int64_t, float*);
+  // x[i] <- exp(x[i] - m) for i < n; returns their sum (exp_shift_sum at this level).
+  using ExpSumFn = float (*)(float*, int64_t, float);
   DotFn dot = nullptr;
   VsumFn vsum = nullptr;
   PrepFn prep = nullptr;
   ScoresFn scores = nullptr;
+  ExpSumFn exp_sum = nullptr;
 };
 
 // x[i] <- exp(x[i] - m) for i < n; returns their sum. Vectorised at the avx2 / avx512 levels
