@@ -1,8 +1,8 @@
 // The LSH store's query (sampled attention over a slot's middle and appended tokens, read-only):
 // candidates by collision counting over the hash tables, their union per GQA group, and the
 // softmax-weighted sum with MagicPIG's importance weights; at batch 1, split by query heads or
-// within a KV head over threads (query_split_mode). See query.h for the semantics and BUILD.md ("Query inner loop",
-// "Batch-1 parallelism") for the design and measurements.
+// within a KV head over threads (query_split_mode). See query.h for the semantics and BUILD.md
+// ("Query inner loop", "Batch-1 parallelism") for the design and measurements.
 #include "query.h"
 
 #include <algorithm>
