@@ -4,7 +4,8 @@
 
 SmolLM2 shapes: 3 KV / 9 q heads, d 64, K 10, L 150, bf16, random keys. The modes of
 set_query_split alternate query by query: 0 one task per KV head, 1 split within a KV head (phases
-merged by log-sum-exp), 2 tasks per part of a KV head's query heads; "auto" is what the engine picks. Prints a table and writes JSON (default docs/results/bench_query_split.json).
+merged by log-sum-exp), 2 tasks per part of a KV head's query heads. Prints a table and writes
+JSON (default docs/results/bench_query_split.json).
 """
 import json
 import os

@@ -25,7 +25,7 @@ constexpr int kHeadChunk = 8;  // query heads scored together (the bf16 query pr
 // One block's partial softmax for the G query heads of a KV head: acc[g][d] = sum exp(s - mx[g]) v,
 // sums[g] = sum exp(s - mx[g]).
 template <typename T>
-void block_part(const RowKernels<T>& kern, SimdLevel level, const float* qh, int64_t G, int64_t d, const T* k,
+void block_part(const RowKernels<T>& kern, const float* qh, int64_t G, int64_t d, const T* k,
                 const T* v, int64_t n, float* mx, float* sums, float* acc) {
   thread_local std::vector<float> score;
   thread_local std::vector<const T*> rows;
@@ -49,7 +49,7 @@ void block_part(const RowKernels<T>& kern, SimdLevel level, const float* qh, int
       float m = -std::numeric_limits<float>::infinity();
       for (int64_t i = 0; i < n; ++i) m = std::max(m, sc[i] *= scale);
       mx[g0 + j] = m;
-      sums[g0 + j] = exp_shift_sum(sc, n, m, level);
+      sums[g0 + j] = kern.exp_sum(sc, n, m);
       kern.vsum(rows.data(), sc, static_cast<int>(n), d, acc + (g0 + j) * d);
     }
   }
@@ -93,15 +93,14 @@ std::string decode_attention(const DecodeAttentionShape& sh, const float* q, con
   // Per task and query head of its group: max, sum, then d accumulators.
   const int64_t part = G * (d + 2);
   std::vector<float> parts(static_cast<size_t>(tasks * part));
-  const SimdLevel level = simd_level();
-  const RowKernels<T>& kern = row_kernels<T>(level);
+  const RowKernels<T>& kern = row_kernels<T>(simd_level());
   parallel_for(tasks, [&](int64_t t) {
     const int64_t bh = std::upper_bound(first.begin(), first.end(), t) - first.begin() - 1;
     const int64_t b = bh / Hkv, lo = (t - first[bh]) * kBlockRows;
     const int64_t n = std::min<int64_t>(kBlockRows, lengths[b] - lo);
     const int64_t at = (bh * S + lo) * d;
     float* p = &parts[static_cast<size_t>(t * part)];
-    block_part(kern, level, q + (b * Hq + (bh % Hkv) * G) * d, G, d, k + at, v + at, n, p, p + G, p + 2 * G);
+    block_part(kern, q + (b * Hq + (bh % Hkv) * G) * d, G, d, k + at, v + at, n, p, p + G, p + 2 * G);
   });
   // Merge each (row, query head)'s blocks by log-sum-exp.
   for (int64_t bh = 0; bh < B * Hkv; ++bh) {

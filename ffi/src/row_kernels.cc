@@ -330,17 +330,6 @@ const RowKernels<T>& row_kernels(SimdLevel level) {
   return scalar;
 }
 
-
-float exp_shift_sum(float* x, int64_t n, float m, SimdLevel level) {
-#if PIGJAX_X86
-  if (level >= SimdLevel::kAvx512) return exp_shift_sum_avx512(x, n, m);
-  if (level >= SimdLevel::kAvx2) return exp_shift_sum_avx2(x, n, m);
-#else
-  (void)level;
-#endif
-  return exp_shift_sum_scalar(x, n, m);
-}
-
 template const RowKernels<float>& row_kernels<float>(SimdLevel level);
 template const RowKernels<uint16_t>& row_kernels<uint16_t>(SimdLevel level);
 

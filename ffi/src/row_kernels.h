@@ -22,7 +22,8 @@ struct RowKernels {
   // out[j * n + i] = row i . query head j for n contiguous rows (stride d) and gc <= 8 heads (q as
   // dot receives it): each row is loaded once for all heads.
   using ScoresFn = void (*)(const T*, int64_t, const float*, int, int64_t, float*);
-  // x[i] <- exp(x[i] - m) for i < n; returns their sum (exp_shift_sum at this level).
+  // x[i] <- exp(x[i] - m) for i < n; returns their sum. Vectorised at the avx2 / avx512 levels
+  // (a Cephes-style polynomial, within 2 ulp of std::exp; arguments below -87.3 give ~1e-38, not 0).
   using ExpSumFn = float (*)(float*, int64_t, float);
   DotFn dot = nullptr;
   VsumFn vsum = nullptr;
@@ -30,10 +31,6 @@ struct RowKernels {
   ScoresFn scores = nullptr;
   ExpSumFn exp_sum = nullptr;
 };
-
-// x[i] <- exp(x[i] - m) for i < n; returns their sum. Vectorised at the avx2 / avx512 levels
-// (a Cephes-style polynomial, within 2 ulp of std::exp; arguments below -87.3 give ~1e-38, not 0).
-float exp_shift_sum(float* x, int64_t n, float m, SimdLevel level);
 
 // The kernels for `level` (<= hardware_simd_level()). For uint16_t (bf16) rows at the avx512
 // level, the score pass uses AVX512_BF16 when cpu_features() has it. T = float or uint16_t.
