@@ -174,7 +174,11 @@ NB_MODULE(_engine, m) {
   m.def("get_num_threads", [] { return pigjax::get_num_threads(); },
         "Current size of the LSH store's worker pool.");
 
-  m.def("set_query_split", [](int mode) { pigjax::set_query_split(mode); }, nb::arg("mode"),
+  m.def("set_query_split", [](int mode) {
+    if (mode < -1 || mode > 2)
+      throw nb::value_error(("set_query_split: mode must be -1, 0, 1 or 2, got " + std::to_string(mode)).c_str());
+    pigjax::set_query_split(mode);
+  }, nb::arg("mode"),
         "The query's parallel shape: -1 auto (default), 0 one task per (row, KV head), 1 split "
         "within a KV head, 2 tasks per (row, KV head, part of its query heads). Process-wide; "
         "for tests/benchmarks.");

@@ -440,3 +440,12 @@ def test_query_split_within_kv_head_matches_reference(split, storage, cap):
     rel = np.abs(np.asarray(out[0]) - o_s).max() / np.abs(o_s).max()
     assert rel < (1e-5 if storage == "f32" else 1e-4), rel
     np.testing.assert_allclose(np.asarray(lse[0]), lse_s, rtol=1e-5, atol=1e-5)
+
+
+def test_query_split_rejects_unknown_mode():
+    from pigjax.engine import native
+    old = native._engine.get_query_split()
+    for bad in (-2, 3):
+        with pytest.raises(ValueError, match="mode must be -1, 0, 1 or 2"):
+            native._engine.set_query_split(bad)
+    assert native._engine.get_query_split() == old
