@@ -1,9 +1,10 @@
 """Per-call latency of the LSH store's calls by size and path, same run (issue 18's "per-layer host
-call"): the CUDA-platform FFI handler ("cuda-ffi", ffi/src/cuda_handlers.cc) against the io_callback
-path it replaces ("callback"), and on a CPU the CPU FFI target ("ffi").
+call"): the CUDA-platform FFI handlers (blocking "cuda-ffi" and asynchronous "cuda-async",
+ffi/src/cuda_handlers.cc) against the io_callback path they replace ("callback"), and on a CPU the CPU
+FFI target ("ffi").
 
   python scripts/bench_cuda_handler.py                      # paths: the backend's (see --paths)
-  python scripts/bench_cuda_handler.py --paths ffi,fake-cuda,callback --contexts 1024 --calls 50
+  python scripts/bench_cuda_handler.py --paths ffi,fake-cuda,fake-cuda-async,callback --contexts 1024 --calls 50
 
 Shapes: SmolLM2's (3 KV / 9 q heads, d 64; K 10, L 150, bf16 storage) by default. For each
 (batch, stored tokens n, path): one store, prefilled with random keys, values and their SimHash
@@ -12,9 +13,11 @@ each query's q depending on the previous output (so they cannot overlap or be me
 a warm-up; per-call µs = loop seconds / calls. "engine" is the same query through the NumPy entry
 point (`store_query_np`, no JAX, no copies): per-call minus engine = the path's overhead (copies,
 synchronization, dispatch). The prefill call (keys, values, codes of n tokens) is timed once per
-path (median of `--prefills`). "fake-cuda" (CPU only, test build) is the CUDA handler compiled
-against the fake runtime of ffi/tests/fake_cuda (scripts/test_cuda_handlers.sh builds it): its host
-logic without a GPU. Prints a table and writes JSON.
+path (median of `--prefills`). "fake-cuda" / "fake-cuda-async" (CPU only, test build) are the CUDA
+handlers compiled against the fake runtime of ffi/tests/fake_cuda (scripts/test_cuda_handlers.sh
+builds it): their host logic without a GPU. The loop's calls depend on each other, so "cuda-async"
+can only gain here what the launch thread no longer waits for; its gain from XLA launching the step's
+other GPU work meanwhile shows in bench_decode. Prints a table and writes JSON.
 """
 
 import time
@@ -23,7 +26,8 @@ from absl import app, flags
 
 from pigjax import cli
 
-_PATHS = flags.DEFINE_list("paths", None, "paths to time (default: cuda-ffi,callback on a GPU; ffi,callback on a CPU)")
+_PATHS = flags.DEFINE_list("paths", None,
+                           "paths to time (default: cuda-ffi,cuda-async,callback on a GPU; ffi,callback on a CPU)")
 _BATCHES = flags.DEFINE_list("batches", ["1", "4", "16"], "batch sizes")
 _CONTEXTS = flags.DEFINE_list("contexts", ["1024", "8192", "32768"], "stored (middle) tokens per row")
 _CALLS = flags.DEFINE_integer("calls", 200, "queries per timed loop")
@@ -34,18 +38,20 @@ _D = flags.DEFINE_integer("d", 64, "head dim")
 _K = flags.DEFINE_integer("K", 10, "bits per table")
 _L = flags.DEFINE_integer("L", 150, "tables")
 _OUT = flags.DEFINE_string("out", "out/bench_cuda_handler.json", "JSON output")
-cli.among(_PATHS, ("cuda-ffi", "ffi", "callback"))
+_FAKE = {"fake-cuda": "cuda-ffi", "fake-cuda-async": "cuda-async"}  # test build's path -> the path it stands for
+cli.among(_PATHS, ("cuda-ffi", "cuda-async", "ffi", "callback", *_FAKE))
 cli.ints(_BATCHES)
 cli.ints(_CONTEXTS)
 
 
 def use_fake_cuda():
-    """Route "cuda-ffi" to the fake-runtime build registered for the CPU (test module)."""
+    """Route "cuda-ffi" and "cuda-async" to the fake-runtime build registered for the CPU (test module)."""
     from pigjax.engine import native
     from pigjax.engine import store
 
     native.load_fake_cuda_handlers()
     store._FFI_TARGETS["cuda-ffi"] = "pigjax_test_cuda_lsh"
+    store._FFI_TARGETS["cuda-async"] = "pigjax_test_cuda_async_lsh"
     native.cuda_handlers = lambda: True
 
 
@@ -59,8 +65,8 @@ def main(_):
     from pigjax.machine import describe
 
     backend = jax.default_backend()
-    paths = _PATHS.value or (["cuda-ffi", "callback"] if backend == "gpu" else ["ffi", "callback"])
-    if "fake-cuda" in paths:
+    paths = _PATHS.value or (["cuda-ffi", "cuda-async", "callback"] if backend == "gpu" else ["ffi", "callback"])
+    if set(paths) & set(_FAKE):
         use_fake_cuda()
     hq, hkv, d, K, L = _HQ.value, _HKV.value, _D.value, _K.value, _L.value
     key = jax.random.key(0)
@@ -81,7 +87,7 @@ def main(_):
                    "bytes_to_device_per_query": 4 * b * hq * (d + 2),
                    "bytes_to_host_per_prefill": 4 * (1 + 2 * b + 2 * b * hkv * n * d + b * hkv * n * L)}
             for path in paths:
-                p = "cuda-ffi" if path == "fake-cuda" else path
+                p = _FAKE.get(path, path)
                 with Store(b, hkv, d, n, K, L, storage="bf16", path=p) as s:
                     times = []
                     for _ in range(_PREFILLS.value):

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The GPU check: the same model code with JAX's default device a GPU; the engine is reached through
-# the CUDA-platform FFI handlers (pigjax._engine_cuda, path "cuda-ffi") when they build, else
+# the CUDA-platform FFI handlers (pigjax._engine_cuda, paths "cuda-ffi" and "cuda-async") when they build, else
 # through io_callback. Needs a Python with a CUDA jax, flax, transformers, torch, nanobind, cmake and
 # ninja (the project's device machine has them):
 #   OUT=out/device scripts/device_check.sh
@@ -10,9 +10,10 @@
 #    toolkit (PIGJAX_CUDA_ROOT=dir overrides);
 # 2. runs the CUDA handler tests and the decode-path tests on the GPU (tests of the CPU-only FFI
 #    path and of the embedded SmolLM2, which is not there, are deselected);
-# 3. bench_cuda_handler: per-call latency of the store calls by size, cuda-ffi vs io_callback;
+# 3. bench_cuda_handler: per-call latency of the store calls by size, cuda-ffi vs cuda-async vs
+#    io_callback;
 # 4. bench_decode on the GPU with random SmolLM2-shaped weights (8k, batch 4): dense vs MagicPIG
-#    through cuda-ffi and through io_callback, same run;
+#    through cuda-ffi, cuda-async and io_callback, same run;
 # 5. optional: ATTN=1 bench_attention on that machine's CPU; CAPPED=1 the capped-memory comparison
 #    (scripts/bench_capped_memory.py, Llama-3.1-8B shapes; long: run it alone).
 set -uo pipefail
@@ -75,7 +76,7 @@ tail -25 "$OUT/pytest.log"
 [ "${BENCH:-1}" = 0 ] && exit $status
 
 paths=callback
-"$PY" -c "from pigjax.engine import native; raise SystemExit(0 if native.cuda_handlers() else 1)" && paths=cuda-ffi,callback
+"$PY" -c "from pigjax.engine import native; raise SystemExit(0 if native.cuda_handlers() else 1)" && paths=cuda-ffi,cuda-async,callback
 
 echo "== bench_cuda_handler on the GPU (paths $paths)"
 timeout "${HANDLER_TIMEOUT:-150}" "$PY" scripts/bench_cuda_handler.py --paths "$paths" --batches 1,4,16 \

@@ -20,9 +20,15 @@
 
 #include <algorithm>
 #include <atomic>
+#include <functional>
+#include <limits>
+#include <memory>
+#include <mutex>
 #include <optional>
 #include <stdexcept>
 #include <string>
+#include <type_traits>
+#include <unordered_map>
 #include <vector>
 
 #include "ffi_store_calls.h"
@@ -69,6 +75,9 @@ void check(cudaError_t e, const char* what) {
 // A pinned host buffer and the event after the last copies that read it.
 class Staging {
  public:
+  Staging() = default;
+  Staging(const Staging&) = delete;
+  Staging& operator=(const Staging&) = delete;
   ~Staging() {  // thread exit: errors are ignored (the CUDA context may already be gone)
     if (pending_) cudaEventSynchronize(done_);
     if (data_ != nullptr) {
@@ -102,7 +111,19 @@ class Staging {
     return data_;
   }
 
-  // Records that copies enqueued on `stream` so far read the buffer.
+  // Whether the last copies that read the buffer have completed (so reserve() would not wait).
+  bool idle() {
+    if (!pending_) return true;
+    const cudaError_t e = cudaEventQuery(done_);
+    if (e == cudaErrorNotReady) return false;
+    check(e, "cudaEventQuery");
+    pending_ = false;
+    return true;
+  }
+
+  size_t capacity() const { return capacity_; }
+
+  // Records that work enqueued on `stream` so far uses the buffer.
   void mark_in_use(cudaStream_t stream) {
     if (done_ == nullptr) check(cudaEventCreateWithFlags(&done_, cudaEventDisableTiming),
                                 "cudaEventCreateWithFlags");
@@ -117,26 +138,64 @@ class Staging {
   bool pending_ = false;
 };
 
+// The blocking handlers' buffer: one per host thread; a call waits for the previous one's copies.
 Staging& thread_staging() {
   thread_local Staging staging;
   return staging;
 }
 
-// The Mem policy of ffi_store_calls.h for device buffers: see the top of this file.
-class DeviceMem {
+// The asynchronous handlers' buffers, per host thread: a call must not wait for the previous
+// calls (their engine work is still queued on the stream), so it takes an idle buffer, else a new
+// one while there are fewer than kMaxBuffers, else the oldest in turn (reserve() then waits).
+class StagingPool {
  public:
-  explicit DeviceMem(cudaStream_t stream) : stream_(stream), staging_(thread_staging()) {}
-  // A call that failed with copies on the stream that neither fetch() nor the event of send()
-  // covers (into or out of the staging buffer): wait for them (ignoring errors) before the
-  // buffer can be reused or freed.
-  ~DeviceMem() {
-    if (unsynced_) cudaStreamSynchronize(stream_);
+  static constexpr size_t kMaxBuffers = 64;  // > the sparse layers of one decode step
+
+  Staging& acquire(size_t bytes) {
+    Staging* idle = nullptr;
+    for (auto& b : buffers_)
+      if (b->idle()) {
+        if (b->capacity() >= bytes) return *b;
+        if (idle == nullptr) idle = b.get();
+      }
+    if (idle != nullptr) return *idle;
+    if (buffers_.size() < kMaxBuffers) {
+      buffers_.push_back(std::make_unique<Staging>());
+      return *buffers_.back();
+    }
+    Staging& oldest = *buffers_[next_];
+    next_ = (next_ + 1) % buffers_.size();
+    return oldest;
   }
 
-  void begin(size_t bytes) {
-    base_ = staging_.reserve(bytes);
-    size_ = bytes;
-    used_ = 0;
+ private:
+  std::vector<std::unique_ptr<Staging>> buffers_;
+  size_t next_ = 0;
+};
+
+StagingPool& thread_pool() {
+  thread_local StagingPool pool;
+  return pool;
+}
+
+// Errors of asynchronous calls, found on the stream after the handler returned: by store handle,
+// the first one kept until take_deferred_error().
+std::mutex g_errors_mu;
+std::unordered_map<int64_t, std::string> g_errors;
+
+void defer_error(int64_t handle, std::string message) {
+  std::lock_guard<std::mutex> lock(g_errors_mu);
+  g_errors.emplace(handle, std::move(message));
+}
+
+// What the Mem policies below share: the call's operands staged into a pinned buffer by
+// device-to-host copies on the stream, its results written there by the engine.
+class StagedMem {
+ public:
+  // A call that failed with copies on the stream that no event covers (into or out of the
+  // staging buffer): wait for them (ignoring errors) before the buffer can be reused or freed.
+  ~StagedMem() {
+    if (unsynced_) cudaStreamSynchronize(stream_);
   }
 
   template <ffi::DataType T>
@@ -154,32 +213,44 @@ class DeviceMem {
   template <ffi::DataType T>
   ArrayView<ffi::NativeType<T>> out(ffi::ResultBuffer<T>& b) {
     char* host = take(b->size_bytes());
-    results_.push_back({b->untyped_data(), host, b->size_bytes()});
+    results_.push_back({b->untyped_data(), host, b->size_bytes(),
+                        std::is_floating_point<ffi::NativeType<T>>::value});
     return {reinterpret_cast<ffi::NativeType<T>*>(host), ffi_calls::to_vec(b->dimensions())};
   }
 
-  void fetch() {
-    check(cudaStreamSynchronize(stream_), "cudaStreamSynchronize");
-    unsynced_ = false;
+ protected:
+  struct Result {
+    void* device;
+    char* host;
+    size_t bytes;
+    bool is_float;  // f32 (else s32): what a failed asynchronous call fills it with
+  };
+
+  explicit StagedMem(cudaStream_t stream) : stream_(stream) {}
+
+  void start(Staging& staging, size_t bytes) {
+    staging_ = &staging;
+    base_ = staging.reserve(bytes);
+    size_ = bytes;
+    used_ = 0;
   }
 
+  // Enqueues the results' copies back to the device and the event that covers them.
   void send() {
     unsynced_ = true;
     for (const Result& r : results_)
       if (r.bytes > 0)
         check(cudaMemcpyAsync(r.device, r.host, r.bytes, cudaMemcpyHostToDevice, stream_),
               "cudaMemcpyAsync (host to device)");
-    staging_.mark_in_use(stream_);
+    staging_->mark_in_use(stream_);
     unsynced_ = false;  // the event covers the copies
   }
 
- private:
-  struct Result {
-    void* device;
-    const char* host;
-    size_t bytes;
-  };
+  cudaStream_t stream_;
+  std::vector<Result> results_;
+  bool unsynced_ = false;
 
+ private:
   char* take(size_t bytes) {
     const size_t n = ffi_calls::staged_bytes(bytes);
     if (used_ + n > size_) throw std::logic_error("staging buffer overrun (a size was not counted)");
@@ -188,13 +259,91 @@ class DeviceMem {
     return p;
   }
 
-  cudaStream_t stream_;
-  Staging& staging_;
+  Staging* staging_ = nullptr;
   char* base_ = nullptr;
   size_t size_ = 0;
   size_t used_ = 0;
-  bool unsynced_ = false;
-  std::vector<Result> results_;
+};
+
+// The Mem policy of ffi_store_calls.h for the blocking handlers: see the top of this file.
+class DeviceMem : public StagedMem {
+ public:
+  explicit DeviceMem(cudaStream_t stream) : StagedMem(stream) {}
+
+  void begin(size_t bytes) { start(thread_staging(), bytes); }
+
+  // Synchronizes once (the operands are then on the host), runs op, and on success copies the
+  // results back.
+  template <typename Op>
+  std::string run(const char* /*name*/, const ArrayView<const int32_t>& h, Op op) {
+    check(cudaStreamSynchronize(stream_), "cudaStreamSynchronize");
+    unsynced_ = false;
+    std::string err = ffi_calls::call_with_handle(h, op);
+    if (err.empty()) send();
+    return err;
+  }
+};
+
+// One asynchronous call's engine work, run by the stream (cudaLaunchHostFunc) once its operands
+// are staged. It owns itself: run_job deletes it.
+struct AsyncJob {
+  std::string name;  // the target, for the deferred error's message
+  ArrayView<const int32_t> handle;
+  std::function<std::string(int64_t)> op;
+  std::vector<char*> float_results, int_results;
+  std::vector<size_t> float_bytes, int_bytes;
+};
+
+// Host functions may not call CUDA, and nothing can return an error to XLA any more: an engine
+// error (or exception) is recorded for take_deferred_error() and the results become NaN (f32) and
+// -1 (s32), as the io_callback path does (docs/gpu_engine.md).
+void CUDART_CB run_job(void* p) {
+  std::unique_ptr<AsyncJob> job(static_cast<AsyncJob*>(p));
+  const int64_t handle = *job->handle.data;
+  std::string err;
+  try {
+    err = job->op(handle);
+  } catch (const std::exception& e) {
+    err = std::string("internal error: ") + e.what();
+  } catch (...) {
+    err = "internal error: unknown C++ exception";
+  }
+  if (err.empty()) return;
+  defer_error(handle, job->name + ": " + err);
+  for (size_t i = 0; i < job->float_results.size(); ++i)
+    std::fill_n(reinterpret_cast<float*>(job->float_results[i]), job->float_bytes[i] / sizeof(float),
+                std::numeric_limits<float>::quiet_NaN());
+  for (size_t i = 0; i < job->int_results.size(); ++i)
+    std::fill_n(reinterpret_cast<int32_t*>(job->int_results[i]), job->int_bytes[i] / sizeof(int32_t),
+                int32_t{-1});
+}
+
+// The Mem policy of ffi_store_calls.h for the asynchronous handlers: the handler enqueues the
+// operands' copies, the engine's work (a host function) and the results' copies on XLA's stream
+// and returns without waiting; the stream runs the engine when it gets there.
+class AsyncMem : public StagedMem {
+ public:
+  explicit AsyncMem(cudaStream_t stream) : StagedMem(stream) {}
+
+  void begin(size_t bytes) { start(thread_pool().acquire(bytes), bytes); }
+
+  template <typename Op>
+  std::string run(const char* name, const ArrayView<const int32_t>& h, Op op) {
+    std::string err = ffi_calls::handle_rank_error(h);  // known now: the rest waits for the data
+    if (!err.empty()) return err;
+    auto job = std::make_unique<AsyncJob>();
+    job->name = name;
+    job->handle = h;
+    job->op = std::move(op);
+    for (const Result& r : results_) {
+      (r.is_float ? job->float_results : job->int_results).push_back(r.host);
+      (r.is_float ? job->float_bytes : job->int_bytes).push_back(r.bytes);
+    }
+    check(cudaLaunchHostFunc(stream_, run_job, job.get()), "cudaLaunchHostFunc");
+    job.release();  // run_job owns it now
+    send();
+    return "";
+  }
 };
 
 const EngineApi& api() {
@@ -211,79 +360,101 @@ std::string append_op(int64_t h, const AppendArgs& a) { return api().ops.append(
 std::string query_op(int64_t h, const QueryArgs& a) { return api().ops.query(h, a); }
 const StoreOps kOps = {prefill_op, append_op, query_op};
 
-ffi::Error LshPrefillImpl(cudaStream_t stream, ffi::Buffer<ffi::S32> handle, int32_t sink,
-                          int32_t local, ffi::Buffer<ffi::S32> slots, ffi::Buffer<ffi::F32> keys,
-                          ffi::Buffer<ffi::F32> values, ffi::Buffer<ffi::S32> codes,
-                          ffi::Buffer<ffi::S32> lengths,
-                          ffi::ResultBuffer<ffi::S32> middle_counts) {
-  DeviceMem mem(stream);
-  return ffi_calls::lsh_prefill(PIGJAX_CUDA_TARGET("lsh_prefill"), kOps, mem, handle, sink, local,
-                                slots, keys, values, codes, lengths, middle_counts);
+// The handlers, blocking (Mem = DeviceMem) or asynchronous (AsyncMem); Name is the target's.
+constexpr char kPrefillName[] = PIGJAX_CUDA_TARGET("lsh_prefill");
+constexpr char kQueryName[] = PIGJAX_CUDA_TARGET("lsh_query");
+constexpr char kAppendName[] = PIGJAX_CUDA_TARGET("lsh_append");
+constexpr char kAsyncPrefillName[] = PIGJAX_CUDA_TARGET("async_lsh_prefill");
+constexpr char kAsyncQueryName[] = PIGJAX_CUDA_TARGET("async_lsh_query");
+constexpr char kAsyncAppendName[] = PIGJAX_CUDA_TARGET("async_lsh_append");
+
+template <class Mem, const char* Name>
+ffi::Error LshPrefill(cudaStream_t stream, ffi::Buffer<ffi::S32> handle, int32_t sink,
+                      int32_t local, ffi::Buffer<ffi::S32> slots, ffi::Buffer<ffi::F32> keys,
+                      ffi::Buffer<ffi::F32> values, ffi::Buffer<ffi::S32> codes,
+                      ffi::Buffer<ffi::S32> lengths, ffi::ResultBuffer<ffi::S32> middle_counts) {
+  Mem mem(stream);
+  return ffi_calls::lsh_prefill(Name, kOps, mem, handle, sink, local, slots, keys, values, codes,
+                                lengths, middle_counts);
 }
 
-ffi::Error LshQueryImpl(cudaStream_t stream, ffi::Buffer<ffi::S32> handle, double sample_cap,
-                        ffi::Buffer<ffi::S32> slots, ffi::Buffer<ffi::F32> q,
-                        ffi::Buffer<ffi::S32> q_codes, ffi::Buffer<ffi::S32> /*dep*/,
-                        ffi::ResultBuffer<ffi::F32> out, ffi::ResultBuffer<ffi::F32> lse,
-                        ffi::ResultBuffer<ffi::S32> sampled) {
-  DeviceMem mem(stream);
-  return ffi_calls::lsh_query(PIGJAX_CUDA_TARGET("lsh_query"), kOps, mem, handle, sample_cap, slots, q,
-                              q_codes, out, lse, sampled);
+template <class Mem, const char* Name>
+ffi::Error LshQuery(cudaStream_t stream, ffi::Buffer<ffi::S32> handle, double sample_cap,
+                    ffi::Buffer<ffi::S32> slots, ffi::Buffer<ffi::F32> q,
+                    ffi::Buffer<ffi::S32> q_codes, ffi::Buffer<ffi::S32> /*dep*/,
+                    ffi::ResultBuffer<ffi::F32> out, ffi::ResultBuffer<ffi::F32> lse,
+                    ffi::ResultBuffer<ffi::S32> sampled) {
+  Mem mem(stream);
+  return ffi_calls::lsh_query(Name, kOps, mem, handle, sample_cap, slots, q, q_codes, out, lse,
+                              sampled);
 }
 
-ffi::Error LshAppendImpl(cudaStream_t stream, ffi::Buffer<ffi::S32> handle,
-                         ffi::Buffer<ffi::S32> slots, ffi::Buffer<ffi::F32> keys,
-                         ffi::Buffer<ffi::F32> values, ffi::Buffer<ffi::S32> codes,
-                         ffi::Buffer<ffi::S32> counts, ffi::Buffer<ffi::S32> /*dep*/,
-                         ffi::ResultBuffer<ffi::S32> totals) {
-  DeviceMem mem(stream);
-  return ffi_calls::lsh_append(PIGJAX_CUDA_TARGET("lsh_append"), kOps, mem, handle, slots, keys,
-                               values, codes, counts, totals);
+template <class Mem, const char* Name>
+ffi::Error LshAppend(cudaStream_t stream, ffi::Buffer<ffi::S32> handle,
+                     ffi::Buffer<ffi::S32> slots, ffi::Buffer<ffi::F32> keys,
+                     ffi::Buffer<ffi::F32> values, ffi::Buffer<ffi::S32> codes,
+                     ffi::Buffer<ffi::S32> counts, ffi::Buffer<ffi::S32> /*dep*/,
+                     ffi::ResultBuffer<ffi::S32> totals) {
+  Mem mem(stream);
+  return ffi_calls::lsh_append(Name, kOps, mem, handle, slots, keys, values, codes, counts, totals);
+}
+
+// Operands, attributes and results as the CPU targets (ffi_handlers.cc), plus the stream.
+auto prefill_binding() {
+  return ffi::Ffi::Bind()
+      .Ctx<PIGJAX_CUDA_STREAM_CTX>()
+      .Arg<ffi::Buffer<ffi::S32>>()  // handle (rank 0)
+      .Attr<int32_t>("sink")
+      .Attr<int32_t>("local")
+      .Arg<ffi::Buffer<ffi::S32>>()  // slots
+      .Arg<ffi::Buffer<ffi::F32>>()  // keys
+      .Arg<ffi::Buffer<ffi::F32>>()  // values
+      .Arg<ffi::Buffer<ffi::S32>>()  // codes
+      .Arg<ffi::Buffer<ffi::S32>>()  // lengths
+      .Ret<ffi::Buffer<ffi::S32>>();  // middle_counts
+}
+
+auto query_binding() {
+  return ffi::Ffi::Bind()
+      .Ctx<PIGJAX_CUDA_STREAM_CTX>()
+      .Arg<ffi::Buffer<ffi::S32>>()  // handle (rank 0)
+      .Attr<double>("sample_cap")
+      .Arg<ffi::Buffer<ffi::S32>>()  // slots
+      .Arg<ffi::Buffer<ffi::F32>>()  // q
+      .Arg<ffi::Buffer<ffi::S32>>()  // q_codes
+      .Arg<ffi::Buffer<ffi::S32>>()  // dep
+      .Ret<ffi::Buffer<ffi::F32>>()  // out
+      .Ret<ffi::Buffer<ffi::F32>>()  // lse
+      .Ret<ffi::Buffer<ffi::S32>>();  // sampled
+}
+
+auto append_binding() {
+  return ffi::Ffi::Bind()
+      .Ctx<PIGJAX_CUDA_STREAM_CTX>()
+      .Arg<ffi::Buffer<ffi::S32>>()  // handle (rank 0)
+      .Arg<ffi::Buffer<ffi::S32>>()  // slots
+      .Arg<ffi::Buffer<ffi::F32>>()  // keys
+      .Arg<ffi::Buffer<ffi::F32>>()  // values
+      .Arg<ffi::Buffer<ffi::S32>>()  // codes
+      .Arg<ffi::Buffer<ffi::S32>>()  // counts
+      .Arg<ffi::Buffer<ffi::S32>>()  // dep
+      .Ret<ffi::Buffer<ffi::S32>>();  // totals
 }
 
 }  // namespace
 
-// Same operands, attributes and results as the CPU targets (ffi_handlers.cc), plus the stream.
-XLA_FFI_DEFINE_HANDLER_SYMBOL(PigjaxCudaLshPrefill, LshPrefillImpl,
-                              ffi::Ffi::Bind()
-                                  .Ctx<PIGJAX_CUDA_STREAM_CTX>()
-                                  .Arg<ffi::Buffer<ffi::S32>>()  // handle (rank 0)
-                                  .Attr<int32_t>("sink")
-                                  .Attr<int32_t>("local")
-                                  .Arg<ffi::Buffer<ffi::S32>>()  // slots
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // keys
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // values
-                                  .Arg<ffi::Buffer<ffi::S32>>()  // codes
-                                  .Arg<ffi::Buffer<ffi::S32>>()  // lengths
-                                  .Ret<ffi::Buffer<ffi::S32>>()  // middle_counts
-);
-
-XLA_FFI_DEFINE_HANDLER_SYMBOL(PigjaxCudaLshQuery, LshQueryImpl,
-                              ffi::Ffi::Bind()
-                                  .Ctx<PIGJAX_CUDA_STREAM_CTX>()
-                                  .Arg<ffi::Buffer<ffi::S32>>()  // handle (rank 0)
-                                  .Attr<double>("sample_cap")
-                                  .Arg<ffi::Buffer<ffi::S32>>()  // slots
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // q
-                                  .Arg<ffi::Buffer<ffi::S32>>()  // q_codes
-                                  .Arg<ffi::Buffer<ffi::S32>>()  // dep
-                                  .Ret<ffi::Buffer<ffi::F32>>()  // out
-                                  .Ret<ffi::Buffer<ffi::F32>>()  // lse
-                                  .Ret<ffi::Buffer<ffi::S32>>()  // sampled
-);
-
-XLA_FFI_DEFINE_HANDLER_SYMBOL(PigjaxCudaLshAppend, LshAppendImpl,
-                              ffi::Ffi::Bind()
-                                  .Ctx<PIGJAX_CUDA_STREAM_CTX>()
-                                  .Arg<ffi::Buffer<ffi::S32>>()  // handle (rank 0)
-                                  .Arg<ffi::Buffer<ffi::S32>>()  // slots
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // keys
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // values
-                                  .Arg<ffi::Buffer<ffi::S32>>()  // codes
-                                  .Arg<ffi::Buffer<ffi::S32>>()  // counts
-                                  .Arg<ffi::Buffer<ffi::S32>>()  // dep
-                                  .Ret<ffi::Buffer<ffi::S32>>()  // totals
-);
+XLA_FFI_DEFINE_HANDLER_SYMBOL(PigjaxCudaLshPrefill, (LshPrefill<DeviceMem, kPrefillName>),
+                              prefill_binding());
+XLA_FFI_DEFINE_HANDLER_SYMBOL(PigjaxCudaLshQuery, (LshQuery<DeviceMem, kQueryName>),
+                              query_binding());
+XLA_FFI_DEFINE_HANDLER_SYMBOL(PigjaxCudaLshAppend, (LshAppend<DeviceMem, kAppendName>),
+                              append_binding());
+XLA_FFI_DEFINE_HANDLER_SYMBOL(PigjaxCudaAsyncLshPrefill, (LshPrefill<DeviceMem, kAsyncPrefillName>),
+                              prefill_binding());
+XLA_FFI_DEFINE_HANDLER_SYMBOL(PigjaxCudaAsyncLshQuery, (LshQuery<AsyncMem, kAsyncQueryName>),
+                              query_binding());
+XLA_FFI_DEFINE_HANDLER_SYMBOL(PigjaxCudaAsyncLshAppend, (LshAppend<AsyncMem, kAsyncAppendName>),
+                              append_binding());
 
 const char* set_engine_api(const EngineApi* a) {
   if (a == nullptr) return "the engine_api capsule holds a null pointer";
@@ -299,12 +470,24 @@ const FfiTarget* cuda_ffi_targets(int* count) {
       {PIGJAX_CUDA_TARGET("lsh_prefill"), PigjaxCudaLshPrefill},
       {PIGJAX_CUDA_TARGET("lsh_query"), PigjaxCudaLshQuery},
       {PIGJAX_CUDA_TARGET("lsh_append"), PigjaxCudaLshAppend},
+      {PIGJAX_CUDA_TARGET("async_lsh_prefill"), PigjaxCudaAsyncLshPrefill},
+      {PIGJAX_CUDA_TARGET("async_lsh_query"), PigjaxCudaAsyncLshQuery},
+      {PIGJAX_CUDA_TARGET("async_lsh_append"), PigjaxCudaAsyncLshAppend},
   };
   *count = static_cast<int>(sizeof(kTargets) / sizeof(kTargets[0]));
   return kTargets;
 }
 
 int64_t staging_bytes() { return g_staging_bytes.load(); }
+
+bool take_deferred_error(int64_t handle, std::string* message) {
+  std::lock_guard<std::mutex> lock(g_errors_mu);
+  auto it = g_errors.find(handle);
+  if (it == g_errors.end()) return false;
+  *message = std::move(it->second);
+  g_errors.erase(it);
+  return true;
+}
 
 }  // namespace cuda
 }  // namespace pigjax

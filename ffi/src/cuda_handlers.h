@@ -8,6 +8,7 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <string>
 
 #include "engine_api.h"
 #include "ffi_handlers.h"
@@ -24,6 +25,10 @@ const FfiTarget* cuda_ffi_targets(int* count);
 
 // Pinned host bytes the staging buffers of all threads hold now.
 int64_t staging_bytes();
+
+// The first engine error of an asynchronous call (the pigjax_cuda_async_lsh_* targets) on store
+// `handle` since the last take: moves it into *message and returns true, else false.
+bool take_deferred_error(int64_t handle, std::string* message);
 
 }  // namespace cuda
 }  // namespace pigjax

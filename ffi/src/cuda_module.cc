@@ -3,10 +3,12 @@
 // pigjax/engine/native.py imports it, calls connect() with pigjax._engine's engine_api capsule
 // (engine_api.h) and registers registrations() for platform "CUDA" (the fake: "cpu").
 #include <nanobind/nanobind.h>
+#include <nanobind/stl/optional.h>
 #include <nanobind/stl/string.h>
 
 #include <cuda_runtime_api.h>
 
+#include <optional>
 #include <string>
 
 #include "cuda_handlers.h"
@@ -35,8 +37,17 @@ void define(nb::module_& m) {
   }, nb::arg("engine_api"),
      "Connect the handlers to pigjax._engine's store registry (engine_api.h); once per process.");
 
+  m.def("take_deferred_error", [](int64_t handle) -> std::optional<std::string> {
+    std::string message;
+    if (!pigjax::cuda::take_deferred_error(handle, &message)) return std::nullopt;
+    return message;
+  }, nb::arg("handle"),
+     "The first engine error of an asynchronous call (pigjax_cuda_async_lsh_*) on the store "
+     "`handle` since the last take, or None; the call's results were NaN / -1.");
+
   m.def("staging_bytes", [] { return pigjax::cuda::staging_bytes(); },
-        "Pinned host bytes the handlers' staging buffers (one per calling thread) hold now.");
+        "Pinned host bytes the handlers' staging buffers hold now (per calling thread: one for the "
+        "blocking targets, a pool for the asynchronous ones).");
 }
 
 }  // namespace
@@ -53,7 +64,7 @@ NB_MODULE(_engine_cuda_fake, m) {
     d["d2h_bytes"] = c.d2h_bytes; d["h2d_bytes"] = c.h2d_bytes;
     d["stream_syncs"] = c.stream_syncs; d["event_syncs"] = c.event_syncs;
     d["event_records"] = c.event_records; d["host_allocs"] = c.host_allocs;
-    d["host_frees"] = c.host_frees;
+    d["host_frees"] = c.host_frees; d["host_funcs"] = c.host_funcs;
     return d;
   }, "Dict of the fake runtime's call counters since reset_counters().");
   m.def("reset_counters", [] { fake_cuda::reset_counters(); });

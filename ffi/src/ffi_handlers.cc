@@ -34,8 +34,10 @@ struct HostMem {
   ArrayView<ffi::NativeType<T>> out(ffi::ResultBuffer<T>& b) {
     return {b->typed_data(), to_vec(b->dimensions())};
   }
-  void fetch() {}
-  void send() {}
+  template <typename Op>
+  std::string run(const char* /*name*/, const ArrayView<const int32_t>& h, Op op) {
+    return ffi_calls::call_with_handle(h, op);
+  }
 };
 
 const StoreOps kStoreOps = {store_prefill, store_append, store_query};
@@ -108,9 +110,7 @@ ffi::Error LshQueryRankedImpl(ffi::Buffer<ffi::S32> handle_arg, int32_t rank_tab
                               ffi::ResultBuffer<ffi::S32> values_read) {
   HostMem mem;  // CPU only: the CUDA handlers (cuda_handlers.cc) have no ranked query yet
   return run("pigjax_lsh_query_ranked", [&] {
-    int64_t handle;
-    std::string err;
-    if (!ffi_calls::read_handle(mem.in(handle_arg), &handle, &err)) return err;
+    const ArrayView<const int32_t> h = mem.in(handle_arg);
     RankedQueryArgs a;
     a.base.slots = mem.in(slots);
     a.base.q = mem.in(q);
@@ -123,7 +123,7 @@ ffi::Error LshQueryRankedImpl(ffi::Buffer<ffi::S32> handle_arg, int32_t rank_tab
     a.top = top;
     a.refine = refine;
     a.base.sample_cap = sample_cap;
-    return store_query_ranked(handle, a);
+    return mem.run("pigjax_lsh_query_ranked", h, [&a](int64_t handle) { return store_query_ranked(handle, a); });
   });
 }
 

@@ -9,10 +9,13 @@
 //
 // A Mem policy supplies:
 //   void begin(size_t bytes)   room for this call's staged arrays (sum of staged_bytes())
-//   ArrayView<const T> in(const ffi::Buffer<T>&)    host view of an operand, readable after fetch()
-//   ArrayView<T> out(ffi::ResultBuffer<T>&)         host view of a result, delivered by send()
-//   void fetch()               the operands are on the host
-//   void send()                the results are on their way to the result buffers
+//   ArrayView<const T> in(const ffi::Buffer<T>&)    host view of an operand, readable by op
+//   ArrayView<T> out(ffi::ResultBuffer<T>&)         host view of a result, delivered after op
+//   std::string run(name, handle_view, op)          runs op(handle) (-> "" or a message) once the
+//                                                   operands are on the host, then delivers the
+//                                                   results; returns op's message, or "" where
+//                                                   op runs later (the asynchronous CUDA handlers:
+//                                                   their errors are deferred, cuda_handlers.cc)
 // and StoreOps (engine_api.h) the engine's calls: store_prefill / store_append / store_query
 // themselves in pigjax._engine, the table pigjax._engine exports in the CUDA module.
 // A failure of the memory layer (e.g. a CUDA call) is thrown as an exception and becomes INTERNAL.
@@ -63,13 +66,17 @@ ffi::Error run(const char* name, Call&& call) {
 
 // The store handle travels as a rank-0 s32 operand (not an attribute) so that one compiled
 // program serves every store: generate creates a store per call.
-inline bool read_handle(const ArrayView<const int32_t>& h, int64_t* handle, std::string* err) {
-  if (h.dims.size() != 0) {
-    *err = "handle must be a rank-0 int32 array, got rank " + std::to_string(h.dims.size());
-    return false;
-  }
-  *handle = *h.data;
-  return true;
+inline std::string handle_rank_error(const ArrayView<const int32_t>& h) {
+  if (h.dims.size() == 0) return "";
+  return "handle must be a rank-0 int32 array, got rank " + std::to_string(h.dims.size());
+}
+
+// op(handle) once h (staged or in place) holds the handle: what a Mem policy's run() calls.
+template <typename Op>
+std::string call_with_handle(const ArrayView<const int32_t>& h, Op& op) {
+  std::string err = handle_rank_error(h);
+  if (!err.empty()) return err;
+  return op(static_cast<int64_t>(*h.data));
 }
 
 // LSH store prefill: see store.h. Slots s32[B], keys/values f32[B,Hkv,n,d],
@@ -94,13 +101,7 @@ ffi::Error lsh_prefill(const char* name, const StoreOps& ops, Mem& mem,
     a.middle_counts = mem.out(middle_counts);
     a.sink = sink;
     a.local = local;
-    mem.fetch();
-    int64_t handle;
-    std::string err;
-    if (!read_handle(h, &handle, &err)) return err;
-    err = ops.prefill(handle, a);
-    if (err.empty()) mem.send();
-    return err;
+    return mem.run(name, h, [&ops, a](int64_t handle) { return ops.prefill(handle, a); });
   });
 }
 
@@ -126,13 +127,7 @@ ffi::Error lsh_query(const char* name, const StoreOps& ops, Mem& mem,
     a.lse = mem.out(lse);
     a.sampled = mem.out(sampled);
     a.sample_cap = sample_cap;
-    mem.fetch();
-    int64_t handle;
-    std::string err;
-    if (!read_handle(h, &handle, &err)) return err;
-    err = ops.query(handle, a);
-    if (err.empty()) mem.send();
-    return err;
+    return mem.run(name, h, [&ops, a](int64_t handle) { return ops.query(handle, a); });
   });
 }
 
@@ -156,13 +151,7 @@ ffi::Error lsh_append(const char* name, const StoreOps& ops, Mem& mem,
     a.codes = mem.in(codes);
     a.counts = mem.in(counts);
     a.totals = mem.out(totals);
-    mem.fetch();
-    int64_t handle;
-    std::string err;
-    if (!read_handle(h, &handle, &err)) return err;
-    err = ops.append(handle, a);
-    if (err.empty()) mem.send();
-    return err;
+    return mem.run(name, h, [&ops, a](int64_t handle) { return ops.append(handle, a); });
   });
 }
 

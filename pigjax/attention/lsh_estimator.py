@@ -64,7 +64,7 @@ def lsh_attention(q, k, v, proj, *, K: int, L: int, sink: int = 4, local: int = 
 
     Returns (out [B, Hq, d] float32, sampled [B, Hq] int32 = |S| per head). `lengths` [B] marks
     right-padded rows. A temporary engine store holds the tables and is freed before returning;
-    `storage` and `path` are the Store's (K/V precision; "ffi", "cuda-ffi" or "callback").
+    `storage` and `path` are the Store's (K/V precision; "ffi", "cuda-ffi", "cuda-async" or "callback").
     """
     q, k, v, proj = (jnp.asarray(a, jnp.float32) for a in (q, k, v, proj))
     lengths = np.full(q.shape[0], k.shape[2] if k.ndim == 4 else 0, np.int32) if lengths is None \

@@ -75,7 +75,7 @@ class MagicPIG(SparseBackend):
     eps: float = 1e-4
     seed: int = dataclasses.field(default=0, compare=False)  # data (the projection): no recompile per seed
     storage: str = "bf16"  # the engine's K/V precision ("bf16" or "f32")
-    path: str | None = None  # "ffi", "cuda-ffi" or "callback" (default: engine.default_path())
+    path: str | None = None  # "ffi", "cuda-ffi", "cuda-async" or "callback" (default: engine.default_path())
     sample_cap: float = 1.0  # most keys a head's sample reads, as a fraction of n (1: no cap)
     name = "magicpig"
 
@@ -93,7 +93,8 @@ class MagicPIG(SparseBackend):
         if self.storage not in ("bf16", "f32"):
             raise ConfigError(f"{self.name}: storage must be 'bf16' or 'f32', got {self.storage!r}")
         if self.path is not None and self.path not in engine.PATHS:
-            raise ConfigError(f"{self.name}: path must be None, 'ffi', 'cuda-ffi' or 'callback', got {self.path!r}")
+            raise ConfigError(f"{self.name}: path must be None or one of {', '.join(map(repr, engine.PATHS))}, "
+                              f"got {self.path!r}")
         if (isinstance(self.sample_cap, bool) or not isinstance(self.sample_cap, (int, float))
                 or not 0 < self.sample_cap <= 1):
             raise ConfigError(f"{self.name}: sample_cap must be a fraction in (0, 1], got {self.sample_cap!r}")

@@ -58,6 +58,7 @@ __all__ = [
     "cuda_handlers",
     "cuda_unavailable_reason",
     "load_fake_cuda_handlers",
+    "take_deferred_error",
 ]
 
 MAX_K = 16
@@ -119,6 +120,17 @@ def cuda_unavailable_reason() -> str:
 
 
 _fake = {}
+
+
+def take_deferred_error(handle: int) -> str | None:
+    """The first engine error of an asynchronous CUDA call (path "cuda-async") on store `handle`
+    since the last take, from whichever CUDA handler modules this process loaded; None if none."""
+    for module in (_cuda["module"], _fake.get("module")):
+        if module is not None:
+            message = module.take_deferred_error(int(handle))
+            if message is not None:
+                return message
+    return None
 
 
 def load_fake_cuda_handlers():

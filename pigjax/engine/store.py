@@ -3,7 +3,7 @@
 A `Store` owns, per (sequence slot, KV head), the centered middle keys, values, key norms and L
 SimHash tables of a prefilled sequence, plus an optional append buffer of later tokens. Its jittable
 operations are ordered by data: `prefill` returns the middle counts, which `append` and `query` take
-as an input (`append` returns the totals, which the next call takes). Three paths reach the same C++ code:
+as an input (`append` returns the totals, which the next call takes). Four paths reach the same C++ code:
 
 - "ffi" (JAX's CPU backend): XLA FFI custom calls with `has_side_effect=True`, so XLA never hoists
   or drops them; about 0.2 µs of overhead per call.
@@ -11,6 +11,11 @@ as an input (`append` returns the totals, which the next call takes). Three path
   CUDA platform (ffi/src/cuda_handlers.cc): the handler copies its operands from the GPU to pinned host
   buffers on XLA's stream, runs the engine and copies the results back; one host round trip per
   call, no Python. Errors are raised by JAX as on the "ffi" path. SimHash codes stay on the GPU (jnp).
+- "cuda-async" (the same condition): the query and append handlers do not wait: they enqueue the
+  copies, the engine's work (a host function the stream runs when it gets there) and the copies
+  back, and return, so XLA keeps launching the step's GPU work meanwhile (docs/gpu_engine.md).
+  Engine errors are then found after the handler returned: they are treated as on the "callback"
+  path (NaN / -1 results, raised by the Store). Its prefill blocks, as "cuda-ffi"'s.
 - "callback" (any backend, e.g. a GPU): `io_callback` into the engine's NumPy entry points; JAX
   copies the inputs to the host and the results back (tens of µs plus the copies). An engine
   error there does not raise inside the callback (see `_CallbackErrors`): the call returns NaN
@@ -98,8 +103,8 @@ class Store(Closing):
         self.check()
 
     def check(self):
-        """Raise PigjaxError for an engine error of a callback-path call (none on the ffi path,
-        whose errors JAX raises itself)."""
+        """Raise PigjaxError for an engine error of a callback-path or cuda-async-path call (none
+        on the ffi and cuda-ffi paths, whose errors JAX raises itself)."""
         raise_callback_error(self.handle)
 
     @property
@@ -137,7 +142,7 @@ class Store(Closing):
         Jitted code that uses `handle_array` must block on its results before the store closes."""
         if not isinstance(jax.tree.leaves(result)[0], jax.core.Tracer):
             self._pending = result
-            if self.path == "callback":
+            if self.path in _DEFERRED_ERRORS:
                 jax.block_until_ready(result)
                 self.check()
         return result
@@ -246,8 +251,11 @@ _callback_errors = _CallbackErrors()
 
 
 def raise_callback_error(handle: int):
-    """Raise PigjaxError if a callback-path call on `handle` failed since the last check."""
+    """Raise PigjaxError if a callback-path or cuda-async-path call on `handle` failed since the
+    last check (the engine's message; the cuda-async handlers record theirs in C++)."""
     message = _callback_errors.take(int(handle))
+    if message is None:
+        message = native.take_deferred_error(int(handle))
     if message is not None:
         raise PigjaxError(message)
 
@@ -263,9 +271,11 @@ def _host(fn, shapes):
     return call
 
 
-PATHS = ("ffi", "cuda-ffi", "callback")
+PATHS = ("ffi", "cuda-ffi", "cuda-async", "callback")
 # FFI target prefix per path (the targets are <prefix>_prefill, _append, _query).
-_FFI_TARGETS = {"ffi": "pigjax_lsh", "cuda-ffi": "pigjax_cuda_lsh"}
+_FFI_TARGETS = {"ffi": "pigjax_lsh", "cuda-ffi": "pigjax_cuda_lsh", "cuda-async": "pigjax_cuda_async_lsh"}
+# Paths whose engine errors surface after the call (the Store raises them): see _CallbackErrors.
+_DEFERRED_ERRORS = ("cuda-async", "callback")
 
 
 def default_path() -> str:
@@ -281,9 +291,9 @@ def check_path(where: str, path) -> str:
     if path is None:
         return default_path()
     if not isinstance(path, str) or path not in PATHS:
-        raise PigjaxError(f"{where}: path must be 'ffi', 'cuda-ffi', 'callback' or None, got {path!r}")
-    if path == "cuda-ffi" and not native.cuda_handlers():
-        raise PigjaxError(f"{where}: path 'cuda-ffi' is not available: {native.cuda_unavailable_reason()}")
+        raise PigjaxError(f"{where}: path must be {', '.join(map(repr, PATHS))} or None, got {path!r}")
+    if path.startswith("cuda-") and not native.cuda_handlers():
+        raise PigjaxError(f"{where}: path {path!r} is not available: {native.cuda_unavailable_reason()}")
     return path
 
 
@@ -387,7 +397,7 @@ def _query_ranked(handle, slots, q, q_codes, dep, *, rank_tables, top, refine, s
         host = _host(lambda h, *a: _engine.store_query_ranked_np(h, *a[:-1], rank_tables, top, refine, sample_cap),
                      shapes)
         return io_callback(host, shapes, handle, slots, q, q_codes, dep, ordered=True)
-    if path == "cuda-ffi":
+    if path.startswith("cuda-"):
         raise PigjaxError("Store.query_ranked: the ranked query has no CUDA handler yet; use path='callback'")
     call = jax.ffi.ffi_call("pigjax_lsh_query_ranked", shapes, has_side_effect=True)
     return call(handle, slots, q, q_codes, dep, rank_tables=np.int32(rank_tables), top=np.float64(top),

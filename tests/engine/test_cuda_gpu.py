@@ -42,35 +42,38 @@ def test_default_path_on_a_gpu_is_the_cuda_handler():
     assert engine_store.default_path() == CUDA
 
 
+@pytest.mark.parametrize("path", [CUDA, "cuda-async"])
 @pytest.mark.parametrize("storage", ["f32", "bf16"])
-def test_cuda_handler_equals_callback_bit_for_bit(storage):
+def test_cuda_handler_equals_callback_bit_for_bit(storage, path):
     x = _data(0)
     want = _run("callback", x, storage)
-    got = _run(CUDA, x, storage)
+    got = _run(path, x, storage)
     for w, g in zip(jax.tree.leaves(want), jax.tree.leaves(got)):
         np.testing.assert_array_equal(g, w)
     assert want[1][2].sum() > 0
 
 
-def test_lsh_attention_cuda_equals_callback():
+@pytest.mark.parametrize("path", [CUDA, "cuda-async"])
+def test_lsh_attention_cuda_equals_callback(path):
     rng = np.random.default_rng(3)
     q = rng.normal(size=(2, 6, 32)).astype(np.float32)
     k = (rng.normal(size=(2, 2, 500, 32)) + 2.0).astype(np.float32)
     v = rng.normal(size=(2, 2, 500, 32)).astype(np.float32)
     proj = rng.normal(size=(32, 240)).astype(np.float32)
     a = lsh_attention(q, k, v, proj, K=6, L=40, path="callback")
-    b = lsh_attention(q, k, v, proj, K=6, L=40, path=CUDA)
+    b = lsh_attention(q, k, v, proj, K=6, L=40, path=path)
     np.testing.assert_array_equal(np.asarray(b[0]), np.asarray(a[0]))
     np.testing.assert_array_equal(np.asarray(b[1]), np.asarray(a[1]))
 
 
-def test_calls_run_every_scan_step_in_order():
+@pytest.mark.parametrize("path", [CUDA, "cuda-async"])
+def test_calls_run_every_scan_step_in_order(path):
     d, n = 8, 100
     codes = jnp.zeros((1, 1, n, 4), jnp.int32)
     q_codes = jnp.zeros((1, 1, 4), jnp.int32)
     slots = jnp.zeros((1,), jnp.int32)
     keys = jnp.zeros((1, 1, n, d), jnp.float32)
-    with Store(1, 1, d, n, 2, 4, storage="f32", path=CUDA) as store:
+    with Store(1, 1, d, n, 2, 4, storage="f32", path=path) as store:
         @jax.jit
         def run(q):
             def step(carry, t):
@@ -105,3 +108,21 @@ def test_bad_input_raises_and_later_calls_work():
     with Store(1, 2, 32, 200, 6, 40, storage="f32", path=CUDA) as s2:  # the process lives on
         m = s2.prefill(slots[:1], x["keys"][:1], x["values"][:1], x["codes"][:1], full[:1] // 2, sink=0, local=1)
         assert np.isfinite(np.asarray(s2.query(slots[:1], x["q"][:1], x["q_codes"][:1], m)[0])).all()
+
+
+def test_async_errors_are_deferred_and_later_calls_work():
+    """cuda-async on the GPU: an engine error found when the stream runs the host function gives
+    NaN / -1 results and is raised by the Store; the stream and the process carry on."""
+    x = _data(2)
+    slots = jnp.arange(2, dtype=jnp.int32)
+    with Store(3, 2, 32, 316, 6, 40, storage="f32", path="cuda-async") as s:
+        middle = s.prefill(slots, x["keys"], x["values"], x["codes"], x["lengths"], sink=0, local=1)
+        with pytest.raises(Exception, match=r"pigjax_cuda_async_lsh_query: q_codes\[0, 0, \d+\] = -1 is outside"):
+            s.query(slots, x["q"], x["q_codes"] - 1, middle)
+        bad = jax.jit(lambda h, q: engine_store.query(h, slots, q, x["q_codes"] - 1, middle, path="cuda-async"))
+        out, lse, sampled = jax.tree.map(np.asarray, bad(s.handle_array, x["q"]))
+        assert np.isnan(out).all() and (sampled == -1).all()
+        with pytest.raises(Exception, match="pigjax_cuda_async_lsh_query"):
+            s.check()
+        out = s.query(slots, x["q"], x["q_codes"], middle)
+        assert np.isfinite(np.asarray(out[0])).all()

@@ -41,8 +41,9 @@ def fake():
 
 @pytest.fixture(autouse=True)
 def fake_cuda_path(monkeypatch, fake):
-    """Route the "cuda-ffi" path to the fake-runtime targets (registered for the CPU)."""
+    """Route the "cuda-ffi" and "cuda-async" paths to the fake-runtime targets (registered for the CPU)."""
     monkeypatch.setitem(engine_store._FFI_TARGETS, "cuda-ffi", "pigjax_test_cuda_lsh")
+    monkeypatch.setitem(engine_store._FFI_TARGETS, "cuda-async", "pigjax_test_cuda_async_lsh")
     monkeypatch.setattr(native, "cuda_handlers", lambda: True)
     fake.fail_after(-1)
     yield
@@ -69,18 +70,20 @@ def _run(path, x, storage, b=2, hkv=2, d=32, n=300, K=6, L=40):
         return jax.tree.map(np.asarray, (middle, first, totals, second))
 
 
+@pytest.mark.parametrize("path", ["cuda-ffi", "cuda-async"])
 @pytest.mark.parametrize("storage", ["f32", "bf16"])
-def test_cuda_handlers_equal_cpu_ffi_bit_for_bit(storage):
+def test_cuda_handlers_equal_cpu_ffi_bit_for_bit(storage, path):
     x = _data(0)
     want = _run("ffi", x, storage)
-    got = _run("cuda-ffi", x, storage)
+    got = _run(path, x, storage)
     for w, g in zip(jax.tree.leaves(want), jax.tree.leaves(got)):
         assert w.dtype == g.dtype and w.shape == g.shape
         np.testing.assert_array_equal(g, w)
     assert want[1][2].sum() > 0  # something was sampled
 
 
-def test_lsh_attention_cuda_path_equals_callback_path():
+@pytest.mark.parametrize("path", ["cuda-ffi", "cuda-async"])
+def test_lsh_attention_cuda_path_equals_callback_path(path):
     """End to end (SimHash codes in jnp on both paths, as on a GPU)."""
     rng = np.random.default_rng(3)
     q = rng.normal(size=(2, 6, 32)).astype(np.float32)
@@ -88,7 +91,7 @@ def test_lsh_attention_cuda_path_equals_callback_path():
     v = rng.normal(size=(2, 2, 500, 32)).astype(np.float32)
     proj = rng.normal(size=(32, 240)).astype(np.float32)
     a = lsh_attention(q, k, v, proj, K=6, L=40, path="callback")
-    b = lsh_attention(q, k, v, proj, K=6, L=40, path="cuda-ffi")
+    b = lsh_attention(q, k, v, proj, K=6, L=40, path=path)
     np.testing.assert_array_equal(np.asarray(b[1]), np.asarray(a[1]))
     np.testing.assert_array_equal(np.asarray(b[0]), np.asarray(a[0]))
 
@@ -203,3 +206,96 @@ def test_unavailable_cuda_path_is_a_clear_error(monkeypatch):
         Store(1, 1, 8, 10, 4, 4, path="cuda-ffi")
     with pytest.raises(PigjaxError, match="path must be"):
         Store(1, 1, 8, 10, 4, 4, path="cuda")
+
+
+def _jitted_queries(s, slots, x, middle, path, steps=5):
+    @jax.jit
+    def run(q):
+        def body(carry, _):
+            out, lse, sampled = engine_store.query(s.handle_array, slots, q + carry, x["q_codes"], middle, path=path)
+            return carry + 1.0, (out, sampled)
+        return jax.lax.scan(body, 0.0, None, length=steps)[1]
+    return run
+
+
+def test_async_query_never_synchronizes(fake):
+    """cuda-async: a query enqueues its copies, one host function (the engine) and the copies back,
+    and returns: no stream synchronization on the calling thread, the same bytes as cuda-ffi, and
+    its staging buffers are reused once their copies completed."""
+    b, hq, d, L = 2, 6, 32, 40
+    x = _data(1)
+    with Store(b, 2, d, 400, 6, L, storage="f32", path="cuda-async") as s:
+        slots = jnp.arange(b, dtype=jnp.int32)
+        middle = jax.block_until_ready(
+            s.prefill(slots, x["keys"], x["values"], x["codes"], x["lengths"], sink=0, local=1))
+        run = _jitted_queries(s, slots, x, middle, "cuda-async")
+        jax.block_until_ready(run(x["q"]))  # compile and warm up
+        fake.reset_counters()
+        got = jax.tree.map(np.asarray, run(x["q"]))
+        c = fake.counters()
+        s.check()
+    assert c["stream_syncs"] == 0 and c["event_syncs"] == 0
+    assert c["host_funcs"] == 5 and c["event_records"] == 5
+    assert c["d2h_copies"] == 5 * 4 and c["h2d_copies"] == 5 * 3
+    assert c["d2h_bytes"] == 5 * (4 + 4 * b + 4 * b * hq * d + 4 * b * hq * L)
+    assert c["host_allocs"] <= 1
+    with Store(b, 2, d, 400, 6, L, storage="f32", path="ffi") as s:
+        middle = s.prefill(slots, x["keys"], x["values"], x["codes"], x["lengths"], sink=0, local=1)
+        want = jax.tree.map(np.asarray, _jitted_queries(s, slots, x, middle, "ffi")(x["q"]))
+    for w, g in zip(want, got):
+        np.testing.assert_array_equal(g, w)
+
+
+def test_async_errors_are_deferred_to_the_store():
+    """cuda-async: an engine error found on the stream gives NaN / -1 results and is raised by the
+    Store (eager calls at once, jitted callers at check() / close() or raise_callback_error), with
+    the engine's message naming the async target; later calls work. A handle of the wrong rank is
+    known before the data arrive: JAX raises it at once."""
+    x = _data(2)
+    b = 2
+    slots = jnp.arange(b, dtype=jnp.int32)
+    s = Store(3, 2, 32, 400, 6, 40, storage="f32", path="cuda-async")
+    middle = s.prefill(slots, x["keys"], x["values"], x["codes"], x["lengths"], sink=0, local=1)
+    with pytest.raises(PigjaxError, match=r"pigjax_test_cuda_async_lsh_query: q_codes\[0, 0, \d+\] = -1 is outside"):
+        s.query(slots, x["q"], x["q_codes"] - 1, middle)
+    with pytest.raises(PigjaxError, match=r"pigjax_test_cuda_async_lsh_append: counts\[1\] = 9 is outside \[0, T=8\]"):
+        s.append(slots, x["ak"], x["av"], x["ac"], jnp.asarray([8, 9], jnp.int32), middle)
+
+    bad = jax.jit(lambda h, q: engine_store.query(h, slots, q, x["q_codes"] - 1, middle, path="cuda-async"))
+    out, lse, sampled = jax.tree.map(np.asarray, bad(s.handle_array, x["q"]))
+    assert np.isnan(out).all() and np.isnan(lse).all() and (sampled == -1).all()
+    with pytest.raises(PigjaxError, match="pigjax_test_cuda_async_lsh_query: q_codes"):
+        engine_store.raise_callback_error(s.handle)
+    engine_store.raise_callback_error(s.handle)  # taken: nothing left
+
+    out = s.query(slots, x["q"], x["q_codes"], middle)
+    assert np.isfinite(np.asarray(out[0])).all()
+    with pytest.raises(Exception, match="handle must be a rank-0 int32 array, got rank 1"):
+        jax.block_until_ready(engine_store._query(jnp.zeros((1,), jnp.int32), slots, x["q"], x["q_codes"], middle,
+                                                  sample_cap=1.0, path="cuda-async"))
+    handle = s.handle
+    s.close()
+    with pytest.raises(PigjaxError, match=r"pigjax_test_cuda_async_lsh_query: .*handle"):
+        s.query(slots, x["q"], x["q_codes"], middle)
+    engine_store.raise_callback_error(handle)
+
+
+# Runtime calls of an async query: 0 cudaEventQuery (its pool's buffer), 1-4 cudaMemcpyAsync D2H,
+# 5 cudaLaunchHostFunc, 6-8 H2D, 9 cudaEventRecord.
+@pytest.mark.parametrize("n, what", [(0, "cudaEventQuery"), (2, r"cudaMemcpyAsync \(device to host\)"),
+                                     (5, "cudaLaunchHostFunc"), (7, r"cudaMemcpyAsync \(host to device\)"),
+                                     (9, "cudaEventRecord")])
+def test_async_cuda_runtime_failure_is_internal_error_and_recovers(n, what, fake):
+    x = _data(4)
+    slots = jnp.arange(2, dtype=jnp.int32)
+    with Store(2, 2, 32, 400, 6, 40, storage="f32", path="cuda-async") as s:
+        middle = s.prefill(slots, x["keys"], x["values"], x["codes"], x["lengths"], sink=0, local=1)
+        want = jax.tree.map(np.asarray, s.query(slots, x["q"], x["q_codes"], middle))
+        fake.fail_after(n, 719)
+        with pytest.raises(jax.errors.JaxRuntimeError,
+                           match=f"INTERNAL: .*pigjax_test_cuda_async_lsh_query: {what} failed: unspecified launch"):
+            jax.block_until_ready(engine_store.query(s.handle_array, slots, x["q"], x["q_codes"], middle,
+                                                     path="cuda-async"))
+        got = jax.tree.map(np.asarray, s.query(slots, x["q"], x["q_codes"], middle))
+    for w, g in zip(want, got):
+        np.testing.assert_array_equal(g, w)

@@ -225,8 +225,8 @@ def test_memory_limit(monkeypatch):
     (dict(eps=True), r"eps must be a number > 0, got bool"),
     (dict(storage=3), r"storage must be 'f32' or 'bf16', got 3"),
     (dict(storage="f16"), r"storage must be 'f32' or 'bf16', got 'f16'"),
-    (dict(path=3), r"path must be 'ffi', 'cuda-ffi', 'callback' or None, got 3"),
-    (dict(path="gpu"), r"path must be 'ffi', 'cuda-ffi', 'callback' or None, got 'gpu'"),
+    (dict(path=3), r"path must be 'ffi', 'cuda-ffi', 'cuda-async', 'callback' or None, got 3"),
+    (dict(path="gpu"), r"path must be 'ffi', 'cuda-ffi', 'cuda-async', 'callback' or None, got 'gpu'"),
     (dict(appends="no"), r"appends must be True or False, got str 'no'"),
     (dict(appends=1), r"appends must be True or False, got int 1"),
 ])

@@ -2,10 +2,11 @@
 // pigjax._engine_cuda_fake: "device" memory is host memory, so the CUDA handlers' host logic
 // (staging sizes, copies, synchronization, error paths) runs under JAX's CPU backend.
 // Not a simulator, but strict where the handler's correctness depends on it:
-//   - cudaMemcpyAsync only queues a copy; queued copies run at cudaStreamSynchronize and at
-//     cudaEventRecord (this fake has one stream and no concurrency, so "the stream reached the
-//     event" means "everything queued ran"). A handler that read staged operands before
-//     synchronizing would read the poison below, not the operands.
+//   - cudaMemcpyAsync and cudaLaunchHostFunc only queue a copy / a host function; queued work
+//     runs in order at cudaStreamSynchronize and at cudaEventRecord (this fake has one stream and
+//     no concurrency, so "the stream reached the event" means "everything queued ran"). A handler
+//     that read staged operands before synchronizing would read the poison below, not the
+//     operands.
 //   - cudaMallocHost fills new memory with 0xFF bytes (NaN floats, -1 ints).
 //   - fake_cuda::fail_after(n, error): the call n+1 calls from now returns `error`.
 // Counters (fake_cuda::counters()) let tests check one synchronization per handler call.
@@ -20,7 +21,10 @@
 typedef int cudaError_t;
 constexpr cudaError_t cudaSuccess = 0;
 constexpr cudaError_t cudaErrorMemoryAllocation = 2;
+constexpr cudaError_t cudaErrorNotReady = 600;
 constexpr cudaError_t cudaErrorLaunchFailure = 719;
+#define CUDART_CB
+typedef void (*cudaHostFn_t)(void* userData);
 typedef struct FakeCudaStream* cudaStream_t;
 typedef struct FakeCudaEvent* cudaEvent_t;
 enum cudaMemcpyKind {
@@ -36,12 +40,13 @@ namespace fake_cuda {
 struct Counters {
   long long d2h_copies = 0, h2d_copies = 0, d2h_bytes = 0, h2d_bytes = 0;
   long long stream_syncs = 0, event_syncs = 0, event_records = 0, host_allocs = 0, host_frees = 0;
+  long long host_funcs = 0;
 };
 
 struct State {
   std::mutex mu;
-  struct Copy { void* dst; const void* src; size_t bytes; };
-  std::vector<Copy> queue;
+  struct Work { void* dst; const void* src; size_t bytes; cudaHostFn_t fn; void* arg; };  // fn: a host function
+  std::vector<Work> queue;
   Counters counters;
   long long fail_countdown = -1;  // >= 0: calls left before the injected failure
   cudaError_t fail_error = cudaSuccess;
@@ -76,8 +81,12 @@ inline bool injected(State& s) {
   return false;
 }
 
+// Runs the queued work in order (host functions with the lock held: they may not call CUDA).
 inline void drain(State& s) {
-  for (const State::Copy& c : s.queue) std::memcpy(c.dst, c.src, c.bytes);
+  for (const State::Work& w : s.queue) {
+    if (w.fn != nullptr) w.fn(w.arg);
+    else std::memcpy(w.dst, w.src, w.bytes);
+  }
   s.queue.clear();
 }
 
@@ -87,6 +96,7 @@ inline const char* cudaGetErrorString(cudaError_t e) {
   switch (e) {
     case cudaSuccess: return "no error";
     case cudaErrorMemoryAllocation: return "out of memory (fake)";
+    case cudaErrorNotReady: return "device not ready (fake)";
     case cudaErrorLaunchFailure: return "unspecified launch failure (fake)";
     default: return "unknown error (fake)";
   }
@@ -97,9 +107,18 @@ inline cudaError_t cudaMemcpyAsync(void* dst, const void* src, size_t bytes, cud
   fake_cuda::State& s = fake_cuda::state();
   std::lock_guard<std::mutex> l(s.mu);
   if (fake_cuda::injected(s)) return s.fail_error;
-  s.queue.push_back({dst, src, bytes});
+  s.queue.push_back({dst, src, bytes, nullptr, nullptr});
   if (kind == cudaMemcpyDeviceToHost) { ++s.counters.d2h_copies; s.counters.d2h_bytes += bytes; }
   if (kind == cudaMemcpyHostToDevice) { ++s.counters.h2d_copies; s.counters.h2d_bytes += bytes; }
+  return cudaSuccess;
+}
+
+inline cudaError_t cudaLaunchHostFunc(cudaStream_t, cudaHostFn_t fn, void* arg) {
+  fake_cuda::State& s = fake_cuda::state();
+  std::lock_guard<std::mutex> l(s.mu);
+  if (fake_cuda::injected(s)) return s.fail_error;
+  s.queue.push_back({nullptr, nullptr, 0, fn, arg});
+  ++s.counters.host_funcs;
   return cudaSuccess;
 }
 
@@ -152,6 +171,14 @@ inline cudaError_t cudaEventSynchronize(cudaEvent_t) {
   if (fake_cuda::injected(s)) return s.fail_error;
   fake_cuda::drain(s);
   ++s.counters.event_syncs;
+  return cudaSuccess;
+}
+
+// Every event was reached when it was recorded (see the top): never cudaErrorNotReady.
+inline cudaError_t cudaEventQuery(cudaEvent_t) {
+  fake_cuda::State& s = fake_cuda::state();
+  std::lock_guard<std::mutex> l(s.mu);
+  if (fake_cuda::injected(s)) return s.fail_error;
   return cudaSuccess;
 }
 
