@@ -358,15 +358,18 @@ const EngineApi& api() {
 std::string prefill_op(int64_t h, const PrefillArgs& a) { return api().ops.prefill(h, a); }
 std::string append_op(int64_t h, const AppendArgs& a) { return api().ops.append(h, a); }
 std::string query_op(int64_t h, const QueryArgs& a) { return api().ops.query(h, a); }
-const StoreOps kOps = {prefill_op, append_op, query_op};
+std::string query_ranked_op(int64_t h, const RankedQueryArgs& a) { return api().ops.query_ranked(h, a); }
+const StoreOps kOps = {prefill_op, append_op, query_op, query_ranked_op};
 
 // The handlers, blocking (Mem = DeviceMem) or asynchronous (AsyncMem); Name is the target's.
 constexpr char kPrefillName[] = PIGJAX_CUDA_TARGET("lsh_prefill");
 constexpr char kQueryName[] = PIGJAX_CUDA_TARGET("lsh_query");
 constexpr char kAppendName[] = PIGJAX_CUDA_TARGET("lsh_append");
+constexpr char kRankedName[] = PIGJAX_CUDA_TARGET("lsh_query_ranked");
 constexpr char kAsyncPrefillName[] = PIGJAX_CUDA_TARGET("async_lsh_prefill");
 constexpr char kAsyncQueryName[] = PIGJAX_CUDA_TARGET("async_lsh_query");
 constexpr char kAsyncAppendName[] = PIGJAX_CUDA_TARGET("async_lsh_append");
+constexpr char kAsyncRankedName[] = PIGJAX_CUDA_TARGET("async_lsh_query_ranked");
 
 template <class Mem, const char* Name>
 ffi::Error LshPrefill(cudaStream_t stream, ffi::Buffer<ffi::S32> handle, int32_t sink,
@@ -387,6 +390,19 @@ ffi::Error LshQuery(cudaStream_t stream, ffi::Buffer<ffi::S32> handle, double sa
   Mem mem(stream);
   return ffi_calls::lsh_query(Name, kOps, mem, handle, sample_cap, slots, q, q_codes, out, lse,
                               sampled);
+}
+
+template <class Mem, const char* Name>
+ffi::Error LshQueryRanked(cudaStream_t stream, ffi::Buffer<ffi::S32> handle, int32_t rank_tables,
+                          double top, double refine, double sample_cap,
+                          ffi::Buffer<ffi::S32> slots, ffi::Buffer<ffi::F32> q,
+                          ffi::Buffer<ffi::S32> q_codes, ffi::Buffer<ffi::S32> /*dep*/,
+                          ffi::ResultBuffer<ffi::F32> out, ffi::ResultBuffer<ffi::F32> lse,
+                          ffi::ResultBuffer<ffi::S32> keys_read,
+                          ffi::ResultBuffer<ffi::S32> values_read) {
+  Mem mem(stream);
+  return ffi_calls::lsh_query_ranked(Name, kOps, mem, handle, rank_tables, top, refine, sample_cap,
+                                     slots, q, q_codes, out, lse, keys_read, values_read);
 }
 
 template <class Mem, const char* Name>
@@ -428,6 +444,24 @@ auto query_binding() {
       .Ret<ffi::Buffer<ffi::S32>>();  // sampled
 }
 
+auto query_ranked_binding() {
+  return ffi::Ffi::Bind()
+      .Ctx<PIGJAX_CUDA_STREAM_CTX>()
+      .Arg<ffi::Buffer<ffi::S32>>()  // handle (rank 0)
+      .Attr<int32_t>("rank_tables")
+      .Attr<double>("top")
+      .Attr<double>("refine")
+      .Attr<double>("sample_cap")
+      .Arg<ffi::Buffer<ffi::S32>>()  // slots
+      .Arg<ffi::Buffer<ffi::F32>>()  // q
+      .Arg<ffi::Buffer<ffi::S32>>()  // q_codes
+      .Arg<ffi::Buffer<ffi::S32>>()  // dep
+      .Ret<ffi::Buffer<ffi::F32>>()  // out
+      .Ret<ffi::Buffer<ffi::F32>>()  // lse
+      .Ret<ffi::Buffer<ffi::S32>>()  // keys_read
+      .Ret<ffi::Buffer<ffi::S32>>();  // values_read
+}
+
 auto append_binding() {
   return ffi::Ffi::Bind()
       .Ctx<PIGJAX_CUDA_STREAM_CTX>()
@@ -449,6 +483,10 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(PigjaxCudaLshQuery, (LshQuery<DeviceMem, kQueryNam
                               query_binding());
 XLA_FFI_DEFINE_HANDLER_SYMBOL(PigjaxCudaLshAppend, (LshAppend<DeviceMem, kAppendName>),
                               append_binding());
+XLA_FFI_DEFINE_HANDLER_SYMBOL(PigjaxCudaLshQueryRanked, (LshQueryRanked<DeviceMem, kRankedName>),
+                              query_ranked_binding());
+XLA_FFI_DEFINE_HANDLER_SYMBOL(PigjaxCudaAsyncLshQueryRanked,
+                              (LshQueryRanked<AsyncMem, kAsyncRankedName>), query_ranked_binding());
 XLA_FFI_DEFINE_HANDLER_SYMBOL(PigjaxCudaAsyncLshPrefill, (LshPrefill<DeviceMem, kAsyncPrefillName>),
                               prefill_binding());
 XLA_FFI_DEFINE_HANDLER_SYMBOL(PigjaxCudaAsyncLshQuery, (LshQuery<AsyncMem, kAsyncQueryName>),
@@ -473,6 +511,8 @@ const FfiTarget* cuda_ffi_targets(int* count) {
       {PIGJAX_CUDA_TARGET("async_lsh_prefill"), PigjaxCudaAsyncLshPrefill},
       {PIGJAX_CUDA_TARGET("async_lsh_query"), PigjaxCudaAsyncLshQuery},
       {PIGJAX_CUDA_TARGET("async_lsh_append"), PigjaxCudaAsyncLshAppend},
+      {PIGJAX_CUDA_TARGET("lsh_query_ranked"), PigjaxCudaLshQueryRanked},
+      {PIGJAX_CUDA_TARGET("async_lsh_query_ranked"), PigjaxCudaAsyncLshQueryRanked},
   };
   *count = static_cast<int>(sizeof(kTargets) / sizeof(kTargets[0]));
   return kTargets;

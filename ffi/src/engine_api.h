@@ -17,9 +17,10 @@ struct StoreOps {
   std::string (*prefill)(int64_t handle, const PrefillArgs& args);
   std::string (*append)(int64_t handle, const AppendArgs& args);
   std::string (*query)(int64_t handle, const QueryArgs& args);
+  std::string (*query_ranked)(int64_t handle, const RankedQueryArgs& args);
 };
 
-constexpr uint32_t kEngineApiVersion = 1;
+constexpr uint32_t kEngineApiVersion = 2;
 constexpr const char* kEngineApiName = "pigjax.EngineApi";
 
 struct EngineApi {

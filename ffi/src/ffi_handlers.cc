@@ -40,7 +40,7 @@ struct HostMem {
   }
 };
 
-const StoreOps kStoreOps = {store_prefill, store_append, store_query};
+const StoreOps kStoreOps = {store_prefill, store_append, store_query, store_query_ranked};
 
 // x: f32 [..., d]; proj: f32 [d, K*L] (or [*batch, d, K*L] under jax.vmap with
 // vmap_method="expand_dims"); attr K; out: s32 [..., L].
@@ -102,29 +102,16 @@ ffi::Error LshQueryImpl(ffi::Buffer<ffi::S32> handle, double sample_cap, ffi::Bu
 
 // LSH store ranked query (query_ranked.h): the query's operands, attrs rank_tables, top, refine,
 // sample_cap -> out f32[B,Hq,d], lse f32[B,Hq], keys_read s32[B,Hq], values_read s32[B,Hq].
-ffi::Error LshQueryRankedImpl(ffi::Buffer<ffi::S32> handle_arg, int32_t rank_tables, double top, double refine,
+ffi::Error LshQueryRankedImpl(ffi::Buffer<ffi::S32> handle, int32_t rank_tables, double top, double refine,
                               double sample_cap, ffi::Buffer<ffi::S32> slots, ffi::Buffer<ffi::F32> q,
                               ffi::Buffer<ffi::S32> q_codes, ffi::Buffer<ffi::S32> /*dep*/,
                               ffi::ResultBuffer<ffi::F32> out, ffi::ResultBuffer<ffi::F32> lse,
                               ffi::ResultBuffer<ffi::S32> keys_read,
                               ffi::ResultBuffer<ffi::S32> values_read) {
-  HostMem mem;  // CPU only: the CUDA handlers (cuda_handlers.cc) have no ranked query yet
-  return run("pigjax_lsh_query_ranked", [&] {
-    const ArrayView<const int32_t> h = mem.in(handle_arg);
-    RankedQueryArgs a;
-    a.base.slots = mem.in(slots);
-    a.base.q = mem.in(q);
-    a.base.q_codes = mem.in(q_codes);
-    a.base.out = mem.out(out);
-    a.base.lse = mem.out(lse);
-    a.base.sampled = mem.out(keys_read);
-    a.values_read = mem.out(values_read);
-    a.rank_tables = rank_tables;
-    a.top = top;
-    a.refine = refine;
-    a.base.sample_cap = sample_cap;
-    return mem.run("pigjax_lsh_query_ranked", h, [&a](int64_t handle) { return store_query_ranked(handle, a); });
-  });
+  HostMem mem;
+  return ffi_calls::lsh_query_ranked("pigjax_lsh_query_ranked", kStoreOps, mem, handle, rank_tables, top,
+                                     refine, sample_cap, slots, q, q_codes, out, lse, keys_read,
+                                     values_read);
 }
 
 ffi::Error LshAppendImpl(ffi::Buffer<ffi::S32> handle, ffi::Buffer<ffi::S32> slots,

@@ -4,7 +4,7 @@
 //   - cuda_handlers.cc (platform "CUDA"): they are device memory; operands are copied to pinned
 //     host buffers on XLA's stream, results copied back after the engine ran.
 // Both build the same store_args.h views and call the same store_prefill / store_append /
-// store_query (whose validate_* hold every argument check), so a call and its error messages are
+// store_query / store_query_ranked (whose validate_* hold every argument check), so a call and its error messages are
 // the same on both platforms; only the target name in the message differs.
 //
 // A Mem policy supplies:
@@ -16,7 +16,7 @@
 //                                                   results; returns op's message, or "" where
 //                                                   op runs later (the asynchronous CUDA handlers:
 //                                                   their errors are deferred, cuda_handlers.cc)
-// and StoreOps (engine_api.h) the engine's calls: store_prefill / store_append / store_query
+// and StoreOps (engine_api.h) the engine's calls: store_prefill / ... / store_query_ranked
 // themselves in pigjax._engine, the table pigjax._engine exports in the CUDA module.
 // A failure of the memory layer (e.g. a CUDA call) is thrown as an exception and becomes INTERNAL.
 #pragma once
@@ -128,6 +128,37 @@ ffi::Error lsh_query(const char* name, const StoreOps& ops, Mem& mem,
     a.sampled = mem.out(sampled);
     a.sample_cap = sample_cap;
     return mem.run(name, h, [&ops, a](int64_t handle) { return ops.query(handle, a); });
+  });
+}
+
+// LSH store ranked query (query_ranked.h): the query's operands, attrs rank_tables, top, refine,
+// sample_cap -> out f32[B,Hq,d], lse f32[B,Hq], keys_read s32[B,Hq], values_read s32[B,Hq].
+template <class Mem>
+ffi::Error lsh_query_ranked(const char* name, const StoreOps& ops, Mem& mem,
+                            ffi::Buffer<ffi::S32> handle_arg, int32_t rank_tables, double top,
+                            double refine, double sample_cap, ffi::Buffer<ffi::S32> slots,
+                            ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::S32> q_codes,
+                            ffi::ResultBuffer<ffi::F32> out, ffi::ResultBuffer<ffi::F32> lse,
+                            ffi::ResultBuffer<ffi::S32> keys_read,
+                            ffi::ResultBuffer<ffi::S32> values_read) {
+  return run(name, [&] {
+    mem.begin(staged_bytes(handle_arg) + staged_bytes(slots) + staged_bytes(q) +
+              staged_bytes(q_codes) + staged_bytes(out) + staged_bytes(lse) +
+              staged_bytes(keys_read) + staged_bytes(values_read));
+    const ArrayView<const int32_t> h = mem.in(handle_arg);
+    RankedQueryArgs a;
+    a.base.slots = mem.in(slots);
+    a.base.q = mem.in(q);
+    a.base.q_codes = mem.in(q_codes);
+    a.base.out = mem.out(out);
+    a.base.lse = mem.out(lse);
+    a.base.sampled = mem.out(keys_read);
+    a.values_read = mem.out(values_read);
+    a.base.sample_cap = sample_cap;
+    a.rank_tables = rank_tables;
+    a.top = top;
+    a.refine = refine;
+    return mem.run(name, h, [&ops, a](int64_t handle) { return ops.query_ranked(handle, a); });
   });
 }
 

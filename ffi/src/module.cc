@@ -102,7 +102,8 @@ NB_MODULE(_engine, m) {
   m.def("engine_api", [] {
     static const pigjax::EngineApi api = {
         sizeof(pigjax::EngineApi), pigjax::kEngineApiVersion,
-        {pigjax::store_prefill, pigjax::store_append, pigjax::store_query}};
+        {pigjax::store_prefill, pigjax::store_append, pigjax::store_query,
+         pigjax::store_query_ranked}};
     return nb::capsule(&api, pigjax::kEngineApiName);
   }, "PyCapsule 'pigjax.EngineApi': the store calls (engine_api.h) for the CUDA handler module, "
      "which reaches this module's store registry through it.");

@@ -93,7 +93,7 @@ def _connect(module_name: str, platform: str):
 
 
 def cuda_handlers() -> bool:
-    """Whether the CUDA store targets (``pigjax_cuda_lsh_{prefill,append,query}``) are registered.
+    """Whether the CUDA store targets (``pigjax_cuda_lsh_*`` and ``pigjax_cuda_async_lsh_*``) are registered.
     The first call imports ``pigjax._engine_cuda`` when JAX's default device is a CUDA GPU, connects
     it to this engine and registers its targets; the answer is then fixed for the process (the
     reason for False: :func:`cuda_unavailable_reason`)."""

@@ -272,7 +272,7 @@ def _host(fn, shapes):
 
 
 PATHS = ("ffi", "cuda-ffi", "cuda-async", "callback")
-# FFI target prefix per path (the targets are <prefix>_prefill, _append, _query).
+# FFI target prefix per path (the targets are <prefix>_prefill, _append, _query, _query_ranked).
 _FFI_TARGETS = {"ffi": "pigjax_lsh", "cuda-ffi": "pigjax_cuda_lsh", "cuda-async": "pigjax_cuda_async_lsh"}
 # Paths whose engine errors surface after the call (the Store raises them): see _CallbackErrors.
 _DEFERRED_ERRORS = ("cuda-async", "callback")
@@ -397,9 +397,7 @@ def _query_ranked(handle, slots, q, q_codes, dep, *, rank_tables, top, refine, s
         host = _host(lambda h, *a: _engine.store_query_ranked_np(h, *a[:-1], rank_tables, top, refine, sample_cap),
                      shapes)
         return io_callback(host, shapes, handle, slots, q, q_codes, dep, ordered=True)
-    if path.startswith("cuda-"):
-        raise PigjaxError("Store.query_ranked: the ranked query has no CUDA handler yet; use path='callback'")
-    call = jax.ffi.ffi_call("pigjax_lsh_query_ranked", shapes, has_side_effect=True)
+    call = jax.ffi.ffi_call(_FFI_TARGETS[path] + "_query_ranked", shapes, has_side_effect=True)
     return call(handle, slots, q, q_codes, dep, rank_tables=np.int32(rank_tables), top=np.float64(top),
                 refine=np.float64(refine), sample_cap=np.float64(sample_cap))
 

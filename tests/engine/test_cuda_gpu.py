@@ -126,3 +126,20 @@ def test_async_errors_are_deferred_and_later_calls_work():
             s.check()
         out = s.query(slots, x["q"], x["q_codes"], middle)
         assert np.isfinite(np.asarray(out[0])).all()
+
+
+@pytest.mark.parametrize("path", [CUDA, "cuda-async"])
+def test_ranked_query_equals_callback_bit_for_bit(path):
+    x = _data(7)
+    slots = jnp.arange(2, dtype=jnp.int32)
+
+    def ranked(p):
+        with Store(2, 2, 32, 316, 6, 40, storage="bf16", path=p, sketch_tables=10) as s:
+            middle = s.prefill(slots, x["keys"], x["values"], x["codes"], x["lengths"], sink=2, local=5)
+            return jax.tree.map(np.asarray, s.query_ranked(slots, x["q"], x["q_codes"], middle, rank_tables=10,
+                                                           top=0.05, refine=2.0))
+
+    want, got = ranked("callback"), ranked(path)
+    for w, g in zip(want, got):
+        np.testing.assert_array_equal(g, w)
+    assert want[3].sum() > 0

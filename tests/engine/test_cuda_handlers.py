@@ -299,3 +299,38 @@ def test_async_cuda_runtime_failure_is_internal_error_and_recovers(n, what, fake
         got = jax.tree.map(np.asarray, s.query(slots, x["q"], x["q_codes"], middle))
     for w, g in zip(want, got):
         np.testing.assert_array_equal(g, w)
+
+
+def _ranked(path, x, storage, b=2, hkv=2, d=32, n=300, K=6, L=40, lr=10):
+    slots = jnp.arange(b, dtype=jnp.int32)[::-1]
+    with Store(b + 1, hkv, d, n + 16, K, L, storage=storage, path=path, sketch_tables=lr) as s:
+        middle = s.prefill(slots, x["keys"], x["values"], x["codes"], x["lengths"], sink=2, local=5)
+        first = s.query_ranked(slots, x["q"], x["q_codes"], middle, rank_tables=lr, top=0.05, refine=2.0)
+        totals = s.append(slots, x["ak"], x["av"], x["ac"], x["counts"], middle)
+        second = s.query_ranked(slots, x["q"], x["q_codes"], totals, rank_tables=lr, top=0.05, sample_cap=0.02)
+        return jax.tree.map(np.asarray, (first, second))
+
+
+@pytest.mark.parametrize("path", ["cuda-ffi", "cuda-async"])
+@pytest.mark.parametrize("storage", ["f32", "bf16"])
+def test_ranked_query_equals_cpu_ffi_bit_for_bit(storage, path):
+    x = _data(7)
+    want = _ranked("ffi", x, storage)
+    got = _ranked(path, x, storage)
+    for w, g in zip(jax.tree.leaves(want), jax.tree.leaves(got)):
+        assert w.dtype == g.dtype and w.shape == g.shape
+        np.testing.assert_array_equal(g, w)
+    assert want[0][2].sum() > 0 and want[0][3].sum() > 0  # keys and values were read
+
+
+def test_ranked_query_errors_on_both_cuda_paths():
+    x = _data(8)
+    slots = jnp.arange(2, dtype=jnp.int32)
+    for path, target in (("cuda-ffi", "pigjax_test_cuda_lsh_query_ranked"),
+                         ("cuda-async", "pigjax_test_cuda_async_lsh_query_ranked")):
+        with Store(2, 2, 32, 400, 6, 40, storage="f32", path=path, sketch_tables=10) as s:
+            middle = s.prefill(slots, x["keys"], x["values"], x["codes"], x["lengths"], sink=0, local=1)
+            _expect(lambda: s.query_ranked(slots, x["q"], x["q_codes"], middle, rank_tables=12, top=0.1),
+                    f"{target}: rank_tables must equal the store's sketch_tables = 10")
+            out = s.query_ranked(slots, x["q"], x["q_codes"], middle, rank_tables=10, top=0.1)
+            assert np.isfinite(np.asarray(out[0])).all()
