@@ -14,6 +14,12 @@
 // event of its previous call's result copies is waited for (those copies read the buffer). A
 // failed CUDA call throws and becomes INTERNAL naming the target and the CUDA error; an invalid
 // argument is INVALID_ARGUMENT with the engine's message, and no result is copied back.
+//
+// The asynchronous targets (pigjax_cuda_async_lsh_*: query, ranked query, append) replace steps
+// 2-3 by a host function on the stream (cudaLaunchHostFunc) that runs the engine when the stream
+// reaches it, and return after enqueueing step 4: the launching thread never waits. Their staging
+// is a per-thread pool (StagingPool), and an engine error, found after the handler returned, is
+// recorded for take_deferred_error() while the results become NaN / -1 (AsyncMem, run_job).
 #include "cuda_handlers.h"
 
 #include <cuda_runtime_api.h>

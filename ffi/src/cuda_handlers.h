@@ -1,5 +1,6 @@
-// XLA FFI handlers for the CUDA platform: the LSH store's prefill, append and query with operands
-// and results in GPU memory (docs/gpu_engine.md; docs/algorithm.md §6). Plain C++ against the
+// XLA FFI handlers for the CUDA platform: the LSH store's prefill, append, query and ranked query
+// (blocking, and the query, ranked query and append also asynchronous) with operands and results
+// in GPU memory (docs/gpu_engine.md; docs/algorithm.md §6). Plain C++ against the
 // CUDA runtime API (cuda_runtime_api.h): no kernels. Built into pigjax._engine_cuda only where
 // CMake finds the CUDA runtime (PIGJAX_CUDA, BUILD.md); built a second time against
 // ffi/tests/fake_cuda/cuda_runtime_api.h (host memcpy, malloc) into the test-only module
