@@ -53,14 +53,12 @@ sys.meta_path[:] = [f for f in sys.meta_path if "editable" not in type(f).__modu
 sys.path.insert(0, "$tree")
 PYEOF
   cd "$tree"
-  LD_PRELOAD="$(${CXX:-g++} -print-file-name=libasan.so) $(${CXX:-g++} -print-file-name=libubsan.so)" \
-  ASAN_OPTIONS=detect_leaks=0:halt_on_error=1 UBSAN_OPTIONS=halt_on_error=1:print_stacktrace=1 \
-  PYTHONPATH="$tree/site" \
-    "$PY" -c "import pigjax._engine_cuda_fake as m; print('sanitized modules from', m.__file__)" \
-    && LD_PRELOAD="$(${CXX:-g++} -print-file-name=libasan.so) $(${CXX:-g++} -print-file-name=libubsan.so)" \
-  ASAN_OPTIONS=detect_leaks=0:halt_on_error=1 UBSAN_OPTIONS=halt_on_error=1:print_stacktrace=1 \
-  PYTHONPATH="$tree/site" [ "${BUILD_ONLY:-0}" = 1 ] && exit 0
-"$PY" -m pytest -q -p no:cacheprovider tests/engine/test_cuda_handlers.py "$@"
+  export LD_PRELOAD="$(${CXX:-g++} -print-file-name=libasan.so) $(${CXX:-g++} -print-file-name=libubsan.so)"
+  export ASAN_OPTIONS=detect_leaks=0:halt_on_error=1 UBSAN_OPTIONS=halt_on_error=1:print_stacktrace=1
+  export PYTHONPATH="$tree/site" PIGJAX_FAKE_CUDA_PREBUILT=1  # the tests load the copy's modules
+  "$PY" -c "import pigjax._engine_cuda_fake as m; print('sanitized modules from', m.__file__)"
+  [ "${BUILD_ONLY:-0}" = 1 ] && exit 0
+  "$PY" -m pytest -q -p no:cacheprovider tests/engine/test_cuda_handlers.py "$@"
   exit
 fi
 cp "$build"/_engine_cuda_fake*.so pigjax/
