@@ -194,6 +194,14 @@ void defer_error(int64_t handle, std::string message) {
   g_errors.emplace(handle, std::move(message));
 }
 
+// A result of a call: its device buffer and its place in the staging buffer.
+struct StagedResult {
+  void* device;
+  char* host;
+  size_t bytes;
+  bool is_float;  // f32 (else s32): what a failed asynchronous call fills it with
+};
+
 // What the Mem policies below share: the call's operands staged into a pinned buffer by
 // device-to-host copies on the stream, its results written there by the engine.
 class StagedMem {
@@ -225,13 +233,6 @@ class StagedMem {
   }
 
  protected:
-  struct Result {
-    void* device;
-    char* host;
-    size_t bytes;
-    bool is_float;  // f32 (else s32): what a failed asynchronous call fills it with
-  };
-
   explicit StagedMem(cudaStream_t stream) : stream_(stream) {}
 
   void start(Staging& staging, size_t bytes) {
@@ -244,7 +245,7 @@ class StagedMem {
   // Enqueues the results' copies back to the device and the event that covers them.
   void send() {
     unsynced_ = true;
-    for (const Result& r : results_)
+    for (const StagedResult& r : results_)
       if (r.bytes > 0)
         check(cudaMemcpyAsync(r.device, r.host, r.bytes, cudaMemcpyHostToDevice, stream_),
               "cudaMemcpyAsync (host to device)");
@@ -253,7 +254,7 @@ class StagedMem {
   }
 
   cudaStream_t stream_;
-  std::vector<Result> results_;
+  std::vector<StagedResult> results_;
   bool unsynced_ = false;
 
  private:
@@ -296,8 +297,7 @@ struct AsyncJob {
   std::string name;  // the target, for the deferred error's message
   ArrayView<const int32_t> handle;
   std::function<std::string(int64_t)> op;
-  std::vector<char*> float_results, int_results;
-  std::vector<size_t> float_bytes, int_bytes;
+  std::vector<StagedResult> results;  // filled with NaN / -1 if the call fails
 };
 
 // Host functions may not call CUDA, and nothing can return an error to XLA any more: an engine
@@ -316,12 +316,13 @@ void CUDART_CB run_job(void* p) {
   }
   if (err.empty()) return;
   defer_error(handle, job->name + ": " + err);
-  for (size_t i = 0; i < job->float_results.size(); ++i)
-    std::fill_n(reinterpret_cast<float*>(job->float_results[i]), job->float_bytes[i] / sizeof(float),
-                std::numeric_limits<float>::quiet_NaN());
-  for (size_t i = 0; i < job->int_results.size(); ++i)
-    std::fill_n(reinterpret_cast<int32_t*>(job->int_results[i]), job->int_bytes[i] / sizeof(int32_t),
-                int32_t{-1});
+  for (const StagedResult& r : job->results) {
+    if (r.is_float)
+      std::fill_n(reinterpret_cast<float*>(r.host), r.bytes / sizeof(float),
+                  std::numeric_limits<float>::quiet_NaN());
+    else
+      std::fill_n(reinterpret_cast<int32_t*>(r.host), r.bytes / sizeof(int32_t), int32_t{-1});
+  }
 }
 
 // The Mem policy of ffi_store_calls.h for the asynchronous handlers: the handler enqueues the
@@ -341,10 +342,7 @@ class AsyncMem : public StagedMem {
     job->name = name;
     job->handle = h;
     job->op = std::move(op);
-    for (const Result& r : results_) {
-      (r.is_float ? job->float_results : job->int_results).push_back(r.host);
-      (r.is_float ? job->float_bytes : job->int_bytes).push_back(r.bytes);
-    }
+    job->results = results_;
     check(cudaLaunchHostFunc(stream_, run_job, job.get()), "cudaLaunchHostFunc");
     job.release();  // run_job owns it now
     send();
@@ -421,84 +419,28 @@ ffi::Error LshAppend(cudaStream_t stream, ffi::Buffer<ffi::S32> handle,
   return ffi_calls::lsh_append(Name, kOps, mem, handle, slots, keys, values, codes, counts, totals);
 }
 
-// Operands, attributes and results as the CPU targets (ffi_handlers.cc), plus the stream.
-auto prefill_binding() {
-  return ffi::Ffi::Bind()
-      .Ctx<PIGJAX_CUDA_STREAM_CTX>()
-      .Arg<ffi::Buffer<ffi::S32>>()  // handle (rank 0)
-      .Attr<int32_t>("sink")
-      .Attr<int32_t>("local")
-      .Arg<ffi::Buffer<ffi::S32>>()  // slots
-      .Arg<ffi::Buffer<ffi::F32>>()  // keys
-      .Arg<ffi::Buffer<ffi::F32>>()  // values
-      .Arg<ffi::Buffer<ffi::S32>>()  // codes
-      .Arg<ffi::Buffer<ffi::S32>>()  // lengths
-      .Ret<ffi::Buffer<ffi::S32>>();  // middle_counts
-}
-
-auto query_binding() {
-  return ffi::Ffi::Bind()
-      .Ctx<PIGJAX_CUDA_STREAM_CTX>()
-      .Arg<ffi::Buffer<ffi::S32>>()  // handle (rank 0)
-      .Attr<double>("sample_cap")
-      .Arg<ffi::Buffer<ffi::S32>>()  // slots
-      .Arg<ffi::Buffer<ffi::F32>>()  // q
-      .Arg<ffi::Buffer<ffi::S32>>()  // q_codes
-      .Arg<ffi::Buffer<ffi::S32>>()  // dep
-      .Ret<ffi::Buffer<ffi::F32>>()  // out
-      .Ret<ffi::Buffer<ffi::F32>>()  // lse
-      .Ret<ffi::Buffer<ffi::S32>>();  // sampled
-}
-
-auto query_ranked_binding() {
-  return ffi::Ffi::Bind()
-      .Ctx<PIGJAX_CUDA_STREAM_CTX>()
-      .Arg<ffi::Buffer<ffi::S32>>()  // handle (rank 0)
-      .Attr<int32_t>("rank_tables")
-      .Attr<double>("top")
-      .Attr<double>("refine")
-      .Attr<double>("sample_cap")
-      .Arg<ffi::Buffer<ffi::S32>>()  // slots
-      .Arg<ffi::Buffer<ffi::F32>>()  // q
-      .Arg<ffi::Buffer<ffi::S32>>()  // q_codes
-      .Arg<ffi::Buffer<ffi::S32>>()  // dep
-      .Ret<ffi::Buffer<ffi::F32>>()  // out
-      .Ret<ffi::Buffer<ffi::F32>>()  // lse
-      .Ret<ffi::Buffer<ffi::S32>>()  // keys_read
-      .Ret<ffi::Buffer<ffi::S32>>();  // values_read
-}
-
-auto append_binding() {
-  return ffi::Ffi::Bind()
-      .Ctx<PIGJAX_CUDA_STREAM_CTX>()
-      .Arg<ffi::Buffer<ffi::S32>>()  // handle (rank 0)
-      .Arg<ffi::Buffer<ffi::S32>>()  // slots
-      .Arg<ffi::Buffer<ffi::F32>>()  // keys
-      .Arg<ffi::Buffer<ffi::F32>>()  // values
-      .Arg<ffi::Buffer<ffi::S32>>()  // codes
-      .Arg<ffi::Buffer<ffi::S32>>()  // counts
-      .Arg<ffi::Buffer<ffi::S32>>()  // dep
-      .Ret<ffi::Buffer<ffi::S32>>();  // totals
-}
+// Operands, attributes and results as the CPU targets (ffi_store_calls.h), after the stream.
+auto with_stream() { return ffi::Ffi::Bind().Ctx<PIGJAX_CUDA_STREAM_CTX>(); }
 
 }  // namespace
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(PigjaxCudaLshPrefill, (LshPrefill<DeviceMem, kPrefillName>),
-                              prefill_binding());
+                              ffi_calls::bind_prefill(with_stream()));
 XLA_FFI_DEFINE_HANDLER_SYMBOL(PigjaxCudaLshQuery, (LshQuery<DeviceMem, kQueryName>),
-                              query_binding());
+                              ffi_calls::bind_query(with_stream()));
 XLA_FFI_DEFINE_HANDLER_SYMBOL(PigjaxCudaLshAppend, (LshAppend<DeviceMem, kAppendName>),
-                              append_binding());
+                              ffi_calls::bind_append(with_stream()));
 XLA_FFI_DEFINE_HANDLER_SYMBOL(PigjaxCudaLshQueryRanked, (LshQueryRanked<DeviceMem, kRankedName>),
-                              query_ranked_binding());
+                              ffi_calls::bind_query_ranked(with_stream()));
 XLA_FFI_DEFINE_HANDLER_SYMBOL(PigjaxCudaAsyncLshQueryRanked,
-                              (LshQueryRanked<AsyncMem, kAsyncRankedName>), query_ranked_binding());
+                              (LshQueryRanked<AsyncMem, kAsyncRankedName>),
+                              ffi_calls::bind_query_ranked(with_stream()));
 XLA_FFI_DEFINE_HANDLER_SYMBOL(PigjaxCudaAsyncLshPrefill, (LshPrefill<DeviceMem, kAsyncPrefillName>),
-                              prefill_binding());
+                              ffi_calls::bind_prefill(with_stream()));
 XLA_FFI_DEFINE_HANDLER_SYMBOL(PigjaxCudaAsyncLshQuery, (LshQuery<AsyncMem, kAsyncQueryName>),
-                              query_binding());
+                              ffi_calls::bind_query(with_stream()));
 XLA_FFI_DEFINE_HANDLER_SYMBOL(PigjaxCudaAsyncLshAppend, (LshAppend<AsyncMem, kAsyncAppendName>),
-                              append_binding());
+                              ffi_calls::bind_append(with_stream()));
 
 const char* set_engine_api(const EngineApi* a) {
   if (a == nullptr) return "the engine_api capsule holds a null pointer";

@@ -142,60 +142,13 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(PigjaxDecodeAttention, DecodeAttentionImpl,
                                   .Ret<ffi::Buffer<ffi::F32>>()  // out
 );
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(PigjaxLshPrefill, LshPrefillImpl,
-                              ffi::Ffi::Bind()
-                                  .Arg<ffi::Buffer<ffi::S32>>()  // handle (rank 0)
-                                  .Attr<int32_t>("sink")
-                                  .Attr<int32_t>("local")
-                                  .Arg<ffi::Buffer<ffi::S32>>()  // slots
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // keys
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // values
-                                  .Arg<ffi::Buffer<ffi::S32>>()  // codes
-                                  .Arg<ffi::Buffer<ffi::S32>>()  // lengths
-                                  .Ret<ffi::Buffer<ffi::S32>>()  // middle_counts
-);
+XLA_FFI_DEFINE_HANDLER_SYMBOL(PigjaxLshPrefill, LshPrefillImpl, ffi_calls::bind_prefill(ffi::Ffi::Bind()));
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(PigjaxLshQuery, LshQueryImpl,
-                              ffi::Ffi::Bind()
-                                  .Arg<ffi::Buffer<ffi::S32>>()  // handle (rank 0)
-                                  .Attr<double>("sample_cap")
-                                  .Arg<ffi::Buffer<ffi::S32>>()  // slots
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // q
-                                  .Arg<ffi::Buffer<ffi::S32>>()  // q_codes
-                                  .Arg<ffi::Buffer<ffi::S32>>()  // dep
-                                  .Ret<ffi::Buffer<ffi::F32>>()  // out
-                                  .Ret<ffi::Buffer<ffi::F32>>()  // lse
-                                  .Ret<ffi::Buffer<ffi::S32>>()  // sampled
-);
+XLA_FFI_DEFINE_HANDLER_SYMBOL(PigjaxLshQuery, LshQueryImpl, ffi_calls::bind_query(ffi::Ffi::Bind()));
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(PigjaxLshQueryRanked, LshQueryRankedImpl,
-                              ffi::Ffi::Bind()
-                                  .Arg<ffi::Buffer<ffi::S32>>()  // handle (rank 0)
-                                  .Attr<int32_t>("rank_tables")
-                                  .Attr<double>("top")
-                                  .Attr<double>("refine")
-                                  .Attr<double>("sample_cap")
-                                  .Arg<ffi::Buffer<ffi::S32>>()  // slots
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // q
-                                  .Arg<ffi::Buffer<ffi::S32>>()  // q_codes
-                                  .Arg<ffi::Buffer<ffi::S32>>()  // dep
-                                  .Ret<ffi::Buffer<ffi::F32>>()  // out
-                                  .Ret<ffi::Buffer<ffi::F32>>()  // lse
-                                  .Ret<ffi::Buffer<ffi::S32>>()  // keys_read
-                                  .Ret<ffi::Buffer<ffi::S32>>()  // values_read
-);
+XLA_FFI_DEFINE_HANDLER_SYMBOL(PigjaxLshQueryRanked, LshQueryRankedImpl, ffi_calls::bind_query_ranked(ffi::Ffi::Bind()));
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(PigjaxLshAppend, LshAppendImpl,
-                              ffi::Ffi::Bind()
-                                  .Arg<ffi::Buffer<ffi::S32>>()  // handle (rank 0)
-                                  .Arg<ffi::Buffer<ffi::S32>>()  // slots
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // keys
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // values
-                                  .Arg<ffi::Buffer<ffi::S32>>()  // codes
-                                  .Arg<ffi::Buffer<ffi::S32>>()  // counts
-                                  .Arg<ffi::Buffer<ffi::S32>>()  // dep
-                                  .Ret<ffi::Buffer<ffi::S32>>()  // totals
-);
+XLA_FFI_DEFINE_HANDLER_SYMBOL(PigjaxLshAppend, LshAppendImpl, ffi_calls::bind_append(ffi::Ffi::Bind()));
 
 const FfiTarget* ffi_targets(int* count) {
   static const FfiTarget kTargets[] = {

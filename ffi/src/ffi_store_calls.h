@@ -25,6 +25,7 @@
 #include <cstdint>
 #include <exception>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "engine_api.h"
@@ -184,6 +185,67 @@ ffi::Error lsh_append(const char* name, const StoreOps& ops, Mem& mem,
     a.totals = mem.out(totals);
     return mem.run(name, h, [&ops, a](int64_t handle) { return ops.append(handle, a); });
   });
+}
+
+// The store targets' operands, attributes and results, bound after what `b` binds already (the
+// CUDA targets bind their stream first): one list each for the CPU and the CUDA targets.
+template <typename B>
+auto bind_prefill(B b) {
+  return std::move(b)
+      .template Arg<ffi::Buffer<ffi::S32>>()  // handle (rank 0)
+      .template Attr<int32_t>("sink")
+      .template Attr<int32_t>("local")
+      .template Arg<ffi::Buffer<ffi::S32>>()  // slots
+      .template Arg<ffi::Buffer<ffi::F32>>()  // keys
+      .template Arg<ffi::Buffer<ffi::F32>>()  // values
+      .template Arg<ffi::Buffer<ffi::S32>>()  // codes
+      .template Arg<ffi::Buffer<ffi::S32>>()  // lengths
+      .template Ret<ffi::Buffer<ffi::S32>>();  // middle_counts
+}
+
+template <typename B>
+auto bind_query(B b) {
+  return std::move(b)
+      .template Arg<ffi::Buffer<ffi::S32>>()  // handle (rank 0)
+      .template Attr<double>("sample_cap")
+      .template Arg<ffi::Buffer<ffi::S32>>()  // slots
+      .template Arg<ffi::Buffer<ffi::F32>>()  // q
+      .template Arg<ffi::Buffer<ffi::S32>>()  // q_codes
+      .template Arg<ffi::Buffer<ffi::S32>>()  // dep
+      .template Ret<ffi::Buffer<ffi::F32>>()  // out
+      .template Ret<ffi::Buffer<ffi::F32>>()  // lse
+      .template Ret<ffi::Buffer<ffi::S32>>();  // sampled
+}
+
+template <typename B>
+auto bind_query_ranked(B b) {
+  return std::move(b)
+      .template Arg<ffi::Buffer<ffi::S32>>()  // handle (rank 0)
+      .template Attr<int32_t>("rank_tables")
+      .template Attr<double>("top")
+      .template Attr<double>("refine")
+      .template Attr<double>("sample_cap")
+      .template Arg<ffi::Buffer<ffi::S32>>()  // slots
+      .template Arg<ffi::Buffer<ffi::F32>>()  // q
+      .template Arg<ffi::Buffer<ffi::S32>>()  // q_codes
+      .template Arg<ffi::Buffer<ffi::S32>>()  // dep
+      .template Ret<ffi::Buffer<ffi::F32>>()  // out
+      .template Ret<ffi::Buffer<ffi::F32>>()  // lse
+      .template Ret<ffi::Buffer<ffi::S32>>()  // keys_read
+      .template Ret<ffi::Buffer<ffi::S32>>();  // values_read
+}
+
+template <typename B>
+auto bind_append(B b) {
+  return std::move(b)
+      .template Arg<ffi::Buffer<ffi::S32>>()  // handle (rank 0)
+      .template Arg<ffi::Buffer<ffi::S32>>()  // slots
+      .template Arg<ffi::Buffer<ffi::F32>>()  // keys
+      .template Arg<ffi::Buffer<ffi::F32>>()  // values
+      .template Arg<ffi::Buffer<ffi::S32>>()  // codes
+      .template Arg<ffi::Buffer<ffi::S32>>()  // counts
+      .template Arg<ffi::Buffer<ffi::S32>>()  // dep
+      .template Ret<ffi::Buffer<ffi::S32>>();  // totals
 }
 
 }  // namespace ffi_calls

@@ -167,20 +167,26 @@ def test_bad_input_same_errors_as_cpu_path():
 
 
 # Runtime calls of a query after a successful call (staging large enough, its event pending):
-# 0 cudaEventSynchronize, 1-4 cudaMemcpyAsync D2H, 5 cudaStreamSynchronize, 6-8 H2D, 9 cudaEventRecord.
-@pytest.mark.parametrize("n, what", [(0, "cudaEventSynchronize"), (2, r"cudaMemcpyAsync \(device to host\)"),
-                                     (5, "cudaStreamSynchronize"), (7, r"cudaMemcpyAsync \(host to device\)"),
-                                     (9, "cudaEventRecord")])
-def test_cuda_runtime_failure_is_internal_error_and_recovers(n, what, fake):
+# cuda-ffi: 0 cudaEventSynchronize, 1-4 cudaMemcpyAsync D2H, 5 cudaStreamSynchronize, 6-8 H2D,
+# 9 cudaEventRecord; cuda-async: 0 cudaEventQuery (its pool's buffer), 1-4 D2H, 5 cudaLaunchHostFunc,
+# 6-8 H2D, 9 cudaEventRecord.
+@pytest.mark.parametrize("path, target, n, what", [
+    *[("cuda-ffi", "pigjax_test_cuda_lsh_query", n, what)
+      for n, what in [(0, "cudaEventSynchronize"), (2, r"cudaMemcpyAsync \(device to host\)"),
+                      (5, "cudaStreamSynchronize"), (7, r"cudaMemcpyAsync \(host to device\)"), (9, "cudaEventRecord")]],
+    *[("cuda-async", "pigjax_test_cuda_async_lsh_query", n, what)
+      for n, what in [(0, "cudaEventQuery"), (2, r"cudaMemcpyAsync \(device to host\)"),
+                      (5, "cudaLaunchHostFunc"), (7, r"cudaMemcpyAsync \(host to device\)"), (9, "cudaEventRecord")]]])
+def test_cuda_runtime_failure_is_internal_error_and_recovers(path, target, n, what, fake):
     x = _data(4)
     slots = jnp.arange(2, dtype=jnp.int32)
-    with Store(2, 2, 32, 400, 6, 40, storage="f32", path="cuda-ffi") as s:
+    with Store(2, 2, 32, 400, 6, 40, storage="f32", path=path) as s:
         middle = s.prefill(slots, x["keys"], x["values"], x["codes"], x["lengths"], sink=0, local=1)
         want = jax.tree.map(np.asarray, s.query(slots, x["q"], x["q_codes"], middle))
         fake.fail_after(n, 719)
         with pytest.raises(jax.errors.JaxRuntimeError,
-                           match=f"INTERNAL: .*pigjax_test_cuda_lsh_query: {what} failed: unspecified launch"):
-            jax.block_until_ready(s.query(slots, x["q"], x["q_codes"], middle))
+                           match=f"INTERNAL: .*{target}: {what} failed: unspecified launch"):
+            jax.block_until_ready(engine_store.query(s.handle_array, slots, x["q"], x["q_codes"], middle, path=path))
         got = jax.tree.map(np.asarray, s.query(slots, x["q"], x["q_codes"], middle))
     for w, g in zip(want, got):
         np.testing.assert_array_equal(g, w)
@@ -282,27 +288,6 @@ def test_async_errors_are_deferred_to_the_store():
     with pytest.raises(PigjaxError, match=r"pigjax_test_cuda_async_lsh_query: .*handle"):
         s.query(slots, x["q"], x["q_codes"], middle)
     engine_store.raise_callback_error(handle)
-
-
-# Runtime calls of an async query: 0 cudaEventQuery (its pool's buffer), 1-4 cudaMemcpyAsync D2H,
-# 5 cudaLaunchHostFunc, 6-8 H2D, 9 cudaEventRecord.
-@pytest.mark.parametrize("n, what", [(0, "cudaEventQuery"), (2, r"cudaMemcpyAsync \(device to host\)"),
-                                     (5, "cudaLaunchHostFunc"), (7, r"cudaMemcpyAsync \(host to device\)"),
-                                     (9, "cudaEventRecord")])
-def test_async_cuda_runtime_failure_is_internal_error_and_recovers(n, what, fake):
-    x = _data(4)
-    slots = jnp.arange(2, dtype=jnp.int32)
-    with Store(2, 2, 32, 400, 6, 40, storage="f32", path="cuda-async") as s:
-        middle = s.prefill(slots, x["keys"], x["values"], x["codes"], x["lengths"], sink=0, local=1)
-        want = jax.tree.map(np.asarray, s.query(slots, x["q"], x["q_codes"], middle))
-        fake.fail_after(n, 719)
-        with pytest.raises(jax.errors.JaxRuntimeError,
-                           match=f"INTERNAL: .*pigjax_test_cuda_async_lsh_query: {what} failed: unspecified launch"):
-            jax.block_until_ready(engine_store.query(s.handle_array, slots, x["q"], x["q_codes"], middle,
-                                                     path="cuda-async"))
-        got = jax.tree.map(np.asarray, s.query(slots, x["q"], x["q_codes"], middle))
-    for w, g in zip(want, got):
-        np.testing.assert_array_equal(g, w)
 
 
 def _ranked(path, x, storage, b=2, hkv=2, d=32, n=300, K=6, L=40, lr=10):
