@@ -355,6 +355,7 @@ def _generate(model, ids, lengths, max_new_tokens, sampler, backends, seed, stop
                 cache = _fork(prefix, row_lengths, sharding.replicate(mesh, runtime.arrays), config=config,
                               backend=backend, capacity=capacity, out_len=out_len)
                 jax.block_until_ready(cache)
+                runtime.ready()
                 fork_seconds = time.perf_counter() - start - compile_fork[0]
             # _decode donates its state: each back-end gets its own copy of the shared arrays.
             state = DecodeState(cache, *(jnp.copy(x) for x in (out, count, finish, keys)),
@@ -378,6 +379,7 @@ def _generate_own_prefill(model, params, backend, tokens, row_lengths, live, n_r
                                  sharding.replicate(mesh, runtime.arrays), config=model.config, backend=backend,
                                  sampler=sampler, capacity=capacity, out_len=out_len)
             jax.block_until_ready(state)
+            runtime.ready()
             prefill_seconds = time.perf_counter() - start - compile_prefill[0]
         state = DecodeState(*state, jnp.copy(keys), sharding.replicate(mesh, np.zeros((), np.int32)))
         shape = dict(b=b, t=t, capacity=capacity, out_len=out_len, prefill_seconds=prefill_seconds,

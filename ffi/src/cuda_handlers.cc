@@ -20,12 +20,17 @@
 // reaches it, and return after enqueueing step 4: the launching thread never waits. Their staging
 // is a per-thread pool (StagingPool), and an engine error, found after the handler returned, is
 // recorded for take_deferred_error() while the results become NaN / -1 (AsyncMem, run_job).
+// The asynchronous prefill's host function only validates and writes the middle counts: the
+// engine's background thread builds the tables while the stream goes on (BuildMem), and later
+// calls on the store wait for the build inside the engine.
 #include "cuda_handlers.h"
 
 #include <cuda_runtime_api.h>
 
 #include <algorithm>
 #include <atomic>
+#include <condition_variable>
+#include <cstdlib>
 #include <functional>
 #include <limits>
 #include <memory>
@@ -86,6 +91,7 @@ class Staging {
   Staging& operator=(const Staging&) = delete;
   ~Staging() {  // thread exit: errors are ignored (the CUDA context may already be gone)
     if (pending_) cudaEventSynchronize(done_);
+    wait_build();
     if (data_ != nullptr) {
       cudaFreeHost(data_);
       g_staging_bytes -= static_cast<int64_t>(capacity_);
@@ -93,13 +99,14 @@ class Staging {
     if (done_ != nullptr) cudaEventDestroy(done_);
   }
 
-  // Waits until the previous call's result copies have read the buffer, then makes room for
-  // `bytes` (the old contents are not kept).
+  // Waits until the previous call's result copies have read the buffer and a background build
+  // from it is done, then makes room for `bytes` (the old contents are not kept).
   char* reserve(size_t bytes) {
-    if (pending_) {
+    if (pending_) {  // first: the build is queued by a host function before this event
       check(cudaEventSynchronize(done_), "cudaEventSynchronize");
       pending_ = false;
     }
+    wait_build();
     if (bytes > capacity_) {
       const size_t want = std::max(bytes, capacity_ + capacity_ / 2);
       if (data_ != nullptr) {
@@ -117,14 +124,31 @@ class Staging {
     return data_;
   }
 
-  // Whether the last copies that read the buffer have completed (so reserve() would not wait).
+  // Whether the last copies that read the buffer have completed and no background build reads
+  // it (so reserve() would not wait).
   bool idle() {
-    if (!pending_) return true;
-    const cudaError_t e = cudaEventQuery(done_);
-    if (e == cudaErrorNotReady) return false;
-    check(e, "cudaEventQuery");
-    pending_ = false;
-    return true;
+    if (pending_) {
+      const cudaError_t e = cudaEventQuery(done_);
+      if (e == cudaErrorNotReady) return false;
+      check(e, "cudaEventQuery");
+      pending_ = false;
+    }
+    std::lock_guard<std::mutex> lock(build_mu_);
+    return !building_;
+  }
+
+  // A background build (store_prefill_background) reads the buffer from begin_build() until
+  // end_build(), which the engine's background thread calls.
+  void begin_build() {
+    std::lock_guard<std::mutex> lock(build_mu_);
+    building_ = true;
+  }
+  void end_build() {
+    {
+      std::lock_guard<std::mutex> lock(build_mu_);
+      building_ = false;
+    }
+    build_cv_.notify_all();
   }
 
   size_t capacity() const { return capacity_; }
@@ -138,10 +162,18 @@ class Staging {
   }
 
  private:
+  void wait_build() {
+    std::unique_lock<std::mutex> lock(build_mu_);
+    build_cv_.wait(lock, [&] { return !building_; });
+  }
+
   char* data_ = nullptr;
   size_t capacity_ = 0;
   cudaEvent_t done_ = nullptr;
   bool pending_ = false;
+  std::mutex build_mu_;
+  std::condition_variable build_cv_;
+  bool building_ = false;
 };
 
 // The blocking handlers' buffer: one per host thread; a call waits for the previous one's copies.
@@ -152,10 +184,10 @@ Staging& thread_staging() {
 
 // The asynchronous handlers' buffers, per host thread: a call must not wait for the previous
 // calls (their engine work is still queued on the stream), so it takes an idle buffer, else a new
-// one while there are fewer than kMaxBuffers, else the oldest in turn (reserve() then waits).
+// one while there are fewer than max_buffers, else the oldest in turn (reserve() then waits).
 class StagingPool {
  public:
-  static constexpr size_t kMaxBuffers = 64;  // > the sparse layers of one decode step
+  explicit StagingPool(size_t max_buffers) : max_buffers_(max_buffers) {}
 
   Staging& acquire(size_t bytes) {
     Staging* idle = nullptr;
@@ -165,7 +197,7 @@ class StagingPool {
         if (idle == nullptr) idle = b.get();
       }
     if (idle != nullptr) return *idle;
-    if (buffers_.size() < kMaxBuffers) {
+    if (buffers_.size() < max_buffers_) {
       buffers_.push_back(std::make_unique<Staging>());
       return *buffers_.back();
     }
@@ -175,12 +207,32 @@ class StagingPool {
   }
 
  private:
+  const size_t max_buffers_;
   std::vector<std::unique_ptr<Staging>> buffers_;
   size_t next_ = 0;
 };
 
+// Queries and appends: up to a whole step of calls may be queued on the stream at once.
 StagingPool& thread_pool() {
-  thread_local StagingPool pool;
+  thread_local StagingPool pool(64);  // > the sparse layers of one decode step
+  return pool;
+}
+
+// Background prefills: each buffer holds a whole layer's keys, values and codes until its tables
+// are built, so few are kept: PIGJAX_CUDA_PREFILL_BUFFERS (default 2: one layer's build overlaps
+// the next layer's prefill on the GPU; a third prefill waits for the first build).
+size_t prefill_buffers() {
+  const char* env = std::getenv("PIGJAX_CUDA_PREFILL_BUFFERS");
+  if (env != nullptr) {
+    char* end = nullptr;
+    const long v = std::strtol(env, &end, 10);
+    if (end != env && *end == '\0' && v >= 1 && v <= 64) return static_cast<size_t>(v);
+  }
+  return 2;
+}
+
+StagingPool& thread_build_pool() {
+  thread_local StagingPool pool(prefill_buffers());
   return pool;
 }
 
@@ -256,6 +308,7 @@ class StagedMem {
   cudaStream_t stream_;
   std::vector<StagedResult> results_;
   bool unsynced_ = false;
+  Staging* staging_ = nullptr;
 
  private:
   char* take(size_t bytes) {
@@ -266,7 +319,6 @@ class StagedMem {
     return p;
   }
 
-  Staging* staging_ = nullptr;
   char* base_ = nullptr;
   size_t size_ = 0;
   size_t used_ = 0;
@@ -275,6 +327,7 @@ class StagedMem {
 // The Mem policy of ffi_store_calls.h for the blocking handlers: see the top of this file.
 class DeviceMem : public StagedMem {
  public:
+  static constexpr bool kBackgroundPrefill = false;
   explicit DeviceMem(cudaStream_t stream) : StagedMem(stream) {}
 
   void begin(size_t bytes) { start(thread_staging(), bytes); }
@@ -330,6 +383,7 @@ void CUDART_CB run_job(void* p) {
 // and returns without waiting; the stream runs the engine when it gets there.
 class AsyncMem : public StagedMem {
  public:
+  static constexpr bool kBackgroundPrefill = false;
   explicit AsyncMem(cudaStream_t stream) : StagedMem(stream) {}
 
   void begin(size_t bytes) { start(thread_pool().acquire(bytes), bytes); }
@@ -350,6 +404,66 @@ class AsyncMem : public StagedMem {
   }
 };
 
+// The end of a background build (store_prefill_background's done, on the engine's background
+// thread): an error is recorded for take_deferred_error(), and the staging buffer is free again.
+struct BuildDoneCtx {
+  Staging* staging;
+  int64_t handle;
+  std::string name;
+};
+
+void build_done(void* p, const char* message) {
+  std::unique_ptr<BuildDoneCtx> ctx(static_cast<BuildDoneCtx*>(p));
+  if (message != nullptr && *message != '\0') defer_error(ctx->handle, ctx->name + ": " + message);
+  ctx->staging->end_build();
+}
+
+// The Mem policy of the asynchronous prefill: as AsyncMem, but its host function only validates,
+// writes the middle counts and hands the table build to the engine's background thread, so the
+// stream goes on with the next layers while the tables are built (docs/gpu_engine.md). The
+// staging buffer, which the build reads, stays taken until the build is done; a later call on
+// the store waits for the build in the engine.
+class BuildMem : public StagedMem {
+ public:
+  static constexpr bool kBackgroundPrefill = true;
+  explicit BuildMem(cudaStream_t stream) : StagedMem(stream) {}
+
+  void begin(size_t bytes) { start(thread_build_pool().acquire(bytes), bytes); }
+
+  std::string run_background_prefill(const char* name, const ArrayView<const int32_t>& h,
+                                     const StoreOps& ops, const PrefillArgs& args) {
+    std::string err = ffi_calls::handle_rank_error(h);
+    if (!err.empty()) return err;
+    Staging* staging = staging_;
+    auto job = std::make_unique<AsyncJob>();
+    job->name = name;
+    job->handle = h;
+    job->results = results_;
+    job->op = [&ops, args, staging, target = std::string(name)](int64_t handle) {
+      try {
+        auto ctx = std::make_unique<BuildDoneCtx>(BuildDoneCtx{staging, handle, target});
+        std::string e = ops.prefill_background(handle, args, build_done, ctx.get());
+        if (e.empty()) ctx.release();  // build_done owns it
+        else staging->end_build();     // invalid: no build was queued
+        return e;
+      } catch (...) {
+        staging->end_build();
+        throw;
+      }
+    };
+    staging->begin_build();
+    try {
+      check(cudaLaunchHostFunc(stream_, run_job, job.get()), "cudaLaunchHostFunc");
+    } catch (...) {
+      staging->end_build();
+      throw;
+    }
+    job.release();  // run_job owns it now
+    send();
+    return "";
+  }
+};
+
 const EngineApi& api() {
   const EngineApi* a = g_api.load();
   if (a == nullptr)
@@ -363,7 +477,11 @@ std::string prefill_op(int64_t h, const PrefillArgs& a) { return api().ops.prefi
 std::string append_op(int64_t h, const AppendArgs& a) { return api().ops.append(h, a); }
 std::string query_op(int64_t h, const QueryArgs& a) { return api().ops.query(h, a); }
 std::string query_ranked_op(int64_t h, const RankedQueryArgs& a) { return api().ops.query_ranked(h, a); }
-const StoreOps kOps = {prefill_op, append_op, query_op, query_ranked_op};
+std::string prefill_background_op(int64_t h, const PrefillArgs& a, void (*done)(void*, const char*),
+                                  void* ctx) {
+  return api().ops.prefill_background(h, a, done, ctx);
+}
+const StoreOps kOps = {prefill_op, append_op, query_op, query_ranked_op, prefill_background_op};
 
 // The handlers, blocking (Mem = DeviceMem) or asynchronous (AsyncMem); Name is the target's.
 constexpr char kPrefillName[] = PIGJAX_CUDA_TARGET("lsh_prefill");
@@ -435,7 +553,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(PigjaxCudaLshQueryRanked, (LshQueryRanked<DeviceMe
 XLA_FFI_DEFINE_HANDLER_SYMBOL(PigjaxCudaAsyncLshQueryRanked,
                               (LshQueryRanked<AsyncMem, kAsyncRankedName>),
                               ffi_calls::bind_query_ranked(with_stream()));
-XLA_FFI_DEFINE_HANDLER_SYMBOL(PigjaxCudaAsyncLshPrefill, (LshPrefill<DeviceMem, kAsyncPrefillName>),
+XLA_FFI_DEFINE_HANDLER_SYMBOL(PigjaxCudaAsyncLshPrefill, (LshPrefill<BuildMem, kAsyncPrefillName>),
                               ffi_calls::bind_prefill(with_stream()));
 XLA_FFI_DEFINE_HANDLER_SYMBOL(PigjaxCudaAsyncLshQuery, (LshQuery<AsyncMem, kAsyncQueryName>),
                               ffi_calls::bind_query(with_stream()));

@@ -18,9 +18,12 @@ struct StoreOps {
   std::string (*append)(int64_t handle, const AppendArgs& args);
   std::string (*query)(int64_t handle, const QueryArgs& args);
   std::string (*query_ranked)(int64_t handle, const RankedQueryArgs& args);
+  // store.h, store_prefill_background
+  std::string (*prefill_background)(int64_t handle, const PrefillArgs& args,
+                                    void (*done)(void* ctx, const char* message), void* ctx);
 };
 
-constexpr uint32_t kEngineApiVersion = 2;
+constexpr uint32_t kEngineApiVersion = 3;
 constexpr const char* kEngineApiName = "pigjax.EngineApi";
 
 struct EngineApi {

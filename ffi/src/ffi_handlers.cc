@@ -25,6 +25,7 @@ using ffi_calls::to_vec;
 
 // Host memory (the CPU platform): operands and results are viewed in place, nothing is staged.
 struct HostMem {
+  static constexpr bool kBackgroundPrefill = false;
   void begin(size_t /*bytes*/) {}
   template <ffi::DataType T>
   ArrayView<const ffi::NativeType<T>> in(const ffi::Buffer<T>& b) {
@@ -40,7 +41,8 @@ struct HostMem {
   }
 };
 
-const StoreOps kStoreOps = {store_prefill, store_append, store_query, store_query_ranked};
+const StoreOps kStoreOps = {store_prefill, store_append, store_query, store_query_ranked,
+                            store_prefill_background};
 
 // x: f32 [..., d]; proj: f32 [d, K*L] (or [*batch, d, K*L] under jax.vmap with
 // vmap_method="expand_dims"); attr K; out: s32 [..., L].

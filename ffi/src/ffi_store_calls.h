@@ -16,6 +16,10 @@
 //                                                   results; returns op's message, or "" where
 //                                                   op runs later (the asynchronous CUDA handlers:
 //                                                   their errors are deferred, cuda_handlers.cc)
+//   static constexpr bool kBackgroundPrefill        whether a prefill only validates and hands the
+//                                                   table build to the engine's background thread
+//                                                   (then run_background_prefill(name, h, ops, args)
+//                                                   replaces run; cuda_handlers.cc, BuildMem)
 // and StoreOps (engine_api.h) the engine's calls: store_prefill / ... / store_query_ranked
 // themselves in pigjax._engine, the table pigjax._engine exports in the CUDA module.
 // A failure of the memory layer (e.g. a CUDA call) is thrown as an exception and becomes INTERNAL.
@@ -102,7 +106,8 @@ ffi::Error lsh_prefill(const char* name, const StoreOps& ops, Mem& mem,
     a.middle_counts = mem.out(middle_counts);
     a.sink = sink;
     a.local = local;
-    return mem.run(name, h, [&ops, a](int64_t handle) { return ops.prefill(handle, a); });
+    if constexpr (Mem::kBackgroundPrefill) return mem.run_background_prefill(name, h, ops, a);
+    else return mem.run(name, h, [&ops, a](int64_t handle) { return ops.prefill(handle, a); });
   });
 }
 

@@ -10,6 +10,7 @@
 #include <vector>
 
 #include "engine_api.h"
+#include "background.h"
 #include "ffi_handlers.h"
 #include "query.h"
 #include "query_ranked.h"
@@ -103,7 +104,7 @@ NB_MODULE(_engine, m) {
     static const pigjax::EngineApi api = {
         sizeof(pigjax::EngineApi), pigjax::kEngineApiVersion,
         {pigjax::store_prefill, pigjax::store_append, pigjax::store_query,
-         pigjax::store_query_ranked}};
+         pigjax::store_query_ranked, pigjax::store_prefill_background}};
     return nb::capsule(&api, pigjax::kEngineApiName);
   }, "PyCapsule 'pigjax.EngineApi': the store calls (engine_api.h) for the CUDA handler module, "
      "which reaches this module's store registry through it.");
@@ -243,6 +244,24 @@ NB_MODULE(_engine, m) {
     std::string err;
     if (!pigjax::store_free(handle, &err)) throw nb::value_error(("store_free: " + err).c_str());
   }, nb::arg("handle"), "Free a store (ValueError for an unknown or already freed handle).");
+
+  m.def("store_pending_builds", [](int64_t handle) {
+    std::string err;
+    const int n = pigjax::store_pending_builds(handle, &err);
+    if (n < 0) throw nb::value_error(("store_pending_builds: " + err).c_str());
+    return n;
+  }, nb::arg("handle"),
+     "Background prefills of the store (the cuda-async path's) whose tables are not built yet.");
+
+  m.def("store_wait_builds", [](int64_t handle) {
+    std::string err;
+    nb::gil_scoped_release release;
+    return pigjax::store_wait_builds(handle, &err);
+  }, nb::arg("handle"),
+     "Wait until the store's background prefills are built; False for an unknown or freed handle.");
+
+  m.def("hold_background", [](bool hold) { pigjax::hold_background(hold); }, nb::arg("hold"),
+        "Test hook: while held, background table builds wait (see ffi/src/background.h).");
 
   m.def("store_info", [](int64_t handle) {
     pigjax::StoreInfo info;

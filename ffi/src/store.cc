@@ -12,10 +12,12 @@
 #include <cstdlib>
 #include <cstring>
 #include <limits>
+#include <memory>
 #include <mutex>
 #include <shared_mutex>
 #include <unordered_map>
 
+#include "background.h"
 #include "bf16.h"
 #include "sketch.h"
 #include "store_layout.h"
@@ -38,15 +40,20 @@ int64_t g_next_handle = 1;
 
 }  // namespace
 
-std::shared_ptr<Store> lookup_store(int64_t handle, std::string* err) {
-  std::lock_guard<std::mutex> lock(g_registry_mu);
-  auto& r = registry();
-  auto it = r.find(handle);
-  if (it == r.end()) {
-    *err = "unknown or freed store handle " + std::to_string(handle);
-    return nullptr;
+std::shared_ptr<Store> lookup_store(int64_t handle, std::string* err, bool wait_builds) {
+  std::shared_ptr<Store> st;
+  {
+    std::lock_guard<std::mutex> lock(g_registry_mu);
+    auto& r = registry();
+    auto it = r.find(handle);
+    if (it == r.end()) {
+      *err = "unknown or freed store handle " + std::to_string(handle);
+      return nullptr;
+    }
+    st = it->second;
   }
-  return it->second;
+  if (wait_builds) st->wait_builds();
+  return st;
 }
 
 namespace {
@@ -225,6 +232,7 @@ bool store_free(int64_t handle, std::string* err) {
     victim = std::move(it->second);
     r.erase(it);
   }
+  victim->wait_builds();  // a build in flight would outlive the call that frees its store
   return true;
 }
 
@@ -326,15 +334,13 @@ void grow(std::vector<T>& v, int64_t tokens, int64_t room, int64_t row) {
 // prefill
 // ----------------------------------------------------------------------------------------
 
-std::string store_prefill(int64_t handle, const PrefillArgs& io) {
-  std::string err;
-  std::shared_ptr<Store> st = lookup_store(handle, &err);
-  if (!st) return err;
+namespace {
+
+// The writes of a validated prefill (middle[b]: row b's middle count), under the exclusive lock;
+// the caller reports the counts. May throw (std::bad_alloc).
+void build_prefill(Store* st, const PrefillArgs& io, const std::vector<int64_t>& middle) {
   const StoreConfig& c = st->cfg;
   const int64_t Hkv = c.kv_heads, d = c.head_dim, L = c.L;
-  std::vector<int64_t> middle;  // per row
-  err = validate_prefill(c, io, &middle);
-  if (!err.empty()) return err;
   const int64_t B = io.slots.dims[0], n = io.keys.dims[2];
 
   std::unique_lock<std::shared_mutex> lock(st->mu);
@@ -445,9 +451,58 @@ std::string store_prefill(int64_t handle, const PrefillArgs& io) {
     SlotData& s = st->slots[io.slots.data[b]];
     s.n = middle[b];
     s.prefilled = true;
-    io.middle_counts.data[b] = static_cast<int32_t>(middle[b]);
   }
+}
+
+void write_counts(const PrefillArgs& io, const std::vector<int64_t>& middle) {
+  for (size_t b = 0; b < middle.size(); ++b) io.middle_counts.data[b] = static_cast<int32_t>(middle[b]);
+}
+
+}  // namespace
+
+std::string store_prefill(int64_t handle, const PrefillArgs& io) {
+  std::string err;
+  std::shared_ptr<Store> st = lookup_store(handle, &err);
+  if (!st) return err;
+  std::vector<int64_t> middle;  // per row
+  err = validate_prefill(st->cfg, io, &middle);
+  if (!err.empty()) return err;
+  build_prefill(st.get(), io, middle);
+  write_counts(io, middle);
   return "";
+}
+
+std::string store_prefill_background(int64_t handle, const PrefillArgs& io, BuildDone done, void* ctx) {
+  std::string err;
+  std::shared_ptr<Store> st = lookup_store(handle, &err, /*wait_builds=*/false);
+  if (!st) return err;
+  auto middle = std::make_shared<std::vector<int64_t>>();
+  err = validate_prefill(st->cfg, io, middle.get());
+  if (!err.empty()) return err;
+  write_counts(io, *middle);
+  st->begin_build();
+  PrefillArgs args = io;
+  args.middle_counts = {};  // reported above; the build must not write it again
+  run_in_background([st, args, middle, done, ctx] {
+    std::string build_err;
+    try {
+      build_prefill(st.get(), args, *middle);
+    } catch (const std::exception& e) {
+      build_err = std::string("internal error while building the tables: ") + e.what();
+    } catch (...) {
+      build_err = "internal error while building the tables";
+    }
+    done(ctx, build_err.c_str());  // first: a caller that waited for the build sees its error
+    st->end_build();
+  });
+  return "";
+}
+
+bool store_wait_builds(int64_t handle, std::string* err) { return lookup_store(handle, err) != nullptr; }
+
+int store_pending_builds(int64_t handle, std::string* err) {
+  std::shared_ptr<Store> st = lookup_store(handle, err, /*wait_builds=*/false);
+  return st ? st->pending_builds() : -1;
 }
 
 // ----------------------------------------------------------------------------------------

@@ -157,4 +157,17 @@ bool store_info(int64_t handle, StoreInfo* info, std::string* err);
 std::string store_prefill(int64_t handle, const PrefillArgs& args);
 std::string store_append(int64_t handle, const AppendArgs& args);
 
+// The non-blocking prefill (docs/gpu_engine.md, "Table building overlapped with the prefill"):
+// validates as store_prefill and writes middle_counts, then returns while the background thread
+// (background.h) builds the tables from the operands, which must stay valid until it calls
+// done(ctx, message) (message "" on success, else an internal error). Every other call on the
+// store, free included, first waits for its builds; background prefills run in the order they
+// were made. Returns a validation message (done is then never called), or "".
+using BuildDone = void (*)(void* ctx, const char* message);
+std::string store_prefill_background(int64_t handle, const PrefillArgs& args, BuildDone done, void* ctx);
+// Background prefills of the store not yet built, or -1 with *err set for an unknown handle.
+int store_pending_builds(int64_t handle, std::string* err);
+// Waits until the store's background prefills are built; false with *err set for an unknown handle.
+bool store_wait_builds(int64_t handle, std::string* err);
+
 }  // namespace pigjax

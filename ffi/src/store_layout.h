@@ -5,6 +5,7 @@
 #pragma once
 
 #include <algorithm>
+#include <condition_variable>
 #include <cstdint>
 #include <map>
 #include <memory>
@@ -113,6 +114,28 @@ struct Store {
   std::shared_mutex mu;            // prefill / append: exclusive; query: shared
   std::vector<SlotData> slots;
 
+  // Background prefills (store_prefill_background) queued or running: every other call on the
+  // store waits until none is left (lookup_store), so it sees the tables they build.
+  void begin_build() {
+    std::lock_guard<std::mutex> lock(builds_mu);
+    ++builds;
+  }
+  void end_build() {
+    {
+      std::lock_guard<std::mutex> lock(builds_mu);
+      --builds;
+    }
+    builds_cv.notify_all();
+  }
+  void wait_builds() {
+    std::unique_lock<std::mutex> lock(builds_mu);
+    builds_cv.wait(lock, [&] { return builds == 0; });
+  }
+  int pending_builds() {
+    std::lock_guard<std::mutex> lock(builds_mu);
+    return builds;
+  }
+
   // The weight table of a query that samples with `tables` of the L tables (query_ranked.h):
   // built on first use, then kept (a table is ~150 kB; a store sees one or two table counts).
   const LogWeightTable& weights_for_tables(int tables) {
@@ -124,12 +147,16 @@ struct Store {
   }
 
  private:
+  std::mutex builds_mu;
+  std::condition_variable builds_cv;
+  int builds = 0;
   std::mutex subset_mu;
   std::map<int, std::unique_ptr<LogWeightTable>> subset_weights;
 };
 
 // The store of a handle (kept alive by the returned pointer even if freed meanwhile), or null
-// with *err set for an unknown or freed handle. Defined in store.cc.
-std::shared_ptr<Store> lookup_store(int64_t handle, std::string* err);
+// with *err set for an unknown or freed handle. Unless wait_builds is false (a background prefill
+// being queued), first waits for the store's background prefills. Defined in store.cc.
+std::shared_ptr<Store> lookup_store(int64_t handle, std::string* err, bool wait_builds = true);
 
 }  // namespace pigjax

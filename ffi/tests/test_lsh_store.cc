@@ -6,6 +6,8 @@
 // memory limit (PIGJAX_ENGINE_MAX_BYTES, MemAvailable). Built and run by
 // scripts/sanitize_ffi.sh (ASan+UBSan, or TSan).
 #include <algorithm>
+#include <atomic>
+#include <chrono>
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
@@ -18,6 +20,7 @@
 #include <thread>
 #include <vector>
 
+#include "background.h"
 #include "bf16.h"
 #include "query.h"
 #include "query_ranked.h"
@@ -928,6 +931,78 @@ static void test_ranked_query() {
         "sketch_tables: %s", err.c_str());
 }
 
+// store_prefill_background: counts at once, tables built on the background thread (held here
+// until released, so the order is deterministic); a query made meanwhile waits for the build and
+// equals the blocking prefill's bit for bit; an invalid call never queues a build.
+static void test_background_prefill() {
+  const Case c = {"background", StoreStorage::kBF16, 4, 12, 2, 4, 128, 300, 2, 4, 4, 64, 11};
+  const Data D = make_data(c);
+  std::string err;
+  const int64_t h1 = create(c);
+  std::vector<int32_t> mc1;
+  err = store_prefill(h1, prefill_io(c, D, &mc1));
+  CHECK(err.empty(), "background: blocking prefill: %s", err.c_str());
+  QueryOut want;
+  err = store_query(h1, query_io(c, D, &want));
+  CHECK(err.empty(), "background: blocking query: %s", err.c_str());
+
+  struct Done { std::atomic<int> calls{0}; std::string message; } done;
+  auto on_done = [](void* ctx, const char* message) {
+    Done* d = static_cast<Done*>(ctx);
+    d->message = message;
+    d->calls.fetch_add(1);
+  };
+  const int64_t h2 = create(c);
+  std::vector<int32_t> mc2;
+  hold_background(true);
+  err = store_prefill_background(h2, prefill_io(c, D, &mc2), on_done, &done);
+  CHECK(err.empty(), "background prefill: %s", err.c_str());
+  CHECK(mc2 == mc1, "background prefill: counts differ from the blocking prefill's");
+  CHECK(store_pending_builds(h2, &err) == 1 && done.calls.load() == 0, "background: build not pending");
+  QueryOut got;
+  std::atomic<bool> queried{false};
+  std::thread query([&] {
+    const std::string e = store_query(h2, query_io(c, D, &got));
+    CHECK(e.empty(), "background: query: %s", e.c_str());
+    queried = true;
+  });
+  std::this_thread::sleep_for(std::chrono::milliseconds(50));
+  CHECK(!queried.load(), "background: the query ran before the build");
+  hold_background(false);
+  query.join();
+  CHECK(done.calls.load() == 1 && done.message.empty(), "background: done called %d times, '%s'",
+        done.calls.load(), done.message.c_str());
+  CHECK(store_pending_builds(h2, &err) == 0, "background: still pending");
+  CHECK(got.out == want.out && got.lse == want.lse && got.sampled == want.sampled,
+        "background: query differs from the blocking prefill's");
+
+  std::vector<int32_t> bad_slots = {0, int32_t(c.slots)};
+  PrefillArgs bad = prefill_io(c, D, &mc2);
+  bad.slots.data = bad_slots.data();
+  err = store_prefill_background(h2, bad, on_done, &done);
+  CHECK(contains(err, "out of range") && done.calls.load() == 1 && store_pending_builds(h2, &err) == 0,
+        "background: invalid slots: '%s'", err.c_str());
+  err = store_prefill_background(987654321, prefill_io(c, D, &mc2), on_done, &done);
+  CHECK(contains(err, "unknown or freed store handle"), "background: unknown handle: '%s'", err.c_str());
+
+  // Freeing waits for a queued build (which reads the caller's arrays until done).
+  hold_background(true);
+  err = store_prefill_background(h2, prefill_io(c, D, &mc2), on_done, &done);
+  CHECK(err.empty(), "background prefill 2: %s", err.c_str());
+  std::atomic<bool> freed{false};
+  std::thread free_it([&] {
+    std::string e;
+    CHECK(store_free(h2, &e), "background: free: %s", e.c_str());
+    freed = true;
+  });
+  std::this_thread::sleep_for(std::chrono::milliseconds(50));
+  CHECK(!freed.load(), "background: free returned before the build");
+  hold_background(false);
+  free_it.join();
+  CHECK(done.calls.load() == 2, "background: second build not done");
+  CHECK(store_free(h1, &err), "free: %s", err.c_str());
+}
+
 int main() {
   test_bf16();
   // The query's parallel shapes: auto (default), per KV head, split within a KV head, split by
@@ -946,6 +1021,7 @@ int main() {
   test_memory();
   test_errors();
   test_ranked_query();
+  test_background_prefill();
   if (g_failures) {
     std::fprintf(stderr, "test_lsh_store: %d check(s) FAILED\n", g_failures);
     return 1;

@@ -60,6 +60,12 @@ class Runtime:
     arrays: Any = None
     store: Any = None
 
+    def ready(self):
+        """Wait until the store has built what it was sent (the "cuda-async" prefill builds its
+        tables in the background) and raise any error it deferred; then the cache is complete."""
+        if self.store is not None:
+            self.store.check()
+
 
 def init_kv(batch: int, kv_heads: int, capacity: int, head_dim: int, dtype) -> KV:
     shape = (batch, kv_heads, capacity, head_dim)

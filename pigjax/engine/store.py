@@ -15,7 +15,9 @@ as an input (`append` returns the totals, which the next call takes). Four paths
   copies, the engine's work (a host function the stream runs when it gets there) and the copies
   back, and return, so XLA keeps launching the step's GPU work meanwhile (docs/gpu_engine.md).
   Engine errors are then found after the handler returned: they are treated as on the "callback"
-  path (NaN / -1 results, raised by the Store). Its prefill blocks, as "cuda-ffi"'s.
+  path (NaN / -1 results, raised by the Store). Its prefill validates and returns the middle
+  counts while the engine's background thread builds the tables, so the GPU goes on with the next
+  layers; every later call on the store waits for the build inside the engine.
 - "callback" (any backend, e.g. a GPU): `io_callback` into the engine's NumPy entry points; JAX
   copies the inputs to the host and the results back (tens of µs plus the copies). An engine
   error there does not raise inside the callback (see `_CallbackErrors`): the call returns NaN
@@ -254,6 +256,7 @@ def raise_callback_error(handle: int):
     """Raise PigjaxError if a callback-path or cuda-async-path call on `handle` failed since the
     last check (the engine's message; the cuda-async handlers record theirs in C++)."""
     message = _callback_errors.take(int(handle))
+    _engine.store_wait_builds(int(handle))  # a background build's error is known when it is done
     if message is None:
         message = native.take_deferred_error(int(handle))
     if message is not None:

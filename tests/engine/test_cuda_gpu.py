@@ -143,3 +143,26 @@ def test_ranked_query_equals_callback_bit_for_bit(path):
     for w, g in zip(want, got):
         np.testing.assert_array_equal(g, w)
     assert want[3].sum() > 0
+
+
+def test_async_prefill_program_ends_before_its_tables_are_built():
+    """cuda-async: the prefill's program finishes while its table build is held on the engine's
+    background thread; the next query waits for the build and equals the callback path's."""
+    x = _data(5)
+    slots = jnp.arange(2, dtype=jnp.int32)
+    with Store(2, 2, 32, 316, 6, 40, storage="bf16", path="callback") as s:
+        middle = s.prefill(slots, x["keys"], x["values"], x["codes"], x["lengths"], sink=2, local=5)
+        want = jax.tree.map(np.asarray, (middle, s.query(slots, x["q"], x["q_codes"], middle)))
+    prefill = jax.jit(lambda h, k: engine_store.prefill(h, slots, k, x["values"], x["codes"], x["lengths"],
+                                                         sink=2, local=5, path="cuda-async"))
+    with Store(2, 2, 32, 316, 6, 40, storage="bf16", path="cuda-async") as s:
+        jax.block_until_ready(prefill(s.handle_array, x["keys"]))  # compile
+        native._engine.hold_background(True)
+        try:
+            middle = jax.block_until_ready(prefill(s.handle_array, x["keys"]))
+            assert native._engine.store_pending_builds(s.handle) == 1
+        finally:
+            native._engine.hold_background(False)
+        got = jax.tree.map(np.asarray, (middle, s.query(slots, x["q"], x["q_codes"], middle)))
+    for w, g in zip(jax.tree.leaves(want), jax.tree.leaves(got)):
+        np.testing.assert_array_equal(g, w)

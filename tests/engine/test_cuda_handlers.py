@@ -323,3 +323,84 @@ def test_ranked_query_errors_on_both_cuda_paths():
                     f"{target}: rank_tables must equal the store's sketch_tables = 10")
             out = s.query_ranked(slots, x["q"], x["q_codes"], middle, rank_tables=10, top=0.1)
             assert np.isfinite(np.asarray(out[0])).all()
+
+
+def _jitted_prefill(s, slots, x, path, lengths=None):
+    lengths = x["lengths"] if lengths is None else lengths
+    run = jax.jit(lambda h, k: engine_store.prefill(h, slots, k, x["values"], x["codes"], lengths, sink=2, local=5,
+                                                     path=path))
+    return jax.block_until_ready(run(s.handle_array, x["keys"]))
+
+
+def test_async_prefill_returns_before_its_tables_are_built(fake):
+    """cuda-async: the prefill's host function validates, writes the middle counts and queues the
+    table build on the engine's background thread, so the program finishes while the build is held;
+    a later call on the store waits for the build inside the engine and gets the same answer as the
+    CPU path. The build's staging buffer is kept until the build is done, then reused."""
+    x = _data(7)
+    slots = jnp.arange(2, dtype=jnp.int32)
+    with Store(2, 2, 32, 400, 6, 40, storage="bf16", path="ffi") as s:
+        want_middle = np.asarray(_jitted_prefill(s, slots, x, "ffi"))
+        want = jax.tree.map(np.asarray, s.query(slots, x["q"], x["q_codes"], jnp.asarray(want_middle)))
+    with Store(2, 2, 32, 400, 6, 40, storage="bf16", path="cuda-async") as s:
+        _jitted_prefill(s, slots, x, "cuda-async")  # compile; builds at once
+        fake.reset_counters()
+        native._engine.hold_background(True)
+        try:
+            middle = np.asarray(_jitted_prefill(s, slots, x, "cuda-async"))
+            assert native._engine.store_pending_builds(s.handle) == 1
+        finally:
+            native._engine.hold_background(False)
+        got = jax.tree.map(np.asarray, s.query(slots, x["q"], x["q_codes"], jnp.asarray(middle)))
+        assert native._engine.store_pending_builds(s.handle) == 0
+        c = fake.counters()
+        assert c["stream_syncs"] == 0 and c["host_funcs"] >= 1
+        assert c["host_allocs"] <= 1  # the second prefill reused the first one's buffer
+    np.testing.assert_array_equal(middle, want_middle)
+    for w, g in zip(want, got):
+        np.testing.assert_array_equal(g, w)
+
+
+def test_async_prefill_errors_are_deferred_and_free_the_buffer():
+    """An invalid prefill on cuda-async: -1 counts, no build queued, the error raised by the Store
+    (eagerly at once, for jitted callers by raise_callback_error) naming the async target; more
+    prefills than staging buffers (PIGJAX_CUDA_PREFILL_BUFFERS, 2) then still run."""
+    x = _data(8)
+    slots = jnp.arange(2, dtype=jnp.int32)
+    s = Store(3, 2, 32, 200, 6, 40, storage="f32", path="cuda-async")
+    full = jnp.full((2,), 300, jnp.int32)
+    with pytest.raises(PigjaxError, match=r"pigjax_test_cuda_async_lsh_prefill: row 0: middle count 293 .* exceeds"):
+        s.prefill(slots, x["keys"], x["values"], x["codes"], full, sink=2, local=5)
+    counts = np.asarray(_jitted_prefill(s, slots, x, "cuda-async", lengths=full))
+    assert (counts == -1).all() and native._engine.store_pending_builds(s.handle) == 0
+    with pytest.raises(PigjaxError, match="pigjax_test_cuda_async_lsh_prefill: row 0: middle count"):
+        engine_store.raise_callback_error(s.handle)
+    assert s.info()["prefilled"] == [False, False, False]
+    for _ in range(4):
+        middle = _jitted_prefill(s, slots, x, "cuda-async", lengths=full // 2)
+    out = s.query(slots, x["q"], x["q_codes"], middle)
+    assert np.isfinite(np.asarray(out[0])).all() and s.info()["prefilled"] == [True, True, False]
+    s.close()
+
+
+@pytest.mark.parametrize("path", ["cuda-ffi", "cuda-async"])
+def test_generate_with_magicpig_on_cuda_paths_equals_cpu_path(path, fake):
+    """pigjax.generate end to end (the tables built at the fork, background-built on cuda-async,
+    then decode steps that query them): the same tokens as the CPU path, and the cache is complete
+    when generate reports its build time."""
+    import pigjax
+    from pigjax import LlamaConfig
+    from pigjax.models import llama
+
+    config = LlamaConfig(vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=4,
+                         num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=1024)
+    params = llama.LlamaModel(config).init(jax.random.key(3), jnp.zeros((1, 4), jnp.int32))["params"]
+    model = pigjax.Model(config, jax.tree.map(lambda p: p * 2.0 if p.ndim > 1 else p, params))
+    prompts = np.random.default_rng(0).integers(0, 97, (2, 300)).tolist()
+    want = pigjax.generate(model, prompts, max_new_tokens=12, attention=pigjax.MagicPIG(K=6, L=30, path="ffi"))
+    fake.reset_counters()
+    got = pigjax.generate(model, prompts, max_new_tokens=12, attention=pigjax.MagicPIG(K=6, L=30, path=path))
+    c = fake.counters()
+    assert c["d2h_copies"] > 0 and (c["host_funcs"] > 0) == (path == "cuda-async")
+    assert got.tokens == want.tokens
+    assert got.stats["fraction_read"] == want.stats["fraction_read"] > 0
