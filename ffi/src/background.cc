@@ -49,6 +49,7 @@ class BackgroundQueue {
       tasks_.pop_front();
       lock.unlock();
       task();
+      task = nullptr;  // its captures (a freed store's last reference) go before the lock is retaken
       lock.lock();
     }
   }

@@ -157,6 +157,7 @@ def test_async_prefill_program_ends_before_its_tables_are_built():
                                                          sink=2, local=5, path="cuda-async"))
     with Store(2, 2, 32, 316, 6, 40, storage="bf16", path="cuda-async") as s:
         jax.block_until_ready(prefill(s.handle_array, x["keys"]))  # compile
+        assert native._engine.store_wait_builds(s.handle)
         native._engine.hold_background(True)
         try:
             middle = jax.block_until_ready(prefill(s.handle_array, x["keys"]))

@@ -343,7 +343,8 @@ def test_async_prefill_returns_before_its_tables_are_built(fake):
         want_middle = np.asarray(_jitted_prefill(s, slots, x, "ffi"))
         want = jax.tree.map(np.asarray, s.query(slots, x["q"], x["q_codes"], jnp.asarray(want_middle)))
     with Store(2, 2, 32, 400, 6, 40, storage="bf16", path="cuda-async") as s:
-        _jitted_prefill(s, slots, x, "cuda-async")  # compile; builds at once
+        _jitted_prefill(s, slots, x, "cuda-async")  # compile
+        assert native._engine.store_wait_builds(s.handle)
         fake.reset_counters()
         native._engine.hold_background(True)
         try:
