@@ -423,44 +423,31 @@ void build_done(void* p, const char* message) {
 // stream goes on with the next layers while the tables are built (docs/gpu_engine.md). The
 // staging buffer, which the build reads, stays taken until the build is done; a later call on
 // the store waits for the build in the engine.
-class BuildMem : public StagedMem {
+class BuildMem : public AsyncMem {
  public:
   static constexpr bool kBackgroundPrefill = true;
-  explicit BuildMem(cudaStream_t stream) : StagedMem(stream) {}
+  explicit BuildMem(cudaStream_t stream) : AsyncMem(stream) {}
 
   void begin(size_t bytes) { start(thread_build_pool().acquire(bytes), bytes); }
 
   std::string run_background_prefill(const char* name, const ArrayView<const int32_t>& h,
                                      const StoreOps& ops, const PrefillArgs& args) {
-    std::string err = ffi_calls::handle_rank_error(h);
-    if (!err.empty()) return err;
     Staging* staging = staging_;
-    auto job = std::make_unique<AsyncJob>();
-    job->name = name;
-    job->handle = h;
-    job->results = results_;
-    job->op = [&ops, args, staging, target = std::string(name)](int64_t handle) {
+    return run(name, h, [&ops, args, staging, target = std::string(name)](int64_t handle) {
+      auto ctx = std::make_unique<BuildDoneCtx>(BuildDoneCtx{staging, handle, target});
+      // Marked on the stream, before the event that would free the buffer (idle(), reserve()).
+      staging->begin_build();
+      std::string e;
       try {
-        auto ctx = std::make_unique<BuildDoneCtx>(BuildDoneCtx{staging, handle, target});
-        std::string e = ops.prefill_background(handle, args, build_done, ctx.get());
-        if (e.empty()) ctx.release();  // build_done owns it
-        else staging->end_build();     // invalid: no build was queued
-        return e;
+        e = ops.prefill_background(handle, args, build_done, ctx.get());
       } catch (...) {
         staging->end_build();
         throw;
       }
-    };
-    staging->begin_build();
-    try {
-      check(cudaLaunchHostFunc(stream_, run_job, job.get()), "cudaLaunchHostFunc");
-    } catch (...) {
-      staging->end_build();
-      throw;
-    }
-    job.release();  // run_job owns it now
-    send();
-    return "";
+      if (e.empty()) ctx.release();  // build_done owns it
+      else staging->end_build();     // invalid: no build was queued
+      return e;
+    });
   }
 };
 

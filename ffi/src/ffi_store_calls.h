@@ -208,35 +208,34 @@ auto bind_prefill(B b) {
       .template Ret<ffi::Buffer<ffi::S32>>();  // middle_counts
 }
 
+// What both queries take after their attributes, and their first three results.
 template <typename B>
-auto bind_query(B b) {
+auto bind_query_operands(B b) {
   return std::move(b)
-      .template Arg<ffi::Buffer<ffi::S32>>()  // handle (rank 0)
-      .template Attr<double>("sample_cap")
       .template Arg<ffi::Buffer<ffi::S32>>()  // slots
       .template Arg<ffi::Buffer<ffi::F32>>()  // q
       .template Arg<ffi::Buffer<ffi::S32>>()  // q_codes
       .template Arg<ffi::Buffer<ffi::S32>>()  // dep
       .template Ret<ffi::Buffer<ffi::F32>>()  // out
       .template Ret<ffi::Buffer<ffi::F32>>()  // lse
-      .template Ret<ffi::Buffer<ffi::S32>>();  // sampled
+      .template Ret<ffi::Buffer<ffi::S32>>();  // sampled (the ranked query: keys_read)
+}
+
+template <typename B>
+auto bind_query(B b) {
+  return bind_query_operands(std::move(b)
+                                 .template Arg<ffi::Buffer<ffi::S32>>()  // handle (rank 0)
+                                 .template Attr<double>("sample_cap"));
 }
 
 template <typename B>
 auto bind_query_ranked(B b) {
-  return std::move(b)
-      .template Arg<ffi::Buffer<ffi::S32>>()  // handle (rank 0)
-      .template Attr<int32_t>("rank_tables")
-      .template Attr<double>("top")
-      .template Attr<double>("refine")
-      .template Attr<double>("sample_cap")
-      .template Arg<ffi::Buffer<ffi::S32>>()  // slots
-      .template Arg<ffi::Buffer<ffi::F32>>()  // q
-      .template Arg<ffi::Buffer<ffi::S32>>()  // q_codes
-      .template Arg<ffi::Buffer<ffi::S32>>()  // dep
-      .template Ret<ffi::Buffer<ffi::F32>>()  // out
-      .template Ret<ffi::Buffer<ffi::F32>>()  // lse
-      .template Ret<ffi::Buffer<ffi::S32>>()  // keys_read
+  return bind_query_operands(std::move(b)
+                                 .template Arg<ffi::Buffer<ffi::S32>>()  // handle (rank 0)
+                                 .template Attr<int32_t>("rank_tables")
+                                 .template Attr<double>("top")
+                                 .template Attr<double>("refine")
+                                 .template Attr<double>("sample_cap"))
       .template Ret<ffi::Buffer<ffi::S32>>();  // values_read
 }
 

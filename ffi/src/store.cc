@@ -476,17 +476,17 @@ std::string store_prefill_background(int64_t handle, const PrefillArgs& io, Buil
   std::string err;
   std::shared_ptr<Store> st = lookup_store(handle, &err, /*wait_builds=*/false);
   if (!st) return err;
-  auto middle = std::make_shared<std::vector<int64_t>>();
-  err = validate_prefill(st->cfg, io, middle.get());
+  std::vector<int64_t> middle;
+  err = validate_prefill(st->cfg, io, &middle);
   if (!err.empty()) return err;
-  write_counts(io, *middle);
+  write_counts(io, middle);
   st->begin_build();
   PrefillArgs args = io;
   args.middle_counts = {};  // reported above; the build must not write it again
-  run_in_background([st, args, middle, done, ctx] {
+  run_in_background([st, args, middle = std::move(middle), done, ctx] {
     std::string build_err;
     try {
-      build_prefill(st.get(), args, *middle);
+      build_prefill(st.get(), args, middle);
     } catch (const std::exception& e) {
       build_err = std::string("internal error while building the tables: ") + e.what();
     } catch (...) {
