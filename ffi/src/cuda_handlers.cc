@@ -220,15 +220,17 @@ StagingPool& thread_pool() {
 
 // Background prefills: each buffer holds a whole layer's keys, values and codes until its tables
 // are built, so few are kept: PIGJAX_CUDA_PREFILL_BUFFERS (default 2: one layer's build overlaps
-// the next layer's prefill on the GPU; a third prefill waits for the first build).
+// the next layer's prefill on the GPU; a third prefill waits for the first build). Another value
+// than an integer in [1, 64] fails the prefill (INTERNAL, naming the variable).
 size_t prefill_buffers() {
   const char* env = std::getenv("PIGJAX_CUDA_PREFILL_BUFFERS");
-  if (env != nullptr) {
-    char* end = nullptr;
-    const long v = std::strtol(env, &end, 10);
-    if (end != env && *end == '\0' && v >= 1 && v <= 64) return static_cast<size_t>(v);
-  }
-  return 2;
+  if (env == nullptr || *env == '\0') return 2;
+  char* end = nullptr;
+  const long v = std::strtol(env, &end, 10);
+  if (end == env || *end != '\0' || v < 1 || v > 64)
+    throw std::runtime_error(std::string("PIGJAX_CUDA_PREFILL_BUFFERS must be an integer in [1, 64], got '") +
+                             env + "'");
+  return static_cast<size_t>(v);
 }
 
 StagingPool& thread_build_pool() {

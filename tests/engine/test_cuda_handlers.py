@@ -405,3 +405,25 @@ def test_generate_with_magicpig_on_cuda_paths_equals_cpu_path(path, fake):
     assert c["d2h_copies"] > 0 and (c["host_funcs"] > 0) == (path == "cuda-async")
     assert got.tokens == want.tokens
     assert got.stats["fraction_read"] == want.stats["fraction_read"] > 0
+
+
+def test_bad_prefill_buffers_variable_is_a_clear_error():
+    """PIGJAX_CUDA_PREFILL_BUFFERS outside [1, 64] fails the async prefill with a message naming it
+    (in a child process: the pool is sized once per thread)."""
+    code = """
+import jax, jax.numpy as jnp, numpy as np
+from pigjax.engine import native, store
+native.load_fake_cuda_handlers()
+store._FFI_TARGETS["cuda-async"] = "pigjax_test_cuda_async_lsh"
+native.cuda_handlers = lambda: True
+s = store.Store(1, 1, 8, 40, 4, 4, storage="f32", path="cuda-async")
+try:
+    s.prefill(jnp.zeros((1,), jnp.int32), jnp.zeros((1, 1, 40, 8)), jnp.zeros((1, 1, 40, 8)),
+              jnp.zeros((1, 1, 40, 4), jnp.int32), jnp.full((1,), 40, jnp.int32), sink=0, local=1)
+except Exception as e:
+    print("ERROR:", e)
+"""
+    env = dict(os.environ, PIGJAX_CUDA_PREFILL_BUFFERS="0")
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert "PIGJAX_CUDA_PREFILL_BUFFERS must be an integer in [1, 64], got '0'" in proc.stdout, \
+        proc.stdout[-2000:] + proc.stderr[-2000:]
