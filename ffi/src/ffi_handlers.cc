@@ -11,6 +11,7 @@
 #include "query.h"
 #include "query_ranked.h"
 #include "simhash.h"
+#include "small_matmul.h"
 #include "store.h"
 #include "store_args.h"
 #include "xla/ffi/api/ffi.h"
@@ -82,6 +83,24 @@ ffi::Error DecodeAttentionImpl(ffi::Buffer<ffi::F32> q, ffi::AnyBuffer k, ffi::A
   });
 }
 
+// Few-row matrix product (small_matmul.h): x f32 [M,K], w f32 or bf16 ([K,N], or [N,K] with
+// attr w_nk) -> out f32 [M,N].
+ffi::Error SmallMatmulImpl(ffi::Buffer<ffi::F32> x, ffi::AnyBuffer w, bool w_nk, ffi::ResultBuffer<ffi::F32> out) {
+  return run("pigjax_small_matmul", [&]() -> std::string {
+    SmallMatmulShape shape;
+    const std::string err = plan_small_matmul(to_vec(x.dimensions()), to_vec(w.dimensions()),
+                                              to_vec(out->dimensions()), w_nk, &shape);
+    if (!err.empty()) return err;
+    if (w.element_type() == ffi::DataType::F32)
+      small_matmul(shape, x.typed_data(), static_cast<const float*>(w.untyped_data()), out->typed_data());
+    else if (w.element_type() == ffi::DataType::BF16)
+      small_matmul(shape, x.typed_data(), static_cast<const uint16_t*>(w.untyped_data()), out->typed_data());
+    else
+      return "w must be f32 or bf16";
+    return "";
+  });
+}
+
 // The store calls: ffi_store_calls.h (shared with the CUDA handlers, cuda_handlers.cc).
 ffi::Error LshPrefillImpl(ffi::Buffer<ffi::S32> handle, int32_t sink, int32_t local,
                           ffi::Buffer<ffi::S32> slots, ffi::Buffer<ffi::F32> keys,
@@ -144,6 +163,14 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(PigjaxDecodeAttention, DecodeAttentionImpl,
                                   .Ret<ffi::Buffer<ffi::F32>>()  // out
 );
 
+XLA_FFI_DEFINE_HANDLER_SYMBOL(PigjaxSmallMatmul, SmallMatmulImpl,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // x
+                                  .Arg<ffi::AnyBuffer>()         // w
+                                  .Attr<bool>("w_nk")
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // out
+);
+
 XLA_FFI_DEFINE_HANDLER_SYMBOL(PigjaxLshPrefill, LshPrefillImpl, ffi_calls::bind_prefill(ffi::Ffi::Bind()));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(PigjaxLshQuery, LshQueryImpl, ffi_calls::bind_query(ffi::Ffi::Bind()));
@@ -156,6 +183,7 @@ const FfiTarget* ffi_targets(int* count) {
   static const FfiTarget kTargets[] = {
       {"pigjax_simhash_codes", PigjaxSimhashCodes},
       {"pigjax_decode_attention", PigjaxDecodeAttention},
+      {"pigjax_small_matmul", PigjaxSmallMatmul},
       {"pigjax_lsh_prefill", PigjaxLshPrefill},
       {"pigjax_lsh_query", PigjaxLshQuery},
       {"pigjax_lsh_query_ranked", PigjaxLshQueryRanked},

@@ -13,6 +13,7 @@
 #include "decode_attention.h"
 #include "simd.h"
 #include "simhash.h"
+#include "small_matmul.h"
 #include "thread_pool.h"
 
 using namespace pigjax;
@@ -314,6 +315,56 @@ static void test_decode_attention() {
   set_simd_level(hardware_simd_level());
 }
 
+// Few-row matmul (small_matmul.h) vs a double-precision loop: both W layouts, f32 and bf16 W, row
+// counts around the 4-row tile, K and N off the vector widths (tails), K = 0, 1 and 3 threads,
+// every SIMD level; and the shape checks.
+static void test_small_matmul() {
+  std::mt19937 gen(12);
+  const int saved = get_num_threads();
+  for (int64_t M : {1, 3, 4, 5, 9}) {
+    for (auto [K, N] : std::vector<std::pair<int64_t, int64_t>>{{37, 70}, {64, 192}, {130, 1}, {0, 20}, {5, 300}}) {
+      const std::vector<float> x = randn(M * K, gen), w = randn(K * N, gen);
+      std::vector<uint16_t> wb(w.size());
+      for (size_t i = 0; i < w.size(); ++i) wb[i] = f32_to_bf16(w[i]);
+      for (bool nk : {false, true}) {
+        SmallMatmulShape shape;
+        const std::vector<int64_t> wdims = nk ? std::vector<int64_t>{N, K} : std::vector<int64_t>{K, N};
+        CHECK(plan_small_matmul({M, K}, wdims, {M, N}, nk, &shape).empty(), "plan M=%ld K=%ld N=%ld", long(M), long(K), long(N));
+        for (bool bf16 : {false, true})
+          for (SimdLevel level : levels())
+            for (int threads : {1, 3}) {
+              set_simd_level(level);
+              set_num_threads(threads);
+              std::vector<float> out(M * N, std::nanf(""));
+              if (bf16) small_matmul(shape, x.data(), wb.data(), out.data());
+              else small_matmul(shape, x.data(), w.data(), out.data());
+              for (int64_t m = 0; m < M; ++m)
+                for (int64_t n = 0; n < N; ++n) {
+                  double want = 0.0, mag = 0.0;
+                  for (int64_t k = 0; k < K; ++k) {
+                    const size_t at = nk ? n * K + k : k * N + n;  // w is the same matrix in both layouts' terms
+                    const double wv = bf16 ? bf16_to_f32(wb[at]) : w[at];
+                    want += x[m * K + k] * wv;
+                    mag += std::fabs(x[m * K + k] * wv);
+                  }
+                  const float got = out[m * N + n];
+                  CHECK(std::fabs(got - want) <= 1e-5 * (mag + 1.0),
+                        "small_matmul nk=%d bf16=%d level=%d threads=%d M=%ld K=%ld N=%ld [%ld,%ld]: %g vs %g",
+                        int(nk), int(bf16), int(level), threads, long(M), long(K), long(N), long(m), long(n),
+                        double(got), want);
+                }
+            }
+      }
+    }
+  }
+  SmallMatmulShape unused;
+  CHECK(!plan_small_matmul({4, 8}, {9, 3}, {4, 3}, false, &unused).empty(), "K mismatch accepted");
+  CHECK(!plan_small_matmul({4, 8}, {3, 8}, {4, 8}, true, &unused).empty(), "wrong out accepted");
+  CHECK(!plan_small_matmul({4, 8, 1}, {8, 3}, {4, 3}, false, &unused).empty(), "3-d x accepted");
+  set_num_threads(saved);
+  set_simd_level(hardware_simd_level());
+}
+
 int main() {
   test_levels_and_env();
   test_random_shapes();
@@ -321,6 +372,7 @@ int main() {
   test_edge_values();
   test_plan();
   test_decode_attention();
+  test_small_matmul();
   set_simd_level(SimdLevel::kScalar);
   test_planned_broadcast();
   set_simd_level(hardware_simd_level());

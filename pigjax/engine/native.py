@@ -20,6 +20,8 @@ uses columns ``[l*K, (l+1)*K)``; bit ``j`` is ``x @ proj[:, l*K+j] > 0``; the co
   other backends, or when differentiating through code that calls it.
 * :func:`decode_attention` is exact attention of one decode query per head over a dense KV
   cache, each row read only up to its own length (the CPU path of ``attention.dense``).
+* :func:`small_matmul` is ``x @ w`` (or ``x @ w.T``) for few rows of x, f32 or bf16 weights,
+  by a kernel that streams w once (the CPU path of a decode step's projections).
 * :func:`simhash_codes_np` runs the same kernel on NumPy arrays outside JAX, or (with
   ``kernel="legacy"``) the single-thread kernel of commit 4ac4b4a; for tests and benchmarks.
 
@@ -55,6 +57,7 @@ __all__ = [
     "num_threads",
     "simhash_codes_np",
     "decode_attention",
+    "small_matmul",
     "cuda_handlers",
     "cuda_unavailable_reason",
     "load_fake_cuda_handlers",
@@ -64,6 +67,7 @@ __all__ = [
 MAX_K = 16
 SIMHASH_TARGET = "pigjax_simhash_codes"
 DECODE_ATTENTION_TARGET = "pigjax_decode_attention"
+SMALL_MATMUL_TARGET = "pigjax_small_matmul"
 
 simd_level = _engine.simd_level
 hardware_simd_level = _engine.hardware_simd_level
@@ -243,3 +247,28 @@ def decode_attention(q, k, v, lengths) -> jax.Array:
     call = jax.ffi.ffi_call(DECODE_ATTENTION_TARGET, jax.ShapeDtypeStruct(q.shape, jnp.float32),
                             vmap_method="sequential")
     return call(q, k, v, lengths)
+
+
+def small_matmul(x, w, *, w_nk: bool = False) -> jax.Array:
+    """``x @ w`` (``x @ w.T`` with ``w_nk``) by the C++ kernel (CPU backend; ffi/src/small_matmul.h),
+    for few rows of x: it reads w once in address order, so a decode step's projection runs at
+    memory bandwidth (XLA's dot does not at a handful of rows; BUILD.md, "Decode projections").
+
+    Args:
+      x: float32 ``[M, K]``.
+      w: ``[K, N]`` (``[N, K]`` with ``w_nk``), float32 or bfloat16 (widened in registers).
+
+    Returns:
+      float32 ``[M, N]``, accumulated in float32 over k in order.
+    """
+    if x.dtype != jnp.float32 or x.ndim != 2:
+        raise ValueError(f"small_matmul: x must be a float32 [M, K] array, got {x.dtype} {x.shape}")
+    if w.dtype not in (jnp.float32, jnp.bfloat16) or w.ndim != 2:
+        raise ValueError(f"small_matmul: w must be a float32 or bfloat16 2-d array, got {w.dtype} {w.shape}")
+    k, n = (w.shape[1], w.shape[0]) if w_nk else w.shape
+    if x.shape[1] != k:
+        layout = "[N, K]" if w_nk else "[K, N]"
+        raise ValueError(f"small_matmul: x {x.shape} and w {w.shape} (w is {layout}) disagree on K")
+    call = jax.ffi.ffi_call(SMALL_MATMUL_TARGET, jax.ShapeDtypeStruct((x.shape[0], n), jnp.float32),
+                            vmap_method="sequential")
+    return call(x, w, w_nk=bool(w_nk))

@@ -11,6 +11,7 @@ init, the checkpoint layout); `unstack_layers` splits them for decoding.
 from __future__ import annotations
 
 from functools import partial
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -19,6 +20,7 @@ import jax.numpy as jnp
 from pigjax.attention.backend import KV, Backend, Cache, StepContext
 from pigjax.attention.dense import Dense
 from pigjax.attention.dense import attend as dense_attend
+from pigjax.models import projection
 from pigjax.models.inputs import check_step, embed_checked, mark_overflow
 from pigjax.models.llama_config import LlamaConfig, rope_inv_freq
 
@@ -51,13 +53,15 @@ def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
 
 
 class Attention(nn.Module):
-    """The attention projections: `qkv` (with RoPE) before the back-end attends, `out` after."""
+    """The attention projections: `qkv` (with RoPE) before the back-end attends, `out` after.
+    `dot_general`: the projections' product (None: lax.dot_general; `pigjax.models.projection`)."""
 
     config: LlamaConfig
+    dot_general: Any = None
 
     def setup(self):
         c = self.config
-        proj = partial(nn.DenseGeneral, use_bias=False)
+        proj = partial(nn.DenseGeneral, use_bias=False, dot_general=self.dot_general)
         self.q_proj = proj((c.num_attention_heads, c.head_dim))
         self.k_proj = proj((c.num_key_value_heads, c.head_dim))
         self.v_proj = proj((c.num_key_value_heads, c.head_dim))
@@ -80,10 +84,11 @@ class Attention(nn.Module):
 
 class MLP(nn.Module):
     config: LlamaConfig
+    dot_general: Any = None
 
     @nn.compact
     def __call__(self, x):
-        dense = partial(nn.Dense, use_bias=False, dtype=x.dtype)
+        dense = partial(nn.Dense, use_bias=False, dtype=x.dtype, dot_general=self.dot_general)
         f = self.config.intermediate_size
         gate = dense(f, name="gate_proj")(x)
         up = dense(f, name="up_proj")(x)
@@ -131,11 +136,16 @@ def _embed(params, config: LlamaConfig, tokens):
 
 def _logits(params, config: LlamaConfig, x):
     x = RMSNorm(config.rms_norm_eps).apply({"params": params["norm"]}, x)
+    rows = x.shape[0] * x.shape[1]
+    embedding = params["embed"]["embedding"] if config.tie_word_embeddings else None
+    if embedding is not None and projection.native_applies(rows) and projection.supports(x, embedding):
+        return projection.tied_logits(x, embedding)
     if config.tie_word_embeddings:
         logits = nn.Embed(config.vocab_size, config.hidden_size).apply(
             {"params": params["embed"]}, x, method="attend")
     else:
-        logits = nn.Dense(config.vocab_size, use_bias=False, dtype=x.dtype).apply({"params": params["lm_head"]}, x)
+        logits = nn.Dense(config.vocab_size, use_bias=False, dtype=x.dtype,
+                          dot_general=projection.for_rows(rows)).apply({"params": params["lm_head"]}, x)
     return logits.astype(jnp.float32)
 
 
@@ -158,13 +168,14 @@ def unstack_layers(params):
 def layer_step(p, config: LlamaConfig, layer: int, x, rope, cache: Cache, backend: Backend, ctx: StepContext):
     """Decoder layer `layer` (parameters `p`) on x [B, T, hidden] -> (x, layer state, reads)."""
     eps = config.rms_norm_eps
-    attn = Attention(config)
+    dot = projection.for_rows(x.shape[0] * x.shape[1])  # decode steps: the engine's small matmul
+    attn = Attention(config, dot)
     q, k, v = attn.apply({"params": p["attn"]}, RMSNorm(eps).apply({"params": p["input_norm"]}, x), rope,
                          method="qkv")
     out, state, reads = backend.attend_layer(layer, cache.layers[layer], cache.shared, q, k, v, ctx)
     x = x + attn.apply({"params": p["attn"]}, out, method="out")
     h = RMSNorm(eps).apply({"params": p["post_attn_norm"]}, x)
-    return x + MLP(config).apply({"params": p["mlp"]}, h), state, reads
+    return x + MLP(config, dot).apply({"params": p["mlp"]}, h), state, reads
 
 
 def step(params, config: LlamaConfig, tokens: jax.Array, cache: Cache, num_new=None, backend: Backend = Dense(),
