@@ -137,10 +137,10 @@ def _embed(params, config: LlamaConfig, tokens):
 def _logits(params, config: LlamaConfig, x):
     x = RMSNorm(config.rms_norm_eps).apply({"params": params["norm"]}, x)
     rows = x.shape[0] * x.shape[1]
-    embedding = params["embed"]["embedding"] if config.tie_word_embeddings else None
-    if embedding is not None and projection.native_applies(rows) and projection.supports(x, embedding):
-        return projection.tied_logits(x, embedding)
     if config.tie_word_embeddings:
+        embedding = params["embed"]["embedding"]
+        if projection.native_applies(rows) and projection.supports(x, embedding):  # a decode step on the CPU
+            return projection.tied_logits(x, embedding)
         logits = nn.Embed(config.vocab_size, config.hidden_size).apply(
             {"params": params["embed"]}, x, method="attend")
     else:

@@ -3,9 +3,9 @@
 At a handful of rows (a decode step: batch x 1 token) a projection is bound by reading its weight
 once, and XLA:CPU's dot runs well below the memory bandwidth there (BUILD.md, "Decode
 projections"). `for_rows` gives the models' Flax projections a `dot_general` that hands such
-products to the engine's `native.small_matmul`, which streams the weight in address order; `logits`
-does the same for the tied embedding. Everything else (prefill, training, a device mesh, GPUs) keeps
-`lax.dot_general`. Inference only: the engine's kernel has no gradient.
+products to the engine's `native.small_matmul`, which streams the weight in address order;
+`tied_logits` does the same for the tied embedding. Everything else (prefill, training, a device
+mesh, GPUs) keeps `lax.dot_general`. Inference only: the engine's kernel has no gradient.
 """
 
 from __future__ import annotations
