@@ -7,14 +7,7 @@
 #include <type_traits>
 
 #include "bf16.h"
-
-#if PIGJAX_X86
-#include <immintrin.h>
-// GCC 12's intrinsic headers use `__m512i __Y = __Y;` placeholders that trigger false
-// (-W(maybe-)uninitialized) warnings once inlined into our target("avx512f") functions.
-#pragma GCC diagnostic ignored "-Wuninitialized"
-#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
-#endif
+#include "simd_vec.h"
 
 namespace pigjax {
 
@@ -74,19 +67,6 @@ void vsum_scalar(const T* const* rows, const float* p, int nb, int64_t d, float*
 }
 
 #if PIGJAX_X86
-
-PIGJAX_TARGET_AVX2 static inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
-PIGJAX_TARGET_AVX2 static inline __m256 load8(const uint16_t* p) {
-  const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
-  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
-}
-
-PIGJAX_TARGET_AVX2 static inline float hsum8(__m256 v) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 0x55));
-  return _mm_cvtss_f32(s);
-}
 
 template <typename T, int G>
 PIGJAX_TARGET_AVX2 void dots_avx2(const T* k, const float* q, int64_t d, float* out) {
@@ -166,12 +146,6 @@ PIGJAX_TARGET_AVX2 void vsum_avx2(const T* const* rows, const float* p, int nb, 
   }
   for (; i < d; ++i)
     for (int k = 0; k < nb; ++k) acc[i] += p[k] * ld(rows[k], i);
-}
-
-PIGJAX_TARGET_AVX512 static inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
-PIGJAX_TARGET_AVX512 static inline __m512 load16(const uint16_t* p) {
-  const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
 }
 
 template <typename T, int G>

@@ -1,5 +1,5 @@
 // See small_matmul.h. One tile routine per layout, written once over an ISA's vector type (Avx512,
-// Avx2, Scalar below); small_matmul() picks the ISA from simd_level() and splits W into panels
+// Avx2 below; the scalar level and the tails are plain loops); small_matmul() picks the ISA from simd_level() and splits W into panels
 // (column panels of [K, N], row panels of [N, K]) over the thread pool. Each output element is one
 // task's FMA chain over k in order, so results do not depend on the thread count.
 #include "small_matmul.h"
@@ -8,14 +8,8 @@
 
 #include "bf16.h"
 #include "shape_text.h"
-#include "simd.h"
+#include "simd_vec.h"
 #include "thread_pool.h"
-
-#if PIGJAX_X86
-#include <immintrin.h>
-#pragma GCC diagnostic ignored "-Wuninitialized"
-#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
-#endif
 
 namespace pigjax {
 
@@ -33,11 +27,8 @@ constexpr int64_t kAhead = 8;
 struct Avx512 {
   using V = __m512;
   static constexpr int kWidth = 16;
-  PIGJAX_TARGET_AVX512 static inline V load(const float* p) { return _mm512_loadu_ps(p); }
-  PIGJAX_TARGET_AVX512 static inline V load(const uint16_t* p) {
-    const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
-    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
-  }
+  template <typename W>
+  PIGJAX_TARGET_AVX512 static inline V load(const W* p) { return load16(p); }
   PIGJAX_TARGET_AVX512 static inline V zero() { return _mm512_setzero_ps(); }
   PIGJAX_TARGET_AVX512 static inline V set1(float x) { return _mm512_set1_ps(x); }
   PIGJAX_TARGET_AVX512 static inline V fma(V a, V b, V c) { return _mm512_fmadd_ps(a, b, c); }
@@ -50,20 +41,13 @@ struct Avx512 {
 struct Avx2 {
   using V = __m256;
   static constexpr int kWidth = 8;
-  PIGJAX_TARGET_AVX2 static inline V load(const float* p) { return _mm256_loadu_ps(p); }
-  PIGJAX_TARGET_AVX2 static inline V load(const uint16_t* p) {
-    const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
-    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
-  }
+  template <typename W>
+  PIGJAX_TARGET_AVX2 static inline V load(const W* p) { return load8(p); }
   PIGJAX_TARGET_AVX2 static inline V zero() { return _mm256_setzero_ps(); }
   PIGJAX_TARGET_AVX2 static inline V set1(float x) { return _mm256_set1_ps(x); }
   PIGJAX_TARGET_AVX2 static inline V fma(V a, V b, V c) { return _mm256_fmadd_ps(a, b, c); }
   PIGJAX_TARGET_AVX2 static inline void store(float* p, V v) { _mm256_storeu_ps(p, v); }
-  PIGJAX_TARGET_AVX2 static inline float sum(V v) {
-    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-    return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
-  }
+  PIGJAX_TARGET_AVX2 static inline float sum(V v) { return hsum8(v); }
   template <typename W>
   static inline void prefetch(const W* p) { _mm_prefetch(reinterpret_cast<const char*>(p), _MM_HINT_T0); }
 };

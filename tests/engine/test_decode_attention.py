@@ -45,14 +45,6 @@ SHAPES = [  # b, Hq, Hkv, S, d, lengths: blocks of 256 slots, a head chunk of 8,
 ]
 
 
-@pytest.fixture
-def restore_engine():
-    threads = native._engine.get_num_threads()
-    yield
-    native.set_simd_level(native.hardware_simd_level())
-    native._engine.set_num_threads(threads)
-
-
 @pytest.mark.usefixtures("restore_engine")
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 @pytest.mark.parametrize("shape", SHAPES)

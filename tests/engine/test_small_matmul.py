@@ -15,14 +15,6 @@ from pigjax.models import llama, projection
 LEVELS = ["scalar", "avx2", "avx512"]
 
 
-@pytest.fixture
-def restore_engine():
-    threads = native._engine.get_num_threads()
-    yield
-    native.set_simd_level(native.hardware_simd_level())
-    native._engine.set_num_threads(threads)
-
-
 @pytest.mark.usefixtures("restore_engine")
 @pytest.mark.parametrize("w_nk", [False, True], ids=["kn", "nk"])
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
