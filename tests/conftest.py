@@ -121,3 +121,14 @@ def pytest_collection_modifyitems(items):
         return next((i for i, name in enumerate(LONGEST_FIRST) if path.endswith("tests/" + name)), len(LONGEST_FIRST))
 
     items.sort(key=rank)  # stable: the rest keep their order
+
+
+@pytest.fixture
+def restore_engine():
+    """Puts the engine's SIMD level and thread count back after a test that changes them."""
+    from pigjax.engine import native
+
+    threads = native._engine.get_num_threads()
+    yield
+    native.set_simd_level(native.hardware_simd_level())
+    native._engine.set_num_threads(threads)
