@@ -4,11 +4,16 @@
 #pragma once
 
 #include <algorithm>
+#include <bitset>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <utility>
 #include <vector>
+
+#if defined(__SSE2__)
+#include <emmintrin.h>
+#endif
 
 #include "sketch.h"
 #include "store_layout.h"
@@ -25,13 +30,12 @@ inline void prefetch_row(const T* row, int64_t d) {
   for (int64_t b = 0; b < d * static_cast<int64_t>(sizeof(T)); b += 64) __builtin_prefetch(at + b);
 }
 
-// Per-thread query scratch. Collision counting uses two bitmaps (>= 1 and >= 2 collisions,
-// n/4 bytes together: 32 KiB at n = 128K, i.e. L1/L2-resident), cleared per query head by
-// memset; this saturating count is exact for any K and L since only ">= 2" matters. Each query
-// head of a chunk (up to 8) keeps its ">= 2" bitmap (n/8 bytes per head); the union is listed
-// in token order from the OR of the chunk's bitmaps, a word at a time.
+// Per-thread query scratch. Collision counting adds to a byte per token (n bytes: 32 KiB at
+// n = 32K, L1/L2-resident), which the pass that turns them into the ">= 2" bitmap clears again
+// (collect_head). Each query head of a chunk (up to 8) keeps its ">= 2" bitmap (n/8 bytes per
+// head); the union is listed in token order from the OR of the chunk's bitmaps, a word at a time.
 struct QueryScratch {
-  std::vector<uint64_t> seen1;         // bit i: token i collided >= 1 times
+  std::vector<uint8_t> hits;           // [words * 64]: collisions of token i; all 0 between heads
   std::vector<uint64_t> heads;         // [kGroupChunk][words]: bit i: >= 2 collisions
   struct Range { const uint16_t* ids; int32_t beg, end, base; };
   std::vector<Range> ranges;           // bucket ranges of one query head in direct blocks
@@ -44,7 +48,7 @@ struct QueryScratch {
   std::vector<std::pair<uint32_t, int32_t>> order;  // (thin_hash, token) of a thinned sample
   void ensure(int64_t n) {
     const size_t words = static_cast<size_t>((n + 63) / 64);
-    if (seen1.size() < words) seen1.resize(words);
+    if (hits.size() < 64 * words) hits.resize(64 * words);
     if (heads.size() < kGroupChunk * words) heads.resize(kGroupChunk * words);
   }
 };
@@ -187,29 +191,62 @@ inline int32_t appended_hits(const HeadRows<T>& R, const int32_t* qc, int64_t t,
   return hits;
 }
 
+// The bitmap of tokens with >= 2 collisions from the byte counts hits[64 words] (bit i of out[w]
+// for hits[64 w + i] >= 2), zeroing the counts for the next head; returns the bits set. SSE2 is
+// x86-64's baseline, so this needs no dispatch.
+inline int64_t hits_to_bits(uint8_t* hits, size_t words, uint64_t* out) {
+  int64_t count = 0;
+#if defined(__SSE2__)
+  // Counted by byte sums (psadbw), not popcount: without -mpopcnt that is a libgcc call.
+  const __m128i two = _mm_set1_epi8(2), zero = _mm_setzero_si128();
+  __m128i total = zero;
+  for (size_t w = 0; w < words; ++w) {
+    uint64_t m = 0;
+    __m128i ones = zero;  // per byte: how many of the word's 4 vectors have it >= 2
+    for (int k = 0; k < 4; ++k) {
+      __m128i* at = reinterpret_cast<__m128i*>(hits + 64 * w + 16 * k);
+      const __m128i v = _mm_loadu_si128(at);
+      const __m128i ge2 = _mm_cmpeq_epi8(_mm_max_epu8(v, two), v);
+      m |= static_cast<uint64_t>(static_cast<uint32_t>(_mm_movemask_epi8(ge2))) << (16 * k);
+      ones = _mm_sub_epi8(ones, ge2);
+      _mm_storeu_si128(at, zero);
+    }
+    total = _mm_add_epi64(total, _mm_sad_epu8(ones, zero));
+    out[w] = m;
+  }
+  count = _mm_cvtsi128_si64(total) + _mm_cvtsi128_si64(_mm_unpackhi_epi64(total, total));
+#else
+  for (size_t w = 0; w < words; ++w) {
+    uint64_t m = 0;
+    for (int b = 0; b < 64; ++b) m |= uint64_t{hits[64 * w + b] >= 2} << b;
+    std::memset(hits + 64 * w, 0, 64);
+    out[w] = m;
+    count += static_cast<int64_t>(std::bitset<64>(m).count());
+  }
+#endif
+  return count;
+}
+
 // Candidates of one query head (codes qc[L]) in tables [l0, l1): sets bit i of seen2 (words =
-// ceil(total / 64), cleared here) for every token i with >= 2 collisions there; returns their
-// count. Branch-free: a token's second hit sets its seen2 bit (random hits mispredict branches).
+// ceil(total / 64)) for every token i with >= 2 collisions there; returns their count. Each hit
+// adds one to the token's byte in sc.hits (one add to memory: random hits make a bitmap's
+// test-and-set dearer), in runs of at most 254 tables between clamps to 2, so no byte wraps.
 template <typename T>
 inline int64_t collect_head(const HeadRows<T>& R, const int32_t* qc, int64_t l0, int64_t l1,
                             QueryScratch& sc, uint64_t* seen2) {
   const size_t words = static_cast<size_t>((R.total() + 63) / 64);
-  uint64_t* seen1 = sc.seen1.data();
-  std::memset(seen1, 0, words * sizeof(uint64_t));
-  std::memset(seen2, 0, words * sizeof(uint64_t));
-  visit_hits(R, qc, l0, l1, sc, [&](int32_t i, uint32_t match) {
-    const uint64_t b = uint64_t{match} << (i & 63);
-    seen2[i >> 6] |= seen1[i >> 6] & b;
-    seen1[i >> 6] |= b;
-  });
-  // Appended tokens: a linear scan comparing the codes.
-  for (int64_t t = 0; t < R.na; ++t) {
-    const int64_t i = R.n + t;
-    seen2[i >> 6] |= uint64_t{appended_hits(R, qc, t, l0, l1) >= 2} << (i & 63);
+  uint8_t* hits = sc.hits.data();
+  constexpr int64_t kRun = 254;
+  for (int64_t a = l0; a < l1; a += kRun) {
+    const int64_t b = std::min(l1, a + kRun);
+    visit_hits(R, qc, a, b, sc, [&](int32_t i, uint32_t match) { hits[i] += static_cast<uint8_t>(match); });
+    if (b < l1)
+      for (int64_t i = 0; i < R.n; ++i) hits[i] = std::min<uint8_t>(hits[i], 2);
   }
-  int64_t count = 0;
-  for (size_t w = 0; w < words; ++w) count += __builtin_popcountll(seen2[w]);
-  return count;
+  // Appended tokens: a linear scan comparing the codes.
+  for (int64_t t = 0; t < R.na; ++t)
+    hits[R.n + t] = static_cast<uint8_t>(std::min<int32_t>(appended_hits(R, qc, t, l0, l1), 2));
+  return hits_to_bits(hits, words, seen2);
 }
 
 // The sample cap (docs/algorithm.md §2.6): a head that samples more than

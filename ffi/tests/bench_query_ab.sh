@@ -13,7 +13,7 @@ rm -rf "${out}" && mkdir -p "${out}/old"
 git -C "${root}" archive "${old}" ffi/src | tar -x -C "${out}/old"
 cxx="${CXX:-g++} -O3 -std=c++17"
 # The engine's sources without the bindings (each tree's own list: files come and go).
-srcs="simd thread_pool simhash row_kernels weight_table store_args store query query_ranked sketch"
+srcs="simd thread_pool simhash row_kernels weight_table store_args store query query_ranked sketch background"
 for f in ${srcs}; do
   [[ -f "${out}/old/ffi/src/${f}.cc" ]] &&
     ${cxx} -c -Dpigjax=pigjax_old -I"${out}/old/ffi/src" "${out}/old/ffi/src/${f}.cc" -o "${out}/old_${f}.o"

@@ -361,6 +361,35 @@ static void test_empty_and_unprefilled() {
   store_free(h, &err);
 }
 
+// Collision counts live in one byte per token, clamped to 2 every 254 tables: a token colliding
+// in all of L >= 256 tables (a count that would wrap to 0 or 1) is still sampled, and one that
+// collides once before the clamp and once after is sampled too, once in total is not.
+static void test_many_tables() {
+  for (int L : {255, 256, 257, 300, 510, 511}) {
+    Case c = {"many tables", StoreStorage::kF32, 4, L, 1, 2, 8, 40, 1, 1, 0, 0, 17};
+    Data D = make_data(c);
+    for (int32_t& x : D.codes) x = 5;
+    const int64_t h = create(c);
+    std::vector<int32_t> mc;
+    std::string err = store_prefill(h, prefill_io(c, D, &mc));
+    CHECK(err.empty(), "L=%d prefill: %s", L, err.c_str());
+    QueryOut Q;
+    std::fill(D.q_codes.begin(), D.q_codes.end(), 5);  // every table collides
+    err = store_query(h, query_io(c, D, &Q));
+    CHECK(err.empty(), "L=%d query: %s", L, err.c_str());
+    for (int32_t s : Q.sampled) CHECK(s == 40, "L=%d: all tables collide, got %d sampled", L, s);
+    std::fill(D.q_codes.begin(), D.q_codes.end(), 6);  // table 0 and table L-1 only
+    for (int64_t hq = 0; hq < c.Hkv * c.G; ++hq) D.q_codes[hq * L] = D.q_codes[hq * L + L - 1] = 5;
+    err = store_query(h, query_io(c, D, &Q));
+    for (int32_t s : Q.sampled) CHECK(s == 40, "L=%d: first and last tables, got %d sampled", L, s);
+    std::fill(D.q_codes.begin(), D.q_codes.end(), 6);  // table L-1 only
+    for (int64_t hq = 0; hq < c.Hkv * c.G; ++hq) D.q_codes[hq * L + L - 1] = 5;
+    err = store_query(h, query_io(c, D, &Q));
+    for (int32_t s : Q.sampled) CHECK(s == 0, "L=%d: one table, got %d sampled", L, s);
+    store_free(h, &err);
+  }
+}
+
 static void test_errors() {
   std::string err;
   StoreConfig cfg;
@@ -1013,6 +1042,7 @@ int main() {
     test_against_reference();
     test_multi_block_and_reprefill();
     test_empty_and_unprefilled();
+    test_many_tables();
     test_append();
     test_threads();
   }

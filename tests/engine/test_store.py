@@ -121,6 +121,27 @@ def test_short_sequences_and_empty_sample():
     assert np.all(np.asarray(out) == 0)
 
 
+@pytest.mark.parametrize("L", [255, 256, 257, 510])
+def test_collision_counts_past_a_byte(L):
+    """The query counts a token's collisions in a byte, clamped to 2 every 254 tables: colliding in
+    every table (a count that would wrap to 0 or 1), or in the first and the last, samples the token;
+    one table does not."""
+    n, d = 40, 8
+    rng = np.random.default_rng(1)
+    k, v = (jnp.asarray(rng.normal(size=(1, 1, n, d)), jnp.float32) for _ in range(2))
+    q = jnp.asarray(rng.normal(size=(1, 2, d)), jnp.float32)
+    with Store(1, 1, d, n, 4, L, storage="f32") as store:
+        slots = jnp.zeros((1,), jnp.int32)
+        counts = store.prefill(slots, k, v, jnp.full((1, 1, n, L), 5, jnp.int32), jnp.asarray([n], jnp.int32),
+                               sink=0, local=0)
+        every = jnp.full((1, 2, L), 5, jnp.int32)
+        ends = jnp.full((1, 2, L), 6, jnp.int32).at[:, :, 0].set(5).at[:, :, L - 1].set(5)
+        last = jnp.full((1, 2, L), 6, jnp.int32).at[:, :, L - 1].set(5)
+        sampled = [np.asarray(store.query(slots, q, codes, counts)[2]) for codes in (every, ends, last)]
+    assert int(counts[0]) == n
+    assert np.all(sampled[0] == n) and np.all(sampled[1] == n) and np.all(sampled[2] == 0), sampled
+
+
 @pytest.mark.parametrize("cap", [1.0, 0.03])
 def test_importance_weights_are_unbiased(cap):
     """Over many independent projections, E[Σ_S e^s w] and E[Σ_S e^s w v] match the exact sums
