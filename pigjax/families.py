@@ -29,7 +29,9 @@ class Family:
     decoder: Callable  # attention (a Backend or None) -> this family's decode back-end (checked)
     decode_params: Callable  # params -> the layout decoding reads (e.g. per-layer weights)
     init_cache: Callable  # (backend, config, batch, capacity, window, dtype, runtime) -> cache
-    step: Callable  # (params, config, tokens, cache, num_new, backend, fresh) -> (logits, cache)
+    # (params, config, tokens, cache, num_new, backend, fresh) -> (logits, cache); a family that shares
+    # its prefill also takes logits_at ([B] token index: that token's logits only, [B, 1, V]).
+    step: Callable
     # One dense prefill serves several back-ends (`Backend.from_prefill`); else each runs its own.
     shares_prefill: bool
     # The engine store receives generated tokens too (capacity: prompt + new), else the prompt only.

@@ -95,14 +95,13 @@ def _prefill(params, tokens, lengths, live, keys, stops, *, config, sampler, out
     family = family_of(config)
     dtype = jax.tree.leaves(params)[0].dtype
     cache = family.init_cache(Dense(), config, b, tokens.shape[1], 0, dtype, None)
-    logits, cache = family.step(params, config, tokens, cache, lengths, Dense(), True)
-    return (cache.layers, *_first_tokens(logits, lengths, live, keys, stops, sampler, out_len))
+    logits, cache = family.step(params, config, tokens, cache, lengths, Dense(), True, logits_at=lengths - 1)
+    return (cache.layers, *_first_tokens(logits[:, 0], live, keys, stops, sampler, out_len))
 
 
-def _first_tokens(logits, lengths, live, keys, stops, sampler, out_len):
-    """(out, count, finish) after sampling each row's first token from its last prompt logits."""
-    b = logits.shape[0]
-    last = logits[jnp.arange(b), lengths - 1]
+def _first_tokens(last, live, keys, stops, sampler, out_len):
+    """(out, count, finish) after sampling each row's first token from its last prompt logits [B, V]."""
+    b = last.shape[0]
     first = sampler(last, _row_keys(keys, jnp.zeros((b,), jnp.int32)))
     out = jnp.zeros((b, out_len), jnp.int32).at[:, 0].set(first)
     count = jnp.ones((b,), jnp.int32)
@@ -118,7 +117,8 @@ def _prefill_own(params, tokens, lengths, live, keys, stops, runtime, *, config,
     dtype = jax.tree.leaves(params)[0].dtype
     cache = family.init_cache(backend, config, tokens.shape[0], capacity, out_len, dtype, runtime)
     logits, cache = family.step(params, config, tokens, cache, lengths, backend, True)
-    return (cache, *_first_tokens(logits, lengths, live, keys, stops, sampler, out_len))
+    last = logits[jnp.arange(tokens.shape[0]), lengths - 1]
+    return (cache, *_first_tokens(last, live, keys, stops, sampler, out_len))
 
 
 def _fork(prefix, lengths, runtime, *, config, backend, capacity, out_len):

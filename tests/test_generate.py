@@ -47,6 +47,23 @@ def test_greedy_tokens_are_forward_argmax(tiny):
         assert predicted.tolist() == new
 
 
+def test_step_logits_at_equals_those_rows_of_all_logits(tiny):
+    """The prefill's `logits_at` (each row's last prompt token only) gives the same logits as the
+    full [B, T, V] at those tokens, and the same cache."""
+    from pigjax.models import llama
+
+    _, model = tiny
+    tokens = jax.numpy.asarray([[5, 17, 33, 0, 0], [77, 3, 12, 90, 61]], jax.numpy.int32)
+    lengths = jax.numpy.asarray([3, 5], jax.numpy.int32)
+    cache = pigjax.Dense().init_cache(model.config, 2, 5, 0, jax.numpy.float32)
+    full, c_full = llama.step(model.params, model.config, tokens, cache, lengths, fresh=True)
+    last, c_last = llama.step(model.params, model.config, tokens, cache, lengths, fresh=True, logits_at=lengths - 1)
+    assert last.shape == (2, 1, model.config.vocab_size)
+    np.testing.assert_array_equal(np.asarray(last[:, 0]), np.asarray(full[np.arange(2), np.asarray(lengths) - 1]))
+    for a, b in zip(jax.tree.leaves(c_full), jax.tree.leaves(c_last)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
 def test_same_seed_same_sample_and_top_k_1_is_greedy(tiny):
     _, model = tiny
     kw = dict(max_new_tokens=16, temperature=1.0)
