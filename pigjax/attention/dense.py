@@ -57,6 +57,8 @@ def _attend_block(q, k, v, positions):
     f32 = jnp.float32
     q = q.reshape(b, t, hkv, h // hkv, d).astype(f32)
     fused = t == 1 and b >= REDUCE_MIN_BATCH
+    if t > 1:
+        return _attend_many(q, k.astype(f32), v.astype(f32), positions).reshape(b, t, h, d).astype(dtype)
     if fused:
         # Batched decode: multiply + reduce lets XLA fuse the caller's slice of this layer out of
         # the stacked cache instead of copying it for a dot (per step with SmolLM2 shapes: batch 2
@@ -73,6 +75,21 @@ def _attend_block(q, k, v, positions):
     else:
         out = jnp.einsum("bkgts,bksd->btkgd", probs, v.astype(f32))
     return out.reshape(b, t, h, d).astype(dtype)
+
+
+def _attend_many(q, k, v, positions):
+    """`_attend_block` of several queries per row, q [B, T, Hkv, G, d] f32: each KV head's G·T
+    queries as the rows of one matrix, so both products and the softmax keep XLA's natural dot
+    layout ([B, Hkv, G·T, S]) and the score matrix is never transposed (in a 2k-token prefill,
+    transposing and masking it in separate passes cost more than the products)."""
+    b, t, hkv, g, d = q.shape
+    s = k.shape[2]
+    qm = q.transpose(0, 2, 3, 1, 4).reshape(b, hkv, g * t, d)
+    scores = jnp.einsum("bkmd,bksd->bkms", qm, k) * (d ** -0.5)
+    visible = jnp.arange(s)[None, None, :] <= positions[:, :, None]  # [B, T, S]
+    scores = jnp.where(jnp.tile(visible, (1, g, 1))[:, None], scores, jnp.finfo(jnp.float32).min)
+    out = jnp.einsum("bkms,bksd->bkmd", jax.nn.softmax(scores, axis=-1), v)
+    return out.reshape(b, hkv, g, t, d).transpose(0, 3, 1, 2, 4)
 
 
 @dataclasses.dataclass(frozen=True)
