@@ -14,6 +14,7 @@
 #include "small_matmul.h"
 #include "store.h"
 #include "store_args.h"
+#include "write_rows.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
@@ -171,6 +172,32 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(PigjaxSmallMatmul, SmallMatmulImpl,
                                   .Ret<ffi::Buffer<ffi::F32>>()  // out
 );
 
+// A step's rows into a cache buffer (write_rows.h): buf [B,H,S,d] and rows [B,T,H,d] of one dtype,
+// starts s32 [B] -> out, buf's shape (aliased to buf by the caller, so written in place).
+ffi::Error WriteRowsImpl(ffi::AnyBuffer buf, ffi::AnyBuffer rows, ffi::Buffer<ffi::S32> starts,
+                         ffi::Result<ffi::AnyBuffer> out) {
+  return run("pigjax_write_rows", [&]() -> std::string {
+    WriteRowsShape shape;
+    const std::string err = plan_write_rows(to_vec(buf.dimensions()), to_vec(rows.dimensions()),
+                                            to_vec(starts.dimensions()), to_vec(out->dimensions()), &shape);
+    if (!err.empty()) return err;
+    if (rows.element_type() != buf.element_type() || out->element_type() != buf.element_type())
+      return "buf, rows and out must have one dtype";
+    const size_t elsize = ffi::ByteWidth(buf.element_type());
+    if (elsize == 0) return "buf has a dtype without a byte width";
+    write_rows(shape, elsize, buf.untyped_data(), rows.untyped_data(), starts.typed_data(), out->untyped_data());
+    return "";
+  });
+}
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(PigjaxWriteRows, WriteRowsImpl,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::AnyBuffer>()         // buf
+                                  .Arg<ffi::AnyBuffer>()         // rows
+                                  .Arg<ffi::Buffer<ffi::S32>>()  // starts
+                                  .Ret<ffi::AnyBuffer>()         // out (aliases buf)
+);
+
 XLA_FFI_DEFINE_HANDLER_SYMBOL(PigjaxLshPrefill, LshPrefillImpl, ffi_calls::bind_prefill(ffi::Ffi::Bind()));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(PigjaxLshQuery, LshQueryImpl, ffi_calls::bind_query(ffi::Ffi::Bind()));
@@ -184,6 +211,7 @@ const FfiTarget* ffi_targets(int* count) {
       {"pigjax_simhash_codes", PigjaxSimhashCodes},
       {"pigjax_decode_attention", PigjaxDecodeAttention},
       {"pigjax_small_matmul", PigjaxSmallMatmul},
+      {"pigjax_write_rows", PigjaxWriteRows},
       {"pigjax_lsh_prefill", PigjaxLshPrefill},
       {"pigjax_lsh_query", PigjaxLshQuery},
       {"pigjax_lsh_query_ranked", PigjaxLshQueryRanked},

@@ -15,6 +15,7 @@
 #include "simhash.h"
 #include "small_matmul.h"
 #include "thread_pool.h"
+#include "write_rows.h"
 
 using namespace pigjax;
 
@@ -365,7 +366,35 @@ static void test_small_matmul() {
   set_simd_level(hardware_simd_level());
 }
 
+// write_rows: in place and into another buffer, slots past either end dropped, shape errors named.
+static void test_write_rows() {
+  const int64_t B = 3, T = 2, H = 2, S = 5, d = 3;
+  std::vector<uint16_t> buf(B * H * S * d, 7), rows(B * T * H * d);
+  for (size_t i = 0; i < rows.size(); ++i) rows[i] = static_cast<uint16_t>(100 + i);
+  const int32_t starts[B] = {0, 4, -1};  // row 1: slot 5 dropped; row 2: slot -1 dropped
+  WriteRowsShape shape;
+  CHECK(plan_write_rows({B, H, S, d}, {B, T, H, d}, {B}, {B, H, S, d}, &shape).empty(), "plan");
+  std::vector<uint16_t> copy(buf.size(), 0);
+  write_rows(shape, sizeof(uint16_t), buf.data(), rows.data(), starts, copy.data());
+  write_rows(shape, sizeof(uint16_t), buf.data(), rows.data(), starts, buf.data());
+  CHECK(copy == buf, "a separate out equals the in-place write");
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t h = 0; h < H; ++h)
+      for (int64_t s = 0; s < S; ++s)
+        for (int64_t c = 0; c < d; ++c) {
+          const int64_t t = s - starts[b];
+          const uint16_t want = (t >= 0 && t < T) ? rows[((b * T + t) * H + h) * d + c] : 7;
+          CHECK(buf[((b * H + h) * S + s) * d + c] == want, "write_rows b%lld h%lld s%lld", (long long)b,
+                (long long)h, (long long)s);
+        }
+  CHECK(plan_write_rows({B, H, S, d}, {B, T, H + 1, d}, {B}, {B, H, S, d}, &shape).find("do not fit") !=
+            std::string::npos, "mismatched rows named");
+  CHECK(plan_write_rows({B, H, S, d}, {B, T, H, d}, {B + 1}, {B, H, S, d}, &shape).find("starts") !=
+            std::string::npos, "bad starts named");
+}
+
 int main() {
+  test_write_rows();
   test_levels_and_env();
   test_random_shapes();
   test_blocked_matches_legacy();

@@ -18,6 +18,10 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
+from pigjax import sharding
+from pigjax.engine import native
+from pigjax.engine import store as engine
+
 
 @struct.dataclass
 class KV:
@@ -78,7 +82,17 @@ def write_rows(buf: jax.Array, new: jax.Array, starts: jax.Array) -> jax.Array:
     b, t = new.shape[:2]
     rows = jnp.arange(b)[:, None]
     slots = starts[:, None] + jnp.arange(t)[None, :]
-    return buf.at[rows, :, slots].set(new.astype(buf.dtype), mode="drop")
+    new = new.astype(buf.dtype)
+    if buf.dtype == jnp.bfloat16 and t == 1 and _native_writes():
+        # XLA:CPU scatters (or dynamic-update-slices) a bf16 buffer by converting all of it to f32
+        # and back: at batch 8 with 512 cached tokens, 78 ms of a 107 ms decode step.
+        return native.write_rows(buf, new, starts.astype(jnp.int32))
+    return buf.at[rows, :, slots].set(new, mode="drop")
+
+
+def _native_writes() -> bool:
+    """Whether a decode step's cache writes go to the engine: the CPU backend without a mesh."""
+    return engine.default_path() == "ffi" and sharding.current_mesh() is None
 
 
 def write_kv(state: KV, k, v, starts) -> KV:

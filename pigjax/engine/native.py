@@ -58,6 +58,7 @@ __all__ = [
     "simhash_codes_np",
     "decode_attention",
     "small_matmul",
+    "write_rows",
     "cuda_handlers",
     "cuda_unavailable_reason",
     "load_fake_cuda_handlers",
@@ -68,6 +69,7 @@ MAX_K = 16
 SIMHASH_TARGET = "pigjax_simhash_codes"
 DECODE_ATTENTION_TARGET = "pigjax_decode_attention"
 SMALL_MATMUL_TARGET = "pigjax_small_matmul"
+WRITE_ROWS_TARGET = "pigjax_write_rows"
 
 simd_level = _engine.simd_level
 hardware_simd_level = _engine.hardware_simd_level
@@ -247,6 +249,29 @@ def decode_attention(q, k, v, lengths) -> jax.Array:
     call = jax.ffi.ffi_call(DECODE_ATTENTION_TARGET, jax.ShapeDtypeStruct(q.shape, jnp.float32),
                             vmap_method="sequential")
     return call(q, k, v, lengths)
+
+
+def write_rows(buf, rows, starts) -> jax.Array:
+    """``buf`` [B, H, S, d] with ``rows`` [B, T, H, d] written at slots ``starts[b] + t`` of row b,
+    slots outside [0, S) dropped, by the C++ engine (CPU backend; ffi/src/write_rows.h): the
+    result aliases ``buf``, so a loop-carried cache is written in place whatever its dtype.
+
+    Args:
+      buf: ``[B, H, S, d]``, any dtype.
+      rows: ``[B, T, H, d]``, buf's dtype.
+      starts: int32 ``[B]``.
+    """
+    if buf.ndim != 4 or rows.ndim != 4 or rows.dtype != buf.dtype:
+        raise ValueError(f"write_rows: buf [B, H, S, d] and rows [B, T, H, d] of one dtype, got "
+                         f"{buf.dtype} {buf.shape} and {rows.dtype} {rows.shape}")
+    b, h, _, d = buf.shape
+    if rows.shape[0] != b or rows.shape[2:] != (h, d):
+        raise ValueError(f"write_rows: rows {rows.shape} do not fit buf {buf.shape}")
+    if starts.dtype != jnp.int32 or starts.shape != (b,):
+        raise ValueError(f"write_rows: starts must be int32 [{b}], got {starts.dtype} {starts.shape}")
+    call = jax.ffi.ffi_call(WRITE_ROWS_TARGET, jax.ShapeDtypeStruct(buf.shape, buf.dtype),
+                            input_output_aliases={0: 0}, vmap_method="sequential")
+    return call(buf, rows, starts)
 
 
 def small_matmul(x, w, *, w_nk: bool = False) -> jax.Array:
