@@ -2,6 +2,7 @@
 
   python scripts/bench_generate.py                       # SmolLM2-135M, batch 1 and 8, prompts 512 and 2048
   python scripts/bench_generate.py --batches 1 --prompt_lens 512 --new_tokens 32
+  python scripts/bench_generate.py --dtype bf16          # both sides with bf16 weights
 
 Both sides decode greedily with EOS disabled so every row produces exactly --new_tokens tokens.
 pigjax figures exclude compilation (a warm-up call of the same bucket runs first). Prints a table
@@ -19,8 +20,10 @@ from pigjax import cli
 _BATCHES = flags.DEFINE_list("batches", ["1", "8"], "batch sizes")
 _PROMPT_LENS = flags.DEFINE_list("prompt_lens", ["512", "2048"], "prompt lengths in tokens")
 _NEW = flags.DEFINE_integer("new_tokens", 64, "tokens generated per row")
+_DTYPE = flags.DEFINE_enum("dtype", "f32", ["f32", "bf16"], "parameter dtype of both sides")
 _THREADS = flags.DEFINE_integer("threads", os.cpu_count(), "torch threads (JAX uses all cores)")
 _OUT = flags.DEFINE_string("out", "docs/results/bench_generate.json", "JSON output")
+_DTYPE_NAMES = {"f32": "float32", "bf16": "bfloat16"}
 cli.ints(_BATCHES)
 cli.ints(_PROMPT_LENS)
 
@@ -66,6 +69,7 @@ def main(argv):
     logging.set_verbosity(logging.WARNING)
     import dataclasses
 
+    import jax.numpy as jnp
     import numpy as np
     import torch
     import transformers
@@ -76,6 +80,8 @@ def main(argv):
     torch.set_num_threads(_THREADS.value)
     model = pigjax.load(pigjax.default_checkpoint(), tokenizer=False)
     model = dataclasses.replace(model, config=dataclasses.replace(model.config, eos_token_ids=()))
+    if _DTYPE.value == "bf16":
+        model = model.astype(jnp.bfloat16)
     gguf = assets.default_gguf_path()
     rng = np.random.default_rng(0)
     cells = [(b, n, rng.integers(100, model.config.vocab_size, (b, n)).tolist())
@@ -86,7 +92,7 @@ def main(argv):
     # alone, on the Xeon).
     ours = [bench_pigjax(model, prompts, _NEW.value) for _, _, prompts in cells]
     hf = transformers.AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name,
-                                                           dtype=torch.float32).eval()
+                                                           dtype=getattr(torch, _DTYPE_NAMES[_DTYPE.value])).eval()
     rows = []
     for (b, n, prompts), (pj_prefill, pj_decode) in zip(cells, ours):
         hf_prefill, hf_decode = bench_transformers(hf, prompts, _NEW.value)
@@ -106,7 +112,7 @@ def main(argv):
         print(f"| {r['batch']} | {r['prompt']} | {r['pigjax_prefill_tps']:.1f} | {r['hf_prefill_tps']:.1f} | "
               f"{r['prefill_ratio']:.2f}x | {r['pigjax_decode_tps']:.1f} | {r['hf_decode_tps']:.1f} | "
               f"{r['decode_ratio']:.2f}x |")
-    result = {"benchmark": "generate", "model": "SmolLM2-135M-Instruct (Q4_1 dequantized, f32)",
+    result = {"benchmark": "generate", "model": f"SmolLM2-135M-Instruct (Q4_1 dequantized, {_DTYPE.value})",
               "machine": machine(), "rows": rows}
     os.makedirs(os.path.dirname(_OUT.value) or ".", exist_ok=True)
     with open(_OUT.value, "w") as f:
