@@ -75,9 +75,11 @@ std::string plan_decode_attention(const std::vector<int64_t>& q, const std::vect
   return "";
 }
 
+constexpr int64_t kInlineWork = int64_t{1} << 19;  // multiply-adds of q.k below which no pool is used
+
 template <typename T>
 std::string decode_attention(const DecodeAttentionShape& sh, const float* q, const T* k, const T* v,
-                             const int32_t* lengths, float* out) {
+                             const int32_t* lengths, float* out, float* lse) {
   const int64_t B = sh.B, Hq = sh.Hq, Hkv = sh.Hkv, S = sh.S, d = sh.d, G = Hq / Hkv;
   // Tasks: for each (row, KV head) its blocks up to the row's length; first[i] = first task of
   // (row, KV head) i.
@@ -94,14 +96,24 @@ std::string decode_attention(const DecodeAttentionShape& sh, const float* q, con
   const int64_t part = G * (d + 2);
   std::vector<float> parts(static_cast<size_t>(tasks * part));
   const RowKernels<T>& kern = row_kernels<T>(simd_level());
-  parallel_for(tasks, [&](int64_t t) {
+  const auto block = [&](int64_t t) {
     const int64_t bh = std::upper_bound(first.begin(), first.end(), t) - first.begin() - 1;
     const int64_t b = bh / Hkv, lo = (t - first[bh]) * kBlockRows;
     const int64_t n = std::min<int64_t>(kBlockRows, lengths[b] - lo);
     const int64_t at = (bh * S + lo) * d;
     float* p = &parts[static_cast<size_t>(t * part)];
     block_part(kern, q + (b * Hq + (bh % Hkv) * G) * d, G, d, k + at, v + at, n, p, p + G, p + 2 * G);
-  });
+  };
+  // A small call (MagicPIG's window: ~100 slots) runs on the calling thread: waking the pool
+  // between XLA's ops cost more than the work (a decode step's window calls took ~170 us each
+  // through the pool, ~25 us of work).
+  int64_t slots = 0;
+  for (int64_t b = 0; b < B; ++b) slots += lengths[b];
+  if (slots * Hq * d <= kInlineWork) {
+    for (int64_t t = 0; t < tasks; ++t) block(t);
+  } else {
+    parallel_for(tasks, block);
+  }
   // Merge each (row, query head)'s blocks by log-sum-exp.
   for (int64_t bh = 0; bh < B * Hkv; ++bh) {
     for (int64_t g = 0; g < G; ++g) {
@@ -119,14 +131,16 @@ std::string decode_attention(const DecodeAttentionShape& sh, const float* q, con
       }
       if (total > 0)
         for (int64_t c = 0; c < d; ++c) o[c] = static_cast<float>(o[c] / total);
+      if (lse != nullptr)
+        lse[bh * G + g] = total > 0 ? static_cast<float>(m + std::log(total)) : -std::numeric_limits<float>::infinity();
     }
   }
   return "";
 }
 
 template std::string decode_attention<float>(const DecodeAttentionShape&, const float*, const float*,
-                                             const float*, const int32_t*, float*);
+                                             const float*, const int32_t*, float*, float*);
 template std::string decode_attention<uint16_t>(const DecodeAttentionShape&, const float*, const uint16_t*,
-                                                const uint16_t*, const int32_t*, float*);
+                                                const uint16_t*, const int32_t*, float*, float*);
 
 }  // namespace pigjax

@@ -4,6 +4,8 @@
 // q [B, Hq, d] f32; k, v [B, Hkv, S, d] (T = float, or uint16_t for bf16); lengths [B] int32 in
 // [0, S]: row b sees slots 0 .. lengths[b]-1. Query head h reads KV head h / (Hq / Hkv).
 //   out[b, h] = sum_s softmax_s(q.k_s / sqrt(d)) v_s, computed in f32; 0 when lengths[b] == 0.
+//   lse[b, h] (when lse is not null) = log sum_s exp(q.k_s / sqrt(d)); -inf when lengths[b] == 0:
+//   the partial softmax a sampled back-end merges with its other part (docs/algorithm.md §2.6).
 // The work is split over (row, KV head, block of kBlockRows slots) on the engine's thread pool,
 // each block a partial softmax, merged by log-sum-exp; slots past a row's length are never read.
 #pragma once
@@ -27,6 +29,6 @@ std::string plan_decode_attention(const std::vector<int64_t>& q, const std::vect
 // Runs it; returns "" or a message for an invalid length. T = float or uint16_t (bf16).
 template <typename T>
 std::string decode_attention(const DecodeAttentionShape& shape, const float* q, const T* k, const T* v,
-                             const int32_t* lengths, float* out);
+                             const int32_t* lengths, float* out, float* lse = nullptr);
 
 }  // namespace pigjax

@@ -5,6 +5,7 @@
 #include "ffi_handlers.h"
 
 #include <string>
+#include <vector>
 
 #include "decode_attention.h"
 #include "ffi_store_calls.h"
@@ -61,25 +62,28 @@ ffi::Error SimhashCodesImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> proj,
 }
 
 // Dense decode attention (decode_attention.h): q f32 [B,Hq,d], k and v f32 or bf16 [B,Hkv,S,d]
-// (the same dtype), lengths s32 [B] -> out f32 [B,Hq,d].
+// (the same dtype), lengths s32 [B] -> out f32 [B,Hq,d], lse f32 [B,Hq].
 ffi::Error DecodeAttentionImpl(ffi::Buffer<ffi::F32> q, ffi::AnyBuffer k, ffi::AnyBuffer v,
-                               ffi::Buffer<ffi::S32> lengths, ffi::ResultBuffer<ffi::F32> out) {
+                               ffi::Buffer<ffi::S32> lengths, ffi::ResultBuffer<ffi::F32> out,
+                               ffi::ResultBuffer<ffi::F32> lse) {
   return run("pigjax_decode_attention", [&]() -> std::string {
     DecodeAttentionShape shape;
     std::string err = plan_decode_attention(to_vec(q.dimensions()), to_vec(k.dimensions()),
                                             to_vec(v.dimensions()), to_vec(lengths.dimensions()),
                                             to_vec(out->dimensions()), &shape);
     if (!err.empty()) return err;
+    if (to_vec(lse->dimensions()) != std::vector<int64_t>{shape.B, shape.Hq})
+      return "lse must be [B, Hq] = [" + std::to_string(shape.B) + ", " + std::to_string(shape.Hq) + "]";
     if (k.element_type() != v.element_type())
       return "k and v must have one dtype (both f32 or both bf16)";
     if (k.element_type() == ffi::DataType::F32)
       return decode_attention(shape, q.typed_data(), static_cast<const float*>(k.untyped_data()),
                               static_cast<const float*>(v.untyped_data()), lengths.typed_data(),
-                              out->typed_data());
+                              out->typed_data(), lse->typed_data());
     if (k.element_type() == ffi::DataType::BF16)
       return decode_attention(shape, q.typed_data(), static_cast<const uint16_t*>(k.untyped_data()),
                               static_cast<const uint16_t*>(v.untyped_data()), lengths.typed_data(),
-                              out->typed_data());
+                              out->typed_data(), lse->typed_data());
     return "k and v must be f32 or bf16";
   });
 }
@@ -162,6 +166,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(PigjaxDecodeAttention, DecodeAttentionImpl,
                                   .Arg<ffi::AnyBuffer>()         // v
                                   .Arg<ffi::Buffer<ffi::S32>>()  // lengths
                                   .Ret<ffi::Buffer<ffi::F32>>()  // out
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // lse
 );
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(PigjaxSmallMatmul, SmallMatmulImpl,

@@ -83,15 +83,16 @@ def write_rows(buf: jax.Array, new: jax.Array, starts: jax.Array) -> jax.Array:
     rows = jnp.arange(b)[:, None]
     slots = starts[:, None] + jnp.arange(t)[None, :]
     new = new.astype(buf.dtype)
-    if buf.dtype == jnp.bfloat16 and t == 1 and _native_writes():
+    if buf.dtype == jnp.bfloat16 and t == 1 and native_cpu():
         # XLA:CPU scatters (or dynamic-update-slices) a bf16 buffer by converting all of it to f32
         # and back: at batch 8 with 512 cached tokens, 78 ms of a 107 ms decode step.
         return native.write_rows(buf, new, starts.astype(jnp.int32))
     return buf.at[rows, :, slots].set(new, mode="drop")
 
 
-def _native_writes() -> bool:
-    """Whether a decode step's cache writes go to the engine: the CPU backend without a mesh."""
+def native_cpu() -> bool:
+    """Whether the engine's CPU kernels take the model-side work they have (cache writes, a window's
+    partial softmax): the CPU backend without a device mesh."""
     return engine.default_path() == "ffi" and sharding.current_mesh() is None
 
 

@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
-from pigjax.attention.backend import KV, Cache, Runtime, StepContext, init_kv, write_kv, write_rows
+from pigjax.attention.backend import KV, Cache, Runtime, StepContext, init_kv, native_cpu, write_kv, write_rows
 from pigjax.attention.dense import attend
 from pigjax.attention.softmax import merge, partial_softmax
 from pigjax.attention.sparse import SparseBackend, SparseShared, count_reads
@@ -58,6 +58,16 @@ class EngineShared(SparseShared):
     engine: EngineRef
     filled: jax.Array  # [B] int32: window slots in use
     values_read: jax.Array  # f32: middle value rows read, summed like `read` (which counts key rows)
+
+
+def window_softmax(q, k, v, filled):
+    """(o [B, Hq, d], lse [B, Hq]) of q [B, Hq, d] f32 over the window slots 0..filled[b] of k, v
+    [B, Hkv, W, d]: by the engine's decode attention on the CPU backend (one call instead of a
+    handful of small XLA ops per layer), else `partial_softmax`."""
+    if k.dtype in (jnp.float32, jnp.bfloat16) and native_cpu():
+        return native.decode_attention(q, k, v, (filled + 1).astype(jnp.int32), with_lse=True)
+    seen = (jnp.arange(k.shape[2])[None, :] <= filled[:, None])[:, None, None]
+    return partial_softmax(q, k, v, seen)
 
 
 def center(k, lengths, sink: int, local: int):
@@ -207,8 +217,7 @@ class MagicPIG(SparseBackend):
         kc = (k.astype(jnp.float32) - state.mu[:, None]).astype(state.k.dtype)  # [B, 1, Hkv, d]
         win_k, win_v = write_rows(state.k, kc, shared.filled), write_rows(state.v, v, shared.filled)
         q1 = q[:, 0].astype(jnp.float32)
-        seen = (jnp.arange(win_k.shape[2])[None, :] <= shared.filled[:, None])[:, None, None]
-        out_g, lse_g = partial_softmax(q1, win_k, win_v, seen)
+        out_g, lse_g = window_softmax(q1, win_k, win_v, shared.filled)
         out_s, lse_s, keys, values = self.engine_query(rt, slots, q1, state.counts)
         out, _ = merge(out_g, lse_g, out_s, lse_s)
         lo, hi = middle_bounds(shared.prompt_len, self.sink, self.local)

@@ -227,7 +227,7 @@ def simhash_codes_reference(x, proj, K) -> jax.Array:
     return jnp.sum(bits * weights, axis=-1, dtype=jnp.int32)
 
 
-def decode_attention(q, k, v, lengths) -> jax.Array:
+def decode_attention(q, k, v, lengths, *, with_lse: bool = False):
     """softmax(q k^T / sqrt(d)) v of one query per head over the first ``lengths[b]`` slots of
     row b, by the C++ kernel (CPU backend; ffi/src/decode_attention.h).
 
@@ -238,7 +238,9 @@ def decode_attention(q, k, v, lengths) -> jax.Array:
         of length 0 gets zeros.
 
     Returns:
-      float32 ``[B, Hq, d]``, accumulated in float32.
+      float32 ``[B, Hq, d]``, accumulated in float32; with ``with_lse``, also the log-sum-exp of
+      each head's scores, float32 ``[B, Hq]`` (-inf for a row of length 0): the partial softmax
+      that `pigjax.attention.softmax.merge` combines with another part.
     """
     if q.dtype != jnp.float32:
         raise ValueError(f"decode_attention: q must be float32, got {q.dtype}")
@@ -246,9 +248,9 @@ def decode_attention(q, k, v, lengths) -> jax.Array:
         raise ValueError(f"decode_attention: k and v must both be float32 or both bfloat16, got {k.dtype} and {v.dtype}")
     if lengths.dtype != jnp.int32:
         raise ValueError(f"decode_attention: lengths must be int32, got {lengths.dtype}")
-    call = jax.ffi.ffi_call(DECODE_ATTENTION_TARGET, jax.ShapeDtypeStruct(q.shape, jnp.float32),
-                            vmap_method="sequential")
-    return call(q, k, v, lengths)
+    out_types = (jax.ShapeDtypeStruct(q.shape, jnp.float32), jax.ShapeDtypeStruct(q.shape[:2], jnp.float32))
+    out, lse = jax.ffi.ffi_call(DECODE_ATTENTION_TARGET, out_types, vmap_method="sequential")(q, k, v, lengths)
+    return (out, lse) if with_lse else out
 
 
 def write_rows(buf, rows, starts) -> jax.Array:

@@ -17,7 +17,7 @@ def reference(q, k, v, lengths):
     """float64 softmax attention of q [B, Hq, d] over the first lengths[b] slots of k, v."""
     b, hq, d = q.shape
     g = hq // k.shape[1]
-    out = np.zeros((b, hq, d))
+    out, lse = np.zeros((b, hq, d)), np.full((b, hq), -np.inf)
     for r in range(b):
         for h in range(hq):
             n = lengths[r]
@@ -27,7 +27,8 @@ def reference(q, k, v, lengths):
             s = kh @ np.asarray(q[r, h], np.float64) / np.sqrt(d)
             p = np.exp(s - s.max())
             out[r, h] = p @ np.asarray(v[r, h // g, :n], np.float64) / p.sum()
-    return out
+            lse[r, h] = s.max() + np.log(p.sum())
+    return out, lse
 
 
 def inputs(rng, b, hq, hkv, s, d, dtype, lengths):
@@ -51,16 +52,19 @@ SHAPES = [  # b, Hq, Hkv, S, d, lengths: blocks of 256 slots, a head chunk of 8,
 def test_matches_reference_at_every_level_and_thread_count(shape, dtype):
     b, hq, hkv, s, d, lengths = shape
     q, k, v, n = inputs(np.random.default_rng(sum(shape[:5])), b, hq, hkv, s, d, dtype, lengths)
-    want = reference(np.asarray(q), np.asarray(k.astype(jnp.float32)), np.asarray(v.astype(jnp.float32)), lengths)
+    want, want_lse = reference(np.asarray(q), np.asarray(k.astype(jnp.float32)), np.asarray(v.astype(jnp.float32)),
+                               lengths)
     hw = LEVELS.index(native.hardware_simd_level())
     first = None
     for level in LEVELS[: hw + 1]:
         native.set_simd_level(level)
         for threads in (1, 3):
             native._engine.set_num_threads(threads)
-            got = np.asarray(jax.jit(native.decode_attention)(q, k, v, n))
+            got, lse = (np.asarray(x) for x in jax.jit(native.decode_attention, static_argnames="with_lse")(
+                q, k, v, n, with_lse=True))
             # bf16 rows at the avx512 level score with bf16 x (bf16 hi + lo) query products.
             np.testing.assert_allclose(got, want, atol=2e-5 if dtype == jnp.float32 else 1e-4, rtol=0)
+            np.testing.assert_allclose(lse, want_lse, atol=2e-5 if dtype == jnp.float32 else 1e-4, rtol=1e-6)
             if threads == 1:
                 first = got
             else:  # the split over threads is fixed by the shapes: results do not depend on it
@@ -91,6 +95,11 @@ def test_attend_uses_it_and_equals_the_xla_form(dtype):
     np.testing.assert_allclose(got, want, atol=1e-5, rtol=0)
 
 
+def _results(q_shape):
+    """The target's results: out [B, Hq, d] and lse [B, Hq]."""
+    return jax.ShapeDtypeStruct(q_shape, jnp.float32), jax.ShapeDtypeStruct(q_shape[:2], jnp.float32)
+
+
 @pytest.mark.parametrize(
     "q_shape, k_shape, v_shape, n_shape, match",
     [
@@ -103,7 +112,7 @@ def test_attend_uses_it_and_equals_the_xla_form(dtype):
 )
 def test_handler_rejects_bad_shapes(q_shape, k_shape, v_shape, n_shape, match):
     """Past the Python wrapper: the C++ handler returns an error, the process lives on."""
-    call = jax.ffi.ffi_call(native.DECODE_ATTENTION_TARGET, jax.ShapeDtypeStruct(q_shape, jnp.float32))
+    call = jax.ffi.ffi_call(native.DECODE_ATTENTION_TARGET, _results(q_shape))
     args = (jnp.ones(q_shape), jnp.ones(k_shape), jnp.ones(v_shape), jnp.ones(n_shape, jnp.int32))
     with pytest.raises(jax.errors.JaxRuntimeError, match="pigjax_decode_attention: " + match):
         jax.block_until_ready(call(*args))
@@ -115,8 +124,11 @@ def test_handler_rejects_bad_lengths_and_dtypes():
         jax.block_until_ready(native.decode_attention(q, k, k, jnp.asarray([5, 6], jnp.int32)))
     with pytest.raises(jax.errors.JaxRuntimeError, match=r"lengths\[0\] = -1"):
         jax.block_until_ready(native.decode_attention(q, k, k, jnp.asarray([-1, 2], jnp.int32)))
-    call = jax.ffi.ffi_call(native.DECODE_ATTENTION_TARGET, jax.ShapeDtypeStruct(q.shape, jnp.float32))
+    call = jax.ffi.ffi_call(native.DECODE_ATTENTION_TARGET, _results(q.shape))
     n = jnp.asarray([1, 2], jnp.int32)
+    bad_lse = jax.ffi.ffi_call(native.DECODE_ATTENTION_TARGET, (_results(q.shape)[0], jax.ShapeDtypeStruct((2, 3), jnp.float32)))
+    with pytest.raises(jax.errors.JaxRuntimeError, match=r"lse must be \[B, Hq\] = \[2, 4\]"):
+        jax.block_until_ready(bad_lse(q, k, k, n))
     with pytest.raises(jax.errors.JaxRuntimeError, match="k and v must have one dtype"):
         jax.block_until_ready(call(q, k, k.astype(jnp.bfloat16), n))
     with pytest.raises(jax.errors.JaxRuntimeError, match="k and v must be f32 or bf16"):
@@ -130,3 +142,21 @@ def test_handler_rejects_bad_lengths_and_dtypes():
         native.decode_attention(q, k, k, n.astype(jnp.int16))
     good = native.decode_attention(q, k, k, n)
     np.testing.assert_allclose(good, np.ones((2, 4, 8)), rtol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_magicpig_window_softmax_equals_partial_softmax(dtype):
+    """MagicPIG's exact window (slots 0..filled of each row) through the engine gives the partial
+    softmax (out, lse) the jnp form gives, which the step merges with the sampled middle."""
+    from pigjax.attention import magicpig, softmax
+
+    rng = np.random.default_rng(3)
+    q, k, v, _ = inputs(rng, 3, 9, 3, 40, 64, dtype, [0, 0, 0])
+    filled = jnp.asarray([0, 17, 39], jnp.int32)
+    out, lse = jax.jit(magicpig.window_softmax)(q, k, v, filled)
+    assert native.DECODE_ATTENTION_TARGET in jax.jit(magicpig.window_softmax).lower(q, k, v, filled).as_text()
+    seen = (jnp.arange(40)[None, :] <= filled[:, None])[:, None, None]
+    want_out, want_lse = softmax.partial_softmax(q, k, v, seen)
+    tol = 2e-5 if dtype == jnp.float32 else 1e-4
+    np.testing.assert_allclose(out, want_out, atol=tol, rtol=0)
+    np.testing.assert_allclose(lse, want_lse, atol=tol, rtol=1e-6)

@@ -76,7 +76,7 @@ def test_bf16_decode_steps_equal_xla_scatter(monkeypatch):
     lengths = jnp.asarray([7, 4, 6], jnp.int32)
 
     def run(native_writes):
-        monkeypatch.setattr(backend, "_native_writes", lambda: native_writes)
+        monkeypatch.setattr(backend, "native_cpu", lambda: native_writes)
         cache = pigjax.Dense().init_cache(config, 3, 16, 0, jnp.bfloat16)
         _, cache = jax.jit(lambda p, t, c: llama.step(p, config, t, c, lengths, fresh=True))(params, tokens, cache)
         decode = jax.jit(lambda p, t, c: llama.step(p, config, t, c))
