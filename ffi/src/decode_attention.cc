@@ -84,10 +84,12 @@ std::string decode_attention(const DecodeAttentionShape& sh, const float* q, con
   // Tasks: for each (row, KV head) its blocks up to the row's length; first[i] = first task of
   // (row, KV head) i.
   std::vector<int64_t> first(static_cast<size_t>(B * Hkv + 1), 0);
+  int64_t slots = 0;
   for (int64_t b = 0; b < B; ++b) {
     if (lengths[b] < 0 || lengths[b] > S)
       return "lengths[" + std::to_string(b) + "] = " + std::to_string(lengths[b]) + " is outside [0, " +
              std::to_string(S) + "] (the cache's slots)";
+    slots += lengths[b];
     const int64_t blocks = (lengths[b] + kBlockRows - 1) / kBlockRows;
     for (int64_t h = 0; h < Hkv; ++h) first[b * Hkv + h + 1] = first[b * Hkv + h] + blocks;
   }
@@ -107,8 +109,6 @@ std::string decode_attention(const DecodeAttentionShape& sh, const float* q, con
   // A small call (MagicPIG's window: ~100 slots) runs on the calling thread: waking the pool
   // between XLA's ops cost more than the work (a decode step's window calls took ~170 us each
   // through the pool, ~25 us of work).
-  int64_t slots = 0;
-  for (int64_t b = 0; b < B; ++b) slots += lengths[b];
   if (slots * Hq * d <= kInlineWork) {
     for (int64_t t = 0; t < tasks; ++t) block(t);
   } else {

@@ -56,30 +56,23 @@ def _attend_block(q, k, v, positions):
     hkv, s = k.shape[1], k.shape[2]
     f32 = jnp.float32
     q = q.reshape(b, t, hkv, h // hkv, d).astype(f32)
-    fused = t == 1 and b >= REDUCE_MIN_BATCH
-    if t > 1:
+    if t > 1 or b < REDUCE_MIN_BATCH:
         return _attend_many(q, k.astype(f32), v.astype(f32), positions).reshape(b, t, h, d).astype(dtype)
-    if fused:
-        # Batched decode: multiply + reduce lets XLA fuse the caller's slice of this layer out of
-        # the stacked cache instead of copying it for a dot (per step with SmolLM2 shapes: batch 2
-        # 31 vs 63 ms, batch 8 at 2k context 125 vs 178 ms; at batch 1 the dot wins, 25 vs 46 ms).
-        scores = jnp.sum(q[:, 0, :, :, None, :] * k.astype(f32)[:, :, None], axis=-1)[:, :, :, None] * (d ** -0.5)
-    else:
-        scores = jnp.einsum("btkgd,bksd->bkgts", q, k.astype(f32)) * (d ** -0.5)
+    # Batched decode: multiply + reduce lets XLA fuse the caller's slice of this layer out of the
+    # stacked cache instead of copying it for a dot (per step with SmolLM2 shapes: batch 2 31 vs
+    # 63 ms, batch 8 at 2k context 125 vs 178 ms; at batch 1 the dot wins, 25 vs 46 ms).
+    scores = jnp.sum(q[:, 0, :, :, None, :] * k.astype(f32)[:, :, None], axis=-1)[:, :, :, None] * (d ** -0.5)
     visible = jnp.arange(s)[None, None, :] <= positions[:, :, None]  # [B, T, S]
     # Slot 0 is always visible (position >= 0), so no row is fully masked and no NaN arises.
     scores = jnp.where(visible[:, None, None], scores, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(scores, axis=-1)
-    if fused:
-        out = jnp.sum(probs[:, :, :, 0, :, None] * v.astype(f32)[:, :, None], axis=-2)[:, None]
-    else:
-        out = jnp.einsum("bkgts,bksd->btkgd", probs, v.astype(f32))
+    out = jnp.sum(probs[:, :, :, 0, :, None] * v.astype(f32)[:, :, None], axis=-2)[:, None]
     return out.reshape(b, t, h, d).astype(dtype)
 
 
 def _attend_many(q, k, v, positions):
-    """`_attend_block` of several queries per row, q [B, T, Hkv, G, d] f32: each KV head's G·T
-    queries as the rows of one matrix, so both products and the softmax keep XLA's natural dot
+    """`_attend_block` as matrix products, q [B, T, Hkv, G, d] f32: each KV head's G·T queries as
+    the rows of one matrix, so both products and the softmax keep XLA's natural dot
     layout ([B, Hkv, G·T, S]) and the score matrix is never transposed (in a 2k-token prefill,
     transposing and masking it in separate passes cost more than the products)."""
     b, t, hkv, g, d = q.shape
