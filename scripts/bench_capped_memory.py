@@ -4,6 +4,7 @@ of docs/gpu_engine.md says what to expect).
 
   python scripts/bench_capped_memory.py                         # caps 24,48 GB; 32k, 64k; 8B shapes
   python scripts/bench_capped_memory.py --caps_gb 24 --contexts 32768 --batches 1,2,4
+  python scripts/bench_capped_memory.py --caps_gb 24 --contexts 32768 --batches dense:1,magicpig:1,magicpig:8
   JAX_PLATFORMS=cpu python scripts/bench_capped_memory.py --layers 1 --vocab_size 1024 --contexts 512 \\
       --batches 1,2 --steps 2 --caps_gb 0      # a smoke run of the script itself on a CPU (no cap, tiny)
 
@@ -32,7 +33,8 @@ from absl import app, flags
 _CAPS = flags.DEFINE_list("caps_gb", ["24", "48"], "GPU memory caps in GB (0: no cap)")
 _CONTEXTS = flags.DEFINE_list("contexts", ["32768", "65536"], "context lengths")
 _BACKENDS = flags.DEFINE_list("backends", ["dense", "magicpig"], "back-ends")
-_BATCHES = flags.DEFINE_list("batches", [], "batches to run (default: search for the largest)")
+_BATCHES = flags.DEFINE_list("batches", [], "batches to run (default: search for the largest); an item "
+                             "'name:b' applies to back-end name only, e.g. dense:1,magicpig:1,magicpig:8")
 _MAX_BATCH = flags.DEFINE_integer("max_batch", 64, "largest batch the search tries")
 _STEPS = flags.DEFINE_integer("steps", 16, "timed decode steps")
 _LAYERS = flags.DEFINE_integer("layers", 32, "decoder layers (32 = Llama-3.1-8B; fewer for smoke runs)")
@@ -127,6 +129,16 @@ def child(spec: dict) -> dict:
             "host_bytes_per_token_per_layer": stats.get("host_bytes_per_token_per_layer")}
 
 
+def batches_of(backend: str) -> list[int]:
+    """The --batches items that apply to `backend` (plain numbers apply to every back-end)."""
+    out = []
+    for item in _BATCHES.value:
+        name, _, b = item.rpartition(":")
+        if name in ("", backend):
+            out.append(int(b))
+    return out
+
+
 def gpu_total_bytes():
     try:
         out = subprocess.run(["nvidia-smi", "--query-gpu=memory.total", "--format=csv,noheader,nounits"],
@@ -159,8 +171,14 @@ def main(_):
     if _CHILD.value:
         print("RESULT " + json.dumps(child(json.loads(_CHILD.value))), flush=True)
         return
+    from pigjax.eval.output import write_json
+    from pigjax.machine import describe
+
     total = gpu_total_bytes()
     runs = []
+    result = {"machine": describe(), "gpu_total_bytes": total, "model": f"random bf16, Llama-3.1-8B shapes, "
+              f"{_LAYERS.value} layers, vocabulary {_VOCAB.value}", "magicpig": {"K": _K.value, "L": _L.value},
+              "steps": _STEPS.value, "runs": runs}
     for cap in map(float, _CAPS.value):
         for n in map(int, _CONTEXTS.value):
             for name in _BACKENDS.value:
@@ -177,7 +195,7 @@ def main(_):
                     return "error" not in results[b]
 
                 if _BATCHES.value:
-                    for b in map(int, _BATCHES.value):
+                    for b in batches_of(name):
                         attempt(b)
                 else:  # doubling, then bisection between the last success and the first failure
                     good, bad, b = 0, None, 1
@@ -195,17 +213,12 @@ def main(_):
                 best = max(ok) if ok else None
                 runs.append({"cap_gb": cap, "context": n, "backend": name, "largest_batch": best,
                              "at_largest": results.get(best), "attempts": {str(b): r for b, r in sorted(results.items())}})
-    from pigjax.machine import describe
-
-    result = {"machine": describe(), "gpu_total_bytes": total, "model": f"random bf16, Llama-3.1-8B shapes, "
-              f"{_LAYERS.value} layers, vocabulary {_VOCAB.value}", "magicpig": {"K": _K.value, "L": _L.value}, "steps": _STEPS.value, "runs": runs}
+                write_json(_OUT.value, result)  # after each run: a stopped sweep keeps what it measured
     print(f"\n{'cap GB':>6} {'context':>8} {'backend':>9} {'batch':>5} {'tok/s':>8} {'ms/token':>9}")
     for r in runs:
         a = r["at_largest"] or {}
         print(f"{r['cap_gb']:>6g} {r['context']:>8} {r['backend']:>9} {str(r['largest_batch']):>5} "
               f"{a.get('tokens_per_second', float('nan')):>8.1f} {a.get('ms_per_token', float('nan')):>9.1f}")
-    from pigjax.eval.output import write_json
-
     write_json(_OUT.value, result)
 
 

@@ -5,6 +5,9 @@
 # ninja (the project's device machine has them):
 #   OUT=out/device scripts/device_check.sh
 #   TESTS="tests/engine/test_cuda_gpu.py" BENCH=0 scripts/device_check.sh   # a quick recheck
+#   TESTS=none: no tests; DECODE=0: no bench_decode; HANDLER_BATCHES / HANDLER_CONTEXTS / HANDLER_CALLS
+#   size bench_cuda_handler; DEADLINE=s: the optional runs (5.) end by s seconds after the start, so one
+#   device call returns with what they measured (bench_capped_memory writes its JSON after each run).
 # 1. builds the engine and pigjax._engine_cuda for that Python with cmake (no pip, no venv), against
 #    the CUDA runtime pip package JAX's CUDA plugin installed (nvidia/.../include, lib), else the
 #    toolkit (PIGJAX_CUDA_ROOT=dir overrides);
@@ -71,32 +74,42 @@ status=0
 echo "== tests on $("$PY" -c 'import jax; print(jax.default_backend())')"
 # TESTS: pytest arguments (default: the decode-path tests that need no embedded model and no CPU FFI)
 TESTS=${TESTS:-tests/engine/test_cuda_gpu.py tests/attention/test_backends.py tests/engine/test_store.py tests/test_generate.py tests/test_generate_mosaics.py -k "not ffi and not smollm2"}
-eval "timeout ${TEST_TIMEOUT:-210} $PY -m pytest -q -m 'not slow' -p no:cacheprovider $TESTS" > "$OUT/pytest.log" 2>&1 || status=1
-tail -25 "$OUT/pytest.log"
+if [ "$TESTS" != none ]; then
+  eval "timeout ${TEST_TIMEOUT:-210} $PY -m pytest -v -m 'not slow' -p no:cacheprovider $TESTS" > "$OUT/pytest.log" 2>&1 || status=1
+  tail -25 "$OUT/pytest.log"
+fi
 [ "${BENCH:-1}" = 0 ] && exit $status
 
 paths=callback
 "$PY" -c "from pigjax.engine import native; raise SystemExit(0 if native.cuda_handlers() else 1)" && paths=cuda-ffi,cuda-async,callback
 
 echo "== bench_cuda_handler on the GPU (paths $paths)"
-timeout "${HANDLER_TIMEOUT:-150}" "$PY" scripts/bench_cuda_handler.py --paths "$paths" --batches 1,4,16 \
-  --contexts 1024,8192,32768 --calls 200 --out "$OUT/bench_cuda_handler.json" 2>&1 \
-  | tee "$OUT/bench_cuda_handler.log" | tail -14 || status=1
+timeout "${HANDLER_TIMEOUT:-150}" "$PY" scripts/bench_cuda_handler.py --paths "$paths" \
+  --batches "${HANDLER_BATCHES:-1,4,16}" --contexts "${HANDLER_CONTEXTS:-1024,8192,32768}" \
+  --calls "${HANDLER_CALLS:-200}" --out "$OUT/bench_cuda_handler.json" 2>&1 \
+  | tee -a "$OUT/bench.log" | tail -14 || status=1
 
-echo "== bench_decode on the GPU (MagicPIG via $paths)"
-timeout "${BENCH_TIMEOUT:-240}" "$PY" scripts/bench_decode.py --weights random --contexts "${CONTEXTS:-8192}" --steps 32 \
-  --prefill_tokens "${PREFILL_TOKENS:-0}" --engine_paths "$paths" --out "$OUT/bench_decode_gpu.json" 2>&1 \
-  | tee "$OUT/bench_decode.log" | tail -14 || status=1
+if [ "${DECODE:-1}" = 1 ]; then
+  echo "== bench_decode on the GPU (MagicPIG via $paths)"
+  timeout "${BENCH_TIMEOUT:-240}" "$PY" scripts/bench_decode.py --weights random --contexts "${CONTEXTS:-8192}" --steps 32 \
+    --prefill_tokens "${PREFILL_TOKENS:-0}" --engine_paths "$paths" --out "$OUT/bench_decode_gpu.json" 2>&1 \
+    | tee -a "$OUT/bench.log" | tail -14 || status=1
+fi
+left() {  # seconds until DEADLINE (the given default when none is set), at least 1
+  local want=$1
+  [ -n "${DEADLINE:-}" ] && want=$(( DEADLINE - SECONDS < want ? DEADLINE - SECONDS : want ))
+  echo $(( want > 1 ? want : 1 ))
+}
 
 if [ "${ATTN:-0}" = 1 ]; then
   echo "== bench_attention on the CPU"
-  JAX_PLATFORMS=cpu timeout "${ATTN_TIMEOUT:-80}" "$PY" scripts/bench_attention.py --lengths 131072 --repeats 10 \
-    --out "$OUT/bench_attention_cpu.json" 2>&1 | tee "$OUT/bench_attention.log" | tail -12 || status=1
+  JAX_PLATFORMS=cpu timeout "$(left "${ATTN_TIMEOUT:-80}")" "$PY" scripts/bench_attention.py --lengths 131072 --repeats 10 \
+    --out "$OUT/bench_attention_cpu.json" 2>&1 | tee -a "$OUT/bench.log" | tail -12 || status=1
 fi
 if [ "${CAPPED:-0}" = 1 ]; then
   echo "== capped-memory comparison (Llama-3.1-8B shapes, random bf16)"
-  timeout "${CAPPED_TIMEOUT:-540}" "$PY" scripts/bench_capped_memory.py --caps_gb "${CAPS_GB:-24,48}" \
-    --contexts "${CAPPED_CONTEXTS:-32768,65536}" --out "$OUT/bench_capped_memory.json" 2>&1 \
-    | tee "$OUT/bench_capped_memory.log" | tail -20 || status=1
+  timeout "$(left "${CAPPED_TIMEOUT:-540}")" "$PY" scripts/bench_capped_memory.py --caps_gb "${CAPS_GB:-24,48}" \
+    --contexts "${CAPPED_CONTEXTS:-32768,65536}" ${CAPPED_ARGS:-} --out "$OUT/bench_capped_memory.json" 2>&1 \
+    | tee -a "$OUT/bench.log" | tail -20 || status=1
 fi
 exit $status
