@@ -54,8 +54,9 @@ LLAMA31_ROPE = dict(theta=500000.0, rope_type="llama3", factor=8.0, low_freq_fac
 
 
 def random_model(layers: int, vocab_size: int):
-    """Random bf16 weights of Llama-3.1-8B's shapes, created leaf by leaf on the default device
-    (no float32 copy: 16 GB at 32 layers)."""
+    """Random bf16 weights of Llama-3.1-8B's shapes, created leaf by leaf on the default device and
+    already split per layer (`llama.unstack_layers`' form): no float32 copy and no second copy of the
+    16 GB, which unstacking stacked leaves would need next to them."""
     import jax
     import jax.numpy as jnp
 
@@ -65,11 +66,16 @@ def random_model(layers: int, vocab_size: int):
     config = LlamaConfig(**{**LLAMA31_8B, "num_hidden_layers": layers, "vocab_size": vocab_size},
                          rope=RopeConfig(**LLAMA31_ROPE))
     shapes = llama.param_shapes(config, jnp.bfloat16)
-    leaves, tree = jax.tree.flatten(shapes)
-    keys = jax.random.split(jax.random.key(0), len(leaves))
     make = jax.jit(lambda k, shape: 0.02 * jax.random.normal(k, shape, jnp.bfloat16), static_argnums=1)
-    params = jax.tree.unflatten(tree, [make(k, s.shape) if len(s.shape) > 1 else jnp.ones(s.shape, jnp.bfloat16)
-                                       for k, s in zip(keys, leaves)])
+    key = iter(jax.random.split(jax.random.key(0), 100_000))
+
+    def fill(tree):  # matrices random, vectors (norm scales) ones
+        return jax.tree.map(lambda s: make(next(key), s.shape) if len(s.shape) > 1 else jnp.ones(s.shape, jnp.bfloat16),
+                            tree)
+
+    per_layer = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape[1:], s.dtype), shapes["layers"])
+    params = fill({k: v for k, v in shapes.items() if k != "layers"})
+    params["layers"] = tuple(fill(per_layer) for _ in range(layers))
     return config, params
 
 
@@ -83,7 +89,6 @@ def child(spec: dict) -> dict:
     from pigjax.models import llama
 
     config, params = random_model(spec["layers"], spec["vocab_size"])
-    params = llama.unstack_layers(params)
     n, batch, steps = spec["context"], spec["batch"], spec["steps"]
     backend = pigjax.Dense() if spec["backend"] == "dense" else pigjax.MagicPIG(K=spec["K"], L=spec["L"])
     hkv, d = config.num_key_value_heads, config.head_dim

@@ -5,7 +5,7 @@
 # ninja (the project's device machine has them):
 #   OUT=out/device scripts/device_check.sh
 #   TESTS="tests/engine/test_cuda_gpu.py" BENCH=0 scripts/device_check.sh   # a quick recheck
-#   TESTS=none: no tests; DECODE=0: no bench_decode; HANDLER_BATCHES / HANDLER_CONTEXTS / HANDLER_CALLS
+#   TESTS=none: no tests; HANDLER=0 / DECODE=0: no bench_cuda_handler / bench_decode; HANDLER_BATCHES / HANDLER_CONTEXTS / HANDLER_CALLS
 #   size bench_cuda_handler; DEADLINE=s: the optional runs (5.) end by s seconds after the start, so one
 #   device call returns with what they measured (bench_capped_memory writes its JSON after each run).
 # 1. builds the engine and pigjax._engine_cuda for that Python with cmake (no pip, no venv), against
@@ -37,7 +37,8 @@ roots = []
 for sp in site.getsitepackages():
     for h in glob.glob(os.path.join(sp, "nvidia", "**", "include", "cuda_runtime_api.h"), recursive=True):
         root = os.path.dirname(os.path.dirname(h))
-        if glob.glob(os.path.join(root, "lib", "libcudart.so*")):
+        if glob.glob(os.path.join(root, "lib", "libcudart.so*")) and os.path.exists(
+                os.path.join(root, "include", "crt", "host_defines.h")):  # the cu13 package lacks crt/
             roots.append(root)
 print(sorted(roots)[-1] if roots else "")
 '
@@ -83,11 +84,13 @@ fi
 paths=callback
 "$PY" -c "from pigjax.engine import native; raise SystemExit(0 if native.cuda_handlers() else 1)" && paths=cuda-ffi,cuda-async,callback
 
+if [ "${HANDLER:-1}" = 1 ]; then
 echo "== bench_cuda_handler on the GPU (paths $paths)"
 timeout "${HANDLER_TIMEOUT:-150}" "$PY" scripts/bench_cuda_handler.py --paths "$paths" \
   --batches "${HANDLER_BATCHES:-1,4,16}" --contexts "${HANDLER_CONTEXTS:-1024,8192,32768}" \
   --calls "${HANDLER_CALLS:-200}" --out "$OUT/bench_cuda_handler.json" 2>&1 \
   | tee -a "$OUT/bench.log" | tail -14 || status=1
+fi
 
 if [ "${DECODE:-1}" = 1 ]; then
   echo "== bench_decode on the GPU (MagicPIG via $paths)"

@@ -83,7 +83,8 @@ def test_calls_run_every_scan_step_in_order(path):
                 return carry + 1, (out[0, 0, 0], sampled[0, 0])
             return jax.lax.scan(step, 0, jnp.arange(5, dtype=jnp.float32))[1]
 
-        outs, sampled = run(jnp.ones((1, 1, d), jnp.float32))
+        # read inside the block: the store must outlive the program's queued (cuda-async) calls
+        outs, sampled = jax.block_until_ready(run(jnp.ones((1, 1, d), jnp.float32)))
     assert np.allclose(np.asarray(outs), np.arange(5)) and np.all(np.asarray(sampled) == n - 1)
 
 
