@@ -22,6 +22,8 @@ largest batch that ran. Each child decodes `--steps` steps after a 2-step warm-u
 batch x steps / seconds, per-token latency = ms per step. Writes JSON and prints a table.
 """
 
+import functools
+import itertools
 import json
 import os
 import subprocess
@@ -66,11 +68,12 @@ def random_model(layers: int, vocab_size: int):
     config = LlamaConfig(**{**LLAMA31_8B, "num_hidden_layers": layers, "vocab_size": vocab_size},
                          rope=RopeConfig(**LLAMA31_ROPE))
     shapes = llama.param_shapes(config, jnp.bfloat16)
-    make = jax.jit(lambda k, shape: 0.02 * jax.random.normal(k, shape, jnp.bfloat16), static_argnums=1)
-    key = iter(jax.random.split(jax.random.key(0), 100_000))
+    make = jax.jit(lambda i, shape: 0.02 * jax.random.normal(jax.random.fold_in(jax.random.key(0), i), shape,
+                                                             jnp.bfloat16), static_argnums=1)
+    leaf = itertools.count()
 
-    def fill(tree):  # matrices random, vectors (norm scales) ones
-        return jax.tree.map(lambda s: make(next(key), s.shape) if len(s.shape) > 1 else jnp.ones(s.shape, jnp.bfloat16),
+    def fill(tree):  # matrices random (a key per leaf), vectors (norm scales) ones
+        return jax.tree.map(lambda s: make(next(leaf), s.shape) if len(s.shape) > 1 else jnp.ones(s.shape, jnp.bfloat16),
                             tree)
 
     per_layer = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape[1:], s.dtype), shapes["layers"])
@@ -88,7 +91,18 @@ def child(spec: dict) -> dict:
     from pigjax.attention.backend import KV
     from pigjax.models import llama
 
+    phases, t0 = {}, time.perf_counter()
+
+    def phase(name):  # seconds since the last phase, printed as it ends: a timed-out child's log says where
+        nonlocal t0
+        now = time.perf_counter()
+        phases[name] = now - t0
+        t0 = now
+        print(f"phase {name}: {phases[name]:.1f} s", file=sys.stderr, flush=True)
+
     config, params = random_model(spec["layers"], spec["vocab_size"])
+    jax.block_until_ready(params)
+    phase("weights")
     n, batch, steps = spec["context"], spec["batch"], spec["steps"]
     backend = pigjax.Dense() if spec["backend"] == "dense" else pigjax.MagicPIG(K=spec["K"], L=spec["L"])
     hkv, d = config.num_key_value_heads, config.head_dim
@@ -112,15 +126,19 @@ def child(spec: dict) -> dict:
         jax.block_until_ready(cache)
         build = time.perf_counter() - start
 
-        def body(_, carry):
-            cache, tok = carry
-            logits, cache = llama.step(params, config, tok[:, None], cache, None, backend)
-            return cache, jnp.argmax(logits[:, 0], axis=-1).astype(jnp.int32)
+        @functools.partial(jax.jit, donate_argnums=1)
+        def run(p, cache, tok, steps):  # p an argument: weights closed over would be baked in as constants
+            def body(_, carry):
+                cache, tok = carry
+                logits, cache = llama.step(p, config, tok[:, None], cache, None, backend)
+                return cache, jnp.argmax(logits[:, 0], axis=-1).astype(jnp.int32)
+            return jax.lax.fori_loop(0, steps, body, (cache, tok))
 
-        run = jax.jit(lambda p, c, t, s: jax.lax.fori_loop(0, s, body, (c, t)), donate_argnums=1)
         tok = jnp.ones((batch,), jnp.int32)
+        phase("cache_build")
         cache, tok = run(params, cache, tok, 2)
         jax.block_until_ready(tok)
+        phase("compile_and_warmup")
         start = time.perf_counter()
         cache, tok = run(params, cache, tok, steps)
         jax.block_until_ready(tok)
@@ -128,7 +146,7 @@ def child(spec: dict) -> dict:
         stats = backend.stats(config, jnp.bfloat16, cache, runtime)
     mem = jax.devices()[0].memory_stats() or {}
     return {"tokens_per_second": batch * steps / seconds, "ms_per_token": 1e3 * seconds / steps,
-            "cache_build_seconds": build, "peak_device_bytes": mem.get("peak_bytes_in_use"),
+            "cache_build_seconds": build, "phase_seconds": phases, "peak_device_bytes": mem.get("peak_bytes_in_use"),
             "device_bytes_limit": mem.get("bytes_limit"), "fraction_read": stats.get("fraction_read"),
             "cache_bytes_per_token_per_layer": stats.get("cache_bytes_per_token_per_layer"),
             "host_bytes_per_token_per_layer": stats.get("host_bytes_per_token_per_layer")}
@@ -162,8 +180,11 @@ def run_child(spec: dict, cap_gb: float, total: int | None) -> dict:
     cmd = [sys.executable, os.path.abspath(__file__), f"--child={json.dumps(spec)}"]
     try:
         p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=_CHILD_TIMEOUT.value)
-    except subprocess.TimeoutExpired:
-        return {"error": f"timeout after {_CHILD_TIMEOUT.value} s"}
+    except subprocess.TimeoutExpired as e:
+        tail = e.stderr or e.stdout or ""
+        tail = tail.decode(errors="replace") if isinstance(tail, bytes) else tail
+        done = [line for line in tail.splitlines() if line.startswith("phase ")]
+        return {"error": f"timeout after {_CHILD_TIMEOUT.value} s", "phases_done": done, "log_tail": tail[-600:]}
     for line in reversed(p.stdout.splitlines()):
         if line.startswith("RESULT "):
             return json.loads(line[len("RESULT "):])

@@ -38,6 +38,7 @@ in both.
 
 from __future__ import annotations
 
+import math
 import operator
 
 import jax
@@ -221,6 +222,20 @@ def simhash_codes_reference(x, proj, K) -> jax.Array:
         if not jnp.issubdtype(a.dtype, jnp.floating):
             raise ValueError(f"simhash: {name} must be a floating dtype, got {a.dtype}")
     L = _check_shapes(x, proj, k)
+    rows = math.prod(x.shape[:-1])
+    if rows * proj.shape[1] <= SIMHASH_CHUNK_DOTS:
+        return _codes_of_rows(x, proj, k, L)
+    # A long prompt's dots [rows, K*L] would take gigabytes on a GPU: hash it in row chunks.
+    flat = x.reshape(rows, x.shape[-1])
+    chunk = max(1, SIMHASH_CHUNK_DOTS // proj.shape[1])
+    codes = jax.lax.map(lambda r: _codes_of_rows(r, proj, k, L), flat, batch_size=chunk)
+    return codes.reshape(tuple(x.shape[:-1]) + (L,))
+
+
+SIMHASH_CHUNK_DOTS = 2**26  # dot products one jnp SimHash pass holds at most (256 MB in f32)
+
+
+def _codes_of_rows(x, proj, k: int, L: int) -> jax.Array:
     dots = jnp.matmul(x, proj, precision=jax.lax.Precision.HIGHEST)
     bits = (dots > 0).reshape(tuple(x.shape[:-1]) + (L, k)).astype(jnp.int32)
     weights = jnp.left_shift(jnp.int32(1), jnp.arange(k, dtype=jnp.int32))

@@ -91,6 +91,21 @@ def test_reference_bit_layout():
     np.testing.assert_array_equal(native.simhash_codes_reference(x, proj, 3), expected)
 
 
+def test_reference_hashes_long_inputs_in_row_chunks(monkeypatch):
+    # Above SIMHASH_CHUNK_DOTS the jnp path maps over row chunks (a last partial chunk too):
+    # the same codes as one pass and as the C++ kernel.
+    rng = np.random.default_rng(7)
+    x = rng.normal(size=(2, 3, 50, 16)).astype(np.float32)
+    proj = rng.normal(size=(16, 40)).astype(np.float32)
+    whole = np.asarray(native.simhash_codes_reference(x, proj, 4))
+    monkeypatch.setattr(native, "SIMHASH_CHUNK_DOTS", 7 * 40)  # 7 rows a chunk; 300 rows leave 6
+    chunked = native.simhash_codes_reference(x, proj, 4)
+    assert "scan" in str(jax.make_jaxpr(native.simhash_codes_reference, static_argnums=2)(x, proj, 4))
+    assert chunked.shape == (2, 3, 50, 10)
+    np.testing.assert_array_equal(np.asarray(chunked), whole)
+    np.testing.assert_array_equal(np.asarray(chunked), np.asarray(native.simhash_codes(x, proj, 4)))
+
+
 def test_inside_scan():
     rng = np.random.default_rng(1)
     proj = rand(rng, 64, 10 * 150)
