@@ -95,12 +95,16 @@ class Store(Closing):
         self._finalizer = weakref.finalize(self, _free_quietly, self.handle)
 
     def close(self):
+        """Free the store. Programs already dispatched that use it run first: on a GPU, where a
+        jitted call can return before its engine calls ran, close waits for the device's work."""
         if getattr(self, "_pending", None) is not None:
             try:
                 jax.block_until_ready(self._pending)
             except jax.errors.JaxRuntimeError:
                 pass  # a failed ffi call: its result raises for whoever reads it
             self._pending = None
+        if self.path != "ffi" and self._finalizer.alive:
+            _finish_device_work()
         self._finalizer()
         self.check()
 
@@ -250,6 +254,18 @@ class _CallbackErrors:
 
 
 _callback_errors = _CallbackErrors()
+
+
+def _finish_device_work():
+    """Wait until the programs dispatched so far on the accelerators have run: a device runs its
+    programs in the order they were launched, so a trivial one launched now ends after them. (A
+    cuda-async engine call that ran after its store was freed would record "unknown or freed
+    store handle" and leave NaN results, maybe after `check()` had looked.) Nothing is done for
+    the CPU's devices: the ffi path's errors surface in its results, and tests of the callback
+    path found its programs done before the jitted call returned."""
+    devices = [d for d in jax.local_devices() if d.platform != "cpu"]
+    if devices:
+        jax.block_until_ready([jax.device_put(np.int32(0), d) + 1 for d in devices])
 
 
 def raise_callback_error(handle: int):

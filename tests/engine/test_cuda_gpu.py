@@ -88,6 +88,26 @@ def test_calls_run_every_scan_step_in_order(path):
     assert np.allclose(np.asarray(outs), np.arange(5)) and np.all(np.asarray(sampled) == n - 1)
 
 
+@pytest.mark.parametrize("path", [CUDA, "cuda-async", "callback"])
+def test_close_waits_for_the_programs_that_use_the_store(path):
+    # The jitted call returns before the GPU ran its engine calls; close() must let them run
+    # before it frees the store (cuda-async failed this on an H200 before close waited).
+    d, n = 8, 100
+    codes, q_codes = jnp.zeros((1, 1, n, 4), jnp.int32), jnp.zeros((1, 1, 4), jnp.int32)
+    slots, keys = jnp.zeros((1,), jnp.int32), jnp.zeros((1, 1, n, d), jnp.float32)
+    with Store(1, 1, d, n, 2, 4, storage="f32", path=path) as store:
+        @jax.jit
+        def run(q):
+            def step(carry, t):
+                counts = store.prefill(slots, keys, jnp.full((1, 1, n, d), t, jnp.float32), codes,
+                                       jnp.full((1,), n, jnp.int32), sink=0, local=1)
+                return carry, store.query(slots, q, q_codes, counts)[0][0, 0, 0]
+            return jax.lax.scan(step, 0, jnp.arange(50, dtype=jnp.float32))[1]
+
+        outs = run(jnp.ones((1, 1, d), jnp.float32))
+    np.testing.assert_array_equal(np.asarray(outs), np.arange(50, dtype=np.float32))
+
+
 def test_bad_input_raises_and_later_calls_work():
     x = _data(2)
     slots = jnp.arange(2, dtype=jnp.int32)
