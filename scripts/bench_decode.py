@@ -164,27 +164,33 @@ def main(_):
     paths = _ENGINE_PATHS.value or [None]
     print(f"K/V of {_SOURCE.value} source tokens ...", flush=True)
     kv, _ = source_kv(model, _SOURCE.value)
+    from pigjax.eval.output import write_json
+
     rows = []
+    result = {"machine": describe(), "model": "SmolLM2-135M-Instruct (f32)" if _WEIGHTS.value == "smollm2" else
+              "random weights, SmolLM2-135M shapes (f32)", "magicpig": {"K": _K.value, "L": _L.value},
+              "rows": rows, "prefill": None}
     for n in contexts:
         row = {"context": n, "batch": batch, "steps": steps}
         row["dense"] = bench_context(model, params, pigjax.Dense(), kv, n, batch, steps)
         print(f"  n={n} dense: {row['dense']['tokens_per_second']:.1f} tok/s", flush=True)
         for path in paths:
             backend = dataclasses.replace(magic, path=path)
-            result = bench_context(model, params, backend, kv, n, batch, steps)
-            result["engine_path"] = backend._path()
-            row.setdefault("magicpig", result)
-            row.setdefault("magicpig_by_path", {})[result["engine_path"]] = result
-            print(f"  n={n} magicpig [{result['engine_path']}]: {result['tokens_per_second']:.1f} tok/s", flush=True)
+            m = bench_context(model, params, backend, kv, n, batch, steps)
+            m["engine_path"] = backend._path()
+            row.setdefault("magicpig", m)
+            row.setdefault("magicpig_by_path", {})[m["engine_path"]] = m
+            print(f"  n={n} magicpig [{m['engine_path']}]: {m['tokens_per_second']:.1f} tok/s "
+                  f"(cache build {m['cache_build_seconds']:.2f} s)", flush=True)
         row["speedup"] = row["magicpig"]["tokens_per_second"] / row["dense"]["tokens_per_second"]
         if _RANKED.value:
             row["rankedlsh"] = bench_context(model, params, pigjax.RankedLSH(), kv, n, batch, steps)
             row["rankedlsh_speedup"] = row["rankedlsh"]["tokens_per_second"] / row["dense"]["tokens_per_second"]
             print(f"  n={n} rankedlsh: {row['rankedlsh']['tokens_per_second']:.1f} tok/s", flush=True)
         rows.append(row)
+        write_json(_OUT.value, result)  # after each context: a run stopped early keeps what it measured
     prefill = prefill_overhead(base, magic, _PREFILL.value) if _PREFILL.value else None
-    result = {"machine": describe(), "model": "SmolLM2-135M-Instruct (f32)" if _WEIGHTS.value == "smollm2" else "random weights, SmolLM2-135M shapes (f32)", "magicpig": {"K": _K.value, "L": _L.value},
-              "rows": rows, "prefill": prefill}
+    result["prefill"] = prefill
     print(f"\n{'context':>8} {'batch':>5} {'dense tok/s':>11} {'magicpig tok/s':>14} {'speedup':>7} "
           f"{'dense ms/step':>13} {'pig ms/step':>11} {'read':>6}")
     for r in rows:
@@ -203,8 +209,6 @@ def main(_):
               f"dense {prefill['dense_cache_build_seconds']:.2f} s, magicpig {prefill['magicpig_cache_build_seconds']:.2f} s "
               f"(MagicPIG prefill / dense prefill = {prefill['overhead_ratio']:.2f}x)")
     print(f"machine: {result['machine']}")
-    from pigjax.eval.output import write_json
-
     write_json(_OUT.value, result)
 
 
