@@ -9,6 +9,7 @@
 
 #include "decode_attention.h"
 #include "ffi_store_calls.h"
+#include "prefill_attention.h"
 #include "query.h"
 #include "query_ranked.h"
 #include "simhash.h"
@@ -84,6 +85,30 @@ ffi::Error DecodeAttentionImpl(ffi::Buffer<ffi::F32> q, ffi::AnyBuffer k, ffi::A
       return decode_attention(shape, q.typed_data(), static_cast<const uint16_t*>(k.untyped_data()),
                               static_cast<const uint16_t*>(v.untyped_data()), lengths.typed_data(),
                               out->typed_data(), lse->typed_data());
+    return "k and v must be f32 or bf16";
+  });
+}
+
+// Causal prefill attention (prefill_attention.h): q f32 [B,T,Hq,d] at positions 0..T-1, k and v
+// f32 or bf16 [B,Hkv,S,d] (the same dtype, S >= T) -> out f32 [B,T,Hq,d].
+ffi::Error PrefillAttentionImpl(ffi::Buffer<ffi::F32> q, ffi::AnyBuffer k, ffi::AnyBuffer v,
+                                ffi::ResultBuffer<ffi::F32> out) {
+  return run("pigjax_prefill_attention", [&]() -> std::string {
+    PrefillAttentionShape shape;
+    const std::string err = plan_prefill_attention(to_vec(q.dimensions()), to_vec(k.dimensions()),
+                                                   to_vec(v.dimensions()), to_vec(out->dimensions()), &shape);
+    if (!err.empty()) return err;
+    if (k.element_type() != v.element_type()) return "k and v must have one dtype (both f32 or both bf16)";
+    if (k.element_type() == ffi::DataType::F32) {
+      prefill_attention(shape, q.typed_data(), static_cast<const float*>(k.untyped_data()),
+                        static_cast<const float*>(v.untyped_data()), out->typed_data());
+      return "";
+    }
+    if (k.element_type() == ffi::DataType::BF16) {
+      prefill_attention(shape, q.typed_data(), static_cast<const uint16_t*>(k.untyped_data()),
+                        static_cast<const uint16_t*>(v.untyped_data()), out->typed_data());
+      return "";
+    }
     return "k and v must be f32 or bf16";
   });
 }
@@ -169,6 +194,14 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(PigjaxDecodeAttention, DecodeAttentionImpl,
                                   .Ret<ffi::Buffer<ffi::F32>>()  // lse
 );
 
+XLA_FFI_DEFINE_HANDLER_SYMBOL(PigjaxPrefillAttention, PrefillAttentionImpl,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // q
+                                  .Arg<ffi::AnyBuffer>()         // k
+                                  .Arg<ffi::AnyBuffer>()         // v
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // out
+);
+
 XLA_FFI_DEFINE_HANDLER_SYMBOL(PigjaxSmallMatmul, SmallMatmulImpl,
                               ffi::Ffi::Bind()
                                   .Arg<ffi::Buffer<ffi::F32>>()  // x
@@ -215,6 +248,7 @@ const FfiTarget* ffi_targets(int* count) {
   static const FfiTarget kTargets[] = {
       {"pigjax_simhash_codes", PigjaxSimhashCodes},
       {"pigjax_decode_attention", PigjaxDecodeAttention},
+      {"pigjax_prefill_attention", PigjaxPrefillAttention},
       {"pigjax_small_matmul", PigjaxSmallMatmul},
       {"pigjax_write_rows", PigjaxWriteRows},
       {"pigjax_lsh_prefill", PigjaxLshPrefill},

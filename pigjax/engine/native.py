@@ -58,6 +58,7 @@ __all__ = [
     "num_threads",
     "simhash_codes_np",
     "decode_attention",
+    "prefill_attention",
     "small_matmul",
     "write_rows",
     "cuda_handlers",
@@ -69,6 +70,7 @@ __all__ = [
 MAX_K = 16
 SIMHASH_TARGET = "pigjax_simhash_codes"
 DECODE_ATTENTION_TARGET = "pigjax_decode_attention"
+PREFILL_ATTENTION_TARGET = "pigjax_prefill_attention"
 SMALL_MATMUL_TARGET = "pigjax_small_matmul"
 WRITE_ROWS_TARGET = "pigjax_write_rows"
 
@@ -266,6 +268,27 @@ def decode_attention(q, k, v, lengths, *, with_lse: bool = False):
     out_types = (jax.ShapeDtypeStruct(q.shape, jnp.float32), jax.ShapeDtypeStruct(q.shape[:2], jnp.float32))
     out, lse = jax.ffi.ffi_call(DECODE_ATTENTION_TARGET, out_types, vmap_method="sequential")(q, k, v, lengths)
     return (out, lse) if with_lse else out
+
+
+def prefill_attention(q, k, v):
+    """Causal softmax(q k^T / sqrt(d)) v of a fresh prefill by the C++ kernel (CPU backend;
+    ffi/src/prefill_attention.h): query t of every row sits at position t and sees slots 0..t.
+
+    Args:
+      q: float32 ``[B, T, Hq, d]``; query head h reads KV head ``h // (Hq / Hkv)``.
+      k, v: ``[B, Hkv, S, d]`` with ``S >= T``, both float32 or both bfloat16; slots past T are
+        never read.
+
+    Returns:
+      float32 ``[B, T, Hq, d]``, accumulated in float32.
+    """
+    if q.dtype != jnp.float32:
+        raise ValueError(f"prefill_attention: q must be float32, got {q.dtype}")
+    if k.dtype != v.dtype or k.dtype not in (jnp.float32, jnp.bfloat16):
+        raise ValueError(f"prefill_attention: k and v must both be float32 or both bfloat16, got {k.dtype} and {v.dtype}")
+    call = jax.ffi.ffi_call(PREFILL_ATTENTION_TARGET, jax.ShapeDtypeStruct(q.shape, jnp.float32),
+                            vmap_method="sequential")
+    return call(q, k, v)
 
 
 def write_rows(buf, rows, starts) -> jax.Array:

@@ -1,0 +1,335 @@
+// See prefill_attention.h. The tile products are small register-blocked kernels per ISA level
+// (scalar, AVX2+FMA, AVX-512); the softmax's exponentials are the row kernels' exp_sum
+// (row_kernels.h), so decode and prefill attention share one exp.
+#include "prefill_attention.h"
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <limits>
+#include <vector>
+
+#include "row_kernels.h"
+#include "shape_text.h"
+#include "simd.h"
+#include "simd_vec.h"
+#include "thread_pool.h"
+
+namespace pigjax {
+
+namespace {
+
+constexpr int64_t kQueryTile = 32;  // positions per task (times G query heads: the tile's rows)
+constexpr int64_t kKeyTile = 32;    // keys per online-softmax step; a multiple of kQueryTile's
+                                    // alignment, so only the tile at j0 == t0 crosses the diagonal
+
+inline float widen(float x) { return x; }
+inline float widen(uint16_t x) {
+  const uint32_t u = uint32_t{x} << 16;
+  float f;
+  std::memcpy(&f, &u, sizeof f);
+  return f;
+}
+
+// s[r][j] = sum_c qs[r][c] kt[c][j] for r < R and j < kKeyTile (kt is the key tile transposed,
+// [d][kKeyTile], so each step is a broadcast of one query element against whole key vectors).
+using ScoreTileFn = void (*)(const float* qs, int64_t R, int64_t d, const float* kt, float* s);
+// o[r][c] += sum_{j < nk} p[r][j] v[j][c] for r < R, c < d (p at stride kKeyTile, v rows at stride d).
+template <typename T>
+using ValueTileFn = void (*)(const float* p, int64_t R, int64_t nk, const T* v, int64_t d, float* o);
+
+void score_tile_scalar(const float* qs, int64_t R, int64_t d, const float* kt, float* s) {
+  for (int64_t r = 0; r < R; ++r) {
+    float acc[kKeyTile] = {};
+    for (int64_t c = 0; c < d; ++c) {
+      const float x = qs[r * d + c];
+      for (int64_t j = 0; j < kKeyTile; ++j) acc[j] += x * kt[c * kKeyTile + j];
+    }
+    std::copy(acc, acc + kKeyTile, s + r * kKeyTile);
+  }
+}
+
+template <typename T>
+void value_tile_scalar(const float* p, int64_t R, int64_t nk, const T* v, int64_t d, float* o) {
+  for (int64_t r = 0; r < R; ++r)
+    for (int64_t j = 0; j < nk; ++j) {
+      const float w = p[r * kKeyTile + j];
+      const T* row = v + j * d;
+      for (int64_t c = 0; c < d; ++c) o[r * d + c] += w * widen(row[c]);
+    }
+}
+
+#if PIGJAX_X86
+// AVX-512: a row's 32 scores are two vectors; 6 rows at a time (12 accumulators).
+PIGJAX_TARGET_AVX512 void score_tile_avx512(const float* qs, int64_t R, int64_t d, const float* kt, float* s) {
+  constexpr int kRows = 6;
+  int64_t r = 0;
+  for (; r + kRows <= R; r += kRows) {
+    __m512 a[kRows][2];
+    for (int i = 0; i < kRows; ++i) a[i][0] = a[i][1] = _mm512_setzero_ps();
+    for (int64_t c = 0; c < d; ++c) {
+      const __m512 k0 = _mm512_loadu_ps(kt + c * kKeyTile), k1 = _mm512_loadu_ps(kt + c * kKeyTile + 16);
+      for (int i = 0; i < kRows; ++i) {
+        const __m512 x = _mm512_set1_ps(qs[(r + i) * d + c]);
+        a[i][0] = _mm512_fmadd_ps(x, k0, a[i][0]);
+        a[i][1] = _mm512_fmadd_ps(x, k1, a[i][1]);
+      }
+    }
+    for (int i = 0; i < kRows; ++i) {
+      _mm512_storeu_ps(s + (r + i) * kKeyTile, a[i][0]);
+      _mm512_storeu_ps(s + (r + i) * kKeyTile + 16, a[i][1]);
+    }
+  }
+  for (; r < R; ++r) {
+    __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps();
+    for (int64_t c = 0; c < d; ++c) {
+      const __m512 x = _mm512_set1_ps(qs[r * d + c]);
+      a0 = _mm512_fmadd_ps(x, _mm512_loadu_ps(kt + c * kKeyTile), a0);
+      a1 = _mm512_fmadd_ps(x, _mm512_loadu_ps(kt + c * kKeyTile + 16), a1);
+    }
+    _mm512_storeu_ps(s + r * kKeyTile, a0);
+    _mm512_storeu_ps(s + r * kKeyTile + 16, a1);
+  }
+}
+
+// AVX-512, d a multiple of 64: 64 output columns (4 vectors) of 4 rows at a time (16 accumulators).
+template <typename T>
+PIGJAX_TARGET_AVX512 void value_tile_avx512(const float* p, int64_t R, int64_t nk, const T* v, int64_t d, float* o) {
+  constexpr int kRows = 4;
+  for (int64_t c0 = 0; c0 < d; c0 += 64) {
+    int64_t r = 0;
+    for (; r + kRows <= R; r += kRows) {
+      __m512 a[kRows][4];
+      for (int i = 0; i < kRows; ++i)
+        for (int u = 0; u < 4; ++u) a[i][u] = _mm512_loadu_ps(o + (r + i) * d + c0 + 16 * u);
+      for (int64_t j = 0; j < nk; ++j) {
+        const T* row = v + j * d + c0;
+        const __m512 x0 = load16(row), x1 = load16(row + 16), x2 = load16(row + 32), x3 = load16(row + 48);
+        for (int i = 0; i < kRows; ++i) {
+          const __m512 w = _mm512_set1_ps(p[(r + i) * kKeyTile + j]);
+          a[i][0] = _mm512_fmadd_ps(w, x0, a[i][0]);
+          a[i][1] = _mm512_fmadd_ps(w, x1, a[i][1]);
+          a[i][2] = _mm512_fmadd_ps(w, x2, a[i][2]);
+          a[i][3] = _mm512_fmadd_ps(w, x3, a[i][3]);
+        }
+      }
+      for (int i = 0; i < kRows; ++i)
+        for (int u = 0; u < 4; ++u) _mm512_storeu_ps(o + (r + i) * d + c0 + 16 * u, a[i][u]);
+    }
+    for (; r < R; ++r) {
+      __m512 a[4];
+      for (int u = 0; u < 4; ++u) a[u] = _mm512_loadu_ps(o + r * d + c0 + 16 * u);
+      for (int64_t j = 0; j < nk; ++j) {
+        const __m512 w = _mm512_set1_ps(p[r * kKeyTile + j]);
+        for (int u = 0; u < 4; ++u) a[u] = _mm512_fmadd_ps(w, load16(v + j * d + c0 + 16 * u), a[u]);
+      }
+      for (int u = 0; u < 4; ++u) _mm512_storeu_ps(o + r * d + c0 + 16 * u, a[u]);
+    }
+  }
+}
+
+// AVX2: a row's 32 scores are four vectors; 3 rows at a time (12 accumulators).
+PIGJAX_TARGET_AVX2 void score_tile_avx2(const float* qs, int64_t R, int64_t d, const float* kt, float* s) {
+  constexpr int kRows = 3;
+  int64_t r = 0;
+  for (; r + kRows <= R; r += kRows) {
+    __m256 a[kRows][4];
+    for (int i = 0; i < kRows; ++i)
+      for (int u = 0; u < 4; ++u) a[i][u] = _mm256_setzero_ps();
+    for (int64_t c = 0; c < d; ++c) {
+      const float* kc = kt + c * kKeyTile;
+      const __m256 k0 = _mm256_loadu_ps(kc), k1 = _mm256_loadu_ps(kc + 8), k2 = _mm256_loadu_ps(kc + 16),
+                   k3 = _mm256_loadu_ps(kc + 24);
+      for (int i = 0; i < kRows; ++i) {
+        const __m256 x = _mm256_set1_ps(qs[(r + i) * d + c]);
+        a[i][0] = _mm256_fmadd_ps(x, k0, a[i][0]);
+        a[i][1] = _mm256_fmadd_ps(x, k1, a[i][1]);
+        a[i][2] = _mm256_fmadd_ps(x, k2, a[i][2]);
+        a[i][3] = _mm256_fmadd_ps(x, k3, a[i][3]);
+      }
+    }
+    for (int i = 0; i < kRows; ++i)
+      for (int u = 0; u < 4; ++u) _mm256_storeu_ps(s + (r + i) * kKeyTile + 8 * u, a[i][u]);
+  }
+  for (; r < R; ++r) {
+    __m256 a[4];
+    for (int u = 0; u < 4; ++u) a[u] = _mm256_setzero_ps();
+    for (int64_t c = 0; c < d; ++c) {
+      const __m256 x = _mm256_set1_ps(qs[r * d + c]);
+      for (int u = 0; u < 4; ++u) a[u] = _mm256_fmadd_ps(x, _mm256_loadu_ps(kt + c * kKeyTile + 8 * u), a[u]);
+    }
+    for (int u = 0; u < 4; ++u) _mm256_storeu_ps(s + r * kKeyTile + 8 * u, a[u]);
+  }
+}
+
+// AVX2, d a multiple of 32: 32 output columns (4 vectors) of 3 rows at a time (12 accumulators).
+template <typename T>
+PIGJAX_TARGET_AVX2 void value_tile_avx2(const float* p, int64_t R, int64_t nk, const T* v, int64_t d, float* o) {
+  constexpr int kRows = 3;
+  for (int64_t c0 = 0; c0 < d; c0 += 32) {
+    int64_t r = 0;
+    for (; r + kRows <= R; r += kRows) {
+      __m256 a[kRows][4];
+      for (int i = 0; i < kRows; ++i)
+        for (int u = 0; u < 4; ++u) a[i][u] = _mm256_loadu_ps(o + (r + i) * d + c0 + 8 * u);
+      for (int64_t j = 0; j < nk; ++j) {
+        const T* row = v + j * d + c0;
+        const __m256 x0 = load8(row), x1 = load8(row + 8), x2 = load8(row + 16), x3 = load8(row + 24);
+        for (int i = 0; i < kRows; ++i) {
+          const __m256 w = _mm256_set1_ps(p[(r + i) * kKeyTile + j]);
+          a[i][0] = _mm256_fmadd_ps(w, x0, a[i][0]);
+          a[i][1] = _mm256_fmadd_ps(w, x1, a[i][1]);
+          a[i][2] = _mm256_fmadd_ps(w, x2, a[i][2]);
+          a[i][3] = _mm256_fmadd_ps(w, x3, a[i][3]);
+        }
+      }
+      for (int i = 0; i < kRows; ++i)
+        for (int u = 0; u < 4; ++u) _mm256_storeu_ps(o + (r + i) * d + c0 + 8 * u, a[i][u]);
+    }
+    for (; r < R; ++r) {
+      __m256 a[4];
+      for (int u = 0; u < 4; ++u) a[u] = _mm256_loadu_ps(o + r * d + c0 + 8 * u);
+      for (int64_t j = 0; j < nk; ++j) {
+        const __m256 w = _mm256_set1_ps(p[r * kKeyTile + j]);
+        for (int u = 0; u < 4; ++u) a[u] = _mm256_fmadd_ps(w, load8(v + j * d + c0 + 8 * u), a[u]);
+      }
+      for (int u = 0; u < 4; ++u) _mm256_storeu_ps(o + r * d + c0 + 8 * u, a[u]);
+    }
+  }
+}
+#endif
+
+template <typename T>
+struct TileKernels {
+  ScoreTileFn score = score_tile_scalar;
+  ValueTileFn<T> value = value_tile_scalar<T>;
+  float (*exp_sum)(float*, int64_t, float) = nullptr;
+};
+
+// The kernels of `level`; the value tile falls back to a lower level where d does not fill its
+// vectors (AVX-512: d % 64, AVX2: d % 32).
+template <typename T>
+TileKernels<T> tile_kernels(SimdLevel level, int64_t d) {
+  TileKernels<T> k;
+  k.exp_sum = row_kernels<float>(level).exp_sum;
+#if PIGJAX_X86
+  if (level >= SimdLevel::kAvx2) {
+    k.score = score_tile_avx2;
+    if (d % 32 == 0) k.value = value_tile_avx2<T>;
+  }
+  if (level >= SimdLevel::kAvx512) {
+    k.score = score_tile_avx512;
+    if (d % 64 == 0) k.value = value_tile_avx512<T>;
+  }
+#else
+  (void)d;
+#endif
+  return k;
+}
+
+// One task: KV head kvh of row b, the positions [t0, t0 + nq). Rows r = g * nq + i of the tile are
+// query head kvh * G + g at position t0 + i.
+template <typename T>
+void tile_task(const PrefillAttentionShape& sh, const TileKernels<T>& kn, const float* q, const T* k,
+               const T* v, float* out, int64_t b, int64_t kvh, int64_t t0) {
+  const int64_t d = sh.d, G = sh.Hq / sh.Hkv, nq = std::min(kQueryTile, sh.T - t0), R = G * nq;
+  thread_local std::vector<float> qs, kt, s, o, m, l;
+  qs.resize(static_cast<size_t>(R * d));
+  kt.resize(static_cast<size_t>(d * kKeyTile));
+  s.resize(static_cast<size_t>(R * kKeyTile));
+  o.assign(static_cast<size_t>(R * d), 0.0f);
+  m.assign(static_cast<size_t>(R), -std::numeric_limits<float>::infinity());
+  l.assign(static_cast<size_t>(R), 0.0f);
+  const float scale = static_cast<float>(1.0 / std::sqrt(static_cast<double>(d)));
+  for (int64_t g = 0; g < G; ++g)
+    for (int64_t i = 0; i < nq; ++i) {
+      const float* src = q + ((b * sh.T + t0 + i) * sh.Hq + kvh * G + g) * d;
+      float* dst = &qs[static_cast<size_t>((g * nq + i) * d)];
+      for (int64_t c = 0; c < d; ++c) dst[c] = src[c] * scale;
+    }
+  const T* kb = k + (b * sh.Hkv + kvh) * sh.S * d;
+  const T* vb = v + (b * sh.Hkv + kvh) * sh.S * d;
+  const int64_t end = t0 + nq;  // the tile's last position sees keys [0, end)
+  const float ninf = -std::numeric_limits<float>::infinity();
+  for (int64_t j0 = 0; j0 < end; j0 += kKeyTile) {
+    const int64_t nk = std::min(kKeyTile, end - j0);
+    for (int64_t j = 0; j < kKeyTile; ++j)
+      for (int64_t c = 0; c < d; ++c)
+        kt[static_cast<size_t>(c * kKeyTile + j)] = j < nk ? widen(kb[(j0 + j) * d + c]) : 0.0f;
+    kn.score(qs.data(), R, d, kt.data(), s.data());
+    const bool diagonal = j0 + kKeyTile > t0;  // some key of the tile lies after some row's position
+    for (int64_t r = 0; r < R; ++r) {
+      float* sr = &s[static_cast<size_t>(r * kKeyTile)];
+      const int64_t visible = diagonal ? std::min(nk, t0 + r % nq + 1 - j0) : kKeyTile;
+      if (visible <= 0) {  // no key of this tile is visible to the row: it adds nothing
+        std::fill(sr, sr + kKeyTile, 0.0f);
+        continue;
+      }
+      float mx = ninf;
+      for (int64_t j = 0; j < visible; ++j) mx = std::max(mx, sr[j]);
+      const float m_new = std::max(m[r], mx);
+      const float alpha = std::exp(m[r] - m_new);  // 0 while the row has no key yet
+      l[r] = l[r] * alpha + kn.exp_sum(sr, visible, m_new);
+      std::fill(sr + visible, sr + kKeyTile, 0.0f);  // masked keys weigh exactly 0
+      if (alpha != 1.0f) {
+        float* orow = &o[static_cast<size_t>(r * d)];
+        for (int64_t c = 0; c < d; ++c) orow[c] *= alpha;
+      }
+      m[r] = m_new;
+    }
+    kn.value(s.data(), R, nk, vb + j0 * d, d, o.data());
+  }
+  for (int64_t g = 0; g < G; ++g)
+    for (int64_t i = 0; i < nq; ++i) {
+      const int64_t r = g * nq + i;
+      float* dst = out + ((b * sh.T + t0 + i) * sh.Hq + kvh * G + g) * d;
+      const float inv = 1.0f / l[static_cast<size_t>(r)];  // l >= 1: the row's own position is visible
+      for (int64_t c = 0; c < d; ++c) dst[c] = o[static_cast<size_t>(r * d + c)] * inv;
+    }
+}
+
+constexpr int64_t kInlineWork = int64_t{1} << 19;  // multiply-adds below which no pool is used
+
+}  // namespace
+
+std::string plan_prefill_attention(const std::vector<int64_t>& q, const std::vector<int64_t>& k,
+                                   const std::vector<int64_t>& v, const std::vector<int64_t>& out,
+                                   PrefillAttentionShape* shape) {
+  if (q.size() != 4) return "q must be [B, T, Hq, d], got " + shape_text(q);
+  if (k.size() != 4) return "k must be [B, Hkv, S, d], got " + shape_text(k);
+  if (v != k) return "v must have k's shape " + shape_text(k) + ", got " + shape_text(v);
+  if (k[0] != q[0] || k[3] != q[3])
+    return "k " + shape_text(k) + " does not match q " + shape_text(q) + " (batch and head size)";
+  if (k[1] < 1 || q[2] % k[1] != 0)
+    return "query heads (" + std::to_string(q[2]) + ") must be a multiple of KV heads (" +
+           std::to_string(k[1]) + ")";
+  if (k[2] < q[1])
+    return "the cache's " + std::to_string(k[2]) + " slots cannot hold the " + std::to_string(q[1]) +
+           " prefill positions";
+  if (out != q) return "out must have q's shape " + shape_text(q) + ", got " + shape_text(out);
+  *shape = {q[0], q[1], q[2], k[1], k[2], q[3]};
+  return "";
+}
+
+template <typename T>
+void prefill_attention(const PrefillAttentionShape& sh, const float* q, const T* k, const T* v, float* out) {
+  const int64_t tiles = (sh.T + kQueryTile - 1) / kQueryTile, heads = sh.B * sh.Hkv;
+  const TileKernels<T> kn = tile_kernels<T>(simd_level(), sh.d);
+  // Task t: the longest tiles first (tile tiles-1 of every head, then tiles-2, ...), so the
+  // pool's last tasks are short.
+  const auto task = [&](int64_t t) {
+    const int64_t bh = t % heads, tile = tiles - 1 - t / heads;
+    tile_task(sh, kn, q, k, v, out, bh / sh.Hkv, bh % sh.Hkv, tile * kQueryTile);
+  };
+  if (sh.B * sh.Hq * sh.T * sh.T / 2 * sh.d <= kInlineWork) {
+    for (int64_t t = 0; t < tiles * heads; ++t) task(t);
+  } else {
+    parallel_for(tiles * heads, task);
+  }
+}
+
+template void prefill_attention<float>(const PrefillAttentionShape&, const float*, const float*, const float*, float*);
+template void prefill_attention<uint16_t>(const PrefillAttentionShape&, const float*, const uint16_t*,
+                                          const uint16_t*, float*);
+
+}  // namespace pigjax
