@@ -59,7 +59,70 @@ void value_tile_scalar(const float* p, int64_t R, int64_t nk, const T* v, int64_
     }
 }
 
+using ExpSumFn = float (*)(float*, int64_t, float);
+
+// One row's online-softmax step over its tile scores sr[kKeyTile], of which the first `visible`
+// count: the running max *m and sum *l updated, sr turned into the weights exp(s - max) (0 past
+// `visible`), and the row's output o[d] rescaled when the max rose.
+using RowStepFn = void (*)(float* sr, int64_t visible, float* m, float* l, float* o, int64_t d, ExpSumFn exp_sum);
+
+void row_step_scalar(float* sr, int64_t visible, float* m, float* l, float* o, int64_t d, ExpSumFn exp_sum) {
+  float mx = -std::numeric_limits<float>::infinity();
+  for (int64_t j = 0; j < visible; ++j) mx = std::max(mx, sr[j]);
+  const float m_new = std::max(*m, mx);
+  const float alpha = std::exp(*m - m_new);  // 0 while the row has no key yet
+  *l = *l * alpha + exp_sum(sr, visible, m_new);
+  std::fill(sr + visible, sr + kKeyTile, 0.0f);
+  if (alpha != 1.0f)
+    for (int64_t c = 0; c < d; ++c) o[c] *= alpha;
+  *m = m_new;
+}
+
 #if PIGJAX_X86
+PIGJAX_TARGET_AVX512 void row_step_avx512(float* sr, int64_t visible, float* m, float* l, float* o, int64_t d,
+                                          ExpSumFn exp_sum) {
+  static_assert(kKeyTile == 32, "two vectors of scores");
+  const __m512 ninf = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
+  const __mmask16 m0 = visible >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << visible) - 1);
+  const __mmask16 m1 = visible >= 32 ? __mmask16(0xFFFF) : visible > 16 ? __mmask16((1u << (visible - 16)) - 1) : 0;
+  const __m512 a = _mm512_mask_loadu_ps(ninf, m0, sr), b = _mm512_mask_loadu_ps(ninf, m1, sr + 16);
+  const float m_new = std::max(*m, _mm512_reduce_max_ps(_mm512_max_ps(a, b)));
+  const float alpha = std::exp(*m - m_new);
+  *l = *l * alpha + exp_sum(sr, visible, m_new);
+  if (visible < kKeyTile) {
+    _mm512_storeu_ps(sr, _mm512_maskz_loadu_ps(m0, sr));
+    _mm512_storeu_ps(sr + 16, _mm512_maskz_loadu_ps(m1, sr + 16));
+  }
+  if (alpha != 1.0f) {
+    const __m512 f = _mm512_set1_ps(alpha);
+    int64_t c = 0;
+    for (; c + 16 <= d; c += 16) _mm512_storeu_ps(o + c, _mm512_mul_ps(f, _mm512_loadu_ps(o + c)));
+    for (; c < d; ++c) o[c] *= alpha;
+  }
+  *m = m_new;
+}
+
+PIGJAX_TARGET_AVX2 void row_step_avx2(float* sr, int64_t visible, float* m, float* l, float* o, int64_t d,
+                                      ExpSumFn exp_sum) {
+  if (visible < kKeyTile) std::fill(sr + visible, sr + kKeyTile, -std::numeric_limits<float>::infinity());
+  const __m256 x = _mm256_max_ps(_mm256_max_ps(_mm256_loadu_ps(sr), _mm256_loadu_ps(sr + 8)),
+                                 _mm256_max_ps(_mm256_loadu_ps(sr + 16), _mm256_loadu_ps(sr + 24)));
+  __m128 h = _mm_max_ps(_mm256_castps256_ps128(x), _mm256_extractf128_ps(x, 1));
+  h = _mm_max_ps(h, _mm_movehl_ps(h, h));
+  h = _mm_max_ss(h, _mm_shuffle_ps(h, h, 0x55));
+  const float m_new = std::max(*m, _mm_cvtss_f32(h));
+  const float alpha = std::exp(*m - m_new);
+  *l = *l * alpha + exp_sum(sr, visible, m_new);
+  std::fill(sr + visible, sr + kKeyTile, 0.0f);
+  if (alpha != 1.0f) {
+    const __m256 f = _mm256_set1_ps(alpha);
+    int64_t c = 0;
+    for (; c + 8 <= d; c += 8) _mm256_storeu_ps(o + c, _mm256_mul_ps(f, _mm256_loadu_ps(o + c)));
+    for (; c < d; ++c) o[c] *= alpha;
+  }
+  *m = m_new;
+}
+
 // AVX-512: a row's 32 scores are two vectors; 6 rows at a time (12 accumulators).
 PIGJAX_TARGET_AVX512 void score_tile_avx512(const float* qs, int64_t R, int64_t d, const float* kt, float* s) {
   constexpr int kRows = 6;
@@ -203,7 +266,8 @@ template <typename T>
 struct TileKernels {
   ScoreTileFn score = score_tile_scalar;
   ValueTileFn<T> value = value_tile_scalar<T>;
-  float (*exp_sum)(float*, int64_t, float) = nullptr;
+  RowStepFn row_step = row_step_scalar;
+  ExpSumFn exp_sum = nullptr;
 };
 
 // The kernels of `level`; the value tile falls back to a lower level where d does not fill its
@@ -215,10 +279,12 @@ TileKernels<T> tile_kernels(SimdLevel level, int64_t d) {
 #if PIGJAX_X86
   if (level >= SimdLevel::kAvx2) {
     k.score = score_tile_avx2;
+    k.row_step = row_step_avx2;
     if (d % 32 == 0) k.value = value_tile_avx2<T>;
   }
   if (level >= SimdLevel::kAvx512) {
     k.score = score_tile_avx512;
+    k.row_step = row_step_avx512;
     if (d % 64 == 0) k.value = value_tile_avx512<T>;
   }
 #else
@@ -250,7 +316,6 @@ void tile_task(const PrefillAttentionShape& sh, const TileKernels<T>& kn, const 
   const T* kb = k + (b * sh.Hkv + kvh) * sh.S * d;
   const T* vb = v + (b * sh.Hkv + kvh) * sh.S * d;
   const int64_t end = t0 + nq;  // the tile's last position sees keys [0, end)
-  const float ninf = -std::numeric_limits<float>::infinity();
   for (int64_t j0 = 0; j0 < end; j0 += kKeyTile) {
     const int64_t nk = std::min(kKeyTile, end - j0);
     for (int64_t j = 0; j < kKeyTile; ++j)
@@ -265,17 +330,8 @@ void tile_task(const PrefillAttentionShape& sh, const TileKernels<T>& kn, const 
         std::fill(sr, sr + kKeyTile, 0.0f);
         continue;
       }
-      float mx = ninf;
-      for (int64_t j = 0; j < visible; ++j) mx = std::max(mx, sr[j]);
-      const float m_new = std::max(m[r], mx);
-      const float alpha = std::exp(m[r] - m_new);  // 0 while the row has no key yet
-      l[r] = l[r] * alpha + kn.exp_sum(sr, visible, m_new);
-      std::fill(sr + visible, sr + kKeyTile, 0.0f);  // masked keys weigh exactly 0
-      if (alpha != 1.0f) {
-        float* orow = &o[static_cast<size_t>(r * d)];
-        for (int64_t c = 0; c < d; ++c) orow[c] *= alpha;
-      }
-      m[r] = m_new;
+      kn.row_step(sr, visible, &m[static_cast<size_t>(r)], &l[static_cast<size_t>(r)],
+                  &o[static_cast<size_t>(r * d)], d, kn.exp_sum);
     }
     kn.value(s.data(), R, nk, vb + j0 * d, d, o.data());
   }
