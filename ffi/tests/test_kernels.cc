@@ -11,6 +11,7 @@
 
 #include "bf16.h"
 #include "decode_attention.h"
+#include "prefill_attention.h"
 #include "simd.h"
 #include "simhash.h"
 #include "small_matmul.h"
@@ -316,6 +317,61 @@ static void test_decode_attention() {
   set_simd_level(hardware_simd_level());
 }
 
+// Causal prefill attention (prefill_attention.h) vs a double-precision loop: f32 and bf16 rows,
+// partial query and key tiles (T = 45), S > T, a GQA group of 3, d filling AVX-512 (64) and
+// neither width (20), every SIMD level.
+static void test_prefill_attention() {
+  std::mt19937 gen(12);
+  for (int64_t d : {64, 20}) {
+    const int64_t B = 2, T = 45, Hq = 6, Hkv = 2, S = 50, G = Hq / Hkv;
+    const std::vector<float> q = randn(B * T * Hq * d, gen), k = randn(B * Hkv * S * d, gen),
+                             v = randn(B * Hkv * S * d, gen);
+    std::vector<uint16_t> kb(k.size()), vb(v.size());
+    for (size_t i = 0; i < k.size(); ++i) { kb[i] = f32_to_bf16(k[i]); vb[i] = f32_to_bf16(v[i]); }
+    PrefillAttentionShape shape, unused;
+    CHECK(plan_prefill_attention({B, T, Hq, d}, {B, Hkv, S, d}, {B, Hkv, S, d}, {B, T, Hq, d}, &shape).empty(), "plan");
+    CHECK(!plan_prefill_attention({B, T, Hq, d}, {B, Hkv, T - 1, d}, {B, Hkv, T - 1, d}, {B, T, Hq, d}, &unused).empty(),
+          "a cache shorter than the prompt accepted");
+    for (bool bf16 : {false, true})
+      for (SimdLevel level : levels()) {
+        set_simd_level(level);
+        std::vector<float> out(q.size(), -1.0f);
+        if (bf16) prefill_attention(shape, q.data(), kb.data(), vb.data(), out.data());
+        else prefill_attention(shape, q.data(), k.data(), v.data(), out.data());
+        for (int64_t b = 0; b < B; ++b)
+          for (int64_t t = 0; t < T; ++t)
+            for (int64_t h = 0; h < Hq; ++h) {
+              const int64_t kvh = h / G;
+              std::vector<double> s(t + 1), o(d, 0.0);
+              double mx = -1e300, total = 0.0;
+              for (int64_t i = 0; i <= t; ++i) {
+                double dot = 0.0;
+                for (int64_t c = 0; c < d; ++c) {
+                  const size_t at = ((b * Hkv + kvh) * S + i) * d + c;
+                  dot += q[((b * T + t) * Hq + h) * d + c] * (bf16 ? bf16_to_f32(kb[at]) : k[at]);
+                }
+                s[i] = dot / std::sqrt(double(d));
+                mx = std::max(mx, s[i]);
+              }
+              for (int64_t i = 0; i <= t; ++i) {
+                const double p = std::exp(s[i] - mx);
+                total += p;
+                for (int64_t c = 0; c < d; ++c) {
+                  const size_t at = ((b * Hkv + kvh) * S + i) * d + c;
+                  o[c] += p * (bf16 ? bf16_to_f32(vb[at]) : v[at]);
+                }
+              }
+              for (int64_t c = 0; c < d; ++c) {
+                const float got = out[((b * T + t) * Hq + h) * d + c];
+                CHECK(std::fabs(got - o[c] / total) < 1e-4, "prefill_attention d=%ld bf16=%d level=%d b=%ld t=%ld h=%ld: %g vs %g",
+                      long(d), int(bf16), int(level), long(b), long(t), long(h), double(got), o[c] / total);
+              }
+            }
+      }
+  }
+  set_simd_level(hardware_simd_level());
+}
+
 // Few-row matmul (small_matmul.h) vs a double-precision loop: both W layouts, f32 and bf16 W, row
 // counts around the 4-row tile, K and N off the vector widths (tails), K = 0, 1 and 3 threads,
 // every SIMD level; and the shape checks.
@@ -401,6 +457,7 @@ int main() {
   test_edge_values();
   test_plan();
   test_decode_attention();
+  test_prefill_attention();
   test_small_matmul();
   set_simd_level(SimdLevel::kScalar);
   test_planned_broadcast();
