@@ -70,7 +70,7 @@ void row_step_scalar(float* sr, int64_t visible, float* m, float* l, float* o, i
   float mx = -std::numeric_limits<float>::infinity();
   for (int64_t j = 0; j < visible; ++j) mx = std::max(mx, sr[j]);
   const float m_new = std::max(*m, mx);
-  const float alpha = std::exp(*m - m_new);  // 0 while the row has no key yet
+  const float alpha = m_new == *m ? 1.0f : std::exp(*m - m_new);  // 0 while the row has no key yet
   *l = *l * alpha + exp_sum(sr, visible, m_new);
   std::fill(sr + visible, sr + kKeyTile, 0.0f);
   if (alpha != 1.0f)
@@ -87,7 +87,7 @@ PIGJAX_TARGET_AVX512 void row_step_avx512(float* sr, int64_t visible, float* m, 
   const __mmask16 m1 = visible >= 32 ? __mmask16(0xFFFF) : visible > 16 ? __mmask16((1u << (visible - 16)) - 1) : 0;
   const __m512 a = _mm512_mask_loadu_ps(ninf, m0, sr), b = _mm512_mask_loadu_ps(ninf, m1, sr + 16);
   const float m_new = std::max(*m, _mm512_reduce_max_ps(_mm512_max_ps(a, b)));
-  const float alpha = std::exp(*m - m_new);
+  const float alpha = m_new == *m ? 1.0f : std::exp(*m - m_new);
   *l = *l * alpha + exp_sum(sr, visible, m_new);
   if (visible < kKeyTile) {
     _mm512_storeu_ps(sr, _mm512_maskz_loadu_ps(m0, sr));
@@ -111,7 +111,7 @@ PIGJAX_TARGET_AVX2 void row_step_avx2(float* sr, int64_t visible, float* m, floa
   h = _mm_max_ps(h, _mm_movehl_ps(h, h));
   h = _mm_max_ss(h, _mm_shuffle_ps(h, h, 0x55));
   const float m_new = std::max(*m, _mm_cvtss_f32(h));
-  const float alpha = std::exp(*m - m_new);
+  const float alpha = m_new == *m ? 1.0f : std::exp(*m - m_new);
   *l = *l * alpha + exp_sum(sr, visible, m_new);
   std::fill(sr + visible, sr + kKeyTile, 0.0f);
   if (alpha != 1.0f) {
@@ -121,6 +121,38 @@ PIGJAX_TARGET_AVX2 void row_step_avx2(float* sr, int64_t visible, float* m, floa
     for (; c < d; ++c) o[c] *= alpha;
   }
   *m = m_new;
+}
+
+// AVX-512, d a multiple of 16: a full key tile rows[32][d] (stride d) transposed into kt[d][32],
+// 16x16 blocks in registers (unpack, then in-lane and 128-bit-lane shuffles).
+template <typename T>
+PIGJAX_TARGET_AVX512 void transpose_keys_avx512(const T* rows, int64_t d, float* kt) {
+  for (int64_t jb = 0; jb < kKeyTile; jb += 16)
+    for (int64_t c0 = 0; c0 < d; c0 += 16) {
+      __m512 r[16], t[16];
+      for (int i = 0; i < 16; ++i) r[i] = load16(rows + (jb + i) * d + c0);
+      for (int i = 0; i < 8; ++i) {
+        t[2 * i] = _mm512_unpacklo_ps(r[2 * i], r[2 * i + 1]);
+        t[2 * i + 1] = _mm512_unpackhi_ps(r[2 * i], r[2 * i + 1]);
+      }
+      for (int g = 0; g < 16; g += 4) {
+        r[g] = _mm512_shuffle_ps(t[g], t[g + 2], 0x44);
+        r[g + 1] = _mm512_shuffle_ps(t[g], t[g + 2], 0xEE);
+        r[g + 2] = _mm512_shuffle_ps(t[g + 1], t[g + 3], 0x44);
+        r[g + 3] = _mm512_shuffle_ps(t[g + 1], t[g + 3], 0xEE);
+      }
+      for (int i = 0; i < 4; ++i) {
+        t[i] = _mm512_shuffle_f32x4(r[i], r[i + 4], 0x88);
+        t[i + 4] = _mm512_shuffle_f32x4(r[i], r[i + 4], 0xDD);
+        t[i + 8] = _mm512_shuffle_f32x4(r[i + 8], r[i + 12], 0x88);
+        t[i + 12] = _mm512_shuffle_f32x4(r[i + 8], r[i + 12], 0xDD);
+      }
+      for (int i = 0; i < 8; ++i) {
+        r[i] = _mm512_shuffle_f32x4(t[i], t[i + 8], 0x88);
+        r[i + 8] = _mm512_shuffle_f32x4(t[i], t[i + 8], 0xDD);
+      }
+      for (int i = 0; i < 16; ++i) _mm512_storeu_ps(kt + (c0 + i) * kKeyTile + jb, r[i]);
+    }
 }
 
 // AVX-512: a row's 32 scores are two vectors; 6 rows at a time (12 accumulators).
@@ -268,6 +300,7 @@ struct TileKernels {
   ValueTileFn<T> value = value_tile_scalar<T>;
   RowStepFn row_step = row_step_scalar;
   ExpSumFn exp_sum = nullptr;
+  void (*transpose)(const T* rows, int64_t d, float* kt) = nullptr;  // a full key tile; else a loop
 };
 
 // The kernels of `level`; the value tile falls back to a lower level where d does not fill its
@@ -285,6 +318,7 @@ TileKernels<T> tile_kernels(SimdLevel level, int64_t d) {
   if (level >= SimdLevel::kAvx512) {
     k.score = score_tile_avx512;
     k.row_step = row_step_avx512;
+    if (d % 16 == 0) k.transpose = transpose_keys_avx512<T>;
     if (d % 64 == 0) k.value = value_tile_avx512<T>;
   }
 #else
@@ -318,9 +352,13 @@ void tile_task(const PrefillAttentionShape& sh, const TileKernels<T>& kn, const 
   const int64_t end = t0 + nq;  // the tile's last position sees keys [0, end)
   for (int64_t j0 = 0; j0 < end; j0 += kKeyTile) {
     const int64_t nk = std::min(kKeyTile, end - j0);
-    for (int64_t j = 0; j < kKeyTile; ++j)
-      for (int64_t c = 0; c < d; ++c)
-        kt[static_cast<size_t>(c * kKeyTile + j)] = j < nk ? widen(kb[(j0 + j) * d + c]) : 0.0f;
+    if (kn.transpose != nullptr && nk == kKeyTile) {
+      kn.transpose(kb + j0 * d, d, kt.data());
+    } else {
+      for (int64_t j = 0; j < kKeyTile; ++j)
+        for (int64_t c = 0; c < d; ++c)
+          kt[static_cast<size_t>(c * kKeyTile + j)] = j < nk ? widen(kb[(j0 + j) * d + c]) : 0.0f;
+    }
     kn.score(qs.data(), R, d, kt.data(), s.data());
     const bool diagonal = j0 + kKeyTile > t0;  // some key of the tile lies after some row's position
     for (int64_t r = 0; r < R; ++r) {
