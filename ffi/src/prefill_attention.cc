@@ -19,9 +19,8 @@ namespace pigjax {
 
 namespace {
 
-constexpr int64_t kQueryTile = 32;  // positions per task (times G query heads: the tile's rows)
-constexpr int64_t kKeyTile = 32;    // keys per online-softmax step; a multiple of kQueryTile's
-                                    // alignment, so only the tile at j0 == t0 crosses the diagonal
+constexpr int64_t kQueryTile = 64;  // positions per task (times G query heads: the tile's rows)
+constexpr int64_t kKeyTile = 64;    // keys per online-softmax step (a multiple of 16)
 
 inline float widen(float x) { return x; }
 inline float widen(uint16_t x) {
@@ -81,18 +80,20 @@ void row_step_scalar(float* sr, int64_t visible, float* m, float* l, float* o, i
 #if PIGJAX_X86
 PIGJAX_TARGET_AVX512 void row_step_avx512(float* sr, int64_t visible, float* m, float* l, float* o, int64_t d,
                                           ExpSumFn exp_sum) {
-  static_assert(kKeyTile == 32, "two vectors of scores");
+  constexpr int kV = kKeyTile / 16;
   const __m512 ninf = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
-  const __mmask16 m0 = visible >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << visible) - 1);
-  const __mmask16 m1 = visible >= 32 ? __mmask16(0xFFFF) : visible > 16 ? __mmask16((1u << (visible - 16)) - 1) : 0;
-  const __m512 a = _mm512_mask_loadu_ps(ninf, m0, sr), b = _mm512_mask_loadu_ps(ninf, m1, sr + 16);
-  const float m_new = std::max(*m, _mm512_reduce_max_ps(_mm512_max_ps(a, b)));
+  __mmask16 mask[kV];
+  __m512 mx = ninf;
+  for (int u = 0; u < kV; ++u) {
+    const int64_t left = visible - 16 * u;
+    mask[u] = left >= 16 ? __mmask16(0xFFFF) : left > 0 ? __mmask16((1u << left) - 1) : __mmask16(0);
+    mx = _mm512_max_ps(mx, _mm512_mask_loadu_ps(ninf, mask[u], sr + 16 * u));
+  }
+  const float m_new = std::max(*m, _mm512_reduce_max_ps(mx));
   const float alpha = m_new == *m ? 1.0f : std::exp(*m - m_new);
   *l = *l * alpha + exp_sum(sr, visible, m_new);
-  if (visible < kKeyTile) {
-    _mm512_storeu_ps(sr, _mm512_maskz_loadu_ps(m0, sr));
-    _mm512_storeu_ps(sr + 16, _mm512_maskz_loadu_ps(m1, sr + 16));
-  }
+  if (visible < kKeyTile)
+    for (int u = 0; u < kV; ++u) _mm512_storeu_ps(sr + 16 * u, _mm512_maskz_loadu_ps(mask[u], sr + 16 * u));
   if (alpha != 1.0f) {
     const __m512 f = _mm512_set1_ps(alpha);
     int64_t c = 0;
@@ -105,8 +106,8 @@ PIGJAX_TARGET_AVX512 void row_step_avx512(float* sr, int64_t visible, float* m, 
 PIGJAX_TARGET_AVX2 void row_step_avx2(float* sr, int64_t visible, float* m, float* l, float* o, int64_t d,
                                       ExpSumFn exp_sum) {
   if (visible < kKeyTile) std::fill(sr + visible, sr + kKeyTile, -std::numeric_limits<float>::infinity());
-  const __m256 x = _mm256_max_ps(_mm256_max_ps(_mm256_loadu_ps(sr), _mm256_loadu_ps(sr + 8)),
-                                 _mm256_max_ps(_mm256_loadu_ps(sr + 16), _mm256_loadu_ps(sr + 24)));
+  __m256 x = _mm256_loadu_ps(sr);
+  for (int64_t j = 8; j < kKeyTile; j += 8) x = _mm256_max_ps(x, _mm256_loadu_ps(sr + j));
   __m128 h = _mm_max_ps(_mm256_castps256_ps128(x), _mm256_extractf128_ps(x, 1));
   h = _mm_max_ps(h, _mm_movehl_ps(h, h));
   h = _mm_max_ss(h, _mm_shuffle_ps(h, h, 0x55));
@@ -155,35 +156,33 @@ PIGJAX_TARGET_AVX512 void transpose_keys_avx512(const T* rows, int64_t d, float*
     }
 }
 
-// AVX-512: a row's 32 scores are two vectors; 6 rows at a time (12 accumulators).
+// AVX-512: a row's kKeyTile scores are kV vectors; kRows rows at a time (24 accumulators).
 PIGJAX_TARGET_AVX512 void score_tile_avx512(const float* qs, int64_t R, int64_t d, const float* kt, float* s) {
-  constexpr int kRows = 6;
+  constexpr int kV = kKeyTile / 16, kRows = 24 / kV;
   int64_t r = 0;
   for (; r + kRows <= R; r += kRows) {
-    __m512 a[kRows][2];
-    for (int i = 0; i < kRows; ++i) a[i][0] = a[i][1] = _mm512_setzero_ps();
+    __m512 a[kRows][kV];
+    for (int i = 0; i < kRows; ++i)
+      for (int u = 0; u < kV; ++u) a[i][u] = _mm512_setzero_ps();
     for (int64_t c = 0; c < d; ++c) {
-      const __m512 k0 = _mm512_loadu_ps(kt + c * kKeyTile), k1 = _mm512_loadu_ps(kt + c * kKeyTile + 16);
+      __m512 kv[kV];
+      for (int u = 0; u < kV; ++u) kv[u] = _mm512_loadu_ps(kt + c * kKeyTile + 16 * u);
       for (int i = 0; i < kRows; ++i) {
         const __m512 x = _mm512_set1_ps(qs[(r + i) * d + c]);
-        a[i][0] = _mm512_fmadd_ps(x, k0, a[i][0]);
-        a[i][1] = _mm512_fmadd_ps(x, k1, a[i][1]);
+        for (int u = 0; u < kV; ++u) a[i][u] = _mm512_fmadd_ps(x, kv[u], a[i][u]);
       }
     }
-    for (int i = 0; i < kRows; ++i) {
-      _mm512_storeu_ps(s + (r + i) * kKeyTile, a[i][0]);
-      _mm512_storeu_ps(s + (r + i) * kKeyTile + 16, a[i][1]);
-    }
+    for (int i = 0; i < kRows; ++i)
+      for (int u = 0; u < kV; ++u) _mm512_storeu_ps(s + (r + i) * kKeyTile + 16 * u, a[i][u]);
   }
   for (; r < R; ++r) {
-    __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps();
+    __m512 a[kV];
+    for (int u = 0; u < kV; ++u) a[u] = _mm512_setzero_ps();
     for (int64_t c = 0; c < d; ++c) {
       const __m512 x = _mm512_set1_ps(qs[r * d + c]);
-      a0 = _mm512_fmadd_ps(x, _mm512_loadu_ps(kt + c * kKeyTile), a0);
-      a1 = _mm512_fmadd_ps(x, _mm512_loadu_ps(kt + c * kKeyTile + 16), a1);
+      for (int u = 0; u < kV; ++u) a[u] = _mm512_fmadd_ps(x, _mm512_loadu_ps(kt + c * kKeyTile + 16 * u), a[u]);
     }
-    _mm512_storeu_ps(s + r * kKeyTile, a0);
-    _mm512_storeu_ps(s + r * kKeyTile + 16, a1);
+    for (int u = 0; u < kV; ++u) _mm512_storeu_ps(s + r * kKeyTile + 16 * u, a[u]);
   }
 }
 
@@ -223,37 +222,24 @@ PIGJAX_TARGET_AVX512 void value_tile_avx512(const float* p, int64_t R, int64_t n
   }
 }
 
-// AVX2: a row's 32 scores are four vectors; 3 rows at a time (12 accumulators).
+// AVX2: a row's kKeyTile scores are kV vectors; kRows rows at a time (12 accumulators, or one
+// row of kV).
 PIGJAX_TARGET_AVX2 void score_tile_avx2(const float* qs, int64_t R, int64_t d, const float* kt, float* s) {
-  constexpr int kRows = 3;
-  int64_t r = 0;
-  for (; r + kRows <= R; r += kRows) {
-    __m256 a[kRows][4];
+  constexpr int kV = kKeyTile / 8, kRows = kV >= 12 ? 1 : 12 / kV;
+  for (int64_t r = 0; r < R; r += kRows) {
+    const int rows = static_cast<int>(std::min<int64_t>(kRows, R - r));
+    __m256 a[kRows][kV];
     for (int i = 0; i < kRows; ++i)
-      for (int u = 0; u < 4; ++u) a[i][u] = _mm256_setzero_ps();
+      for (int u = 0; u < kV; ++u) a[i][u] = _mm256_setzero_ps();
     for (int64_t c = 0; c < d; ++c) {
       const float* kc = kt + c * kKeyTile;
-      const __m256 k0 = _mm256_loadu_ps(kc), k1 = _mm256_loadu_ps(kc + 8), k2 = _mm256_loadu_ps(kc + 16),
-                   k3 = _mm256_loadu_ps(kc + 24);
-      for (int i = 0; i < kRows; ++i) {
+      for (int i = 0; i < rows; ++i) {
         const __m256 x = _mm256_set1_ps(qs[(r + i) * d + c]);
-        a[i][0] = _mm256_fmadd_ps(x, k0, a[i][0]);
-        a[i][1] = _mm256_fmadd_ps(x, k1, a[i][1]);
-        a[i][2] = _mm256_fmadd_ps(x, k2, a[i][2]);
-        a[i][3] = _mm256_fmadd_ps(x, k3, a[i][3]);
+        for (int u = 0; u < kV; ++u) a[i][u] = _mm256_fmadd_ps(x, _mm256_loadu_ps(kc + 8 * u), a[i][u]);
       }
     }
-    for (int i = 0; i < kRows; ++i)
-      for (int u = 0; u < 4; ++u) _mm256_storeu_ps(s + (r + i) * kKeyTile + 8 * u, a[i][u]);
-  }
-  for (; r < R; ++r) {
-    __m256 a[4];
-    for (int u = 0; u < 4; ++u) a[u] = _mm256_setzero_ps();
-    for (int64_t c = 0; c < d; ++c) {
-      const __m256 x = _mm256_set1_ps(qs[r * d + c]);
-      for (int u = 0; u < 4; ++u) a[u] = _mm256_fmadd_ps(x, _mm256_loadu_ps(kt + c * kKeyTile + 8 * u), a[u]);
-    }
-    for (int u = 0; u < 4; ++u) _mm256_storeu_ps(s + r * kKeyTile + 8 * u, a[u]);
+    for (int i = 0; i < rows; ++i)
+      for (int u = 0; u < kV; ++u) _mm256_storeu_ps(s + (r + i) * kKeyTile + 8 * u, a[i][u]);
   }
 }
 

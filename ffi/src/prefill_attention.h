@@ -4,8 +4,8 @@
 // q [B, T, Hq, d] f32 at positions 0..T-1 of every row; k, v [B, Hkv, S, d] (T = float, or
 // uint16_t for bf16), S >= T, slot s holding position s. Query head h reads KV head h / (Hq / Hkv).
 //   out[b, t, h] = sum_{s <= t} softmax_s(q.k_s / sqrt(d)) v_s, computed in f32.
-// Work is split over (row, KV head, tile of kQueryTile positions) on the engine's thread pool. A
-// task keeps its tile's G·kQueryTile query rows, their scores against kKeyTile keys and their
+// Work is split over (row, KV head, tile of 64 positions) on the engine's thread pool. A task
+// keeps its tile's G·64 query rows, their scores against a tile of 64 keys and their
 // output in cache (flash-attention style: online softmax over key tiles), so the score matrix is
 // never written out, and key tiles above the diagonal are never read.
 #pragma once

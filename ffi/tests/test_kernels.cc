@@ -318,12 +318,12 @@ static void test_decode_attention() {
 }
 
 // Causal prefill attention (prefill_attention.h) vs a double-precision loop: f32 and bf16 rows,
-// partial query and key tiles (T = 45), S > T, a GQA group of 3, d filling AVX-512 (64) and
-// neither width (20), every SIMD level.
+// full and partial query and key tiles (T = 150), S > T, a GQA group of 3, d filling AVX-512 (64)
+// and neither width (20), every SIMD level.
 static void test_prefill_attention() {
   std::mt19937 gen(12);
   for (int64_t d : {64, 20}) {
-    const int64_t B = 2, T = 45, Hq = 6, Hkv = 2, S = 50, G = Hq / Hkv;
+    const int64_t B = 2, T = 150, Hq = 6, Hkv = 2, S = 160, G = Hq / Hkv;
     const std::vector<float> q = randn(B * T * Hq * d, gen), k = randn(B * Hkv * S * d, gen),
                              v = randn(B * Hkv * S * d, gen);
     std::vector<uint16_t> kb(k.size()), vb(v.size());
