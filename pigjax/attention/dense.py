@@ -32,13 +32,41 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, positions: jax.Array, fresh
     if not fresh:
         return _attend_block(q, k, v, positions)
     if native_cpu():
-        return native.prefill_attention(q.astype(jnp.float32), k, v).astype(q.dtype)
+        return _prefill_native(q.astype(jnp.float32), k, v).astype(q.dtype)
+    return _prefill_blocks(q, k, v, positions)
+
+
+def _prefill_blocks(q, k, v, positions):
+    """A fresh prefill's attention in XLA, query block by query block."""
+    t, s = q.shape[1], k.shape[2]
     outs = []
     for lo in range(0, t, PREFILL_BLOCK):
         hi = min(lo + PREFILL_BLOCK, t)
         kv = min(hi, s)
         outs.append(_attend_block(q[:, lo:hi], k[:, :, :kv], v[:, :, :kv], positions[:, lo:hi]))
     return jnp.concatenate(outs, axis=1) if len(outs) > 1 else outs[0]
+
+
+@jax.custom_vjp
+def _prefill_native(q, k, v):
+    """`native.prefill_attention`, differentiable: under differentiation (training) the forward and
+    its gradient are the XLA form's, as before the kernel; inference runs the kernel."""
+    return native.prefill_attention(q, k, v)
+
+
+def _prefill_xla(q, k, v):
+    return _prefill_blocks(q, k, v, jnp.broadcast_to(jnp.arange(q.shape[1], dtype=jnp.int32), q.shape[:2]))
+
+
+def _prefill_native_fwd(q, k, v):
+    return jax.vjp(_prefill_xla, q, k, v)  # (output, the VJP function: a pytree of residuals)
+
+
+def _prefill_native_bwd(back, g):
+    return back(g)
+
+
+_prefill_native.defvjp(_prefill_native_fwd, _prefill_native_bwd)
 
 
 def _decode_native(q, k, v, positions):
