@@ -247,9 +247,19 @@ def load(path, *, dtype=None, tokenizer: bool = True, verify: bool = True, mesh=
     if verify:
         verify_checksums(params, meta, path, META_FILE)
     if mesh is None:  # orbax gives NumPy arrays: every jitted call would copy them in again (~0.2 s a call)
-        params = jax.device_put(params)
+        leaves, tree = jax.tree.flatten(params)
+        del params  # the list holds the only references now: each NumPy leaf is freed once copied
+        _put_each(leaves)
+        params = jax.tree.unflatten(tree, leaves)
     model = Model(config, params, _load_tokenizer(path / "tokenizer") if tokenizer else None)
     return model.astype(dtype) if dtype is not None else model  # astype keeps each array's sharding
+
+
+def _put_each(leaves: list):
+    """Replaces each array of `leaves` by its copy on the default device, one at a time (the peak
+    is the parameters plus one leaf, not twice the parameters)."""
+    for i in range(len(leaves)):
+        leaves[i] = jax.device_put(leaves[i])
 
 
 def _check_matches(params, target, path: Path):

@@ -211,3 +211,14 @@ def test_gguf_infinite_quantisation_scale_is_refused(tmp_path):
     with pytest.raises(ConversionError, match=r"inf.gguf: tensor 'blk.0.ffn_up.weight' \(model.layers.0.mlp.up_proj."
                                               r"weight\) has \d+ non-finite value\(s\) \((NaN, )?inf\)"):
         convert(path, tmp_path / "out", progress=False)
+
+
+# --- loading onto the device -----------------------------------------------------------------------
+
+def test_load_gives_device_arrays_equal_to_the_saved_ones(saved, model):
+    """orbax restores NumPy arrays; `load` copies them to the device once, so jitted calls do not."""
+    loaded = pigjax.load(saved)
+    for got, want in zip(jax.tree.leaves(loaded.params), jax.tree.leaves(model.params)):
+        assert isinstance(got, jax.Array)
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+
