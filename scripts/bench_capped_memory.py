@@ -37,10 +37,13 @@ _CONTEXTS = flags.DEFINE_list("contexts", ["32768", "65536"], "context lengths")
 _BACKENDS = flags.DEFINE_list("backends", ["dense", "magicpig"], "back-ends")
 _BATCHES = flags.DEFINE_list("batches", [], "batches to run (default: search for the largest); an item "
                              "'name:b' applies to back-end name only, e.g. dense:1,magicpig:1,magicpig:8")
-flags.register_validator(
-    "batches", lambda items: all(i.rpartition(":")[0] in ("", "dense", "magicpig") and i.rpartition(":")[2].isdigit()
-                                 and int(i.rpartition(":")[2]) > 0 for i in items),
-    message="--batches items must be positive integers, or dense:N / magicpig:N")
+def _batch_item_ok(item: str) -> bool:
+    name, _, b = item.rpartition(":")
+    return name in ("", "dense", "magicpig") and b.isdigit() and int(b) > 0
+
+
+flags.register_validator("batches", lambda items: all(map(_batch_item_ok, items)),
+                         message="--batches items must be positive integers, or dense:N / magicpig:N")
 _MAX_BATCH = flags.DEFINE_integer("max_batch", 64, "largest batch the search tries")
 _STEPS = flags.DEFINE_integer("steps", 16, "timed decode steps")
 _LAYERS = flags.DEFINE_integer("layers", 32, "decoder layers (32 = Llama-3.1-8B; fewer for smoke runs)")

@@ -5,10 +5,10 @@
 
 #include <algorithm>
 #include <cmath>
-#include <cstring>
 #include <limits>
 #include <vector>
 
+#include "bf16.h"
 #include "row_kernels.h"
 #include "shape_text.h"
 #include "simd.h"
@@ -21,14 +21,6 @@ namespace {
 
 constexpr int64_t kQueryTile = 64;  // positions per task (times G query heads: the tile's rows)
 constexpr int64_t kKeyTile = 64;    // keys per online-softmax step (a multiple of 16)
-
-inline float widen(float x) { return x; }
-inline float widen(uint16_t x) {
-  const uint32_t u = uint32_t{x} << 16;
-  float f;
-  std::memcpy(&f, &u, sizeof f);
-  return f;
-}
 
 // s[r][j] = sum_c qs[r][c] kt[c][j] for r < R and j < kKeyTile (kt is the key tile transposed,
 // [d][kKeyTile], so each step is a broadcast of one query element against whole key vectors).
@@ -54,7 +46,7 @@ void value_tile_scalar(const float* p, int64_t R, int64_t nk, const T* v, int64_
     for (int64_t j = 0; j < nk; ++j) {
       const float w = p[r * kKeyTile + j];
       const T* row = v + j * d;
-      for (int64_t c = 0; c < d; ++c) o[r * d + c] += w * widen(row[c]);
+      for (int64_t c = 0; c < d; ++c) o[r * d + c] += w * ld(row, c);
     }
 }
 
@@ -343,7 +335,7 @@ void tile_task(const PrefillAttentionShape& sh, const TileKernels<T>& kn, const 
     } else {
       for (int64_t j = 0; j < kKeyTile; ++j)
         for (int64_t c = 0; c < d; ++c)
-          kt[static_cast<size_t>(c * kKeyTile + j)] = j < nk ? widen(kb[(j0 + j) * d + c]) : 0.0f;
+          kt[static_cast<size_t>(c * kKeyTile + j)] = j < nk ? ld(kb, (j0 + j) * d + c) : 0.0f;
     }
     kn.score(qs.data(), R, d, kt.data(), s.data());
     const bool diagonal = j0 + kKeyTile > t0;  // some key of the tile lies after some row's position

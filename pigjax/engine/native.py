@@ -244,6 +244,14 @@ def _codes_of_rows(x, proj, k: int, L: int) -> jax.Array:
     return jnp.sum(bits * weights, axis=-1, dtype=jnp.int32)
 
 
+def _check_attention_dtypes(where: str, q, k, v):
+    """The attention kernels' dtypes: q float32; k and v both float32 or both bfloat16."""
+    if q.dtype != jnp.float32:
+        raise ValueError(f"{where}: q must be float32, got {q.dtype}")
+    if k.dtype != v.dtype or k.dtype not in (jnp.float32, jnp.bfloat16):
+        raise ValueError(f"{where}: k and v must both be float32 or both bfloat16, got {k.dtype} and {v.dtype}")
+
+
 def decode_attention(q, k, v, lengths, *, with_lse: bool = False):
     """softmax(q k^T / sqrt(d)) v of one query per head over the first ``lengths[b]`` slots of
     row b, by the C++ kernel (CPU backend; ffi/src/decode_attention.h).
@@ -259,10 +267,7 @@ def decode_attention(q, k, v, lengths, *, with_lse: bool = False):
       each head's scores, float32 ``[B, Hq]`` (-inf for a row of length 0): the partial softmax
       that `pigjax.attention.softmax.merge` combines with another part.
     """
-    if q.dtype != jnp.float32:
-        raise ValueError(f"decode_attention: q must be float32, got {q.dtype}")
-    if k.dtype != v.dtype or k.dtype not in (jnp.float32, jnp.bfloat16):
-        raise ValueError(f"decode_attention: k and v must both be float32 or both bfloat16, got {k.dtype} and {v.dtype}")
+    _check_attention_dtypes("decode_attention", q, k, v)
     if lengths.dtype != jnp.int32:
         raise ValueError(f"decode_attention: lengths must be int32, got {lengths.dtype}")
     out_types = (jax.ShapeDtypeStruct(q.shape, jnp.float32), jax.ShapeDtypeStruct(q.shape[:2], jnp.float32))
@@ -282,10 +287,7 @@ def prefill_attention(q, k, v):
     Returns:
       float32 ``[B, T, Hq, d]``, accumulated in float32.
     """
-    if q.dtype != jnp.float32:
-        raise ValueError(f"prefill_attention: q must be float32, got {q.dtype}")
-    if k.dtype != v.dtype or k.dtype not in (jnp.float32, jnp.bfloat16):
-        raise ValueError(f"prefill_attention: k and v must both be float32 or both bfloat16, got {k.dtype} and {v.dtype}")
+    _check_attention_dtypes("prefill_attention", q, k, v)
     call = jax.ffi.ffi_call(PREFILL_ATTENTION_TARGET, jax.ShapeDtypeStruct(q.shape, jnp.float32),
                             vmap_method="sequential")
     return call(q, k, v)
