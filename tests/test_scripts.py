@@ -136,6 +136,8 @@ def test_benchmarks_reject_bad_flags_while_parsing_them(tmp_path):
                           (("scripts/bench_attention.py", "--shapes=foo"), "takes some of: llama8b, smollm2"),
                           (("scripts/bench_dense_decode.py", "--cases=4y8"), "BATCHxSLOTS"),
                           (("scripts/bench_projections.py", "--batches=4,0"), "integers >= 1"),
+                          (("scripts/bench_prefill_attention.py", "--lengths=2048,abc"), "integers >= 1"),
+                          (("scripts/bench_capped_memory.py", "--batches=dense:x"), "dense:N / magicpig:N"),
                           (("scripts/bench_projections.py", "--dtypes=float16"), "takes some of: float32, bfloat16"),
                           (("scripts/eval_mosaics_decode.py", f"--run={tmp_path / 'none.json'}"), "train_mosaics.py")):
         bad = run(*args)

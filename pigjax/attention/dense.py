@@ -22,7 +22,7 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, positions: jax.Array, fresh
     `fresh` (static) says every row's queries sit at positions 0..T-1 (a prefill into an empty
     cache): query block i then needs only slots below (i+1)·PREFILL_BLOCK, which skips the masked
     upper triangle and the unused capacity. On the CPU backend without a mesh a fresh prefill runs
-    the engine's fused kernel (`native.prefill_attention`: no score matrix in memory, 3.5x XLA's
+    the engine's fused kernel (`native.prefill_attention`: no score matrix in memory, 3.7x XLA's
     blocks at 2k tokens), and a decode step (T = 1) the engine's decode kernel, which reads each
     row only up to its own position.
     """
