@@ -259,7 +259,8 @@ def _put_each(leaves: list):
     """Replaces each array of `leaves` by its copy on the default device, one at a time (the peak
     is the parameters plus one leaf, not twice the parameters)."""
     for i in range(len(leaves)):
-        leaves[i] = jax.device_put(leaves[i])
+        source = leaves[i]
+        leaves[i] = jax.block_until_ready(jax.device_put(source))  # done before its source can go
 
 
 def _check_matches(params, target, path: Path):
